@@ -1,0 +1,200 @@
+"""Enumeration, SR-IOV, MSI-X and error paths, with cocotbext-pcie's RootComplex as the host."""
+
+import cocotb
+from cocotb.triggers import ClockCycles
+
+from cocotbext.pcie.core.utils import PcieId
+
+from hdl.params import CardConfig, FuncRegs, MgmtRegs
+from host_driver.pci import CAP_PCIE, CAP_MSIX, ECAP_ARI, ECAP_SRIOV
+from host_driver.transport import CplError
+from cosim.harness import CardHarness
+
+NUM_VFS = 16
+
+
+async def _probe(dut):
+    h = CardHarness(dut)
+    await h.start()
+    pf = await h.drv.probe()
+    return h, pf
+
+
+@cocotb.test()
+async def test_enumerate_pf(dut):
+    """The RC enumerates the PF; IDs, capability lists and both BAR kinds are right."""
+    h, pf = await _probe(dut)
+    assert await pf.read32(0x00) == 0x1041_1AF4
+    assert (await pf.read32(0x08)) >> 8 == 0x020000
+    assert pf.caps == {CAP_PCIE: 0x40, CAP_MSIX: 0x80}, pf.caps
+    assert pf.ext_caps == {ECAP_ARI: 0x100, ECAP_SRIOV: 0x110}, pf.ext_caps
+    b0, b2 = pf.bars[0], pf.bars[2]
+    assert (b0.is64, b0.prefetchable, b0.size) == (True, True, 0x4000), b0
+    assert (b2.is64, b2.prefetchable, b2.size) == (False, False, 0x1000), b2
+    assert b0.addr % b0.size == 0 and b2.addr % b2.size == 0
+    # the root complex's own view (its Linux-like PciDevice) agrees with ours
+    dev = h.rc.find_device(PcieId.from_int(pf.rid))
+    assert dev.bar_addr[0] == b0.addr and dev.bar_size[0] == b0.size
+    assert dev.bar_addr[2] == b2.addr and dev.bar_size[2] == b2.size
+    # BAR registers of the PF's function block and BAR2
+    assert await pf.func_id() == FuncRegs.ID_MAGIC << 16
+    assert await pf.reg_read(FuncRegs.VERSION) == FuncRegs.VERSION_VALUE
+    await pf.reg_write(FuncRegs.SCRATCH, 0x1234_5678)
+    assert await pf.reg_read(FuncRegs.SCRATCH) == 0x1234_5678
+    assert await h.drv.mgmt_read(MgmtRegs.CARD_ID) == MgmtRegs.CARD_ID_VALUE
+    cc = await h.drv.mgmt_read(MgmtRegs.CARD_CONFIG)
+    assert cc & 0xFFFF == await pf.read16(pf.ext_caps[ECAP_SRIOV] + 0x0E)
+    assert (cc >> 16) & 0xFF == h.data_width // 32
+    # partial (byte) accesses and a multi-DW MMIO read
+    await pf.reg_write(FuncRegs.SCRATCH, 0xA5A5_A5A5)
+    assert await h.t.mmio_read(pf.bar0 + FuncRegs.SCRATCH + 1, 1) == 0xA5
+    await h.t.mmio_write(pf.bar0 + FuncRegs.SCRATCH + 2, 0x3C, 1)
+    assert await pf.reg_read(FuncRegs.SCRATCH) == 0xA53C_A5A5
+    both = await h.t.mmio_read(pf.bar0 + FuncRegs.VERSION, 8)
+    assert both == FuncRegs.VERSION_VALUE | (0xA53C_A5A5 << 32)
+
+
+@cocotb.test()
+async def test_sriov_vfs(dut):
+    """16 VFs answer at the routing IDs the SR-IOV capability computes, each with its own BAR."""
+    h, pf = await _probe(dut)
+    nvf = min(NUM_VFS, await pf.read16(pf.ext_caps[ECAP_SRIOV] + 0x0E))
+    # before VF Enable no VF exists
+    st, _ = await h.t.cfg_read_status(pf.rid + 1, 0)
+    assert st == "UR", st
+    vfs = await h.drv.enable_sriov(nvf)
+    s = h.drv.sriov
+    assert (s.first_offset, s.stride) == (1, 1)
+    assert s.vf_device_id == 0x1041
+    assert [vf.rid for vf in vfs] == [pf.rid + 1 + k for k in range(nvf)]
+    for n, vf in enumerate(vfs, 1):
+        # VF vendor/device read all-ones (SR-IOV), but the read completes successfully
+        assert await vf.read32(0) == 0xFFFF_FFFF
+        assert vf.caps == {CAP_PCIE: 0x40, CAP_MSIX: 0x80}, vf.caps
+        assert vf.ext_caps == {ECAP_ARI: 0x100}, vf.ext_caps
+        assert await vf.func_id() == (FuncRegs.ID_MAGIC << 16) | (1 << 15) | n
+    for n, vf in enumerate(vfs, 1):
+        await vf.reg_write(FuncRegs.SCRATCH, 0x5C00_0000 | n)
+    await pf.reg_write(FuncRegs.SCRATCH, 0x5C00_0000)
+    for n, vf in enumerate(vfs, 1):
+        assert await vf.reg_read(FuncRegs.SCRATCH) == 0x5C00_0000 | n
+    assert await pf.reg_read(FuncRegs.SCRATCH) == 0x5C00_0000
+    # one past the last VF does not exist
+    st, _ = await h.t.cfg_read_status(pf.rid + nvf + 1, 0)
+    assert st == "UR", st
+    # the VF aperture ends with the last VF: one past it hits no BAR
+    with_err = False
+    try:
+        await h.t.mmio_read(s.vf_bar_base + nvf * s.vf_bar_size, 4)
+    except CplError as e:
+        with_err = e.status == "UR"
+    assert with_err
+    # VF Enable off: the VFs disappear
+    await h.drv.disable_sriov()
+    st, _ = await h.t.cfg_read_status(pf.rid + 1, 0)
+    assert st == "UR", st
+
+
+@cocotb.test()
+async def test_msix_pf_and_vf(dut):
+    """MSI-X from the PF and from a VF arrives with the programmed data; masking sets the PBA."""
+    h, pf = await _probe(dut)
+    vecs = await pf.setup_msix()
+    for k in range(len(vecs)):
+        await pf.msix_mask(k, False)
+    await pf.trigger_irq(0)
+    assert await h.t.wait_msi(vecs[0], 1, 20_000)
+    await pf.trigger_irq(3)
+    assert await h.t.wait_msi(vecs[3], 1, 20_000)
+    assert h.t.msi_count(vecs[1]) == 0 and h.t.msi_count(vecs[2]) == 0
+
+    # masked vector: the PBA bit is set, no message until unmasked
+    await pf.msix_mask(1, True)
+    await pf.trigger_irq(1)
+    await ClockCycles(dut.clk, 400)
+    assert h.t.msi_count(vecs[1]) == 0
+    assert await pf.msix_pba() & 0b10
+    await pf.msix_mask(1, False)
+    assert await h.t.wait_msi(vecs[1], 1, 20_000)
+    assert await pf.msix_pba() == 0
+
+    # function mask holds every vector
+    await pf.msix_function_mask(True)
+    await pf.trigger_irq(2)
+    await ClockCycles(dut.clk, 400)
+    assert h.t.msi_count(vecs[2]) == 0 and await pf.msix_pba() & 0b100
+    await pf.msix_function_mask(False)
+    assert await h.t.wait_msi(vecs[2], 1, 20_000)
+
+    # a VF's own table and vectors
+    vfs = await h.drv.enable_sriov(4)
+    vf = vfs[2]
+    vvecs = await vf.setup_msix()
+    for k in range(len(vvecs)):
+        await vf.msix_mask(k, False)
+    await vf.trigger_irq(2)
+    assert await h.t.wait_msi(vvecs[2], 1, 20_000)
+    assert h.t.msi_count(vvecs[0]) == 0
+    # the PF's vectors did not fire again
+    assert [h.t.msi_count(v) for v in vecs] == [1, 1, 1, 1]
+
+
+@cocotb.test()
+async def test_linux_style_api(dut):
+    """The PF works with the RootComplex's Linux-like PciDevice API."""
+    h, pf = await _probe(dut)
+    dev = h.rc.find_device(PcieId.from_int(pf.rid))
+    await dev.enable_device()
+    await dev.set_master()
+    n = await dev.alloc_irq_vectors(1, 4)
+    assert n == 4, n
+    for k in range(4):   # the API leaves vectors masked as the spec's reset state has them
+        await dev.bar_window[0].write_dword(0x2000 + 16 * k + 12, 0)
+    await dev.bar_window[0].write_dword(FuncRegs.IRQ, 1)
+    ev = dev.msi_vectors[1].event
+    ev.clear()
+    await ev.wait()
+    assert await dev.bar_window[0].read_dword(FuncRegs.ID) == FuncRegs.ID_MAGIC << 16
+
+
+@cocotb.test()
+async def test_bad_requests(dut):
+    """UR for missing functions and BAR misses, read-only fields stay, counters move."""
+    h, pf = await _probe(dut)
+    unsup0 = await h.drv.mgmt_read(MgmtRegs.ERR_UNSUPPORTED)
+    for r in (pf.rid + 1, pf.rid + 200, pf.rid + 255):
+        st, _ = await h.t.cfg_read_status(r, 0)
+        assert st == "UR", (hex(r), st)
+    try:
+        await h.t.cfg_write(pf.rid + 1, 0x04, 0x6)
+        raise AssertionError("config write to a missing function completed")
+    except CplError as e:
+        assert e.status == "UR"
+    # read-only fields
+    sriov = pf.ext_caps[ECAP_SRIOV]
+    ro = [0x00, 0x08, 0x2C, 0x34, 0x40, 0x44, 0x80 + 4, 0x100, sriov + 0x0C, sriov + 0x14,
+          sriov + 0x18]
+    before = [await pf.read32(o) for o in ro]
+    for o in ro:
+        await pf.write32(o, 0xFFFF_FFFF)
+        await pf.write32(o, 0)
+    after = [await pf.read32(o) for o in ro]
+    assert before == after, [(hex(o), hex(a), hex(b)) for o, a, b in zip(ro, before, after) if a != b]
+    # NumVFs above TotalVFs is refused
+    total = await pf.read16(sriov + 0x0E)
+    await pf.write16(sriov + 0x10, total + 1)
+    assert await pf.read16(sriov + 0x10) != total + 1
+    # a memory read inside the root port's window that hits no BAR
+    rp = h.t._bridge_above(pf.rid >> 8)
+    miss = rp.mem_base + 0x8000
+    assert not (pf.bars[2].addr <= miss < pf.bars[2].addr + pf.bars[2].size)
+    try:
+        await h.t.mmio_read(miss, 4)
+        raise AssertionError("read of an unmapped address completed")
+    except CplError as e:
+        assert e.status == "UR"
+    await h.settle()
+    unsup1 = await h.drv.mgmt_read(MgmtRegs.ERR_UNSUPPORTED)
+    assert unsup1 - unsup0 >= 5, (unsup0, unsup1)
+    # after all that the card still answers normally
+    assert await pf.read32(0) == 0x1041_1AF4

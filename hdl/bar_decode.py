@@ -1,0 +1,72 @@
+"""BAR address decode for the PF (BAR0 64-bit, BAR2 32-bit) and the VF BAR0 aperture.
+
+Combinational: given a memory request address and the configuration state, tells which
+function index and BAR the address hits and the DW offset inside that BAR. The PF decodes
+only with Memory Space Enable; VFs decode with VF Enable and VF MSE, VF *n* at
+``VF_BAR0 + (n - 1) * vf_bar0_size`` for ``1 <= n <= NumVFs``.
+"""
+
+from amaranth import *
+from amaranth.utils import exact_log2
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from .params import CardConfig
+
+__all__ = ["BarDecoder", "BarLookupSignature", "OFFSET_DW_BITS"]
+
+OFFSET_DW_BITS = 20
+
+
+def BarLookupSignature():
+    """Address lookup, seen from the requester (the completer logic)."""
+    return wiring.Signature({
+        "addr":   Out(64),
+        "hit":    In(1),
+        "fidx":   In(8),
+        "bar":    In(3),
+        "offset": In(OFFSET_DW_BITS),   # DW offset inside the BAR
+    })
+
+
+class BarDecoder(wiring.Component):
+    def __init__(self, cfg: CardConfig):
+        self.cfg = cfg
+        super().__init__({
+            "lookup":    In(BarLookupSignature()),
+            "pf_mse":    In(1),
+            "pf_bar0":   In(64),
+            "pf_bar2":   In(32),
+            "vf_enable": In(1),
+            "vf_mse":    In(1),
+            "num_vfs":   In(16),
+            "vf_bar0":   In(64),
+        })
+
+    def elaborate(self, platform):
+        cfg = self.cfg
+        m = Module()
+        a = self.lookup.addr
+        lk = self.lookup
+        s0 = exact_log2(cfg.bar0_size)
+        s2 = exact_log2(cfg.bar2_size)
+        sv = exact_log2(cfg.vf_bar0_size)
+        assert max(s0, s2, sv) - 2 <= OFFSET_DW_BITS
+
+        pf0_hit = self.pf_mse & (a[s0:] == self.pf_bar0[s0:])
+        pf2_hit = self.pf_mse & (a[32:] == 0) & (a[s2:32] == self.pf_bar2[s2:])
+
+        # VF aperture: index = (addr >> sv) - (vf_bar0 >> sv), valid when 0 <= index < NumVFs
+        diff = Signal(64 - sv + 1)
+        m.d.comb += diff.eq(a[sv:] - self.vf_bar0[sv:])
+        borrow = diff[-1]
+        vf_hit = self.vf_enable & self.vf_mse & ~borrow & (diff[:-1] < self.num_vfs)
+
+        with m.If(pf0_hit):
+            m.d.comb += [lk.hit.eq(1), lk.fidx.eq(0), lk.bar.eq(0), lk.offset.eq(a[2:s0])]
+        with m.Elif(pf2_hit):
+            m.d.comb += [lk.hit.eq(1), lk.fidx.eq(0), lk.bar.eq(2), lk.offset.eq(a[2:s2])]
+        with m.Elif(vf_hit):
+            m.d.comb += [lk.hit.eq(1), lk.fidx.eq(diff[:8] + 1), lk.bar.eq(0),
+                         lk.offset.eq(a[2:sv])]
+        return m

@@ -1,0 +1,347 @@
+"""Type-0 configuration space of the PF and of every VF, in RTL.
+
+Layout (byte offsets, the same on the PF and on VFs unless noted):
+
+====== ================================================================================
+0x000  type-0 header. PF: BAR0 64-bit prefetchable (BAR0/BAR1), BAR2 32-bit
+       non-prefetchable. VF: Vendor/Device ID read 0xFFFF (SR-IOV rule), BARs read 0,
+       only Bus Master Enable is writable in Command.
+0x040  PCI Express capability v2, endpoint (MPSS 512 B, extended and 10-bit tags completer)
+0x080  MSI-X capability: table at BAR0+0x2000, PBA at BAR0+0x3000 (per function)
+0x100  ARI extended capability (PF and VFs; Next Function Number 0)
+0x110  SR-IOV extended capability (PF only): TotalVFs/InitialVFs = ``total_vfs``,
+       First VF Offset 1, VF Stride 1, VF BAR0 64-bit prefetchable of ``vf_bar0_size``
+====== ================================================================================
+
+Rules kept in the RTL: read-only fields ignore writes, writes honour byte enables, BAR sizing
+reads back the size mask, NumVFs only changes while VF Enable is clear and never above TotalVFs,
+and clearing VF Enable returns every VF's config state to reset values.
+
+Access port: one DW access at a time (``we``/``re`` pulses), read data one cycle after ``re``.
+``exists`` tells, combinationally, whether the addressed function index exists.
+"""
+
+from amaranth import *
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from .params import CardConfig, Bar0Map
+
+__all__ = ["CfgPortSignature", "ConfigSpace", "CapOffsets"]
+
+
+class CapOffsets:
+    PCIE = 0x40
+    MSIX = 0x80
+    ARI = 0x100
+    SRIOV = 0x110
+
+
+def CfgPortSignature():
+    """Config access port, seen from the requester (the completer logic)."""
+    return wiring.Signature({
+        "fidx":   Out(8),    # function index: 0 = PF, n = VF n
+        "reg":    Out(10),   # DW index into the 4 KiB config space
+        "be":     Out(4),
+        "wdata":  Out(32),
+        "we":     Out(1),
+        "re":     Out(1),
+        "exists": In(1),
+        "rdata":  In(32),
+    })
+
+
+# read-only constant values
+DEVCAP = 0x2 | (1 << 5) | (7 << 6) | (7 << 9) | (1 << 15)     # MPSS 512 B, ext tag, RBER
+LINKCAP = 0x3 | (8 << 4)                                      # 8 GT/s x8
+LINKSTA = 0x3 | (8 << 4) | (1 << 12)                          # 8 GT/s x8, slot clock
+DEVCAP2 = 0xF | (1 << 4) | (1 << 16)                          # CTO ranges, CTO disable, 10-bit tag cpl
+LINKCAP2 = 0b111 << 1                                         # 2.5, 5, 8 GT/s
+DEVCTL_INIT = (1 << 4) | (1 << 11) | (2 << 12)                # RO enable, no snoop, MRRS 512 B
+DEVCTL_MASK = 0x79FF
+SUPPORTED_PAGE_SIZES = 0x553
+STATUS = (1 << 4) | (1 << 0)                                 # capabilities list, Immediate Readiness
+
+
+class ConfigSpace(wiring.Component):
+    def __init__(self, cfg: CardConfig):
+        self.cfg = cfg
+        nf = cfg.num_functions
+        super().__init__({
+            "port":        In(CfgPortSignature()),
+            "cap_bus_stb": In(1),      # capture the bus number (type-0 config write)
+            "cap_bus":     In(8),
+            "bus_num":     Out(8),
+            "pf_mse":      Out(1),
+            "pf_bar0":     Out(64),
+            "pf_bar2":     Out(32),
+            "mps":         Out(3),
+            "mrrs":        Out(3),
+            "vf_enable":   Out(1),
+            "vf_mse":      Out(1),
+            "num_vfs":     Out(16),
+            "vf_bar0":     Out(64),
+            "bme":         Out(nf),    # Bus Master Enable per function index
+            "msix_en":     Out(nf),
+            "msix_fmask":  Out(nf),
+        })
+
+    def elaborate(self, platform):
+        cfg = self.cfg
+        m = Module()
+        p = self.port
+        nvf = cfg.total_vfs
+        nvec = cfg.msix_vectors
+
+        # ---- state ------------------------------------------------------------------------
+        command = Signal(16)
+        cache_line = Signal(8)
+        int_line = Signal(8)
+        bar0 = Signal(64)
+        bar2 = Signal(32)
+        devctl = Signal(16, init=DEVCTL_INIT)
+        linkctl = Signal(16)
+        devctl2 = Signal(16)
+        linkctl2 = Signal(16, init=0x3)
+        msix_en_pf = Signal()
+        msix_fm_pf = Signal()
+        vf_en = Signal()
+        vf_mse = Signal()
+        ari_hier = Signal()
+        num_vfs = Signal(16)
+        sys_page = Signal(32, init=1)
+        vf_bar0 = Signal(64)
+        vf_bme = Signal(nvf)
+        vf_msix_en = Signal(nvf)
+        vf_msix_fm = Signal(nvf)
+
+        with m.If(self.cap_bus_stb):
+            m.d.sync += self.bus_num.eq(self.cap_bus)
+
+        # ---- addressing -------------------------------------------------------------------
+        is_pf = p.fidx == 0
+        vfi = Signal(8)
+        m.d.comb += vfi.eq(p.fidx - 1)
+        is_vf = Signal()
+        m.d.comb += is_vf.eq(vf_en & (p.fidx != 0) & (p.fidx <= num_vfs))
+        m.d.comb += p.exists.eq(is_pf | is_vf)
+
+        bmask = Signal(32)
+        m.d.comb += bmask.eq(Cat(*(p.be[i].replicate(8) for i in range(4))))
+
+        def wr(sig, lsb=0, mask=None):
+            """Byte-enable masked write of ``sig`` located at bit ``lsb`` of the DW."""
+            w = len(sig)
+            bm = bmask[lsb:lsb + w]
+            if mask is not None:
+                bm = bm & C(mask, w)
+            m.d.sync += sig.eq((sig & ~bm) | (p.wdata[lsb:lsb + w] & bm))
+
+        def dw(reg_byte_offset):
+            return reg_byte_offset // 4
+
+        PCIE = dw(CapOffsets.PCIE)
+        MSIX = dw(CapOffsets.MSIX)
+        ARI = dw(CapOffsets.ARI)
+        SRIOV = dw(CapOffsets.SRIOV)
+
+        bar0_mask_lo = ~(cfg.bar0_size - 1) & 0xFFFF_FFF0
+        bar2_mask = ~(cfg.bar2_size - 1) & 0xFFFF_FFF0
+        vfbar_mask_lo = ~(cfg.vf_bar0_size - 1) & 0xFFFF_FFF0
+        msix_ctl_ro = C(nvec - 1, 11)
+
+        # ---- PF read mux ------------------------------------------------------------------
+        pf_rd = Signal(32)
+        with m.Switch(p.reg):
+            with m.Case(0x00):
+                m.d.comb += pf_rd.eq(cfg.vendor_id | (cfg.device_id << 16))
+            with m.Case(0x01):
+                m.d.comb += pf_rd.eq(Cat(command, C(STATUS, 16)))
+            with m.Case(0x02):
+                m.d.comb += pf_rd.eq((cfg.class_code << 8) | cfg.revision_id)
+            with m.Case(0x03):
+                m.d.comb += pf_rd.eq(Cat(cache_line, C(0, 24)))
+            with m.Case(0x04):
+                m.d.comb += pf_rd.eq(bar0[:32] | 0b1100)
+            with m.Case(0x05):
+                m.d.comb += pf_rd.eq(bar0[32:])
+            with m.Case(0x06):
+                m.d.comb += pf_rd.eq(bar2)
+            with m.Case(0x0B):
+                m.d.comb += pf_rd.eq(cfg.subsystem_vendor_id | (cfg.subsystem_id << 16))
+            with m.Case(0x0D):
+                m.d.comb += pf_rd.eq(CapOffsets.PCIE)
+            with m.Case(0x0F):
+                m.d.comb += pf_rd.eq(Cat(int_line, C(0, 24)))
+            with m.Case(PCIE + 0):
+                m.d.comb += pf_rd.eq(0x10 | (CapOffsets.MSIX << 8) | (0x0002 << 16))
+            with m.Case(PCIE + 1):
+                m.d.comb += pf_rd.eq(DEVCAP)
+            with m.Case(PCIE + 2):
+                m.d.comb += pf_rd.eq(Cat(devctl, C(0, 16)))
+            with m.Case(PCIE + 3):
+                m.d.comb += pf_rd.eq(LINKCAP)
+            with m.Case(PCIE + 4):
+                m.d.comb += pf_rd.eq(Cat(linkctl, C(LINKSTA, 16)))
+            with m.Case(PCIE + 9):
+                m.d.comb += pf_rd.eq(DEVCAP2)
+            with m.Case(PCIE + 10):
+                m.d.comb += pf_rd.eq(Cat(devctl2, C(0, 16)))
+            with m.Case(PCIE + 11):
+                m.d.comb += pf_rd.eq(LINKCAP2)
+            with m.Case(PCIE + 12):
+                m.d.comb += pf_rd.eq(Cat(linkctl2, C(0, 16)))
+            with m.Case(MSIX + 0):
+                m.d.comb += pf_rd.eq(Cat(C(0x11, 8), C(0, 8), msix_ctl_ro, C(0, 3),
+                                         msix_fm_pf, msix_en_pf))
+            with m.Case(MSIX + 1):
+                m.d.comb += pf_rd.eq(Bar0Map.MSIX_TABLE | 0)
+            with m.Case(MSIX + 2):
+                m.d.comb += pf_rd.eq(Bar0Map.MSIX_PBA | 0)
+            with m.Case(ARI + 0):
+                m.d.comb += pf_rd.eq(0x000E | (1 << 16) | (CapOffsets.SRIOV << 20))
+            with m.Case(SRIOV + 0):
+                m.d.comb += pf_rd.eq(0x0010 | (1 << 16) | (0 << 20))
+            with m.Case(SRIOV + 2):
+                m.d.comb += pf_rd.eq(Cat(vf_en, C(0, 2), vf_mse, ari_hier, C(0, 27)))
+            with m.Case(SRIOV + 3):
+                m.d.comb += pf_rd.eq(nvf | (nvf << 16))
+            with m.Case(SRIOV + 4):
+                m.d.comb += pf_rd.eq(Cat(num_vfs, C(0, 16)))
+            with m.Case(SRIOV + 5):
+                m.d.comb += pf_rd.eq(1 | (1 << 16))
+            with m.Case(SRIOV + 6):
+                m.d.comb += pf_rd.eq(cfg.vf_device_id << 16)
+            with m.Case(SRIOV + 7):
+                m.d.comb += pf_rd.eq(SUPPORTED_PAGE_SIZES)
+            with m.Case(SRIOV + 8):
+                m.d.comb += pf_rd.eq(sys_page)
+            with m.Case(SRIOV + 9):
+                m.d.comb += pf_rd.eq(vf_bar0[:32] | 0b1100)
+            with m.Case(SRIOV + 10):
+                m.d.comb += pf_rd.eq(vf_bar0[32:])
+            with m.Default():
+                m.d.comb += pf_rd.eq(0)
+
+        # ---- VF read mux ------------------------------------------------------------------
+        vf_rd = Signal(32)
+        bme_i = vf_bme.bit_select(vfi, 1)
+        men_i = vf_msix_en.bit_select(vfi, 1)
+        mfm_i = vf_msix_fm.bit_select(vfi, 1)
+        with m.Switch(p.reg):
+            with m.Case(0x00):
+                m.d.comb += vf_rd.eq(0xFFFF_FFFF)
+            with m.Case(0x01):
+                m.d.comb += vf_rd.eq(Cat(C(0, 2), bme_i, C(0, 13), C(STATUS, 16)))
+            with m.Case(0x02):
+                m.d.comb += vf_rd.eq((cfg.class_code << 8) | cfg.revision_id)
+            with m.Case(0x0B):
+                m.d.comb += vf_rd.eq(cfg.subsystem_vendor_id | (cfg.subsystem_id << 16))
+            with m.Case(0x0D):
+                m.d.comb += vf_rd.eq(CapOffsets.PCIE)
+            with m.Case(PCIE + 0):
+                m.d.comb += vf_rd.eq(0x10 | (CapOffsets.MSIX << 8) | (0x0002 << 16))
+            with m.Case(PCIE + 1):
+                m.d.comb += vf_rd.eq(DEVCAP)
+            with m.Case(PCIE + 3):
+                m.d.comb += vf_rd.eq(LINKCAP)
+            with m.Case(PCIE + 4):
+                m.d.comb += vf_rd.eq(LINKSTA << 16)
+            with m.Case(PCIE + 9):
+                m.d.comb += vf_rd.eq(DEVCAP2)
+            with m.Case(PCIE + 11):
+                m.d.comb += vf_rd.eq(LINKCAP2)
+            with m.Case(MSIX + 0):
+                m.d.comb += vf_rd.eq(Cat(C(0x11, 8), C(0, 8), msix_ctl_ro, C(0, 3), mfm_i, men_i))
+            with m.Case(MSIX + 1):
+                m.d.comb += vf_rd.eq(Bar0Map.MSIX_TABLE | 0)
+            with m.Case(MSIX + 2):
+                m.d.comb += vf_rd.eq(Bar0Map.MSIX_PBA | 0)
+            with m.Case(ARI + 0):
+                m.d.comb += vf_rd.eq(0x000E | (1 << 16))
+            with m.Default():
+                m.d.comb += vf_rd.eq(0)
+
+        with m.If(p.re):
+            m.d.sync += p.rdata.eq(Mux(is_pf, pf_rd, vf_rd))
+
+        # ---- PF writes --------------------------------------------------------------------
+        with m.If(p.we & is_pf):
+            with m.Switch(p.reg):
+                with m.Case(0x01):
+                    wr(command, 0, 0x0546)       # MSE, BME, parity, SERR, INTx disable
+                with m.Case(0x03):
+                    wr(cache_line, 0)
+                with m.Case(0x04):
+                    wr(bar0[:32], 0, bar0_mask_lo)
+                with m.Case(0x05):
+                    wr(bar0[32:], 0)
+                with m.Case(0x06):
+                    wr(bar2, 0, bar2_mask)
+                with m.Case(0x0F):
+                    wr(int_line, 0)
+                with m.Case(PCIE + 2):
+                    wr(devctl, 0, DEVCTL_MASK)
+                with m.Case(PCIE + 4):
+                    wr(linkctl, 0, 0x00C3)
+                with m.Case(PCIE + 10):
+                    wr(devctl2, 0, 0x001F)
+                with m.Case(PCIE + 12):
+                    wr(linkctl2, 0, 0x000F)
+                with m.Case(MSIX + 0):
+                    wr(msix_fm_pf, 30)
+                    wr(msix_en_pf, 31)
+                with m.Case(SRIOV + 2):
+                    wr(vf_en, 0)
+                    wr(vf_mse, 3)
+                    wr(ari_hier, 4)
+                with m.Case(SRIOV + 4):
+                    new_num = Signal(16)
+                    m.d.comb += new_num.eq((num_vfs & ~bmask[:16]) | (p.wdata[:16] & bmask[:16]))
+                    with m.If(~vf_en & (new_num <= nvf)):
+                        m.d.sync += num_vfs.eq(new_num)
+                with m.Case(SRIOV + 8):
+                    wr(sys_page, 0, SUPPORTED_PAGE_SIZES)
+                with m.Case(SRIOV + 9):
+                    wr(vf_bar0[:32], 0, vfbar_mask_lo)
+                with m.Case(SRIOV + 10):
+                    wr(vf_bar0[32:], 0)
+
+        # ---- VF writes --------------------------------------------------------------------
+        with m.If(p.we & is_vf):
+            with m.Switch(p.reg):
+                with m.Case(0x01):
+                    with m.If(p.be[0]):
+                        m.d.sync += vf_bme.bit_select(vfi, 1).eq(p.wdata[2])
+                with m.Case(MSIX + 0):
+                    with m.If(p.be[3]):
+                        m.d.sync += [
+                            vf_msix_fm.bit_select(vfi, 1).eq(p.wdata[30]),
+                            vf_msix_en.bit_select(vfi, 1).eq(p.wdata[31]),
+                        ]
+
+        # clearing VF Enable resets every VF (their config state goes back to reset values)
+        vf_en_q = Signal()
+        m.d.sync += vf_en_q.eq(vf_en)
+        with m.If(vf_en_q & ~vf_en):
+            m.d.sync += [vf_bme.eq(0), vf_msix_en.eq(0), vf_msix_fm.eq(0)]
+
+        # ---- state outputs ----------------------------------------------------------------
+        vf_alive = Signal(nvf)
+        for i in range(nvf):
+            m.d.comb += vf_alive[i].eq(vf_en & (num_vfs > i))
+        m.d.comb += [
+            self.pf_mse.eq(command[1]),
+            self.pf_bar0.eq(bar0),
+            self.pf_bar2.eq(bar2),
+            self.mps.eq(devctl[5:8]),
+            self.mrrs.eq(devctl[12:15]),
+            self.vf_enable.eq(vf_en),
+            self.vf_mse.eq(vf_mse),
+            self.num_vfs.eq(num_vfs),
+            self.vf_bar0.eq(vf_bar0),
+            self.bme.eq(Cat(command[2], vf_bme & vf_alive)),
+            self.msix_en.eq(Cat(msix_en_pf, vf_msix_en & vf_alive)),
+            self.msix_fmask.eq(Cat(msix_fm_pf, vf_msix_fm)),
+        ]
+        return m

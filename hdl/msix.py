@@ -1,0 +1,166 @@
+"""MSI-X: per-function vector tables, the Pending Bit Array and the message generator.
+
+Every function (PF and VFs) has ``msix_vectors`` table entries at BAR0+0x2000 (16 bytes each:
+address low, address high, data, vector control) and its PBA at BAR0+0x3000. All tables live
+in one block RAM indexed by ``{function, vector, dword}``.
+
+An interrupt request (from :class:`hdl.func_regs.FuncRegisters` or, later, from the datapath)
+sets the vector's pending bit if the function has MSI-X enabled. A scanner visits one
+function per cycle; when it finds a pending vector that is deliverable (MSI-X enabled, function
+not masked, vector not masked, Bus Master Enable set) it reads the entry and sends a one-DW
+memory write with the function's requester ID, then clears the pending bit. A masked vector
+therefore keeps its PBA bit set until software unmasks it, and the message then goes out.
+"""
+
+from amaranth import *
+from amaranth.utils import exact_log2
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .params import CardConfig, Bar0Map
+from .regbus import RegBusSignature
+from .func_regs import IrqRequestSignature
+from .tlp import tlp_stream, make_hdr, TlpKind
+
+__all__ = ["MsixController"]
+
+
+class MsixController(wiring.Component):
+    def __init__(self, cfg: CardConfig):
+        self.cfg = cfg
+        nf = cfg.num_functions
+        super().__init__({
+            "bus":        In(RegBusSignature()),
+            "irq":        In(IrqRequestSignature()),
+            "bus_num":    In(8),
+            "bme":        In(nf),
+            "msix_en":    In(nf),
+            "msix_fmask": In(nf),
+            "tx":         Out(tlp_stream(cfg.data_width)),
+            "sent":       Out(1),      # one-cycle strobe per message sent
+        })
+
+    def elaborate(self, platform):
+        cfg = self.cfg
+        m = Module()
+        b = self.bus
+        nf = cfg.num_functions
+        nvec = cfg.msix_vectors
+        vbits = exact_log2(nvec)
+        nent = nf * nvec
+
+        # table RAM, entries reset masked (vector control bit 0 = 1)
+        init = []
+        for _ in range(nent):
+            init += [0, 0, 0, 1]
+        m.submodules.table = table = Memory(shape=32, depth=nent * 4, init=init)
+        host_rd = table.read_port()
+        gen_rd = table.read_port()
+        wp = table.write_port(granularity=8)
+
+        mask = Signal(nent, init=(1 << nent) - 1)   # shadow of the vector-control mask bits
+        pending = Signal(nent)
+
+        # ---- register bus ------------------------------------------------------------------
+        tbl_base = Bar0Map.MSIX_TABLE // 4
+        pba_base = Bar0Map.MSIX_PBA // 4
+        in_tbl = (b.bar == 0) & (b.addr >= tbl_base) & (b.addr < tbl_base + nvec * 4)
+        in_pba = (b.bar == 0) & (b.addr >= pba_base) & (b.addr < pba_base + 2)
+        vec = b.addr[2:2 + vbits] if vbits else C(0, 1)
+        ent_addr = Cat(b.addr[:2], b.addr[2:2 + vbits], b.fidx) if vbits else Cat(b.addr[:2], b.fidx)
+        m.d.comb += [
+            host_rd.addr.eq(ent_addr), host_rd.en.eq(b.re),
+            wp.addr.eq(ent_addr), wp.data.eq(b.wdata),
+        ]
+        with m.If(b.we & in_tbl):
+            m.d.comb += wp.en.eq(b.be)
+            with m.If((b.addr[:2] == 3) & b.be[0]):
+                m.d.sync += mask.bit_select(b.fidx * nvec + vec if vbits else b.fidx, 1).eq(b.wdata[0])
+
+        rd_tbl = Signal()
+        rd_pba = Signal(32)
+        with m.If(b.re):
+            m.d.sync += [rd_tbl.eq(in_tbl), rd_pba.eq(0)]
+            with m.If(in_pba & (b.addr == pba_base)):
+                m.d.sync += rd_pba.eq(pending.word_select(b.fidx, nvec))
+        m.d.comb += b.rdata.eq(Mux(rd_tbl, host_rd.data, rd_pba))
+
+        # ---- interrupt requests ------------------------------------------------------------
+        set_pend = Signal(nent)
+        clr_pend = Signal(nent)
+        irq_idx = Signal(range(nent))
+        m.d.comb += irq_idx.eq(self.irq.fidx * nvec + self.irq.vector)
+        irq_take = self.irq.valid & self.msix_en.bit_select(self.irq.fidx, 1)
+        for k in range(nent):
+            m.d.comb += set_pend[k].eq(irq_take & (irq_idx == k))
+        m.d.sync += pending.eq((pending & ~clr_pend) | set_pend)
+
+        # ---- scanner and message generator -------------------------------------------------
+        ptr = Signal(range(nf))
+        f_pend = pending.word_select(ptr, nvec) & ~mask.word_select(ptr, nvec)
+        f_ok = (self.msix_en.bit_select(ptr, 1) & ~self.msix_fmask.bit_select(ptr, 1)
+                & self.bme.bit_select(ptr, 1))
+        sel_vec = Signal(max(vbits, 1))
+        for i in reversed(range(nvec)):
+            with m.If(f_pend[i]):
+                m.d.comb += sel_vec.eq(i)
+
+        cur_f = Signal(8)
+        cur_v = Signal(max(vbits, 1))
+        cnt = Signal(3)
+        addr_lo = Signal(32)
+        addr_hi = Signal(32)
+        msg_data = Signal(32)
+        m.d.comb += gen_rd.en.eq(1)
+        if vbits:
+            m.d.comb += gen_rd.addr.eq(Cat(cnt[:2], cur_v, cur_f))
+        else:
+            m.d.comb += gen_rd.addr.eq(Cat(cnt[:2], cur_f))
+
+        rid = Cat(cur_f, self.bus_num)
+        is64 = addr_hi != 0
+        fmt_type = Mux(is64, TlpKind.MWR64, TlpKind.MWR32)
+        dw0 = Cat(C(1, 10), C(0, 14), fmt_type)
+        dw1 = Cat(C(0xF, 4), C(0, 4), C(0, 8), rid)
+        tx = self.tx
+        m.d.comb += [
+            tx.p.hdr.eq(make_hdr(dw0, dw1, Mux(is64, addr_hi, Cat(C(0, 2), addr_lo[2:])),
+                                 Mux(is64, Cat(C(0, 2), addr_lo[2:]), 0))),
+            tx.p.data.eq(msg_data),
+            tx.p.strb.eq(1),
+            tx.p.sop.eq(1),
+            tx.p.eop.eq(1),
+            tx.p.func.eq(cur_f),
+        ]
+
+        cur_idx = Signal(range(nent))
+        m.d.comb += cur_idx.eq(cur_f * nvec + cur_v)
+        for k in range(nent):
+            m.d.comb += clr_pend[k].eq(self.sent & (cur_idx == k))
+
+        with m.FSM():
+            with m.State("SCAN"):
+                with m.If((f_pend != 0) & f_ok):
+                    m.d.sync += [cur_f.eq(ptr), cur_v.eq(sel_vec), cnt.eq(0)]
+                    m.next = "READ"
+                with m.Else():
+                    m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
+            with m.State("READ"):
+                # address cnt is presented this cycle; data of cnt-1 arrives now
+                m.d.sync += cnt.eq(cnt + 1)
+                with m.Switch(cnt):
+                    with m.Case(1):
+                        m.d.sync += addr_lo.eq(gen_rd.data)
+                    with m.Case(2):
+                        m.d.sync += addr_hi.eq(gen_rd.data)
+                    with m.Case(3):
+                        m.d.sync += msg_data.eq(gen_rd.data)
+                        m.next = "SEND"
+            with m.State("SEND"):
+                m.d.comb += tx.valid.eq(1)
+                with m.If(tx.ready):
+                    m.d.comb += self.sent.eq(1)
+                    m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
+                    m.next = "SCAN"
+        return m
