@@ -70,8 +70,12 @@ class CardBridge(Device):
     ``(hdr_bytes, payload_bytes)`` instead of upstream (used by the fuzzing bench).
     """
 
-    def __init__(self, dut, data_width, *args, prefix="", **kwargs):
+    def __init__(self, dut, data_width, *args, prefix="", link_speed=3, link_width=8, **kwargs):
         super().__init__(*args, **kwargs)
+        # a Gen3 x8 link: the port model then spends real time on each TLP (symbol time,
+        # link delay), as the card's PCIe hard IP would see
+        self.upstream_port.max_link_speed = link_speed
+        self.upstream_port.max_link_width = link_width
         self.log = logging.getLogger("cocotb.offcard.bridge")
         self.dut = dut
         self.clk = dut.clk

@@ -1,7 +1,7 @@
 """Packet-granular round-robin arbiter for TLP streams.
 
-A grant is taken on a beat with ``sop`` and held until the beat with ``eop`` has moved, so
-TLPs from different sources never interleave. The output is combinational from the granted
+A grant is taken when a source first offers a beat and held until its ``eop`` beat has moved,
+so TLPs from different sources never interleave and a stalled beat never changes. The output is combinational from the granted
 input (no added latency); a source that is not granted sees ``ready`` low.
 """
 
@@ -48,9 +48,10 @@ class TlpArbiter(wiring.Component):
                         ins[k].ready.eq(self.o.ready),
                     ]
 
-        with m.If(self.o.valid & self.o.ready):
-            with m.If(self.o.p.eop):
-                m.d.sync += [locked.eq(0), last.eq(cur)]
-            with m.Else():
-                m.d.sync += [locked.eq(1), grant.eq(cur)]
+        # The grant holds from the first beat offered until the eop beat has moved: a stalled
+        # beat keeps its source (stream rule: valid payload holds until it is taken).
+        with m.If(self.o.valid & self.o.ready & self.o.p.eop):
+            m.d.sync += [locked.eq(0), last.eq(cur)]
+        with m.Elif(self.o.valid):
+            m.d.sync += [locked.eq(1), grant.eq(cur)]
         return m

