@@ -30,10 +30,10 @@ def _vlt() -> Path:
 
 
 def run_card_bench(sim, module, cfg: CardConfig = CardConfig(), *, testcase=None, extra_env=None,
-                   timeout_s=600, waves=None):
+                   timeout_s=600, waves=None, build_key=None):
     src = verilog_for(cfg)
     build_args = ["-g2012"] if sim == "icarus" else []
-    return run_cocotb(sim, "offcard", [src], module, f"offcard_{config_key(cfg)}",
+    return run_cocotb(sim, "offcard", [src], module, build_key or f"offcard_{config_key(cfg)}",
                       testcase=testcase, build_args=build_args, extra_env=extra_env,
                       timeout_s=timeout_s, waves=waves,
                       vlt=_vlt() if sim == "verilator" else None,

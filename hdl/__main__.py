@@ -10,9 +10,14 @@ from .params import CardConfig
 
 # Icarus Verilog 11 starts an ``always @*`` block only when one of its inputs changes, so a block
 # whose inputs keep their initial value (or that reads only constants) never runs and its outputs
-# stay X. ``always_comb`` (IEEE 1800) also runs once at time zero; Icarus (-g2012) and Verilator
-# both accept it, and synthesis reads the design from RTLIL, not from this text.
-_ALWAYS_STAR = re.compile(r"^(\s*)always @\*$", re.M)
+# stay X. Two rewrites make time zero well defined, without changing what the logic means:
+# * a one-statement ``always @*`` becomes ``always_comb`` (IEEE 1800: also runs at time zero);
+# * every larger block already reads Yosys' ``dump_module`` register (its "wake me up" trick,
+#   which relies on the initializer being an event; in Icarus it is not), so that register gets
+#   a real change at time zero, after every process has started waiting: ``initial #0 ... = 1``.
+# Icarus runs with -g2012, Verilator accepts both; synthesis reads RTLIL, not this text.
+_ALWAYS_ONE = re.compile(r"^(\s*)always @\*$", re.M)
+_DUMP_REG = re.compile(r"^(\s*)reg (\\\$auto\$verilog_backend\.cc:\d+:dump_module\$\d+ ) = 0;$", re.M)
 
 
 def generate_verilog(cfg: CardConfig, name: str = "offcard") -> str:
@@ -20,7 +25,9 @@ def generate_verilog(cfg: CardConfig, name: str = "offcard") -> str:
     from .card import Card
     top = Card(cfg)
     text = verilog.convert(top, name=name, emit_src=False)
-    return _ALWAYS_STAR.sub(r"\1always_comb", text)
+    text = _ALWAYS_ONE.sub(r"\1always_comb", text)
+    return _DUMP_REG.sub(lambda mo: f"{mo[0]}\n`ifndef VERILATOR  // Verilator settles all logic at time zero itself\n"
+                                    f"{mo[1]}initial #0 {mo[2]} = 1;\n`endif", text)
 
 
 def main(argv=None):

@@ -41,6 +41,7 @@ class BarDecoder(wiring.Component):
             "vf_mse":    In(1),
             "num_vfs":   In(16),
             "vf_bar0":   In(64),
+            "vf_shift":  In(range(64)),        # log2 of the per-VF aperture
         })
 
     def elaborate(self, platform):
@@ -56,17 +57,26 @@ class BarDecoder(wiring.Component):
         pf0_hit = self.pf_mse & (a[s0:] == self.pf_bar0[s0:])
         pf2_hit = self.pf_mse & (a[32:] == 0) & (a[s2:32] == self.pf_bar2[s2:])
 
-        # VF aperture: index = (addr >> sv) - (vf_bar0 >> sv), valid when 0 <= index < NumVFs
-        diff = Signal(64 - sv + 1)
-        m.d.comb += diff.eq(a[sv:] - self.vf_bar0[sv:])
-        borrow = diff[-1]
-        vf_hit = self.vf_enable & self.vf_mse & ~borrow & (diff[:-1] < self.num_vfs)
+        # VF aperture: index = (addr - VF_BAR0) >> vf_shift, valid when 0 <= index < NumVFs.
+        # vf_shift is log2 of max(vf_bar0_size, System Page Size): one of a few constants.
+        diff = Signal(65)
+        m.d.comb += diff.eq(a - self.vf_bar0)
+        borrow = diff[64]
+        vf_idx = Signal(64 - sv)
+        vf_off = Signal(OFFSET_DW_BITS)
+        with m.Switch(self.vf_shift):
+            for sh in range(sv, 2 + OFFSET_DW_BITS + 1):
+                with m.Case(sh):
+                    m.d.comb += [vf_idx.eq(diff[sh:64]), vf_off.eq(diff[2:sh])]
+            with m.Default():
+                m.d.comb += vf_idx.eq(C(-1, 64 - sv))    # unsupported aperture: never hits
+        vf_hit = self.vf_enable & self.vf_mse & ~borrow & (vf_idx < self.num_vfs)
 
         with m.If(pf0_hit):
             m.d.comb += [lk.hit.eq(1), lk.fidx.eq(0), lk.bar.eq(0), lk.offset.eq(a[2:s0])]
         with m.Elif(pf2_hit):
             m.d.comb += [lk.hit.eq(1), lk.fidx.eq(0), lk.bar.eq(2), lk.offset.eq(a[2:s2])]
         with m.Elif(vf_hit):
-            m.d.comb += [lk.hit.eq(1), lk.fidx.eq(diff[:8] + 1), lk.bar.eq(0),
-                         lk.offset.eq(a[2:sv])]
+            m.d.comb += [lk.hit.eq(1), lk.fidx.eq(vf_idx[:8] + 1), lk.bar.eq(0),
+                         lk.offset.eq(vf_off)]
         return m

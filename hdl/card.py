@@ -62,6 +62,7 @@ class Card(wiring.Component):
             bd.vf_mse.eq(cs.vf_mse),
             bd.num_vfs.eq(cs.num_vfs),
             bd.vf_bar0.eq(cs.vf_bar0),
+            bd.vf_shift.eq(cs.vf_shift),
             mx.bus_num.eq(cs.bus_num),
             mx.bme.eq(cs.bme),
             mx.msix_en.eq(cs.msix_en),

@@ -10,7 +10,8 @@ Layout (byte offsets, the same on the PF and on VFs unless noted):
 0x080  MSI-X capability: table at BAR0+0x2000, PBA at BAR0+0x3000 (per function)
 0x100  ARI extended capability (PF and VFs; Next Function Number 0)
 0x110  SR-IOV extended capability (PF only): TotalVFs/InitialVFs = ``total_vfs``,
-       First VF Offset 1, VF Stride 1, VF BAR0 64-bit prefetchable of ``vf_bar0_size``
+       First VF Offset 1, VF Stride 1, VF BAR0 64-bit prefetchable of ``vf_bar0_size``, or of
+       the System Page Size when that is larger (each VF's BAR is page aligned)
 ====== ================================================================================
 
 Rules kept in the RTL: read-only fields ignore writes, writes honour byte enables, BAR sizing
@@ -22,6 +23,7 @@ Access port: one DW access at a time (``we``/``re`` pulses), read data one cycle
 """
 
 from amaranth import *
+from amaranth.utils import exact_log2
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -81,6 +83,7 @@ class ConfigSpace(wiring.Component):
             "vf_mse":      Out(1),
             "num_vfs":     Out(16),
             "vf_bar0":     Out(64),
+            "vf_shift":    Out(range(64)),   # log2 of each VF's BAR0 aperture
             "bme":         Out(nf),    # Bus Master Enable per function index
             "msix_en":     Out(nf),
             "msix_fmask":  Out(nf),
@@ -150,6 +153,20 @@ class ConfigSpace(wiring.Component):
         vfbar_mask_lo = ~(cfg.vf_bar0_size - 1) & 0xFFFF_FFF0
         msix_ctl_ro = C(nvec - 1, 11)
 
+        # ---- VF BAR0 aperture: max(vf_bar0_size, System Page Size) per VF -------------------
+        sv = exact_log2(cfg.vf_bar0_size)
+        vf_shift = Signal(range(64), init=sv)
+        vf_mask = Signal(64, init=~(cfg.vf_bar0_size - 1) & (2 ** 64 - 1))
+        with m.Switch(sys_page):
+            for bit in range(32):
+                if SUPPORTED_PAGE_SIZES >> bit & 1:
+                    sh = max(sv, 12 + bit)
+                    with m.Case(1 << bit):
+                        m.d.comb += [vf_shift.eq(sh), vf_mask.eq(~((1 << sh) - 1) & (2 ** 64 - 1))]
+            with m.Default():
+                m.d.comb += [vf_shift.eq(sv), vf_mask.eq(~((1 << sv) - 1) & (2 ** 64 - 1))]
+        vf_bar0_eff = vf_bar0 & vf_mask
+
         # ---- PF read mux ------------------------------------------------------------------
         pf_rd = Signal(32)
         with m.Switch(p.reg):
@@ -217,9 +234,9 @@ class ConfigSpace(wiring.Component):
             with m.Case(SRIOV + 8):
                 m.d.comb += pf_rd.eq(sys_page)
             with m.Case(SRIOV + 9):
-                m.d.comb += pf_rd.eq(vf_bar0[:32] | 0b1100)
+                m.d.comb += pf_rd.eq(vf_bar0_eff[:32] | 0b1100)
             with m.Case(SRIOV + 10):
-                m.d.comb += pf_rd.eq(vf_bar0[32:])
+                m.d.comb += pf_rd.eq(vf_bar0_eff[32:])
             with m.Default():
                 m.d.comb += pf_rd.eq(0)
 
@@ -301,7 +318,12 @@ class ConfigSpace(wiring.Component):
                     with m.If(~vf_en & (new_num <= nvf)):
                         m.d.sync += num_vfs.eq(new_num)
                 with m.Case(SRIOV + 8):
-                    wr(sys_page, 0, SUPPORTED_PAGE_SIZES)
+                    # one supported page size at a time, and only while the VFs are off
+                    new_page = Signal(32)
+                    m.d.comb += new_page.eq((sys_page & ~bmask) | (p.wdata & bmask))
+                    with m.If(~vf_en & ((new_page & ~SUPPORTED_PAGE_SIZES) == 0)
+                              & (new_page != 0) & ((new_page & (new_page - 1)) == 0)):
+                        m.d.sync += sys_page.eq(new_page)
                 with m.Case(SRIOV + 9):
                     wr(vf_bar0[:32], 0, vfbar_mask_lo)
                 with m.Case(SRIOV + 10):
@@ -339,7 +361,8 @@ class ConfigSpace(wiring.Component):
             self.vf_enable.eq(vf_en),
             self.vf_mse.eq(vf_mse),
             self.num_vfs.eq(num_vfs),
-            self.vf_bar0.eq(vf_bar0),
+            self.vf_bar0.eq(vf_bar0_eff),
+            self.vf_shift.eq(vf_shift),
             self.bme.eq(Cat(command[2], vf_bme & vf_alive)),
             self.msix_en.eq(Cat(msix_en_pf, vf_msix_en & vf_alive)),
             self.msix_fmask.eq(Cat(msix_fm_pf, vf_msix_fm)),

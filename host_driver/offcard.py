@@ -23,6 +23,8 @@ SRIOV_NUM_VFS = 0x10
 SRIOV_VF_OFFSET = 0x14
 SRIOV_VF_STRIDE = 0x16
 SRIOV_VF_DID = 0x1A
+SRIOV_SUPPORTED_PAGES = 0x1C
+SRIOV_PAGE_SIZE = 0x20
 SRIOV_VF_BAR0 = 0x24
 CTRL_VF_ENABLE = 1 << 0
 CTRL_VF_MSE = 1 << 3
@@ -153,8 +155,9 @@ class OffcardDriver:
     async def mgmt_read(self, off):
         return await self.t.mmio_read(self.bar2 + off, 4)
 
-    async def enable_sriov(self, num_vfs):
-        """Enable ``num_vfs`` VFs: NumVFs, VF BARs in a reserved window, VF Enable + VF MSE."""
+    async def enable_sriov(self, num_vfs, page_size=4096):
+        """Enable ``num_vfs`` VFs: System Page Size (the host's page size), NumVFs, VF BARs in
+        a reserved window, VF Enable + VF MSE."""
         pf = self.pf
         cap = pf.ext_caps[ECAP_SRIOV]
         total = await pf.read16(cap + SRIOV_TOTAL_VFS)
@@ -165,6 +168,11 @@ class OffcardDriver:
             raise RuntimeError("SR-IOV already enabled")
         # ARI: the card sits alone below a root port, so an ARI hierarchy is in effect
         await pf.write16(cap + SRIOV_CTRL, ctrl | CTRL_ARI_HIER)
+        page_bit = page_size.bit_length() - 13
+        supported = await pf.read32(cap + SRIOV_SUPPORTED_PAGES)
+        if page_size & (page_size - 1) or page_bit < 0 or not supported >> page_bit & 1:
+            raise ValueError(f"page size {page_size} not supported (mask {supported:#x})")
+        await pf.write32(cap + SRIOV_PAGE_SIZE, 1 << page_bit)
         await pf.write16(cap + SRIOV_NUM_VFS, num_vfs)
         if await pf.read16(cap + SRIOV_NUM_VFS) != num_vfs:
             raise ProbeError(f"{pf}: NumVFs did not take {num_vfs}")

@@ -56,7 +56,7 @@ def run(tb, cfg=CFG):
 
 
 BASE_STATE = dict(pf_mse=1, pf_bar0=0x1_0000_0000, pf_bar2=0xF000_0000, vf_enable=1, vf_mse=1,
-                  num_vfs=4, vf_bar0=0x2_0000_0000)
+                  num_vfs=4, vf_bar0=0x2_0000_0000, vf_shift=14)
 
 
 def test_pf_bars_need_mse():
@@ -130,6 +130,7 @@ def _states(cfg):
         "vf_mse": st.integers(0, 1),
         "num_vfs": st.integers(0, cfg.total_vfs),
         "vf_bar0": st.integers(0, M64 // sv).map(lambda x: x * sv),
+        "vf_shift": st.just(sv.bit_length() - 1),
     })
 
 

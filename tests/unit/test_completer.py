@@ -281,13 +281,21 @@ def test_malformed_non_posted_gets_exactly_one_ur(width):
 def test_truncated_tlp_is_malformed_and_next_one_served(width):
     async def tb(h):
         await h.setup()
-        first = pack_beats(mem_hdr(True, BAR0_ADDR + FuncRegs.SCRATCH, 8), list(range(8)), h.w)
+        dpb = h.w // 32
+        # an MWr whose first beat already carries all Length DWs, but without eop: the next
+        # TLP's sop cuts it short, so it is malformed and must not be performed
+        first = pack_beats(mem_hdr(True, BAR0_ADDR + FuncRegs.SCRATCH, dpb),
+                           [0xBAD0_0000 + k for k in range(dpb)], h.w)
+        assert len(first) == 1
+        first[0]["eop"] = 0
         second = pack_beats(cfg_hdr(False, 0, 0, bus=BUS, tag=99, requester_id=REQ), [], h.w)
-        await send_beats(h.ctx, h.dut.rx, first[:1] + second)      # sop before eop
+        await send_beats(h.ctx, h.dut.rx, first + second)
         c, payload, _ = await h.recv()
         assert c["tag"] == 99 and c["status"] == SC and payload == [0x1041_1AF4]
         await h.quiet()
         assert (await h.counters())["malformed"] == 1
+        assert (await h.mem_rd(BAR0_ADDR + FuncRegs.SCRATCH))[1] == [0], \
+            "truncated write was performed"
     run_card(tb, width)
 
 

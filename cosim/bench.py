@@ -1,0 +1,78 @@
+"""``make bench``: measured figures, written to ``bench.json`` and ``bench.md``.
+
+Per simulator (``SIM`` selects, both by default) and configuration: a cold build of the card
+(build time), then the enumeration + SR-IOV + MMIO workload of :mod:`cosim.benches.perf`
+(simulated cycles per wall second, counting the whole cocotb test). Nothing here is a pass/fail
+check; the numbers are for the report.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from hdl.params import CardConfig
+from .card_sim import run_card_bench
+from .runner import SIM_BUILD, selected_sims
+from .verilog import REPO, config_key
+
+CONFIGS = [CardConfig(), CardConfig(data_width=128)]
+
+
+def bench_one(sim, cfg, rounds):
+    key = f"bench_{config_key(cfg)}"
+    shutil.rmtree(SIM_BUILD / sim / key, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "rec.json"
+        t0 = time.perf_counter()
+        res = run_card_bench(sim, "cosim.benches.perf", cfg, build_key=key,
+                             extra_env={"OFFCARD_BENCH_OUT": str(out),
+                                        "OFFCARD_BENCH_ROUNDS": str(rounds)})
+        total = time.perf_counter() - t0
+        rec = json.loads(out.read_text())
+    rec.update({"sim": sim, "config": config_key(cfg), "total_vfs": cfg.total_vfs,
+                "data_width": cfg.data_width, "build_s": round(res.build_s, 2),
+                "test_process_s": round(res.test_s, 2), "total_s": round(total, 2)})
+    return rec
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m cosim.bench")
+    ap.add_argument("--rounds", type=int, default=50, help="MMIO rounds over PF + 16 VFs")
+    ap.add_argument("-o", "--output", default=str(REPO / "bench.json"))
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    console = Console()
+    rows = []
+    for sim in selected_sims():
+        for cfg in CONFIGS:
+            console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} ...")
+            rows.append(bench_one(sim, cfg, args.rounds))
+    report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
+              "enumeration_mmio": rows}
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    cols = ["sim", "config", "build_s", "sim_cycles", "wall_s", "cycles_per_s", "mmio_ops"]
+    table = Table(title="offcard bench: enumeration + SR-IOV + MMIO")
+    for c in cols:
+        table.add_column(c)
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in cols))
+        md.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    console.print(table)
+    Path(args.output).with_suffix(".md").write_text("\n".join(md) + "\n")
+    console.print(f"wrote {args.output} and {Path(args.output).with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
