@@ -60,16 +60,16 @@ define run_module
 endef
 
 bench:
-	$(call run_module,cosim.bench,,TBD)
+	$(call run_module,cosim.bench,,3)
 
 demo:
-	$(call run_module,cosim.demo,,TBD)
+	$(call run_module,cosim.demo,,8)
 
 synth:
-	$(call run_module,hdl.synth,,TBD)
+	$(call run_module,hdl.synth,,8)
 
 lint:
-	$(call run_module,cosim.lint,,TBD)
+	$(call run_module,cosim.lint,,8)
 
 clean:
 	rm -rf sim_build build results.xml bench.json .hypothesis
