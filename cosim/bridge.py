@@ -163,5 +163,9 @@ class CardBridge(Device):
                 continue
             fmt = hdr[0] >> 5
             hdr_len = 16 if fmt & 1 else 12
-            tlp = Tlp.unpack(hdr[:hdr_len] + payload)
+            try:
+                tlp = Tlp.unpack(hdr[:hdr_len] + payload)
+            except Exception as e:
+                raise ValueError(f"card sent a TLP the host cannot parse: header {hdr.hex()}, "
+                                 f"{len(payload)} payload bytes") from e
             await self.send(tlp)

@@ -48,10 +48,15 @@ class TlpArbiter(wiring.Component):
                         ins[k].ready.eq(self.o.ready),
                     ]
 
-        # The grant holds from the first beat offered until the eop beat has moved: a stalled
-        # beat keeps its source (stream rule: valid payload holds until it is taken).
-        with m.If(self.o.valid & self.o.ready & self.o.p.eop):
-            m.d.sync += [locked.eq(0), last.eq(cur)]
-        with m.Elif(self.o.valid):
-            m.d.sync += [locked.eq(1), grant.eq(cur)]
+        # The grant holds inside a packet (sop moved, eop not yet) and while an offered beat
+        # is stalled, so TLPs never interleave and a stalled beat never changes. A source that
+        # withdraws a beat before it moved (MSI-X does, when the vector gets masked meanwhile)
+        # releases the grant.
+        in_pkt = Signal()
+        xfer = self.o.valid & self.o.ready
+        in_pkt_next = Mux(xfer, ~self.o.p.eop, in_pkt)
+        m.d.sync += [in_pkt.eq(in_pkt_next), locked.eq(in_pkt_next | (self.o.valid & ~self.o.ready)),
+                     grant.eq(cur)]
+        with m.If(xfer & self.o.p.eop):
+            m.d.sync += last.eq(cur)
         return m

@@ -23,6 +23,11 @@ from .func_regs import FuncRegisters
 from .msix import MsixController
 from .mgmt_regs import MgmtRegisters
 from .arbiter import TlpArbiter
+from .rx_router import RxRouter
+from .dma_common import CardMemory
+from .dma_read import DmaReadChannel
+from .dma_write import DmaWriteChannel
+from .dma_queue import DmaQueues, DESC_TAG
 
 __all__ = ["Card"]
 
@@ -46,15 +51,36 @@ class Card(wiring.Component):
         m.submodules.funcregs = fr = FuncRegisters(cfg)
         m.submodules.msix = mx = MsixController(cfg)
         m.submodules.mgmt = mg = MgmtRegisters(cfg)
-        m.submodules.txarb = arb = TlpArbiter(2, cfg.data_width)
+        m.submodules.txarb = arb = TlpArbiter(5, cfg.data_width)
+        m.submodules.rxroute = rr = RxRouter(cfg.data_width, DESC_TAG)
+        m.submodules.cardmem = mem = CardMemory(cfg.data_width)
+        m.submodules.dma_rd = drd = DmaReadChannel(cfg.data_width)
+        m.submodules.dma_wr = dwr = DmaWriteChannel(cfg.data_width)
+        m.submodules.dma_q = dq = DmaQueues(cfg)
 
-        wiring.connect(m, wiring.flipped(self.rx), cp.rx)
+        wiring.connect(m, wiring.flipped(self.rx), rr.i)
+        wiring.connect(m, rr.req, cp.rx)
+        wiring.connect(m, rr.cpl_q, dq.cpl)
+        wiring.connect(m, rr.cpl_r, drd.cpl)
+        wiring.connect(m, drd.mem, mem.wr)
+        wiring.connect(m, dwr.mem, mem.rd)
+        wiring.connect(m, dq.rd_cmd, drd.cmd)
+        wiring.connect(m, drd.done, dq.rd_done)
+        wiring.connect(m, dq.wr_cmd, dwr.cmd)
+        wiring.connect(m, dwr.done, dq.wr_done)
+        wiring.connect(m, dq.irq, mx.irq2)
+        m.d.comb += [
+            drd.mrrs.eq(cs.mrrs), drd.bus_num.eq(cs.bus_num),
+            dwr.mps.eq(cs.mps), dwr.bus_num.eq(cs.bus_num),
+            dq.bus_num.eq(cs.bus_num), dq.bme.eq(cs.bme),
+        ]
         wiring.connect(m, cp.cfg, cs.port)
         wiring.connect(m, cp.bar, bd.lookup)
         m.d.comb += [
             cs.cap_bus_stb.eq(cp.cap_bus_stb),
             cs.cap_bus.eq(cp.cap_bus),
             cp.bus_num.eq(cs.bus_num),
+            cp.mps.eq(cs.mps),
             bd.pf_mse.eq(cs.pf_mse),
             bd.pf_bar0.eq(cs.pf_bar0),
             bd.pf_bar2.eq(cs.pf_bar2),
@@ -67,10 +93,11 @@ class Card(wiring.Component):
             mx.bme.eq(cs.bme),
             mx.msix_en.eq(cs.msix_en),
             mx.msix_fmask.eq(cs.msix_fmask),
+            mx.vf_reset.eq(cs.vf_reset),
         ]
 
         # register bus: broadcast the request, OR the read data
-        targets = [fr.bus, mx.bus, mg.bus]
+        targets = [fr.bus, mx.bus, mg.bus, dq.bus]
         for t in targets:
             m.d.comb += [t.fidx.eq(cp.regs.fidx), t.bar.eq(cp.regs.bar), t.addr.eq(cp.regs.addr),
                          t.wdata.eq(cp.regs.wdata), t.be.eq(cp.regs.be), t.we.eq(cp.regs.we),
@@ -81,10 +108,17 @@ class Card(wiring.Component):
         m.d.comb += cp.regs.rdata.eq(rdata)
 
         wiring.connect(m, fr.irq, mx.irq)
-        wiring.connect(m, cp.events, mg.events)
+        # every event but the unexpected-completion count comes from the completer
+        for name in ("malformed", "unsupported", "ca", "poisoned"):
+            m.d.comb += getattr(mg.events, name).eq(getattr(cp.events, name))
+        m.d.comb += mg.events.rx_tlp.eq(self.rx.valid & self.rx.ready & self.rx.p.sop)
+        m.d.comb += mg.events.unexp_cpl.eq(cp.events.unexp_cpl | drd.unexp | dq.unexp)
         m.d.comb += mg.events.tx_tlp.eq(self.tx.valid & self.tx.ready & self.tx.p.sop)
 
         wiring.connect(m, cp.tx, arb.i0)
         wiring.connect(m, mx.tx, arb.i1)
+        wiring.connect(m, drd.tx, arb.i2)
+        wiring.connect(m, dwr.tx, arb.i3)
+        wiring.connect(m, dq.tx, arb.i4)
         wiring.connect(m, arb.o, wiring.flipped(self.tx))
         return m

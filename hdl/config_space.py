@@ -87,6 +87,7 @@ class ConfigSpace(wiring.Component):
             "bme":         Out(nf),    # Bus Master Enable per function index
             "msix_en":     Out(nf),
             "msix_fmask":  Out(nf),
+            "vf_reset":    Out(1),     # strobe: VF Enable was cleared, every VF resets
         })
 
     def elaborate(self, platform):
@@ -347,6 +348,7 @@ class ConfigSpace(wiring.Component):
         m.d.sync += vf_en_q.eq(vf_en)
         with m.If(vf_en_q & ~vf_en):
             m.d.sync += [vf_bme.eq(0), vf_msix_en.eq(0), vf_msix_fm.eq(0)]
+            m.d.comb += self.vf_reset.eq(1)
 
         # ---- state outputs ----------------------------------------------------------------
         vf_alive = Signal(nvf)

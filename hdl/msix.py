@@ -33,10 +33,12 @@ class MsixController(wiring.Component):
         super().__init__({
             "bus":        In(RegBusSignature()),
             "irq":        In(IrqRequestSignature()),
+            "irq2":       In(IrqRequestSignature()),   # a second requester (the DMA engine)
             "bus_num":    In(8),
             "bme":        In(nf),
             "msix_en":    In(nf),
             "msix_fmask": In(nf),
+            "vf_reset":   In(1),     # VFs reset: their vectors masked, nothing pending
             "tx":         Out(tlp_stream(cfg.data_width)),
             "sent":       Out(1),      # one-cycle strobe per message sent
         })
@@ -79,22 +81,31 @@ class MsixController(wiring.Component):
                 m.d.sync += mask.bit_select(b.fidx * nvec + vec if vbits else b.fidx, 1).eq(b.wdata[0])
 
         rd_tbl = Signal()
+        rd_ctl = Signal()
+        rd_mask = Signal()
         rd_pba = Signal(32)
         with m.If(b.re):
-            m.d.sync += [rd_tbl.eq(in_tbl), rd_pba.eq(0)]
+            m.d.sync += [rd_tbl.eq(in_tbl), rd_pba.eq(0), rd_ctl.eq(b.addr[:2] == 3),
+                         rd_mask.eq(mask.bit_select(b.fidx * nvec + vec if vbits else b.fidx, 1))]
             with m.If(in_pba & (b.addr == pba_base)):
                 m.d.sync += rd_pba.eq(pending.word_select(b.fidx, nvec))
-        m.d.comb += b.rdata.eq(Mux(rd_tbl, host_rd.data, rd_pba))
+        # Vector Control reads the mask bit from the shadow, which VF reset sets
+        tbl_word = Mux(rd_ctl, Cat(rd_mask, host_rd.data[1:]), host_rd.data)
+        m.d.comb += b.rdata.eq(Mux(rd_tbl, tbl_word, rd_pba))
 
         # ---- interrupt requests ------------------------------------------------------------
         set_pend = Signal(nent)
         clr_pend = Signal(nent)
-        irq_idx = Signal(range(nent))
-        m.d.comb += irq_idx.eq(self.irq.fidx * nvec + self.irq.vector)
-        irq_take = self.irq.valid & self.msix_en.bit_select(self.irq.fidx, 1)
-        for k in range(nent):
-            m.d.comb += set_pend[k].eq(irq_take & (irq_idx == k))
+        for n, rq in enumerate((self.irq, self.irq2)):
+            irq_idx = Signal(range(nent), name=f"irq_idx{n}")
+            m.d.comb += irq_idx.eq(rq.fidx * nvec + rq.vector)
+            irq_take = rq.valid & self.msix_en.bit_select(rq.fidx, 1) & (rq.vector < nvec)
+            for k in range(nent):
+                with m.If(irq_take & (irq_idx == k)):
+                    m.d.comb += set_pend[k].eq(1)
         m.d.sync += pending.eq((pending & ~clr_pend) | set_pend)
+        with m.If(self.vf_reset):
+            m.d.sync += [pending[nvec:].eq(0), mask[nvec:].eq(-1)]
 
         # ---- scanner and message generator -------------------------------------------------
         ptr = Signal(range(nf))
@@ -158,8 +169,13 @@ class MsixController(wiring.Component):
                         m.d.sync += msg_data.eq(gen_rd.data)
                         m.next = "SEND"
             with m.State("SEND"):
-                m.d.comb += tx.valid.eq(1)
-                with m.If(tx.ready):
+                still_ok = (self.msix_en.bit_select(cur_f, 1) & ~self.msix_fmask.bit_select(cur_f, 1)
+                            & self.bme.bit_select(cur_f, 1) & ~mask.bit_select(cur_idx, 1)
+                            & pending.bit_select(cur_idx, 1))
+                m.d.comb += tx.valid.eq(still_ok)
+                with m.If(~still_ok):
+                    m.next = "SCAN"           # masked or disabled meanwhile: stays pending
+                with m.Elif(tx.ready):
                     m.d.comb += self.sent.eq(1)
                     m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
                     m.next = "SCAN"

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field, asdict
 
-__all__ = ["CardConfig", "FuncRegs", "MgmtRegs", "Bar0Map"]
+__all__ = ["CardConfig", "FuncRegs", "MgmtRegs", "Bar0Map", "DmaRegs"]
 
 
 class Bar0Map:
@@ -22,6 +22,19 @@ class FuncRegs:
     IRQ      = 0x0C   # WO: writing N requests MSI-X vector N of this function
     ID_MAGIC = 0xC0DE
     VERSION_VALUE = 0x0001_0000
+
+
+class DmaRegs:
+    """Per-function DMA queue registers at BAR0 + 0x100 (byte offsets); see hdl.dma_queue."""
+    BASE      = 0x100
+    RING_LO   = 0x100   # RW: ring base, 32-byte aligned
+    RING_HI   = 0x104   # RW
+    RING_LOG2 = 0x108   # RW: ring entries = 1 << value (0..8)
+    CTRL      = 0x10C   # RW: bit 0 enable (0 also resets the indices), [12:8] MSI-X vector
+    PROD      = 0x110   # RW: producer index, the doorbell
+    CONS      = 0x114   # RO: consumer index (descriptors finished)
+    STATUS    = 0x118   # RO: bit 1 error (a descriptor fetch failed; cleared by disabling)
+    DESC_SIZE = 32
 
 
 class MgmtRegs:

@@ -69,6 +69,7 @@ class Completer(wiring.Component):
             "bar":         Out(BarLookupSignature()),
             "regs":        Out(RegBusSignature()),
             "bus_num":     In(8),
+            "mps":         In(3),
             "events":      Out(CounterEvents()),
         })
 
@@ -147,12 +148,15 @@ class Completer(wiring.Component):
         bad_cfgio = (k_cfg0 | k_cfg1 | k_io) & ((dw0.length != 1) | (last_be != 0))
         bad_be = k_mem & Mux(len_dw == 1, last_be != 0, (first_be == 0) | (last_be == 0))
         bad_4k = k_mem & ((addr[2:12] + len_dw) > 1024)
+        bad_mps = has_data & ~k_cpl & (len_dw > (C(32, 11) << self.mps))
         malformed = Signal()
         m.d.comb += malformed.eq(trunc | ~known | bad_len | bad_cpl_len | bad_msg_len
-                                 | bad_cfgio | bad_be | bad_4k)
+                                 | bad_cfgio | bad_be | bad_4k | bad_mps)
 
-        # byte count / lower address of a memory read completion
+        # byte count / lower address of a memory read completion (a zero-length read,
+        # First DW BE 0000b, has Lower Address [1:0] = 00b and Byte Count 1)
         fbo = _first_set(first_be)
+        la_lo = Mux(first_be == 0, 0, fbo)
         mrd_bc = Signal(13)
         with m.If(len_dw == 1):
             m.d.comb += mrd_bc.eq(Mux(first_be == 0, 1, _last_set(first_be) - fbo + 1))
@@ -165,6 +169,7 @@ class Completer(wiring.Component):
         c_bc = Signal(12)
         c_la = Signal(7)
         c_cid = Signal(16)
+        c_locked = Signal()      # completion of a locked read (CplLk)
 
         # ---- action registers -------------------------------------------------------------
         fidx = Signal(8)
@@ -195,8 +200,8 @@ class Completer(wiring.Component):
         c_beats = Signal(range(nbeats_max + 2))
         m.d.comb += c_beats.eq(Mux(c_len == 0, 1, (c_len + DPB - 1) // DPB))
         cpl_fmt = Mux(c_len != 0, 0b010, 0b000)
-        o_dw0 = Cat(c_len[:10], dw0.at, dw0.attr_lo, C(0, 2), C(0, 2), dw0.attr_hi, tag[8],
-                   dw0.tc, tag[9], C(0b01010, 5), cpl_fmt)
+        o_dw0 = Cat(c_len[:10], C(0, 2), dw0.attr_lo, C(0, 2), C(0, 2), dw0.attr_hi, tag[8],
+                   dw0.tc, tag[9], Cat(c_locked, C(0b0101, 4)), cpl_fmt)
         o_dw1 = Cat(c_bc, C(0, 1), c_status, c_cid)
         o_dw2 = Cat(c_la, C(0, 1), tag[:8], dw1.requester_id)
         m.d.comb += [
@@ -216,7 +221,7 @@ class Completer(wiring.Component):
 
         def complete(status, length, bc, la, cid):
             m.d.sync += [c_status.eq(status), c_len.eq(length), c_bc.eq(bc), c_la.eq(la),
-                         c_cid.eq(cid), obeat.eq(0)]
+                         c_cid.eq(cid), obeat.eq(0), c_locked.eq(k_lk)]
 
         with m.FSM():
             with m.State("IDLE"):
@@ -250,8 +255,8 @@ class Completer(wiring.Component):
                 cid_pf = Cat(C(0, 8), self.bus_num)
                 m.d.sync += [fidx.eq(self.bar.fidx), bar_id.eq(self.bar.bar),
                              offset.eq(self.bar.offset), i.eq(0), is_read.eq(k_mrd)]
-                ur_bc = Mux(k_mrd, mrd_bc, 4)
-                ur_la = Mux(k_mrd, Cat(fbo, addr[2:7]), 0)
+                ur_bc = Mux(k_mrd | k_lk, mrd_bc, 4)
+                ur_la = Mux(k_mrd | k_lk, Cat(la_lo, addr[2:7]), 0)
                 ur_cid = Mux(k_cfg0 | k_cfg1, cdw2.completer_id, cid_pf)
                 with m.If(malformed):
                     m.d.comb += ev.malformed.eq(1)
@@ -280,7 +285,7 @@ class Completer(wiring.Component):
                         m.next = "MMIO"
                     with m.Else():
                         m.d.comb += ev.ca.eq(1)
-                        complete(CplStatus.CA, 0, mrd_bc, Cat(fbo, addr[2:7]), cid_mem)
+                        complete(CplStatus.CA, 0, mrd_bc, Cat(la_lo, addr[2:7]), cid_mem)
                         m.next = "CPL"
                 with m.Elif(k_mwr & self.bar.hit & (len_dw <= MAXDW)):
                     m.next = "MMIO"
@@ -313,7 +318,7 @@ class Completer(wiring.Component):
                 m.d.sync += i.eq(i + 1)
                 with m.If(Mux(is_read, i == len_dw, i == len_dw - 1)):
                     with m.If(is_read):
-                        complete(CplStatus.SC, len_dw, mrd_bc, Cat(fbo, addr[2:7]),
+                        complete(CplStatus.SC, len_dw, mrd_bc, Cat(la_lo, addr[2:7]),
                                  Cat(fidx, self.bus_num))
                         m.next = "CPL"
                     with m.Else():

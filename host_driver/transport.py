@@ -51,7 +51,8 @@ class Transport(ABC):
         with their BARs assigned and the bridges' windows set."""
 
     @abstractmethod
-    async def reserve_mmio(self, size: int, align: int, prefetchable: bool = True) -> int:
+    async def reserve_mmio(self, size: int, align: int, prefetchable: bool = True,
+                           bus_num: int = 1) -> int:
         """Reserve address space below the device's upstream bridge and open the bridge's
         window over it (what the OS does for SR-IOV VF BARs). Returns the base address."""
 

@@ -53,7 +53,8 @@ async def test_fuzz_tlps(dut):
         while not out.empty():
             hdr, payload = out.get_nowait()
             ftype = hdr[0]
-            assert ftype in (TlpKind.CPL, TlpKind.CPLD), f"unexpected TLP from card: {hdr.hex()}"
+            assert ftype in (TlpKind.CPL, TlpKind.CPLD, TlpKind.CPLLK), \
+                f"unexpected TLP from card: {hdr.hex()}"
             tag = hdr[10] | ((hdr[1] >> 3 & 1) << 8) | ((hdr[1] >> 7 & 1) << 9)
             req_id = int.from_bytes(hdr[8:10], "big")
             assert tag in want, f"completion for tag {tag} that is not an outstanding request"

@@ -1,0 +1,76 @@
+"""Shared pieces of the DMA engine: command / done streams, card memory ports, helpers."""
+
+from amaranth import *
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["CARD_MEM_BYTES", "CARD_ADDR_BITS", "DmaCmd", "DmaDone", "DmaStatus",
+           "MemWritePort", "MemReadPort", "CardMemory", "size_bytes", "be_first_last"]
+
+CARD_MEM_BYTES = 64 * 1024
+CARD_ADDR_BITS = 16
+
+DmaCmd = data.StructLayout({
+    "fidx":   8,       # function the transfer is done for (its requester ID is used)
+    "host":   64,      # host (bus) address
+    "card":   CARD_ADDR_BITS,   # card memory byte address; card[1:0] == host[1:0]
+    "length": 17,      # bytes, 1..65536
+})
+
+
+class DmaStatus:
+    OK = 0
+    CPL_ERROR = 1      # a completion came back UR / CA, or with a bad size
+
+
+DmaDone = data.StructLayout({"status": 2})
+
+
+def MemWritePort(data_width):
+    return wiring.Signature({
+        "addr": Out(range(CARD_MEM_BYTES * 8 // data_width)),
+        "data": Out(data_width),
+        "en":   Out(data_width // 8),     # byte enables; zero = no write
+    })
+
+
+def MemReadPort(data_width):
+    return wiring.Signature({
+        "addr": Out(range(CARD_MEM_BYTES * 8 // data_width)),
+        "en":   Out(1),
+        "data": In(data_width),           # one cycle after en
+    })
+
+
+class CardMemory(wiring.Component):
+    """The card's 64 KiB data memory: one write port (host->card DMA), one read port
+    (card->host DMA). Block RAM, ``data_width`` bits per word."""
+
+    def __init__(self, data_width):
+        self.data_width = data_width
+        super().__init__({"wr": In(MemWritePort(data_width)), "rd": In(MemReadPort(data_width))})
+
+    def elaborate(self, platform):
+        m = Module()
+        W = self.data_width
+        m.submodules.mem = mem = Memory(shape=W, depth=CARD_MEM_BYTES * 8 // W, init=[])
+        wp = mem.write_port(granularity=8)
+        rp = mem.read_port()
+        m.d.comb += [wp.addr.eq(self.wr.addr), wp.data.eq(self.wr.data), wp.en.eq(self.wr.en),
+                     rp.addr.eq(self.rd.addr), rp.en.eq(self.rd.en), self.rd.data.eq(rp.data)]
+        return m
+
+
+def size_bytes(code):
+    """128 << code, for the MPS / MRRS fields of Device Control (code 0..5)."""
+    return C(128, 13) << code
+
+
+def be_first_last(addr_lo2, nbytes_end_lo2, ndw):
+    """First/last DW byte enables of a request of ``ndw`` DWs starting at byte offset
+    ``addr_lo2`` and ending at byte offset ``nbytes_end_lo2`` (exclusive, 0 means 4)."""
+    first = Mux(addr_lo2 == 0, 0xF, Mux(addr_lo2 == 1, 0xE, Mux(addr_lo2 == 2, 0xC, 0x8)))
+    last = Mux(nbytes_end_lo2 == 0, 0xF, Mux(nbytes_end_lo2 == 1, 0x1,
+                                             Mux(nbytes_end_lo2 == 2, 0x3, 0x7)))
+    return Mux(ndw == 1, first & last, first), Mux(ndw == 1, 0, last)

@@ -1,0 +1,85 @@
+"""Host side of the card's DMA descriptor queues (see :mod:`hdl.dma_queue`)."""
+
+import struct
+
+from hdl.params import DmaRegs
+
+from .offcard import OffcardFunction
+
+__all__ = ["DmaQueue", "DescStatus", "DmaError"]
+
+
+class DescStatus:
+    DONE = 0x0000_0001
+    BAD_DESC = 0x8000_0001
+    CPL_ERROR = 0x8000_0002
+
+
+class DmaError(Exception):
+    pass
+
+
+class DmaQueue:
+    """One function's descriptor ring: host memory for the ring, doorbell by MMIO."""
+
+    def __init__(self, fn: OffcardFunction, entries=64, irq_vector=None):
+        if entries & (entries - 1) or not 1 <= entries <= 256:
+            raise ValueError(f"entries must be a power of two in 1..256, got {entries}")
+        self.fn = fn
+        self.t = fn.t
+        self.entries = entries
+        self.irq_vector = irq_vector
+        self.prod = 0
+        self.ring = None
+
+    async def setup(self):
+        raw = self.t.alloc_host_mem(self.entries * DmaRegs.DESC_SIZE + 64)
+        self.ring = (raw + 63) & ~63
+        await self.t.host_write(self.ring, bytes(self.entries * DmaRegs.DESC_SIZE))
+        await self.fn.reg_write(DmaRegs.CTRL, 0)
+        await self.fn.reg_write(DmaRegs.RING_LO, self.ring & 0xFFFF_FFFF)
+        await self.fn.reg_write(DmaRegs.RING_HI, self.ring >> 32)
+        await self.fn.reg_write(DmaRegs.RING_LOG2, self.entries.bit_length() - 1)
+        vec = self.irq_vector or 0
+        await self.fn.reg_write(DmaRegs.CTRL, 1 | (vec << 8))
+        self.prod = 0
+        return self
+
+    def desc_addr(self, index):
+        return self.ring + (index % self.entries) * DmaRegs.DESC_SIZE
+
+    async def post(self, host, card, length, to_host, irq=False):
+        """Write a descriptor and ring the doorbell; returns its index."""
+        idx = self.prod
+        flags = (1 if to_host else 0) | (2 if irq else 0)
+        await self.t.host_write(self.desc_addr(idx),
+                                struct.pack("<QIIII8x", host, card, length, flags, 0))
+        self.prod = (self.prod + 1) & 0xFFFF
+        await self.fn.reg_write(DmaRegs.PROD, self.prod)
+        return idx
+
+    async def status(self, index):
+        raw = await self.t.host_read(self.desc_addr(index) + 0x14, 4)
+        return int.from_bytes(raw, "little")
+
+    async def wait(self, index, timeout_ns=2_000_000, poll_ns=500):
+        """Wait until the card wrote the descriptor's status; returns it."""
+        waited = 0
+        while True:
+            st = await self.status(index)
+            if st:
+                return st
+            if waited >= timeout_ns:
+                raise TimeoutError(f"{self.fn}: descriptor {index} not done after {timeout_ns} ns")
+            await self.t.sleep_ns(poll_ns)
+            waited += poll_ns
+
+    async def transfer(self, host, card, length, to_host, timeout_ns=2_000_000):
+        idx = await self.post(host, card, length, to_host)
+        st = await self.wait(idx, timeout_ns)
+        if st != DescStatus.DONE:
+            raise DmaError(f"{self.fn}: descriptor {idx} status {st:#010x}")
+        return st
+
+    async def consumed(self):
+        return await self.fn.reg_read(DmaRegs.CONS)
