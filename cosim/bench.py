@@ -43,6 +43,16 @@ def bench_one(sim, cfg, rounds):
     return rec
 
 
+def bench_dma(sim, cfg):
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "dma.json"
+        run_card_bench(sim, "cosim.benches.perf_dma", cfg, extra_env={"OFFCARD_BENCH_OUT": str(out)})
+        rows = json.loads(out.read_text())
+    for r in rows:
+        r.update({"sim": sim, "config": config_key(cfg)})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m cosim.bench")
     ap.add_argument("--rounds", type=int, default=50, help="MMIO rounds over PF + 16 VFs")
@@ -53,12 +63,15 @@ def main(argv=None):
         return 2
     console = Console()
     rows = []
+    dma_rows = []
     for sim in selected_sims():
         for cfg in CONFIGS:
             console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} ...")
             rows.append(bench_one(sim, cfg, args.rounds))
+            console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} DMA ...")
+            dma_rows += bench_dma(sim, cfg)
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
-              "enumeration_mmio": rows}
+              "enumeration_mmio": rows, "dma": dma_rows}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     cols = ["sim", "config", "build_s", "sim_cycles", "wall_s", "cycles_per_s", "mmio_ops"]
     table = Table(title="offcard bench: enumeration + SR-IOV + MMIO")
@@ -69,6 +82,16 @@ def main(argv=None):
         table.add_row(*(str(r[c]) for c in cols))
         md.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
     console.print(table)
+    dcols = ["sim", "config", "direction", "bytes", "e2e_bytes_per_clk", "stream_bytes_per_clk",
+             "stream_fraction_of_limit"]
+    dtable = Table(title="offcard bench: DMA (MPS 256, MRRS 512)")
+    for c in dcols:
+        dtable.add_column(c)
+    md += ["", "| " + " | ".join(dcols) + " |", "|" + "---|" * len(dcols)]
+    for r in dma_rows:
+        dtable.add_row(*(str(r.get(c, "")) for c in dcols))
+        md.append("| " + " | ".join(str(r.get(c, "")) for c in dcols) + " |")
+    console.print(dtable)
     Path(args.output).with_suffix(".md").write_text("\n".join(md) + "\n")
     console.print(f"wrote {args.output} and {Path(args.output).with_suffix('.md')}")
     return 0

@@ -15,6 +15,7 @@ import logging
 import cocotb
 from cocotb.queue import Queue
 from cocotb.triggers import RisingEdge, Event
+from cocotb.utils import get_sim_time
 
 from cocotbext.pcie.core import Device
 from cocotbext.pcie.core.tlp import Tlp
@@ -95,6 +96,7 @@ class CardBridge(Device):
         self.tlps_out = 0            # TLPs the RTL sent
         self.beats_in = 0
         self.beats_out = 0
+        self.tx_hook = None          # called as hook(hdr, payload, first_beat_ns, last_beat_ns)
         self.idle = Event()
         self.idle.set()
         cocotb.start_soon(self._drive())
@@ -149,10 +151,13 @@ class CardBridge(Device):
             if codec.field(v, "sop"):
                 hdr = codec.field(v, "hdr").to_bytes(16, "big")
                 payload = bytearray()
+                t_first = get_sim_time("ns")
             ndw = bin(codec.field(v, "strb")).count("1")
             payload += codec.field(v, "data").to_bytes(codec.dpb * 4, "little")[:ndw * 4]
             if codec.field(v, "eop"):
                 self.tlps_out += 1
+                if self.tx_hook is not None:
+                    self.tx_hook(hdr, bytes(payload), t_first, get_sim_time("ns"))
                 self._to_host.put_nowait((hdr, bytes(payload)))
 
     async def _upstream(self):
