@@ -73,6 +73,7 @@ class Card(wiring.Component):
             drd.mrrs.eq(cs.mrrs), drd.bus_num.eq(cs.bus_num),
             dwr.mps.eq(cs.mps), dwr.bus_num.eq(cs.bus_num),
             dq.bus_num.eq(cs.bus_num), dq.bme.eq(cs.bme),
+            dq.flr.eq(cs.flr), dq.flr_fidx.eq(cs.flr_fidx),
         ]
         wiring.connect(m, cp.cfg, cs.port)
         wiring.connect(m, cp.bar, bd.lookup)
@@ -94,6 +95,7 @@ class Card(wiring.Component):
             mx.msix_en.eq(cs.msix_en),
             mx.msix_fmask.eq(cs.msix_fmask),
             mx.vf_reset.eq(cs.vf_reset),
+            mx.flr.eq(cs.flr), mx.flr_fidx.eq(cs.flr_fidx),
         ]
 
         # register bus: broadcast the request, OR the read data

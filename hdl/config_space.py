@@ -8,11 +8,16 @@ Layout (byte offsets, the same on the PF and on VFs unless noted):
        only Bus Master Enable is writable in Command.
 0x040  PCI Express capability v2, endpoint (MPSS 512 B, extended and 10-bit tags completer)
 0x080  MSI-X capability: table at BAR0+0x2000, PBA at BAR0+0x3000 (per function)
+0x090  PCI Power Management capability (PF only): D0 and D3hot, No_Soft_Reset; in D3hot the
+       PF decodes no memory and masters nothing
 0x100  ARI extended capability (PF and VFs; Next Function Number 0)
 0x110  SR-IOV extended capability (PF only): TotalVFs/InitialVFs = ``total_vfs``,
        First VF Offset 1, VF Stride 1, VF BAR0 64-bit prefetchable of ``vf_bar0_size``, or of
        the System Page Size when that is larger (each VF's BAR is page aligned)
 ====== ================================================================================
+
+VFs are FLR capable: writing Initiate Function Level Reset in a VF's Device Control resets that
+VF's configuration state, its MSI-X vectors (masked, nothing pending) and its DMA queue.
 
 Rules kept in the RTL: read-only fields ignore writes, writes honour byte enables, BAR sizing
 reads back the size mask, NumVFs only changes while VF Enable is clear and never above TotalVFs,
@@ -35,6 +40,7 @@ __all__ = ["CfgPortSignature", "ConfigSpace", "CapOffsets"]
 class CapOffsets:
     PCIE = 0x40
     MSIX = 0x80
+    PM = 0x90          # PF only
     ARI = 0x100
     SRIOV = 0x110
 
@@ -55,6 +61,8 @@ def CfgPortSignature():
 
 # read-only constant values
 DEVCAP = 0x2 | (1 << 5) | (7 << 6) | (7 << 9) | (1 << 15)     # MPSS 512 B, ext tag, RBER
+VF_DEVCAP = DEVCAP | (1 << 28)                                # VFs: Function Level Reset
+PMC = 0b011                                                   # PM spec 1.2; no D1/D2, no PME
 LINKCAP = 0x3 | (8 << 4)                                      # 8 GT/s x8
 LINKSTA = 0x3 | (8 << 4) | (1 << 12)                          # 8 GT/s x8, slot clock
 DEVCAP2 = 0xF | (1 << 4) | (1 << 16)                          # CTO ranges, CTO disable, 10-bit tag cpl
@@ -88,6 +96,8 @@ class ConfigSpace(wiring.Component):
             "msix_en":     Out(nf),
             "msix_fmask":  Out(nf),
             "vf_reset":    Out(1),     # strobe: VF Enable was cleared, every VF resets
+            "flr":         Out(1),     # strobe: function level reset of VF ``flr_fidx``
+            "flr_fidx":    Out(8),
         })
 
     def elaborate(self, platform):
@@ -107,6 +117,7 @@ class ConfigSpace(wiring.Component):
         linkctl = Signal(16)
         devctl2 = Signal(16)
         linkctl2 = Signal(16, init=0x3)
+        pstate = Signal(2)          # PF power state: 0 = D0, 3 = D3hot
         msix_en_pf = Signal()
         msix_fm_pf = Signal()
         vf_en = Signal()
@@ -146,6 +157,7 @@ class ConfigSpace(wiring.Component):
 
         PCIE = dw(CapOffsets.PCIE)
         MSIX = dw(CapOffsets.MSIX)
+        PM = dw(CapOffsets.PM)
         ARI = dw(CapOffsets.ARI)
         SRIOV = dw(CapOffsets.SRIOV)
 
@@ -210,12 +222,16 @@ class ConfigSpace(wiring.Component):
             with m.Case(PCIE + 12):
                 m.d.comb += pf_rd.eq(Cat(linkctl2, C(0, 16)))
             with m.Case(MSIX + 0):
-                m.d.comb += pf_rd.eq(Cat(C(0x11, 8), C(0, 8), msix_ctl_ro, C(0, 3),
+                m.d.comb += pf_rd.eq(Cat(C(0x11, 8), C(CapOffsets.PM, 8), msix_ctl_ro, C(0, 3),
                                          msix_fm_pf, msix_en_pf))
             with m.Case(MSIX + 1):
                 m.d.comb += pf_rd.eq(Bar0Map.MSIX_TABLE | 0)
             with m.Case(MSIX + 2):
                 m.d.comb += pf_rd.eq(Bar0Map.MSIX_PBA | 0)
+            with m.Case(PM + 0):
+                m.d.comb += pf_rd.eq(0x01 | (PMC << 16))
+            with m.Case(PM + 1):
+                m.d.comb += pf_rd.eq(Cat(pstate, C(0, 1), C(1, 1)))   # No_Soft_Reset
             with m.Case(ARI + 0):
                 m.d.comb += pf_rd.eq(0x000E | (1 << 16) | (CapOffsets.SRIOV << 20))
             with m.Case(SRIOV + 0):
@@ -260,7 +276,7 @@ class ConfigSpace(wiring.Component):
             with m.Case(PCIE + 0):
                 m.d.comb += vf_rd.eq(0x10 | (CapOffsets.MSIX << 8) | (0x0002 << 16))
             with m.Case(PCIE + 1):
-                m.d.comb += vf_rd.eq(DEVCAP)
+                m.d.comb += vf_rd.eq(VF_DEVCAP)
             with m.Case(PCIE + 3):
                 m.d.comb += vf_rd.eq(LINKCAP)
             with m.Case(PCIE + 4):
@@ -309,6 +325,9 @@ class ConfigSpace(wiring.Component):
                 with m.Case(MSIX + 0):
                     wr(msix_fm_pf, 30)
                     wr(msix_en_pf, 31)
+                with m.Case(PM + 1):
+                    with m.If(p.be[0] & ((p.wdata[:2] == 0) | (p.wdata[:2] == 3))):
+                        m.d.sync += pstate.eq(p.wdata[:2])     # D1/D2 are not supported
                 with m.Case(SRIOV + 2):
                     wr(vf_en, 0)
                     wr(vf_mse, 3)
@@ -333,6 +352,13 @@ class ConfigSpace(wiring.Component):
         # ---- VF writes --------------------------------------------------------------------
         with m.If(p.we & is_vf):
             with m.Switch(p.reg):
+                with m.Case(PCIE + 2):
+                    with m.If(p.be[1] & p.wdata[15]):
+                        # Initiate Function Level Reset: this VF back to its reset state
+                        m.d.sync += [vf_bme.bit_select(vfi, 1).eq(0),
+                                     vf_msix_en.bit_select(vfi, 1).eq(0),
+                                     vf_msix_fm.bit_select(vfi, 1).eq(0)]
+                        m.d.comb += [self.flr.eq(1), self.flr_fidx.eq(p.fidx)]
                 with m.Case(0x01):
                     with m.If(p.be[0]):
                         m.d.sync += vf_bme.bit_select(vfi, 1).eq(p.wdata[2])
@@ -355,7 +381,7 @@ class ConfigSpace(wiring.Component):
         for i in range(nvf):
             m.d.comb += vf_alive[i].eq(vf_en & (num_vfs > i))
         m.d.comb += [
-            self.pf_mse.eq(command[1]),
+            self.pf_mse.eq(command[1] & (pstate == 0)),
             self.pf_bar0.eq(bar0),
             self.pf_bar2.eq(bar2),
             self.mps.eq(devctl[5:8]),
@@ -365,7 +391,7 @@ class ConfigSpace(wiring.Component):
             self.num_vfs.eq(num_vfs),
             self.vf_bar0.eq(vf_bar0_eff),
             self.vf_shift.eq(vf_shift),
-            self.bme.eq(Cat(command[2], vf_bme & vf_alive)),
+            self.bme.eq(Cat(command[2] & (pstate == 0), vf_bme & vf_alive)),
             self.msix_en.eq(Cat(msix_en_pf, vf_msix_en & vf_alive)),
             self.msix_fmask.eq(Cat(msix_fm_pf, vf_msix_fm)),
         ]

@@ -58,6 +58,8 @@ class DmaQueues(wiring.Component):
             "bus_num": In(8),
             "bme":     In(cfg.num_functions),
             "unexp":   Out(1),
+            "flr":     In(1),          # function level reset of ``flr_fidx``: its queue stops
+            "flr_fidx": In(8),
         })
 
     def elaborate(self, platform):
@@ -95,6 +97,10 @@ class DmaQueues(wiring.Component):
                         m.d.sync += [prod[f].eq(0), cons[f].eq(0), err.bit_select(f, 1).eq(0)]
                 with m.Case(DmaRegs.PROD // 4 - base):
                     m.d.sync += prod[f].eq(b.wdata[:16])
+        with m.If(self.flr):
+            g = self.flr_fidx
+            m.d.sync += [en.bit_select(g, 1).eq(0), err.bit_select(g, 1).eq(0),
+                         prod[g].eq(0), cons[g].eq(0)]
         rdata = Signal(32)
         busy = Signal()
         cur = Signal(8)

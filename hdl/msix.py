@@ -39,6 +39,8 @@ class MsixController(wiring.Component):
             "msix_en":    In(nf),
             "msix_fmask": In(nf),
             "vf_reset":   In(1),     # VFs reset: their vectors masked, nothing pending
+            "flr":        In(1),     # function level reset of function ``flr_fidx``
+            "flr_fidx":   In(8),
             "tx":         Out(tlp_stream(cfg.data_width)),
             "sent":       Out(1),      # one-cycle strobe per message sent
         })
@@ -106,6 +108,9 @@ class MsixController(wiring.Component):
         m.d.sync += pending.eq((pending & ~clr_pend) | set_pend)
         with m.If(self.vf_reset):
             m.d.sync += [pending[nvec:].eq(0), mask[nvec:].eq(-1)]
+        with m.Elif(self.flr):
+            m.d.sync += [pending.word_select(self.flr_fidx, nvec).eq(0),
+                         mask.word_select(self.flr_fidx, nvec).eq(-1)]
 
         # ---- scanner and message generator -------------------------------------------------
         ptr = Signal(range(nf))

@@ -5,7 +5,7 @@ from cocotb.triggers import ClockCycles
 
 from cocotbext.pcie.core.utils import PcieId
 
-from hdl.params import CardConfig, FuncRegs, MgmtRegs
+from hdl.params import CardConfig, FuncRegs, MgmtRegs, DmaRegs
 from host_driver.pci import CAP_PCIE, CAP_MSIX, ECAP_ARI, ECAP_SRIOV
 from host_driver.transport import CplError
 from cosim.harness import CardHarness
@@ -25,7 +25,7 @@ async def test_enumerate_pf(dut):
     h, pf = await _probe(dut)
     assert await pf.read32(0x00) == 0x1041_1AF4
     assert (await pf.read32(0x08)) >> 8 == 0x020000
-    assert pf.caps == {CAP_PCIE: 0x40, CAP_MSIX: 0x80}, pf.caps
+    assert pf.caps == {CAP_PCIE: 0x40, CAP_MSIX: 0x80, 0x01: 0x90}, pf.caps
     assert pf.ext_caps == {ECAP_ARI: 0x100, ECAP_SRIOV: 0x110}, pf.ext_caps
     b0, b2 = pf.bars[0], pf.bars[2]
     assert (b0.is64, b0.prefetchable, b0.size) == (True, True, 0x4000), b0
@@ -110,6 +110,49 @@ async def test_sriov_system_page_size(dut):
     await h.drv.disable_sriov()
     await pf.write32(s.cap + 0x20, 0x2 | 0x10)
     assert await pf.read32(s.cap + 0x20) == 0x10
+
+
+@cocotb.test()
+async def test_vf_flr_and_pf_d3hot(dut):
+    """FLR of one VF resets its config, MSI-X and DMA queue state, and no other VF's;
+    the PF in D3hot decodes no memory (UR) until it is back in D0."""
+    h, pf = await _probe(dut)
+    vfs = await h.drv.enable_sriov(4)
+    a, b = vfs[1], vfs[2]
+    for vf in (a, b):
+        vecs = await vf.setup_msix()
+        await vf.msix_mask(0, False)
+        await vf.msix_mask(1, True)
+        await vf.trigger_irq(1)                       # pending while masked
+        await vf.reg_write(DmaRegs.RING_LO, 0x1000)
+        await vf.reg_write(DmaRegs.CTRL, 1)
+        await vf.reg_write(DmaRegs.PROD, 5)
+    await ClockCycles(dut.clk, 100)
+    cap = a.caps[CAP_PCIE]
+    assert (await a.read32(cap + 4)) >> 28 & 1, "VF does not report FLR capability"
+    await a.write16(cap + 8, 1 << 15)                 # Initiate Function Level Reset
+    assert (await a.read16(0x04)) & 0x4 == 0          # Bus Master Enable cleared
+    assert (await a.read16(a.caps[CAP_MSIX] + 2)) & 0xC000 == 0
+    assert await a.msix_pba() == 0
+    assert await h.t.mmio_read(a.bar0 + 0x2000 + 12) & 1 == 1     # vector 0 masked again
+    assert await a.reg_read(DmaRegs.CTRL) & 1 == 0 and await a.reg_read(DmaRegs.PROD) == 0
+    # the neighbour kept everything
+    assert (await b.read16(0x04)) & 0x4
+    assert (await b.read16(b.caps[CAP_MSIX] + 2)) & 0x8000
+    assert await b.msix_pba() == 0b10
+    assert await h.t.mmio_read(b.bar0 + 0x2000 + 12) & 1 == 0
+    assert await b.reg_read(DmaRegs.PROD) == 5
+    # PF power management: D3hot stops memory decode, D0 restores it
+    pm = pf.caps[0x01]
+    assert (await pf.read16(pm + 4)) & 0x8 == 0x8                 # No_Soft_Reset
+    await pf.write16(pm + 4, 3)
+    try:
+        await pf.func_id()
+        raise AssertionError("memory read completed in D3hot")
+    except CplError as e:
+        assert e.status == "UR"
+    await pf.write16(pm + 4, 0)
+    assert await pf.func_id() == FuncRegs.ID_MAGIC << 16
 
 
 @cocotb.test()

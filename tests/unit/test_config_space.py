@@ -84,7 +84,7 @@ def test_capability_chain():
             chain.append((ptr, hdr & 0xFF))
             ptr = (hdr >> 8) & 0xFF
             assert len(chain) < 8, "capability list loops"
-        assert chain == [(0x40, 0x10), (0x80, 0x11)]
+        assert chain == [(0x40, 0x10), (0x80, 0x11), (0x90, 0x01)]   # PM on the PF only
         pcie = await port.rd(0, PCIE)
         assert (pcie >> 16) & 0xF == 2                  # capability version 2
         assert (pcie >> 20) & 0xF == 0                  # device/port type: PCIe endpoint
