@@ -1,9 +1,10 @@
 """DMA write channel: card memory -> host memory.
 
 A command becomes MemWr TLPs with the function's requester ID, each at most Max Payload Size
-and never crossing an MPS (hence a 4 KiB) boundary. Card memory words stream through a small
-FIFO (the block RAM has one cycle of read latency); each payload beat takes its DWs from the
-current word and, when the card address is not word aligned, from the next one.
+and never crossing an MPS (hence a 4 KiB) boundary, sent back to back. All card memory words of
+the command stream through a small FIFO (the block RAM has one cycle of read latency); a DW
+pointer runs through them, and each payload beat takes its DWs from the current word and, when
+the pointer is not word aligned, from the next one.
 """
 
 from amaranth import *
@@ -19,6 +20,7 @@ from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemReadPort, size_bytes, be
 __all__ = ["DmaWriteChannel"]
 
 FIFO_DEPTH = 8
+CARD_MEM_WORDS = 64 * 1024 // 4
 
 
 class DmaWriteChannel(wiring.Component):
@@ -61,16 +63,12 @@ class DmaWriteChannel(wiring.Component):
         t_ndw = Signal(11)
         t_fbe = Signal(4)
         t_lbe = Signal(4)
-        rot = Signal(max(LB, 1))
-        nwords = Signal(range(1024 // DPB + 3))
         nbeats = Signal(range(1024 // DPB + 2))
-        k = Signal(range(1024 // DPB + 2))       # beat index
-        used = Signal(range(1024 // DPB + 3))    # words taken from the FIFO
-        cur = Signal(W)
+        k = Signal(range(1024 // DPB + 2))       # beat index in the TLP
 
-        # ---- word reader --------------------------------------------------------------------
+        # ---- word reader: every word of the command, in order -------------------------------
         rd_addr = Signal(DWB - LB)
-        rd_left = Signal(range(1024 // DPB + 3))
+        rd_left = Signal(range(CARD_MEM_WORDS + 2))
         inflight = Signal()
         issue = (rd_left != 0) & (fifo.level + inflight < FIFO_DEPTH - 1)
         m.d.comb += [self.mem.addr.eq(rd_addr), self.mem.en.eq(issue),
@@ -79,9 +77,19 @@ class DmaWriteChannel(wiring.Component):
         with m.If(issue):
             m.d.sync += [rd_addr.eq(rd_addr + 1), rd_left.eq(rd_left - 1)]
 
-        # ---- beat builder ----------------------------------------------------------------
+        # ---- beat builder: a DW pointer (rot) into the current word -------------------------
+        # Consecutive TLPs take consecutive card DWs, so the pointer simply runs on; a beat
+        # takes DWs rot.. of ``cur`` and, past the word's end, from the next word (FIFO head).
+        cur = Signal(W)
+        cur_ok = Signal()
+        rot = Signal(max(LB, 1))
         nxt = fifo.r_data
-        need_nxt = used < nwords
+        n_here = Signal(range(DPB + 1))          # DWs this beat carries
+        m.d.comb += n_here.eq(Mux(k == nbeats - 1, t_ndw - k * DPB, DPB))
+        spill = Signal()                         # the beat reaches into the next word
+        m.d.comb += spill.eq(rot + n_here > DPB)
+        done_word = Signal()                     # the beat uses up the current word
+        m.d.comb += done_word.eq(rot + n_here >= DPB)
         lanes = [Signal(32, name=f"lane{i}") for i in range(DPB)]
         with m.Switch(rot):
             for r in range(DPB):
@@ -105,48 +113,54 @@ class DmaWriteChannel(wiring.Component):
             tx.p.func.eq(fidx),
         ]
         for i in range(DPB):
-            m.d.comb += tx.p.strb[i].eq(k * DPB + i < t_ndw)
+            m.d.comb += tx.p.strb[i].eq(i < n_here)
         m.d.comb += self.busy.eq(rem != 0)
+
+        def setup_tlp():
+            """Take the next chunk: its header fields, and advance host/card/rem past it."""
+            fbe, lbe = be_first_last(host[:2], (host[:2] + chunk)[:2], ndw)
+            m.d.sync += [
+                t_host.eq(host), t_ndw.eq(ndw), t_fbe.eq(fbe), t_lbe.eq(lbe),
+                nbeats.eq((ndw + DPB - 1) >> LB), k.eq(0),
+                host.eq(host + chunk), card.eq(card + chunk), rem.eq(rem - chunk),
+            ]
 
         with m.FSM():
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
-                    m.d.sync += [fidx.eq(self.cmd.p.fidx), host.eq(self.cmd.p.host),
-                                 card.eq(self.cmd.p.card), rem.eq(self.cmd.p.length)]
+                    p = self.cmd.p
+                    first_dw = p.card[2:]
+                    last_dw = (p.card + p.length - 1)[2:CARD_ADDR_BITS]
+                    m.d.sync += [fidx.eq(p.fidx), host.eq(p.host), card.eq(p.card),
+                                 rem.eq(p.length), cur_ok.eq(0),
+                                 rot.eq(first_dw[:LB] if LB else 0),
+                                 rd_addr.eq(first_dw[LB:]),
+                                 rd_left.eq(last_dw[LB:] - first_dw[LB:] + 1)]
                     m.next = "SETUP"
             with m.State("SETUP"):
-                c0 = card[2:]
-                r0 = c0[:LB] if LB else C(0, 1)
-                fbe, lbe = be_first_last(host[:2], (host[:2] + chunk)[:2], ndw)
-                m.d.sync += [
-                    t_host.eq(host), t_ndw.eq(ndw), t_fbe.eq(fbe), t_lbe.eq(lbe),
-                    rot.eq(r0),
-                    nwords.eq((r0 + ndw + DPB - 1) >> LB),
-                    nbeats.eq((ndw + DPB - 1) >> LB),
-                    k.eq(0), used.eq(0),
-                    rd_addr.eq(c0[LB:]), rd_left.eq((r0 + ndw + DPB - 1) >> LB),
-                    host.eq(host + chunk), card.eq(card + chunk), rem.eq(rem - chunk),
-                ]
-                m.next = "LOAD"
-            with m.State("LOAD"):
-                m.d.comb += fifo.r_en.eq(1)
-                with m.If(fifo.r_rdy):
-                    m.d.sync += [cur.eq(fifo.r_data), used.eq(1)]
-                    m.next = "BEAT"
+                setup_tlp()
+                m.next = "BEAT"
             with m.State("BEAT"):
-                ok = ~need_nxt | fifo.r_rdy
-                m.d.comb += tx.valid.eq(ok)
-                with m.If(ok & tx.ready):
-                    m.d.sync += k.eq(k + 1)
-                    with m.If(need_nxt):
-                        m.d.comb += fifo.r_en.eq(1)
-                        m.d.sync += [cur.eq(nxt), used.eq(used + 1)]
-                    with m.If(tx.p.eop):
-                        with m.If(rem == 0):
-                            m.next = "DONE"
-                        with m.Else():
-                            m.next = "SETUP"
+                # the current word must be loaded, and the next one too if the beat spills
+                with m.If(~cur_ok):
+                    m.d.comb += fifo.r_en.eq(1)
+                    with m.If(fifo.r_rdy):
+                        m.d.sync += [cur.eq(nxt), cur_ok.eq(1)]
+                with m.Else():
+                    ok = ~spill | fifo.r_rdy
+                    m.d.comb += tx.valid.eq(ok)
+                    with m.If(ok & tx.ready):
+                        m.d.sync += [k.eq(k + 1), rot.eq(rot + n_here)]
+                        with m.If(done_word):
+                            # move to the next word if it is there (else load it later)
+                            m.d.comb += fifo.r_en.eq(1)
+                            m.d.sync += [cur.eq(nxt), cur_ok.eq(fifo.r_rdy)]
+                        with m.If(tx.p.eop):
+                            with m.If(rem == 0):
+                                m.next = "DONE"
+                            with m.Else():
+                                setup_tlp()     # back to back: the next TLP starts next cycle
             with m.State("DONE"):
                 m.d.comb += [self.done.valid.eq(1), self.done.p.status.eq(DmaStatus.OK)]
                 with m.If(self.done.ready):
