@@ -65,12 +65,16 @@ bench:
 demo:
 	$(call run_module,cosim.demo,,8)
 
+# ECP5 synthesis + place and route of every configuration (YoWASP Yosys + nextpnr-ecp5):
+# synth_out/synth.json and synth.md. SYNTH_ARGS="--quick" or "--config vf16_w128".
+SYNTH_ARGS ?=
 synth:
-	$(call run_module,hdl.synth,,8)
+	$(PY) -m hdl.synth $(SYNTH_ARGS)
 
+# Verilator --lint-only -Wall on the card's Verilog, waivers in cosim/lint.vlt.
 lint:
-	$(call run_module,cosim.lint,,8)
+	$(PY) -m cosim.lint
 
 clean:
-	rm -rf sim_build build results.xml bench.json .hypothesis
+	rm -rf sim_build build synth_out results.xml bench.json bench.md .hypothesis
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

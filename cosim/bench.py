@@ -83,7 +83,7 @@ def main(argv=None):
         md.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
     console.print(table)
     dcols = ["sim", "config", "direction", "bytes", "e2e_bytes_per_clk", "stream_bytes_per_clk",
-             "stream_fraction_of_limit"]
+             "stream_fraction_of_limit", "workload_cycles_per_s"]
     dtable = Table(title="offcard bench: DMA (MPS 256, MRRS 512)")
     for c in dcols:
         dtable.add_column(c)

@@ -1,0 +1,98 @@
+"""``make synth`` (quick flow: 4 VFs, 64-bit) and ``make lint`` end to end.
+
+The synthesis test runs YoWASP Yosys + nextpnr-ecp5 on the smallest configuration. The first
+YoWASP call on a machine compiles the WebAssembly and caches it in ``~/.cache/YoWASP`` (about a
+minute for Yosys); later runs reuse it.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cosim import lint
+from hdl import synth
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    proc = subprocess.run([sys.executable, "-m", "hdl.synth", "--quick", "-o", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_quick_synth_report(quick):
+    doc = json.loads((quick / "synth.json").read_text())
+    assert doc["target_mhz"] == 125 and doc["device"].startswith("LFE5UM5G-85F")
+    (r,) = doc["results"]
+    assert r["config"] == "vf4_w64" and r["total_vfs"] == 4 and r["data_width"] == 64
+    assert r["luts"] > 100
+    assert r["ffs"] > r["harness_ffs"]          # the card itself has flip-flops beyond the harness
+    assert r["brams"] >= 0 and r["dsps"] >= 0
+    assert 0 < r["fmax_mhz"] < 1000
+    assert r["met"] == (r["fmax_mhz"] >= 125)
+    if not r["met"]:
+        assert r["critical_from"] and r["critical_to"]
+    md = (quick / "synth.md").read_text()
+    assert "| vf4_w64 | 4 | 64 |" in md
+
+
+def test_synthesis_keeps_the_card(quick):
+    # the harness must not let Yosys strip the card: its submodules' cells survive flattening
+    netlist = json.loads((quick / "vf4_w64" / "out.json").read_text())
+    cells = netlist["modules"]["offcard"]["cells"]
+    for sub in ("card.completer.", "card.cfgspace.", "card.msix."):
+        assert any(name.startswith(sub) for name in cells), sub
+
+
+@pytest.mark.parametrize("argv", [["--config", "vf3_w64"], ["--quick", "--config", "vf4_w64"],
+                                  ["--bogus"]])
+def test_synth_bad_args(argv):
+    proc = subprocess.run([sys.executable, "-m", "hdl.synth", *argv], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_report_parser_finds_clk_and_path():
+    report = {
+        "utilization": {"TRELLIS_COMB": {"used": 500, "available": 83640},
+                        "TRELLIS_FF": {"used": 300, "available": 83640},
+                        "DP16KD": {"used": 2, "available": 208}},
+        "fmax": {"$glbnet$clk$TRELLIS_IO_IN": {"achieved": 90.5, "constraint": 125}},
+        "critical_paths": [
+            {"from": "<async>", "to": "posedge $glbnet$clk$TRELLIS_IO_IN",
+             "path": [{"delay": 1, "from": {"cell": "rst$tr_io"}, "to": {"cell": "x"}}]},
+            {"from": "posedge $glbnet$clk$TRELLIS_IO_IN", "to": "posedge $glbnet$clk$TRELLIS_IO_IN",
+             "path": [{"delay": 0.3, "from": {"cell": "card.a.q"}, "to": {"cell": "card.a.q"}},
+                      {"delay": 5.0, "from": {"cell": "card.a.q"}, "to": {"cell": "card.b.d"}}]},
+        ],
+    }
+    r = synth.parse_report(report)
+    assert (r["luts"], r["ffs"], r["brams"], r["dsps"]) == (500, 300, 2, 0)
+    assert r["fmax_mhz"] == 90.5
+    assert (r["critical_from"], r["critical_to"]) == ("card.a.q", "card.b.d")
+    assert r["critical_via"] == ["card.a", "card.b"]
+
+
+def test_lint_passes():
+    assert lint.main([]) == 0
+
+
+def test_every_waiver_has_a_reason():
+    waivers = lint.read_waivers()
+    assert waivers and len({w.rule for w in waivers}) == len(waivers)
+    assert all(len(w.reason) > 20 for w in waivers)
+
+
+def test_lint_fails_on_unwaived_warnings(tmp_path):
+    vlt = tmp_path / "only_declfilename.vlt"
+    vlt.write_text("`verilator_config\n// DECLFILENAME: one file per configuration, module offcard\n"
+                   'lint_off -rule DECLFILENAME -file "*offcard_*.v"\n')
+    res = lint.lint(vlt=vlt)
+    assert not res.ok and res.returncode != 0
+    assert any(line.startswith("%Warning-WIDTHEXPAND") for line in res.unexplained)
+    assert res.waived["DECLFILENAME"] == 1
