@@ -64,6 +64,28 @@ async def collect_tlp(ctx, tx, dpb):
             return hdr, dws
 
 
+async def send_cmd(ctx, cmd, **fields):
+    """Hand one command to a channel's ``cmd`` stream."""
+    for name, value in fields.items():
+        ctx.set(getattr(cmd.p, name), value)
+    ctx.set(cmd.valid, 1)
+    while not ctx.get(cmd.ready):
+        await ctx.tick()
+    await ctx.tick()
+    ctx.set(cmd.valid, 0)
+
+
+async def take_done(ctx, done):
+    """Wait for and take one ``done`` record; returns its status."""
+    ctx.set(done.ready, 1)
+    while not ctx.get(done.valid):
+        await ctx.tick()
+    status = ctx.get(done.p.status)
+    await ctx.tick()
+    ctx.set(done.ready, 0)
+    return status
+
+
 def run(w, tb):
     b = Bench(w)
     sim = Simulator(b)
@@ -95,15 +117,7 @@ def test_write_channel_any_alignment(w, mps):
         for hoff, length in cases:
             host = 0x1_0000_0000 + hoff
             card = (rnd.randrange(0, len(image) - length - 8) & ~3) | (hoff & 3)
-            ctx.set(b.wr.cmd.p.host, host)
-            ctx.set(b.wr.cmd.p.card, card)
-            ctx.set(b.wr.cmd.p.length, length)
-            ctx.set(b.wr.cmd.p.fidx, 3)
-            ctx.set(b.wr.cmd.valid, 1)
-            while not ctx.get(b.wr.cmd.ready):
-                await ctx.tick()
-            await ctx.tick()
-            ctx.set(b.wr.cmd.valid, 0)
+            await send_cmd(ctx, b.wr.cmd, host=host, card=card, length=length, fidx=3)
             got = {}
             while sum(1 for _ in got) < length:
                 hdr, dws = await collect_tlp(ctx, b.wr.tx, dpb)
@@ -122,11 +136,7 @@ def test_write_channel_any_alignment(w, mps):
             assert sorted(got) == list(range(host, host + length)), (hoff, length)
             want = image[card:card + length]
             assert bytes(got[host + i] for i in range(length)) == want, (hoff, length, card)
-            ctx.set(b.wr.done.ready, 1)
-            while not ctx.get(b.wr.done.valid):
-                await ctx.tick()
-            await ctx.tick()
-            ctx.set(b.wr.done.ready, 0)
+            assert await take_done(ctx, b.wr.done) == 0
 
     run(w, tb)
 
@@ -165,13 +175,7 @@ def test_read_channel_split_out_of_order(w, mrrs, rcb_split):
         ctx.set(b.wr.mps, 1)
         for hoff, length in cases:
             card = (rnd.randrange(0, CARD_MEM_BYTES - length - 8) & ~3) | (hoff & 3)
-            for f, v in (("host", HBASE + hoff), ("card", card), ("length", length), ("fidx", 2)):
-                ctx.set(getattr(b.rd.cmd.p, f), v)
-            ctx.set(b.rd.cmd.valid, 1)
-            while not ctx.get(b.rd.cmd.ready):
-                await ctx.tick()
-            await ctx.tick()
-            ctx.set(b.rd.cmd.valid, 0)
+            await send_cmd(ctx, b.rd.cmd, host=HBASE + hoff, card=card, length=length, fidx=2)
             pending = {}          # tag -> list of completions (beats), in order
             done = False
             guard = 0
@@ -235,13 +239,7 @@ def test_read_channel_split_out_of_order(w, mrrs, rcb_split):
             await ctx.tick()
             ctx.set(b.rd.done.ready, 0)
             # read back through the write channel
-            for f, v in (("host", 0x1_0000_0000 + hoff), ("card", card), ("length", length), ("fidx", 2)):
-                ctx.set(getattr(b.wr.cmd.p, f), v)
-            ctx.set(b.wr.cmd.valid, 1)
-            while not ctx.get(b.wr.cmd.ready):
-                await ctx.tick()
-            await ctx.tick()
-            ctx.set(b.wr.cmd.valid, 0)
+            await send_cmd(ctx, b.wr.cmd, host=0x1_0000_0000 + hoff, card=card, length=length, fidx=2)
             got = {}
             while len(got) < length:
                 hdr, dws = await collect_tlp(ctx, b.wr.tx, dpb)
@@ -255,10 +253,6 @@ def test_read_channel_split_out_of_order(w, mrrs, rcb_split):
             have = bytes(got[hoff + i] for i in range(length))
             bad = [i for i in range(length) if have[i] != want[i]]
             assert not bad, f"hoff {hoff} len {length} card {card:#x}: {len(bad)} bad from {bad[0]}"
-            ctx.set(b.wr.done.ready, 1)
-            while not ctx.get(b.wr.done.valid):
-                await ctx.tick()
-            await ctx.tick()
-            ctx.set(b.wr.done.ready, 0)
+            assert await take_done(ctx, b.wr.done) == 0
 
     run(w, tb)
