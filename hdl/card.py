@@ -115,6 +115,9 @@ class Card(wiring.Component):
             m.d.comb += getattr(mg.events, name).eq(getattr(cp.events, name))
         m.d.comb += mg.events.rx_tlp.eq(self.rx.valid & self.rx.ready & self.rx.p.sop)
         m.d.comb += mg.events.unexp_cpl.eq(cp.events.unexp_cpl | drd.unexp | dq.unexp)
+        for name in ("ca", "unsupported", "malformed", "poisoned"):
+            m.d.comb += getattr(cs.err_events, name).eq(getattr(cp.events, name))
+        m.d.comb += cs.err_events.unexp_cpl.eq(mg.events.unexp_cpl)
         m.d.comb += mg.events.tx_tlp.eq(self.tx.valid & self.tx.ready & self.tx.p.sop)
 
         wiring.connect(m, cp.tx, arb.i0)

@@ -19,6 +19,10 @@ Layout (byte offsets, the same on the PF and on VFs unless noted):
 VFs are FLR capable: writing Initiate Function Level Reset in a VF's Device Control resets that
 VF's configuration state, its MSI-X vectors (masked, nothing pending) and its DMA queue.
 
+Errors set the PF's RW1C status bits (Status: Signaled Target Abort, Detected Parity Error;
+Device Status: Correctable, Non-Fatal, Fatal, Unsupported Request Detected); no error messages
+are sent (the PF BAR2 counters count every event).
+
 Rules kept in the RTL: read-only fields ignore writes, writes honour byte enables, BAR sizing
 reads back the size mask, NumVFs only changes while VF Enable is clear and never above TotalVFs,
 and clearing VF Enable returns every VF's config state to reset values.
@@ -61,7 +65,9 @@ def CfgPortSignature():
 
 # read-only constant values
 DEVCAP = 0x2 | (1 << 5) | (7 << 6) | (7 << 9) | (1 << 15)     # MPSS 512 B, ext tag, RBER
-VF_DEVCAP = DEVCAP | (1 << 28)                                # VFs: Function Level Reset
+VF_DEVCAP = DEVCAP | (1 << 28)
+# error events the completer reports, and the PF status bits (RW1C) they set
+ERROR_EVENTS = ("ca", "unsupported", "malformed", "poisoned", "unexp_cpl")                                # VFs: Function Level Reset
 PMC = 0b011                                                   # PM spec 1.2; no D1/D2, no PME
 LINKCAP = 0x3 | (8 << 4)                                      # 8 GT/s x8
 LINKSTA = 0x3 | (8 << 4) | (1 << 12)                          # 8 GT/s x8, slot clock
@@ -96,6 +102,7 @@ class ConfigSpace(wiring.Component):
             "msix_en":     Out(nf),
             "msix_fmask":  Out(nf),
             "vf_reset":    Out(1),     # strobe: VF Enable was cleared, every VF resets
+            "err_events":  In(wiring.Signature({n: Out(1) for n in ERROR_EVENTS})),
             "flr":         Out(1),     # strobe: function level reset of VF ``flr_fidx``
             "flr_fidx":    Out(8),
         })
@@ -118,6 +125,12 @@ class ConfigSpace(wiring.Component):
         devctl2 = Signal(16)
         linkctl2 = Signal(16, init=0x3)
         pstate = Signal(2)          # PF power state: 0 = D0, 3 = D3hot
+        sta_sig_ta = Signal()       # Status: Signaled Target Abort (we sent CA)
+        sta_par = Signal()          # Status: Detected Parity Error (poisoned TLP received)
+        ds_cor = Signal()           # Device Status: Correctable Error Detected
+        ds_nonfatal = Signal()      # Device Status: Non-Fatal Error Detected
+        ds_fatal = Signal()         # Device Status: Fatal Error Detected
+        ds_ur = Signal()            # Device Status: Unsupported Request Detected
         msix_en_pf = Signal()
         msix_fm_pf = Signal()
         vf_en = Signal()
@@ -186,7 +199,8 @@ class ConfigSpace(wiring.Component):
             with m.Case(0x00):
                 m.d.comb += pf_rd.eq(cfg.vendor_id | (cfg.device_id << 16))
             with m.Case(0x01):
-                m.d.comb += pf_rd.eq(Cat(command, C(STATUS, 16)))
+                m.d.comb += pf_rd.eq(Cat(command, C(STATUS, 16)) | (sta_sig_ta << 27)
+                                     | (sta_par << 31))
             with m.Case(0x02):
                 m.d.comb += pf_rd.eq((cfg.class_code << 8) | cfg.revision_id)
             with m.Case(0x03):
@@ -208,7 +222,7 @@ class ConfigSpace(wiring.Component):
             with m.Case(PCIE + 1):
                 m.d.comb += pf_rd.eq(DEVCAP)
             with m.Case(PCIE + 2):
-                m.d.comb += pf_rd.eq(Cat(devctl, C(0, 16)))
+                m.d.comb += pf_rd.eq(Cat(devctl, ds_cor, ds_nonfatal, ds_fatal, ds_ur, C(0, 12)))
             with m.Case(PCIE + 3):
                 m.d.comb += pf_rd.eq(LINKCAP)
             with m.Case(PCIE + 4):
@@ -304,6 +318,10 @@ class ConfigSpace(wiring.Component):
             with m.Switch(p.reg):
                 with m.Case(0x01):
                     wr(command, 0, 0x0546)       # MSE, BME, parity, SERR, INTx disable
+                    with m.If(p.be[3] & p.wdata[27]):
+                        m.d.sync += sta_sig_ta.eq(0)
+                    with m.If(p.be[3] & p.wdata[31]):
+                        m.d.sync += sta_par.eq(0)
                 with m.Case(0x03):
                     wr(cache_line, 0)
                 with m.Case(0x04):
@@ -316,6 +334,10 @@ class ConfigSpace(wiring.Component):
                     wr(int_line, 0)
                 with m.Case(PCIE + 2):
                     wr(devctl, 0, DEVCTL_MASK)
+                    with m.If(p.be[2]):
+                        for bit, sig in ((16, ds_cor), (17, ds_nonfatal), (18, ds_fatal), (19, ds_ur)):
+                            with m.If(p.wdata[bit]):
+                                m.d.sync += sig.eq(0)
                 with m.Case(PCIE + 4):
                     wr(linkctl, 0, 0x00C3)
                 with m.Case(PCIE + 10):
@@ -368,6 +390,14 @@ class ConfigSpace(wiring.Component):
                             vf_msix_fm.bit_select(vfi, 1).eq(p.wdata[30]),
                             vf_msix_en.bit_select(vfi, 1).eq(p.wdata[31]),
                         ]
+
+        # error events set the PF's status bits (device-level reporting; counters in BAR2)
+        ev = self.err_events
+        for cond, sig in ((ev.ca, sta_sig_ta), (ev.poisoned, sta_par), (ev.unexp_cpl, ds_cor),
+                          (ev.poisoned, ds_nonfatal), (ev.malformed, ds_fatal),
+                          (ev.unsupported, ds_ur)):
+            with m.If(cond):
+                m.d.sync += sig.eq(1)
 
         # clearing VF Enable resets every VF (their config state goes back to reset values)
         vf_en_q = Signal()

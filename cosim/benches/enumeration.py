@@ -253,6 +253,19 @@ async def test_bad_requests(dut):
         raise AssertionError("read of an unmapped address completed")
     except CplError as e:
         assert e.status == "UR"
+    # a read longer than the completer serves gets Completer Abort
+    try:
+        await h.t.mmio_read(pf.bar0, 128)
+        raise AssertionError("oversized MMIO read completed")
+    except CplError as e:
+        assert e.status == "CA"
+    # the PF's RW1C status bits saw it all: UR Detected, Signaled Target Abort
+    devsta = pf.caps[CAP_PCIE] + 0x0A
+    assert await pf.read16(devsta) & 0x8, hex(await pf.read16(devsta))
+    assert await pf.read16(0x06) & (1 << 11)
+    await pf.write16(devsta, 0x8)                  # write 1 to clear
+    await pf.write16(0x06, 1 << 11)
+    assert await pf.read16(devsta) & 0x8 == 0 and await pf.read16(0x06) & (1 << 11) == 0
     await h.settle()
     unsup1 = await h.drv.mgmt_read(MgmtRegs.ERR_UNSUPPORTED)
     assert unsup1 - unsup0 >= 5, (unsup0, unsup1)
