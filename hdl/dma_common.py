@@ -6,7 +6,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 __all__ = ["CARD_MEM_BYTES", "CARD_ADDR_BITS", "DmaCmd", "DmaDone", "DmaStatus",
-           "MemWritePort", "MemReadPort", "CardMemory", "size_bytes", "be_first_last"]
+           "MemWritePort", "MemReadPort", "CardMemory", "size_bytes", "be_first_last",
+           "next_chunk"]
 
 CARD_MEM_BYTES = 64 * 1024
 CARD_ADDR_BITS = 16
@@ -74,3 +75,20 @@ def be_first_last(addr_lo2, nbytes_end_lo2, ndw):
     last = Mux(nbytes_end_lo2 == 0, 0xF, Mux(nbytes_end_lo2 == 1, 0x1,
                                              Mux(nbytes_end_lo2 == 2, 0x3, 0x7)))
     return Mux(ndw == 1, first & last, first), Mux(ndw == 1, 0, last)
+
+
+def next_chunk(m, host, rem, size_code):
+    """The next TLP of a transfer at ``host`` with ``rem`` bytes left, limited to
+    ``128 << size_code`` bytes (MPS or MRRS) and ending on a boundary of that size (so never
+    crossing 4 KiB). Returns ``(chunk_bytes, ndw)`` as combinational signals."""
+    limit = Signal(13)
+    room = Signal(13)
+    chunk = Signal(13)
+    ndw = Signal(11)
+    m.d.comb += [
+        limit.eq(size_bytes(size_code)),
+        room.eq(limit - (host[:12] & (limit - 1))),
+        chunk.eq(Mux(rem < room, rem, room)),
+        ndw.eq((host[:2] + chunk + 3) >> 2),
+    ]
+    return chunk, ndw

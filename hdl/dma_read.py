@@ -26,7 +26,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .tlp import tlp_stream, make_hdr, Dw0, CplDw1, CplDw2, hdr_dw, TlpKind
-from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemWritePort, size_bytes, be_first_last,
+from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemWritePort, next_chunk, be_first_last,
                          CARD_ADDR_BITS)
 
 __all__ = ["DmaReadChannel", "TAG_BASE", "NT", "CPL_TIMEOUT"]
@@ -77,15 +77,7 @@ class DmaReadChannel(wiring.Component):
         host = Signal(64)
         card = Signal(CARD_ADDR_BITS)
         rem = Signal(18)
-        mrrs_b = Signal(13)
-        m.d.comb += mrrs_b.eq(size_bytes(self.mrrs))
-        off = host[:12] & (mrrs_b - 1)
-        room = Signal(13)
-        m.d.comb += room.eq(mrrs_b - off)
-        chunk = Signal(13)
-        m.d.comb += chunk.eq(Mux(rem < room, rem, room))
-        ndw = Signal(11)
-        m.d.comb += ndw.eq((host[:2] + chunk + 3) >> 2)
+        chunk, ndw = next_chunk(m, host, rem, self.mrrs)
         first_be, last_be = be_first_last(host[:2], (host[:2] + chunk)[:2], ndw)
         is64 = host[32:] != 0
         tag = Signal(8)

@@ -14,7 +14,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .tlp import tlp_stream, make_hdr, TlpKind
-from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemReadPort, size_bytes, be_first_last,
+from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemReadPort, next_chunk, be_first_last,
                          CARD_ADDR_BITS)
 
 __all__ = ["DmaWriteChannel"]
@@ -49,14 +49,7 @@ class DmaWriteChannel(wiring.Component):
         host = Signal(64)
         card = Signal(CARD_ADDR_BITS)
         rem = Signal(18)
-        mps_b = Signal(13)
-        m.d.comb += mps_b.eq(size_bytes(self.mps))
-        room = Signal(13)
-        m.d.comb += room.eq(mps_b - (host[:12] & (mps_b - 1)))
-        chunk = Signal(13)
-        m.d.comb += chunk.eq(Mux(rem < room, rem, room))
-        ndw = Signal(11)
-        m.d.comb += ndw.eq((host[:2] + chunk + 3) >> 2)
+        chunk, ndw = next_chunk(m, host, rem, self.mps)
 
         # per-TLP registers
         t_host = Signal(64)
