@@ -2,12 +2,19 @@
 
 ::
 
-    rx ──► Completer ──┬─► ConfigSpace (PF + VFs)         ┌───────────┐
-                       ├─► BarDecoder                     │ TlpArbiter├──► tx
-                       ├─► register bus ─┬─ FuncRegisters ─ irq ─► MsixController ─┤
-                       │                 ├─ MsixController (tables, PBA)           │
-                       │                 └─ MgmtRegisters (PF BAR2)                │
-                       └─► completions ─────────────────────────────────────────────┘
+    rx ─► RxRouter ─┬─ requests ─► Completer ─┬─► ConfigSpace (PF + VFs), BarDecoder
+                    │                         └─► register bus ─┬─ FuncRegisters ─ irq ─┐
+                    │                                           ├─ MsixController ◄─────┤
+                    │                                           ├─ MgmtRegisters (BAR2) │
+                    │                                           ├─ DmaQueues            │
+                    │                                           ├─ Translator (BAR2)    │
+                    │                                           └─ FaultUnit (BAR2)     │
+                    ├─ cpl tag 0 ─► DmaQueues ─┬─ cmds ─► DmaReadChannel / DmaWriteChannel
+                    ├─ cpl tag 1 ─► Translator ◄┤ (device TLB, page walks)    │  CardMemory
+                    ├─ cpl tag 2 ─► FaultUnit ◄─┘ (staging, FBQ/IOPF/CQ) ──────┘
+                    └─ other cpl ─► DmaReadChannel
+    tx ◄─ TlpArbiter ◄─ Completer, MsixController, read/write channels, DmaQueues,
+                        Translator, FaultUnit
 """
 
 from amaranth import *
@@ -28,6 +35,8 @@ from .dma_common import CardMemory
 from .dma_read import DmaReadChannel
 from .dma_write import DmaWriteChannel
 from .dma_queue import DmaQueues, DESC_TAG
+from .translate import Translator, WALK_TAG
+from .fault import FaultUnit, CQ_TAG
 
 __all__ = ["Card"]
 
@@ -51,19 +60,40 @@ class Card(wiring.Component):
         m.submodules.funcregs = fr = FuncRegisters(cfg)
         m.submodules.msix = mx = MsixController(cfg)
         m.submodules.mgmt = mg = MgmtRegisters(cfg)
-        m.submodules.txarb = arb = TlpArbiter(5, cfg.data_width)
-        m.submodules.rxroute = rr = RxRouter(cfg.data_width, DESC_TAG)
+        m.submodules.txarb = arb = TlpArbiter(7, cfg.data_width)
+        m.submodules.rxroute = rr = RxRouter(cfg.data_width, (DESC_TAG, WALK_TAG, CQ_TAG))
         m.submodules.cardmem = mem = CardMemory(cfg.data_width)
         m.submodules.dma_rd = drd = DmaReadChannel(cfg.data_width)
         m.submodules.dma_wr = dwr = DmaWriteChannel(cfg.data_width)
         m.submodules.dma_q = dq = DmaQueues(cfg)
+        m.submodules.xlate = xl = Translator(cfg)
+        m.submodules.fault = fu = FaultUnit(cfg)
 
         wiring.connect(m, wiring.flipped(self.rx), rr.i)
         wiring.connect(m, rr.req, cp.rx)
-        wiring.connect(m, rr.cpl_q, dq.cpl)
+        wiring.connect(m, rr.cpl0, dq.cpl)
+        wiring.connect(m, rr.cpl1, xl.cpl)
+        wiring.connect(m, rr.cpl2, fu.cpl)
         wiring.connect(m, rr.cpl_r, drd.cpl)
-        wiring.connect(m, drd.mem, mem.wr)
-        wiring.connect(m, dwr.mem, mem.rd)
+        # card memory: the DMA channels' ports, lent to the staging copier while it copies
+        # (the queue engine waits for the copy, so no channel is active then)
+        lend = fu.mem_busy
+        m.d.comb += [
+            mem.wr.addr.eq(Mux(lend, fu.mem_wr.addr, drd.mem.addr)),
+            mem.wr.data.eq(Mux(lend, fu.mem_wr.data, drd.mem.data)),
+            mem.wr.en.eq(Mux(lend, fu.mem_wr.en, drd.mem.en)),
+            mem.rd.addr.eq(Mux(lend, fu.mem_rd.addr, dwr.mem.addr)),
+            mem.rd.en.eq(Mux(lend, fu.mem_rd.en, dwr.mem.en)),
+            dwr.mem.data.eq(mem.rd.data),
+            fu.mem_rd.data.eq(mem.rd.data),
+        ]
+        wiring.connect(m, dq.xreq, xl.req)
+        wiring.connect(m, xl.resp, dq.xresp)
+        wiring.connect(m, dq.fault, fu.fault)
+        wiring.connect(m, fu.resume, dq.resume)
+        wiring.connect(m, dq.slot_free, fu.slot_free)
+        wiring.connect(m, dq.release, fu.release)
+        wiring.connect(m, fu.irq, mx.irq3)
         wiring.connect(m, dq.rd_cmd, drd.cmd)
         wiring.connect(m, drd.done, dq.rd_done)
         wiring.connect(m, dq.wr_cmd, dwr.cmd)
@@ -74,6 +104,8 @@ class Card(wiring.Component):
             dwr.mps.eq(cs.mps), dwr.bus_num.eq(cs.bus_num),
             dq.bus_num.eq(cs.bus_num), dq.bme.eq(cs.bme),
             dq.flr.eq(cs.flr), dq.flr_fidx.eq(cs.flr_fidx),
+            xl.bus_num.eq(cs.bus_num), xl.flr.eq(cs.flr), xl.flr_fidx.eq(cs.flr_fidx),
+            fu.bus_num.eq(cs.bus_num),
         ]
         wiring.connect(m, cp.cfg, cs.port)
         wiring.connect(m, cp.bar, bd.lookup)
@@ -99,7 +131,7 @@ class Card(wiring.Component):
         ]
 
         # register bus: broadcast the request, OR the read data
-        targets = [fr.bus, mx.bus, mg.bus, dq.bus]
+        targets = [fr.bus, mx.bus, mg.bus, dq.bus, xl.bus, fu.bus]
         for t in targets:
             m.d.comb += [t.fidx.eq(cp.regs.fidx), t.bar.eq(cp.regs.bar), t.addr.eq(cp.regs.addr),
                          t.wdata.eq(cp.regs.wdata), t.be.eq(cp.regs.be), t.we.eq(cp.regs.we),
@@ -114,7 +146,8 @@ class Card(wiring.Component):
         for name in ("malformed", "unsupported", "ca", "poisoned"):
             m.d.comb += getattr(mg.events, name).eq(getattr(cp.events, name))
         m.d.comb += mg.events.rx_tlp.eq(self.rx.valid & self.rx.ready & self.rx.p.sop)
-        m.d.comb += mg.events.unexp_cpl.eq(cp.events.unexp_cpl | drd.unexp | dq.unexp)
+        m.d.comb += mg.events.unexp_cpl.eq(cp.events.unexp_cpl | drd.unexp | dq.unexp
+                                          | xl.unexp | fu.unexp)
         for name in ("ca", "unsupported", "malformed", "poisoned"):
             m.d.comb += getattr(cs.err_events, name).eq(getattr(cp.events, name))
         m.d.comb += cs.err_events.unexp_cpl.eq(mg.events.unexp_cpl)
@@ -125,5 +158,7 @@ class Card(wiring.Component):
         wiring.connect(m, drd.tx, arb.i2)
         wiring.connect(m, dwr.tx, arb.i3)
         wiring.connect(m, dq.tx, arb.i4)
+        wiring.connect(m, xl.tx, arb.i5)
+        wiring.connect(m, fu.tx, arb.i6)
         wiring.connect(m, arb.o, wiring.flipped(self.tx))
         return m

@@ -5,12 +5,15 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["CARD_MEM_BYTES", "CARD_ADDR_BITS", "DmaCmd", "DmaDone", "DmaStatus",
+from .params import Staging
+
+__all__ = ["CARD_MEM_BYTES", "CARD_MEM_TOTAL", "CARD_ADDR_BITS", "DmaCmd", "DmaDone", "DmaStatus",
            "MemWritePort", "MemReadPort", "CardMemory", "size_bytes", "be_first_last",
            "next_chunk"]
 
-CARD_MEM_BYTES = 64 * 1024
-CARD_ADDR_BITS = 16
+CARD_MEM_BYTES = 64 * 1024            # what descriptors may name
+CARD_MEM_TOTAL = Staging.TOP           # plus the page-fault staging buffers above it
+CARD_ADDR_BITS = 17
 
 DmaCmd = data.StructLayout({
     "fidx":   8,       # function the transfer is done for (its requester ID is used)
@@ -30,7 +33,7 @@ DmaDone = data.StructLayout({"status": 2})
 
 def MemWritePort(data_width):
     return wiring.Signature({
-        "addr": Out(range(CARD_MEM_BYTES * 8 // data_width)),
+        "addr": Out(range(CARD_MEM_TOTAL * 8 // data_width)),
         "data": Out(data_width),
         "en":   Out(data_width // 8),     # byte enables; zero = no write
     })
@@ -38,15 +41,16 @@ def MemWritePort(data_width):
 
 def MemReadPort(data_width):
     return wiring.Signature({
-        "addr": Out(range(CARD_MEM_BYTES * 8 // data_width)),
+        "addr": Out(range(CARD_MEM_TOTAL * 8 // data_width)),
         "en":   Out(1),
         "data": In(data_width),           # one cycle after en
     })
 
 
 class CardMemory(wiring.Component):
-    """The card's 64 KiB data memory: one write port (host->card DMA), one read port
-    (card->host DMA). Block RAM, ``data_width`` bits per word."""
+    """The card's data memory: 64 KiB that descriptors address plus the staging buffers, one
+    write port (host->card DMA), one read port (card->host DMA). Block RAM, ``data_width``
+    bits per word."""
 
     def __init__(self, data_width):
         self.data_width = data_width
@@ -55,7 +59,7 @@ class CardMemory(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         W = self.data_width
-        m.submodules.mem = mem = Memory(shape=W, depth=CARD_MEM_BYTES * 8 // W, init=[])
+        m.submodules.mem = mem = Memory(shape=W, depth=CARD_MEM_TOTAL * 8 // W, init=[])
         wp = mem.write_port(granularity=8)
         rp = mem.read_port()
         m.d.comb += [wp.addr.eq(self.wr.addr), wp.data.eq(self.wr.data), wp.en.eq(self.wr.en),

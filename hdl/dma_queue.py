@@ -9,9 +9,20 @@ only), status. A descriptor is 32 bytes, little-endian:
 0x08   u32   card memory address (its low two bits equal the host address's)
 0x0C   u32   length in bytes, 1..65536
 0x10   u32   flags: bit 0 direction (0 host->card, 1 card->host), bit 1 interrupt when done
-0x14   u32   status, written by the card: 1 done, 0x8000_0001 bad descriptor,
-             0x8000_0002 completion error (UR/CA from the host)
+0x14   u32   status, written by the card (:class:`hdl.params.DescStatus`): 1 done,
+             0x8000_0001 bad descriptor, 0x8000_0002 completion error (UR/CA from the host),
+             0x8000_0003 page fault refused, 0x8000_0004 blocked (outside the domain)
 ====== ===== ================================================================================
+
+The host address is an I/O virtual address of the function's domain when the PF driver gave
+the function one (:mod:`hdl.translate`); the engine then cuts the transfer at 4 KiB pages and
+translates each piece. A piece outside the domain ends the descriptor as blocked, before
+anything moves. A piece whose page is not present goes to the fault unit (:mod:`hdl.fault`):
+a write's payload is staged, the fault is queued to the host, and the function is parked while
+the engine serves the others. When the host resolves it the engine fetches the descriptor again
+and goes on at the piece that faulted: a staged write is replayed from the staging buffer, a
+read is simply retried. When the fault unit has no room, the function waits (parked) for room:
+nothing is dropped.
 
 The engine visits the functions round robin, fetches one descriptor (MemRd with tag 0 and the
 function's requester ID; only with Bus Master Enable), runs it on the read or write channel,
@@ -24,22 +35,20 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, DmaRegs
+from .params import CardConfig, DmaRegs, DescStatus, Staging, PAGE_SHIFT
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature
-from .tlp import tlp_stream, make_hdr, TlpKind, Dw0, CplDw1, hdr_dw
-from .dma_common import DmaCmd, DmaDone, DmaStatus, CARD_MEM_BYTES
+from amaranth.utils import exact_log2
+
+from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
+from .dma_common import DmaCmd, DmaDone, DmaStatus, CARD_MEM_BYTES, CARD_ADDR_BITS
 from .dma_read import CPL_TIMEOUT
+from .translate import XlateReq, XlateResp, XlateStatus
+from .fault import FaultReqSignature, ResumeSignature, SlotFreeSignature, ReleaseSignature
 
 __all__ = ["DmaQueues", "DESC_TAG", "DescStatus"]
 
 DESC_TAG = 0
-
-
-class DescStatus:
-    DONE = 0x0000_0001
-    BAD_DESC = 0x8000_0001
-    CPL_ERROR = 0x8000_0002
 
 
 class DmaQueues(wiring.Component):
@@ -60,6 +69,12 @@ class DmaQueues(wiring.Component):
             "unexp":   Out(1),
             "flr":     In(1),          # function level reset of ``flr_fidx``: its queue stops
             "flr_fidx": In(8),
+            "xreq":    Out(stream.Signature(XlateReq)),
+            "xresp":   In(stream.Signature(XlateResp)),
+            "fault":   Out(FaultReqSignature()),
+            "resume":  In(ResumeSignature()),
+            "slot_free": Out(SlotFreeSignature()),
+            "release": Out(ReleaseSignature()),
         })
 
     def elaborate(self, platform):
@@ -77,12 +92,22 @@ class DmaQueues(wiring.Component):
         vec = Array(Signal(5, name=f"vec{i}") for i in range(nf))
         en = Signal(nf)
         err = Signal(nf)
+        # fault state per function
+        parked = Signal(nf)          # a fault is open: wait for the host's resolution
+        wroom = Signal(nf)           # a fault found no room in the fault unit: wait for room
+        wroom_w = Signal(nf)         # ... for a write fault (needs a staging buffer)
+        replay = Signal(nf)          # resume by replaying the staged payload of ``slot``
+        refused = Signal(nf)         # the host refused the fault: finish with DescStatus.FAULT
+        slot = Array(Signal(range(Staging.SLOTS), name=f"slot{i}") for i in range(nf))
+        roff = Array(Signal(17, name=f"roff{i}") for i in range(nf))   # where to resume
 
         # ---- registers ----------------------------------------------------------------------
         base = DmaRegs.BASE // 4
         sel = (b.bar == 0) & (b.addr >= base) & (b.addr < base + 8)
         reg = b.addr - base
         f = b.fidx
+        reset_f = Signal()           # a function's queue is reset (disable or FLR)
+        reset_g = Signal(8)
         with m.If(b.we & sel & (b.be == 0xF)):
             with m.Switch(reg):
                 with m.Case(DmaRegs.RING_LO // 4 - base):
@@ -94,13 +119,13 @@ class DmaQueues(wiring.Component):
                 with m.Case(DmaRegs.CTRL // 4 - base):
                     m.d.sync += [en.bit_select(f, 1).eq(b.wdata[0]), vec[f].eq(b.wdata[8:13])]
                     with m.If(~b.wdata[0]):
-                        m.d.sync += [prod[f].eq(0), cons[f].eq(0), err.bit_select(f, 1).eq(0)]
+                        m.d.comb += [reset_f.eq(1), reset_g.eq(f)]
                 with m.Case(DmaRegs.PROD // 4 - base):
                     m.d.sync += prod[f].eq(b.wdata[:16])
         with m.If(self.flr):
-            g = self.flr_fidx
-            m.d.sync += [en.bit_select(g, 1).eq(0), err.bit_select(g, 1).eq(0),
-                         prod[g].eq(0), cons[g].eq(0)]
+            m.d.comb += [reset_f.eq(1), reset_g.eq(self.flr_fidx)]
+            m.d.sync += en.bit_select(self.flr_fidx, 1).eq(0)
+        m.d.comb += [self.release.stb.eq(reset_f), self.release.fidx.eq(reset_g)]
         rdata = Signal(32)
         busy = Signal()
         cur = Signal(8)
@@ -121,7 +146,8 @@ class DmaQueues(wiring.Component):
                     with m.Case(DmaRegs.CONS // 4 - base):
                         m.d.sync += rdata.eq(cons[f])
                     with m.Case(DmaRegs.STATUS // 4 - base):
-                        m.d.sync += rdata.eq(Cat(busy & (cur == f), err.bit_select(f, 1)))
+                        m.d.sync += rdata.eq(Cat(busy & (cur == f), err.bit_select(f, 1),
+                                                 parked.bit_select(f, 1) | wroom.bit_select(f, 1)))
         m.d.comb += b.rdata.eq(rdata)
 
         # ---- engine -------------------------------------------------------------------------
@@ -131,6 +157,11 @@ class DmaQueues(wiring.Component):
         dcount = Signal(range(9))
         status = Signal(32)
         is_write = Signal()
+        off = Signal(17)             # bytes of the descriptor done
+        seg = Signal(17)             # the piece being moved
+        phys = Signal(64)
+        vm = Signal(8)
+        iova = Signal(64)
 
         d_host = desc[0:64]
         d_card = desc[64:96]
@@ -138,28 +169,31 @@ class DmaQueues(wiring.Component):
         d_flags = desc[128:160]
         bad = ((d_len == 0) | (d_len > CARD_MEM_BYTES) | (d_card >= CARD_MEM_BYTES)
                | ((d_card + d_len) > CARD_MEM_BYTES) | (d_card[:2] != d_host[:2]))
+        m.d.comb += iova.eq(d_host + off)
+        card_at = Signal(CARD_ADDR_BITS)
+        m.d.comb += card_at.eq(d_card + off)
+        lb = exact_log2(W // 8)
+        stage_at = Signal(CARD_ADDR_BITS)
+        m.d.comb += stage_at.eq(Staging.BASE + slot[cur] * Staging.STRIDE + card_at[:lb])
 
         cmd_p = [self.rd_cmd.p, self.wr_cmd.p]
         for p in cmd_p:
-            m.d.comb += [p.fidx.eq(cur), p.host.eq(d_host), p.card.eq(d_card), p.length.eq(d_len)]
+            m.d.comb += [p.fidx.eq(cur), p.host.eq(phys), p.length.eq(seg),
+                         p.card.eq(Mux(replay.bit_select(cur, 1), stage_at, card_at))]
+        m.d.comb += [self.xreq.p.fidx.eq(cur), self.xreq.p.iova.eq(iova)]
+        fq = self.fault
+        m.d.comb += [fq.fidx.eq(cur), fq.vm.eq(vm), fq.iova.eq(iova), fq.write.eq(is_write),
+                     fq.card.eq(card_at), fq.length.eq(seg)]
+        m.d.comb += self.slot_free.slot.eq(slot[cur])
 
         # outgoing TLPs: descriptor fetch (MemRd 8 DW) and status write (MemWr 1 DW)
         send_status = Signal()
-        is64 = desc_addr[32:] != 0
         st_addr = Signal(64)
         m.d.comb += st_addr.eq(desc_addr + 0x14)
-        st64 = st_addr[32:] != 0
         rid = Cat(cur, self.bus_num)
-        rd_dw0 = Cat(C(8, 10), C(0, 14), Mux(is64, TlpKind.MRD64, TlpKind.MRD32))
-        rd_dw1 = Cat(C(0xF, 4), C(0xF, 4), C(DESC_TAG, 8), rid)
-        wr_dw0 = Cat(C(1, 10), C(0, 14), Mux(st64, TlpKind.MWR64, TlpKind.MWR32))
-        wr_dw1 = Cat(C(0xF, 4), C(0, 4), C(0, 8), rid)
-        a_lo = Cat(C(0, 2), desc_addr[2:32])
-        s_lo = Cat(C(0, 2), st_addr[2:32])
         m.d.comb += [
-            self.tx.p.hdr.eq(Mux(send_status,
-                                 make_hdr(wr_dw0, wr_dw1, Mux(st64, st_addr[32:], s_lo), Mux(st64, s_lo, 0)),
-                                 make_hdr(rd_dw0, rd_dw1, Mux(is64, desc_addr[32:], a_lo), Mux(is64, a_lo, 0)))),
+            self.tx.p.hdr.eq(Mux(send_status, mem_hdr(m, True, st_addr, 1, rid, last_be=0),
+                                 mem_hdr(m, False, desc_addr, 8, rid, tag=DESC_TAG))),
             self.tx.p.data.eq(status),
             self.tx.p.strb.eq(Mux(send_status, 1, 0)),
             self.tx.p.sop.eq(1), self.tx.p.eop.eq(1), self.tx.p.func.eq(cur),
@@ -171,11 +205,18 @@ class DmaQueues(wiring.Component):
         waiting = Signal()
         wait_cnt = Signal(range(CPL_TIMEOUT + 1))
 
+        def clear_fault_state(g):
+            return [parked.bit_select(g, 1).eq(0), wroom.bit_select(g, 1).eq(0),
+                    replay.bit_select(g, 1).eq(0), refused.bit_select(g, 1).eq(0),
+                    roff[g].eq(0)]
+
         with m.FSM() as fsm:
             m.d.comb += busy.eq(~fsm.ongoing("SCAN"))
             with m.State("SCAN"):
+                room_ok = Mux(wroom_w.bit_select(ptr, 1), fq.ok_w, fq.ok_r)
                 pending = en.bit_select(ptr, 1) & ~err.bit_select(ptr, 1) & \
-                    self.bme.bit_select(ptr, 1) & (prod[ptr] != cons[ptr])
+                    self.bme.bit_select(ptr, 1) & (prod[ptr] != cons[ptr]) & \
+                    ~parked.bit_select(ptr, 1) & (~wroom.bit_select(ptr, 1) | room_ok)
                 with m.If(pending):
                     mask = (C(1, 16) << rlog[ptr]) - 1
                     m.d.sync += [cur.eq(ptr),
@@ -214,12 +255,57 @@ class DmaQueues(wiring.Component):
                 with m.If(c.valid & (c.p.eop | c.p.sop)):
                     m.next = "NEXT"
             with m.State("DECODE"):
+                m.d.sync += [is_write.eq(d_flags[0]), off.eq(roff[cur]),
+                             wroom.bit_select(cur, 1).eq(0)]
                 with m.If((dcount != 8) | bad):
                     m.d.sync += status.eq(DescStatus.BAD_DESC)
                     m.next = "STATUS"
+                with m.Elif(refused.bit_select(cur, 1)):
+                    m.d.sync += [status.eq(DescStatus.FAULT), refused.bit_select(cur, 1).eq(0)]
+                    m.next = "STATUS"
                 with m.Else():
-                    m.d.sync += is_write.eq(d_flags[0])
-                    m.next = "RUN"
+                    m.next = "XLATE"
+            with m.State("XLATE"):
+                m.d.comb += self.xreq.valid.eq(1)
+                with m.If(self.xreq.ready):
+                    m.next = "XWAIT"
+            with m.State("XWAIT"):
+                r = self.xresp.p
+                rest = Signal(17)
+                room = Signal(PAGE_SHIFT + 1)
+                m.d.comb += [rest.eq(d_len[:17] - off), room.eq((1 << PAGE_SHIFT) - iova[:PAGE_SHIFT])]
+                m.d.comb += self.xresp.ready.eq(1)
+                with m.If(self.xresp.valid):
+                    m.d.sync += [phys.eq(r.phys), vm.eq(r.vm),
+                                 seg.eq(Mux(r.bypass | (rest < room), rest, room))]
+                    with m.Switch(r.status):
+                        with m.Case(XlateStatus.OK):
+                            m.next = "RUN"
+                        with m.Case(XlateStatus.NOT_PRESENT):
+                            m.next = "FAULT"
+                        with m.Case(XlateStatus.BLOCKED):
+                            m.d.sync += status.eq(DescStatus.BLOCKED)
+                            m.next = "STATUS"
+                        with m.Default():
+                            m.d.sync += status.eq(DescStatus.CPL_ERROR)
+                            m.next = "STATUS"
+            with m.State("FAULT"):
+                with m.If(replay.bit_select(cur, 1)):
+                    # the page went away again before the replay: stage afresh from card memory
+                    m.d.comb += self.slot_free.stb.eq(1)
+                    m.d.sync += replay.bit_select(cur, 1).eq(0)
+                with m.Elif(Mux(is_write, fq.ok_w, fq.ok_r)):
+                    m.d.comb += fq.stb.eq(1)
+                    m.next = "FWAIT"
+                with m.Else():
+                    m.d.sync += [wroom.bit_select(cur, 1).eq(1),
+                                 wroom_w.bit_select(cur, 1).eq(is_write), roff[cur].eq(off)]
+                    m.next = "NEXT"
+            with m.State("FWAIT"):
+                with m.If(fq.done):
+                    m.d.sync += [parked.bit_select(cur, 1).eq(1), roff[cur].eq(off),
+                                 replay.bit_select(cur, 1).eq(is_write), slot[cur].eq(fq.slot)]
+                    m.next = "NEXT"
             with m.State("RUN"):
                 m.d.comb += [self.rd_cmd.valid.eq(~is_write), self.wr_cmd.valid.eq(is_write)]
                 with m.If(Mux(is_write, self.wr_cmd.ready, self.rd_cmd.ready)):
@@ -229,13 +315,25 @@ class DmaQueues(wiring.Component):
                 done_v = Mux(is_write, self.wr_done.valid, self.rd_done.valid)
                 done_s = Mux(is_write, self.wr_done.p.status, self.rd_done.p.status)
                 with m.If(done_v):
-                    m.d.sync += status.eq(Mux(done_s == DmaStatus.OK, DescStatus.DONE,
-                                              DescStatus.CPL_ERROR))
-                    m.next = "STATUS"
+                    with m.If(replay.bit_select(cur, 1)):
+                        m.d.comb += self.slot_free.stb.eq(1)
+                        m.d.sync += replay.bit_select(cur, 1).eq(0)
+                    m.d.sync += off.eq(off + seg)
+                    with m.If(done_s != DmaStatus.OK):
+                        m.d.sync += status.eq(DescStatus.CPL_ERROR)
+                        m.next = "STATUS"
+                    with m.Elif(off + seg == d_len[:17]):
+                        m.d.sync += status.eq(DescStatus.DONE)
+                        m.next = "STATUS"
+                    with m.Else():
+                        m.next = "XLATE"
             with m.State("STATUS"):
                 m.d.comb += [send_status.eq(1), self.tx.valid.eq(1)]
                 with m.If(self.tx.ready):
-                    m.d.sync += cons[cur].eq(cons[cur] + 1)
+                    m.d.sync += [cons[cur].eq(cons[cur] + 1), roff[cur].eq(0)]
+                    with m.If(replay.bit_select(cur, 1)):    # blocked / failed during a replay
+                        m.d.comb += self.slot_free.stb.eq(1)
+                        m.d.sync += replay.bit_select(cur, 1).eq(0)
                     with m.If(d_flags[1]):
                         m.d.comb += [self.irq.valid.eq(1), self.irq.fidx.eq(cur),
                                      self.irq.vector.eq(vec[cur])]
@@ -243,6 +341,18 @@ class DmaQueues(wiring.Component):
             with m.State("NEXT"):
                 m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
                 m.next = "SCAN"
+
+        # the host resolved a fault
+        rs = self.resume
+        with m.If(rs.stb):
+            m.d.sync += parked.bit_select(rs.fidx, 1).eq(0)
+            with m.If(~rs.ok):
+                m.d.sync += [refused.bit_select(rs.fidx, 1).eq(1),
+                             replay.bit_select(rs.fidx, 1).eq(0)]
+        # a reset function forgets its queue and its faults (the fault unit frees its buffer)
+        with m.If(reset_f):
+            m.d.sync += [prod[reset_g].eq(0), cons[reset_g].eq(0), err.bit_select(reset_g, 1).eq(0)]
+            m.d.sync += clear_fault_state(reset_g)
 
         # a completion for tag 0 that arrives when no fetch is outstanding
         with m.If(~waiting & c.valid):

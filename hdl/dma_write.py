@@ -15,12 +15,12 @@ from amaranth.lib.wiring import In, Out
 
 from .tlp import tlp_stream, make_hdr, TlpKind
 from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemReadPort, next_chunk, be_first_last,
-                         CARD_ADDR_BITS)
+                         CARD_ADDR_BITS, CARD_MEM_TOTAL)
 
 __all__ = ["DmaWriteChannel"]
 
 FIFO_DEPTH = 8
-CARD_MEM_WORDS = 64 * 1024 // 4
+CARD_MEM_WORDS = CARD_MEM_TOTAL // 4
 
 
 class DmaWriteChannel(wiring.Component):

@@ -34,6 +34,7 @@ class MsixController(wiring.Component):
             "bus":        In(RegBusSignature()),
             "irq":        In(IrqRequestSignature()),
             "irq2":       In(IrqRequestSignature()),   # a second requester (the DMA engine)
+            "irq3":       In(IrqRequestSignature()),   # a third (the page-fault unit)
             "bus_num":    In(8),
             "bme":        In(nf),
             "msix_en":    In(nf),
@@ -98,7 +99,7 @@ class MsixController(wiring.Component):
         # ---- interrupt requests ------------------------------------------------------------
         set_pend = Signal(nent)
         clr_pend = Signal(nent)
-        for n, rq in enumerate((self.irq, self.irq2)):
+        for n, rq in enumerate((self.irq, self.irq2, self.irq3)):
             irq_idx = Signal(range(nent), name=f"irq_idx{n}")
             m.d.comb += irq_idx.eq(rq.fidx * nvec + rq.vector)
             irq_take = rq.valid & self.msix_en.bit_select(rq.fidx, 1) & (rq.vector < nvec)

@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field, asdict
 
-__all__ = ["CardConfig", "FuncRegs", "MgmtRegs", "Bar0Map", "DmaRegs"]
+__all__ = ["CardConfig", "FuncRegs", "MgmtRegs", "Bar0Map", "DmaRegs", "IommuRegs", "FaultRegs",
+           "Staging", "PTE_PRESENT", "PAGE_SHIFT", "DescStatus"]
 
 
 class Bar0Map:
@@ -37,6 +38,15 @@ class DmaRegs:
     DESC_SIZE = 32
 
 
+class DescStatus:
+    """The status word the card writes into a finished DMA descriptor (see hdl.dma_queue)."""
+    DONE = 0x0000_0001
+    BAD_DESC = 0x8000_0001      # length, card range or byte lanes invalid
+    CPL_ERROR = 0x8000_0002     # the host answered UR / CA (or timed out)
+    FAULT = 0x8000_0003         # a page was not present and the host refused (or no fault queues)
+    BLOCKED = 0x8000_0004       # an IOVA outside the function's domain: nothing was moved
+
+
 class MgmtRegs:
     """PF BAR2 card registers (byte offsets)."""
     CARD_ID        = 0x00   # RO: "OFFC"
@@ -50,6 +60,77 @@ class MgmtRegs:
     TX_TLPS        = 0x28   # RO: TLPs sent
     CARD_ID_VALUE  = 0x4F464643  # "OFFC"
     SIZE = 0x1000
+
+
+PAGE_SHIFT = 12          # translation granule: 4 KiB
+PTE_PRESENT = 1 << 0     # page-table entry bit 0; bits [63:12] are the page's bus address
+
+
+class IommuRegs:
+    """PF BAR2: the per-function translation domains and the device TLB (hdl.translate).
+
+    A domain is a flat table of little-endian u64 page-table entries in host memory, one per
+    4 KiB page of the function's I/O virtual address space: entry *n* maps IOVA
+    ``n << 12`` .. ``(n << 12) + 0xFFF``; bit 0 present, bits [63:12] the bus address.
+    Only the PF's driver (BAR2 is PF-only) can change a domain, never the function itself.
+    """
+    DOM_SEL   = 0x100   # RW: function index the DOM_* registers below address
+    DOM_PT_LO = 0x104   # RW: page table base [31:12] (4 KiB aligned)
+    DOM_PT_HI = 0x108   # RW: page table base [63:32]
+    DOM_PAGES = 0x10C   # RW: pages in the domain (IOVA below pages << 12); 0 = no translation
+    DOM_VM    = 0x110   # RW: VM id [7:0], reported in I/O page fault entries
+    ATC_INV   = 0x114   # WO: drop the device-TLB entries of function [7:0] (bit 31: of all)
+    ATC_HITS  = 0x118   # RO: translations served by the device TLB
+    ATC_MISSES = 0x11C  # RO: page-table walks
+    BLOCKED   = 0x120   # RO: DMA segments refused because the IOVA is outside the domain
+
+
+class FaultRegs:
+    """PF BAR2: the I/O page fault queues (hdl.fault). Rings of 16-byte entries in host memory;
+    entries = 1 << LOG2 (0..8). The card produces FBQ and IOPF entries, the host produces CQ
+    entries.
+
+    FBQ entry:  u32 staging buffer (card address), u32 length, u16 function, u16 slot, u32 0
+    IOPF entry: u64 faulting IOVA, u8 function, u8 VM, u8 flags (bit 0 write, bit 1 has an FBQ
+                entry), u8 0, u16 FBQ index (0xFFFF: none), u16 sequence (IOPF index + 1)
+    CQ entry:   u8 function, u8 status (0 page mapped: retry, 1 refused), u16 0,
+                u32 IOPF index, u64 0
+    """
+    FBQ_LO    = 0x200
+    FBQ_HI    = 0x204
+    FBQ_LOG2  = 0x208
+    IOPF_LO   = 0x20C
+    IOPF_HI   = 0x210
+    IOPF_LOG2 = 0x214
+    CQ_LO     = 0x218
+    CQ_HI     = 0x21C
+    CQ_LOG2   = 0x220
+    CTRL      = 0x224   # RW: bit 0 enable (0 also resets every index), [12:8] PF MSI-X vector
+    FBQ_PROD  = 0x228   # RO: FBQ entries written by the card
+    FBQ_CONS  = 0x22C   # RW: FBQ entries the host has read
+    IOPF_PROD = 0x230   # RO
+    IOPF_CONS = 0x234   # RW
+    CQ_PROD   = 0x238   # RW: the doorbell: CQ entries the host has written
+    CQ_CONS   = 0x23C   # RO: CQ entries the card has taken
+    FAULTS    = 0x240   # RO: faults raised
+    STAGE_BUSY = 0x244  # RO: bit n set while staging slot n holds a payload
+    CQ_BAD    = 0x248   # RO: CQ entries ignored (no open fault for the function)
+    ENTRY_SIZE = 16
+    ST_MAPPED = 0
+    ST_REFUSED = 1
+    FLAG_WRITE = 1 << 0
+    FLAG_FBQ = 1 << 1
+    NO_FBQ = 0xFFFF
+
+
+class Staging:
+    """Staging buffers for payloads whose page is not present: card addresses above the 64 KiB
+    that descriptors can name. A payload keeps its byte lane: it is staged at
+    ``BASE + slot * STRIDE + (card address mod 32)``."""
+    BASE = 0x10000
+    STRIDE = 0x1040
+    SLOTS = 4
+    TOP = BASE + SLOTS * STRIDE
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Receive-side router: requests to the completer, completions to the DMA engine by tag.
+"""Receive-side router: requests to the completer, completions to their requester by tag.
 
-The decision is made on the ``sop`` beat and held until ``eop``. Completions with the
-descriptor tag go to the queue engine, every other completion to the read channel (which
-counts the ones that match no outstanding request of its own).
+The decision is made on the ``sop`` beat and held until ``eop``. The card's engines that read
+host memory one request at a time each own a fixed tag (``tags``: descriptor fetch, page-table
+walk, completion-queue fetch); a completion with one of those tags goes to ``cpl<n>``, every
+other completion to the read channel (``cpl_r``, which counts the ones that match no
+outstanding request of its own).
 """
 
 from amaranth import *
@@ -15,14 +17,13 @@ __all__ = ["RxRouter"]
 
 
 class RxRouter(wiring.Component):
-    def __init__(self, data_width, desc_tag):
-        self.desc_tag = desc_tag
-        super().__init__({
-            "i":     In(tlp_stream(data_width)),
-            "req":   Out(tlp_stream(data_width)),
-            "cpl_q": Out(tlp_stream(data_width)),
-            "cpl_r": Out(tlp_stream(data_width)),
-        })
+    def __init__(self, data_width, tags):
+        self.tags = tuple(tags)
+        members = {"i": In(tlp_stream(data_width)), "req": Out(tlp_stream(data_width))}
+        for n in range(len(self.tags)):
+            members[f"cpl{n}"] = Out(tlp_stream(data_width))
+        members["cpl_r"] = Out(tlp_stream(data_width))
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -30,13 +31,17 @@ class RxRouter(wiring.Component):
         d2 = data.View(CplDw2, hdr_dw(self.i.p.hdr, 2))
         is_cpl = (d0.type[1:] == 0b0101) & ((d0.fmt == 0b000) | (d0.fmt == 0b010))
         tag = Cat(d2.tag, d0.tag8, d0.tag9)
+        outs = [self.req] + [getattr(self, f"cpl{n}") for n in range(len(self.tags))] + [self.cpl_r]
         # a beat without sop outside a packet goes to the completer, which counts it malformed;
         # a sop always decides anew (a TLP cut short by the next one ends there)
-        dest_now = Mux(is_cpl & self.i.p.sop, Mux(tag == self.desc_tag, 1, 2), 0)
+        by_tag = len(outs) - 1
+        for n, t in reversed(list(enumerate(self.tags))):
+            by_tag = Mux(tag == t, n + 1, by_tag)
+        dest_now = Signal(range(len(outs)))
+        m.d.comb += dest_now.eq(Mux(is_cpl & self.i.p.sop, by_tag, 0))
         in_pkt = Signal()
-        dest_q = Signal(2)
+        dest_q = Signal(range(len(outs)))
         dest = Mux(in_pkt & ~self.i.p.sop, dest_q, dest_now)
-        outs = [self.req, self.cpl_q, self.cpl_r]
         for k, o in enumerate(outs):
             m.d.comb += [o.p.eq(self.i.p), o.valid.eq(self.i.valid & (dest == k))]
         m.d.comb += self.i.ready.eq(Array(o.ready for o in outs)[dest])

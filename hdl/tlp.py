@@ -23,7 +23,7 @@ from amaranth import *
 from amaranth.lib import data, stream, enum
 
 __all__ = ["TlpBeat", "tlp_stream", "Fmt", "TlpKind", "CplStatus", "Dw0", "ReqDw1", "CplDw1",
-           "CplDw2", "CfgDw2", "hdr_dw", "make_hdr", "fmt_type"]
+           "CplDw2", "CfgDw2", "hdr_dw", "make_hdr", "fmt_type", "mem_hdr"]
 
 
 def TlpBeat(data_width):
@@ -112,3 +112,23 @@ def hdr_dw(hdr, n):
 def make_hdr(dw0, dw1, dw2, dw3=0):
     """Concatenate four DWs into the 128-bit ``hdr`` field."""
     return Cat(C(0, 32) if isinstance(dw3, int) and dw3 == 0 else dw3, dw2, dw1, dw0)
+
+
+def mem_hdr(m, write, addr, ndw, rid, tag=0, first_be=0xF, last_be=0xF):
+    """Header of a memory request the card sends: MemRd / MemWr of ``ndw`` DWs at ``addr``
+    (a 64-bit value; the 3-DW form when the upper half is zero, as the specification asks),
+    from requester ``rid``. ``addr``'s low two bits are ignored (the byte enables say which
+    bytes). Adds a combinational helper signal to ``m``."""
+    a = Signal(64, name="req_addr")
+    m.d.comb += a.eq(addr)
+    is64 = a[32:] != 0
+    lo = Cat(C(0, 2), a[2:32])
+    if write:
+        kind = Mux(is64, C(TlpKind.MWR64, 8), C(TlpKind.MWR32, 8))
+    else:
+        kind = Mux(is64, C(TlpKind.MRD64, 8), C(TlpKind.MRD32, 8))
+    dw0 = Cat(ndw[:10] if not isinstance(ndw, int) else C(ndw, 10), C(0, 14), kind)
+    dw1 = Cat(C(first_be, 4) if isinstance(first_be, int) else first_be,
+              C(last_be, 4) if isinstance(last_be, int) else last_be,
+              C(tag, 8) if isinstance(tag, int) else tag, rid)
+    return make_hdr(dw0, dw1, Mux(is64, a[32:], lo), Mux(is64, lo, 0))

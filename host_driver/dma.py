@@ -2,17 +2,11 @@
 
 import struct
 
-from hdl.params import DmaRegs
+from hdl.params import DmaRegs, DescStatus
 
 from .offcard import OffcardFunction
 
 __all__ = ["DmaQueue", "DescStatus", "DmaError"]
-
-
-class DescStatus:
-    DONE = 0x0000_0001
-    BAD_DESC = 0x8000_0001
-    CPL_ERROR = 0x8000_0002
 
 
 class DmaError(Exception):

@@ -155,6 +155,9 @@ class OffcardDriver:
     async def mgmt_read(self, off):
         return await self.t.mmio_read(self.bar2 + off, 4)
 
+    async def mgmt_write(self, off, value):
+        await self.t.mmio_write(self.bar2 + off, value, 4)
+
     async def enable_sriov(self, num_vfs, page_size=4096):
         """Enable ``num_vfs`` VFs: System Page Size (the host's page size), NumVFs, VF BARs in
         a reserved window, VF Enable + VF MSE."""
