@@ -44,13 +44,26 @@ def bench_one(sim, cfg, rounds):
 
 
 def bench_dma(sim, cfg):
+    """DMA throughput rows and page-fault latency rows (:mod:`cosim.benches.perf_dma`)."""
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "dma.json"
         run_card_bench(sim, "cosim.benches.perf_dma", cfg, extra_env={"OFFCARD_BENCH_OUT": str(out)})
-        rows = json.loads(out.read_text())
-    for r in rows:
+        rec = json.loads(out.read_text())
+    for r in rec["dma"] + rec["page_faults"]:
         r.update({"sim": sim, "config": config_key(cfg)})
-    return rows
+    return rec["dma"], rec["page_faults"]
+
+
+def add_table(console, md, title, cols, rows):
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c)
+    md += ["", f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [str(r.get(c, "")) for c in cols]
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(table)
 
 
 def main(argv=None):
@@ -64,35 +77,29 @@ def main(argv=None):
     console = Console()
     rows = []
     dma_rows = []
+    fault_rows = []
     for sim in selected_sims():
         for cfg in CONFIGS:
             console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} ...")
             rows.append(bench_one(sim, cfg, args.rounds))
-            console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} DMA ...")
-            dma_rows += bench_dma(sim, cfg)
+            console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} DMA and page faults ...")
+            d, f = bench_dma(sim, cfg)
+            dma_rows += d
+            fault_rows += f
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
-              "enumeration_mmio": rows, "dma": dma_rows}
+              "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    cols = ["sim", "config", "build_s", "sim_cycles", "wall_s", "cycles_per_s", "mmio_ops"]
-    table = Table(title="offcard bench: enumeration + SR-IOV + MMIO")
-    for c in cols:
-        table.add_column(c)
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        table.add_row(*(str(r[c]) for c in cols))
-        md.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    console.print(table)
-    dcols = ["sim", "config", "direction", "bytes", "e2e_bytes_per_clk", "stream_bytes_per_clk",
-             "stream_fraction_of_limit", "workload_cycles_per_s"]
-    dtable = Table(title="offcard bench: DMA (MPS 256, MRRS 512)")
-    for c in dcols:
-        dtable.add_column(c)
-    md += ["", "| " + " | ".join(dcols) + " |", "|" + "---|" * len(dcols)]
-    for r in dma_rows:
-        dtable.add_row(*(str(r.get(c, "")) for c in dcols))
-        md.append("| " + " | ".join(str(r.get(c, "")) for c in dcols) + " |")
-    console.print(dtable)
-    Path(args.output).with_suffix(".md").write_text("\n".join(md) + "\n")
+    md = []
+    add_table(console, md, "enumeration + SR-IOV + MMIO",
+              ["sim", "config", "build_s", "sim_cycles", "wall_s", "cycles_per_s", "mmio_ops"], rows)
+    add_table(console, md, "DMA (MPS 256, MRRS 512)",
+              ["sim", "config", "path", "direction", "bytes", "e2e_bytes_per_clk",
+               "stream_bytes_per_clk", "stream_fraction_of_limit", "workload_cycles_per_s"],
+              dma_rows)
+    add_table(console, md, "I/O page faults (1 KiB write to an absent page, card clocks)",
+              ["sim", "config", "fault", "raise_clk", "host_clk", "resolve_clk", "total_clk"],
+              fault_rows)
+    Path(args.output).with_suffix(".md").write_text("\n".join(md).lstrip() + "\n")
     console.print(f"wrote {args.output} and {Path(args.output).with_suffix('.md')}")
     return 0
 

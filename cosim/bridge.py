@@ -97,6 +97,7 @@ class CardBridge(Device):
         self.beats_in = 0
         self.beats_out = 0
         self.tx_hook = None          # called as hook(hdr, payload, first_beat_ns, last_beat_ns)
+        self.rx_hook = None          # called as hook(tlp, first_beat_ns, last_beat_ns), host -> card
         self.idle = Event()
         self.idle.set()
         cocotb.start_soon(self._drive())
@@ -117,6 +118,7 @@ class CardBridge(Device):
     async def _drive(self):
         while True:
             beats, tlp = await self._to_rtl.get()
+            t_first = None
             for b in beats:
                 self.rx_payload.value = b
                 self.rx_valid.value = 1
@@ -124,9 +126,13 @@ class CardBridge(Device):
                     await RisingEdge(self.clk)
                     if self.rx_ready.value == 1:
                         break
+                if t_first is None:
+                    t_first = get_sim_time("ns")
                 self.beats_in += 1
             self.rx_valid.value = 0
             self.tlps_in += 1
+            if self.rx_hook is not None and tlp is not None:
+                self.rx_hook(tlp, t_first, get_sim_time("ns"))
             if tlp is not None:
                 tlp.release_fc()
             if self._to_rtl.empty():

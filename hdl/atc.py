@@ -14,9 +14,11 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
+from .params import IommuRegs
+
 __all__ = ["AddressTranslationCache", "VPN_BITS", "PPN_BITS"]
 
-VPN_BITS = 20          # IOVA page numbers: domains of up to 4 GiB
+VPN_BITS = exact_log2(IommuRegs.MAX_PAGES)      # IOVA page numbers
 PPN_BITS = 52          # bus page numbers: 64-bit bus addresses
 
 

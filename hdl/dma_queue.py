@@ -16,7 +16,7 @@ only), status. A descriptor is 32 bytes, little-endian:
 
 The host address is an I/O virtual address of the function's domain when the PF driver gave
 the function one (:mod:`hdl.translate`); the engine then cuts the transfer at 4 KiB pages and
-translates each piece. A piece outside the domain ends the descriptor as blocked, before
+translates each piece. A descriptor that does not fit in the domain ends as blocked, before
 anything moves. A piece whose page is not present goes to the fault unit (:mod:`hdl.fault`):
 a write's payload is staged, the fault is queued to the host, and the function is parked while
 the engine serves the others. When the host resolves it the engine fetches the descriptor again
@@ -180,7 +180,8 @@ class DmaQueues(wiring.Component):
         for p in cmd_p:
             m.d.comb += [p.fidx.eq(cur), p.host.eq(phys), p.length.eq(seg),
                          p.card.eq(Mux(replay.bit_select(cur, 1), stage_at, card_at))]
-        m.d.comb += [self.xreq.p.fidx.eq(cur), self.xreq.p.iova.eq(iova)]
+        m.d.comb += [self.xreq.p.fidx.eq(cur), self.xreq.p.iova.eq(iova),
+                     self.xreq.p.last.eq(d_host + d_len - 1)]
         fq = self.fault
         m.d.comb += [fq.fidx.eq(cur), fq.vm.eq(vm), fq.iova.eq(iova), fq.write.eq(is_write),
                      fq.card.eq(card_at), fq.length.eq(seg)]

@@ -83,6 +83,7 @@ class IommuRegs:
     ATC_HITS  = 0x118   # RO: translations served by the device TLB
     ATC_MISSES = 0x11C  # RO: page-table walks
     BLOCKED   = 0x120   # RO: DMA segments refused because the IOVA is outside the domain
+    MAX_PAGES = 1 << 20  # DOM_PAGES is clamped to this: 4 GiB of IOVA per function
 
 
 class FaultRegs:

@@ -11,7 +11,8 @@ A request (function, IOVA) gets one response:
 
 * ``OK`` with the bus address (``bypass`` set when the function has no domain: the IOVA is
   the bus address, and the whole transfer may go in one piece);
-* ``BLOCKED`` when the IOVA is beyond the domain (counted; nothing may be moved);
+* ``BLOCKED`` when the IOVA, or the last IOVA of the transfer, is beyond the domain (counted;
+  nothing may be moved);
 * ``NOT_PRESENT`` when the page-table entry's present bit is clear (a page fault);
 * ``ERROR`` when the walk's completion failed or timed out.
 
@@ -42,7 +43,9 @@ class XlateStatus:
     ERROR = 3
 
 
-XlateReq = data.StructLayout({"fidx": 8, "iova": 64})
+# ``last``: the last IOVA of the whole transfer the piece at ``iova`` belongs to; a transfer that
+# does not fit in the domain is blocked as a whole, before any of it moves
+XlateReq = data.StructLayout({"fidx": 8, "iova": 64, "last": 64})
 XlateResp = data.StructLayout({"status": 2, "bypass": 1, "phys": 64, "vm": 8})
 
 
@@ -141,6 +144,7 @@ class Translator(wiring.Component):
         # ---- lookup / walk ------------------------------------------------------------------
         f = Signal(8)
         iova = Signal(64)
+        last = Signal(64)
         vpn = iova[PAGE_SHIFT:]
         res = Signal(XlateResp)
         stale = Signal()                 # an invalidation of ``f`` happened during the walk
@@ -166,7 +170,8 @@ class Translator(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.req.ready.eq(1)
                 with m.If(self.req.valid):
-                    m.d.sync += [f.eq(self.req.p.fidx), iova.eq(self.req.p.iova)]
+                    m.d.sync += [f.eq(self.req.p.fidx), iova.eq(self.req.p.iova),
+                                 last.eq(self.req.p.last)]
                     m.next = "CHECK"
             with m.State("CHECK"):
                 m.d.sync += [res.vm.eq(vm[f]), res.bypass.eq(0), res.phys.eq(iova), stale.eq(0)]
@@ -175,7 +180,7 @@ class Translator(wiring.Component):
                     with m.If(f >= nf):
                         m.d.sync += res.status.eq(XlateStatus.BLOCKED)
                     m.next = "RESP"
-                with m.Elif(vpn >= pages[f]):
+                with m.Elif((vpn >= pages[f]) | (last[PAGE_SHIFT:] >= pages[f]) | (last < iova)):
                     m.d.sync += [res.status.eq(XlateStatus.BLOCKED), blocked.eq(blocked + 1)]
                     m.d.comb += self.blocked.eq(1)
                     m.next = "RESP"

@@ -1,0 +1,15 @@
+"""Device TLB, translation and I/O page faults through cocotbext-pcie's RootComplex, in both
+simulators."""
+
+import pytest
+
+from hdl.params import CardConfig
+from cosim.card_sim import run_card_bench
+from cosim.runner import sim_params
+
+
+@pytest.mark.parametrize("width", [64, 128])
+@pytest.mark.parametrize("sim", sim_params())
+def test_iommu(sim, width):
+    res = run_card_bench(sim, "cosim.benches.iommu", CardConfig(data_width=width))
+    assert res.num_tests == 8 and res.num_failed == 0
