@@ -12,4 +12,4 @@ from cosim.runner import sim_params
 @pytest.mark.parametrize("sim", sim_params())
 def test_iommu(sim, width):
     res = run_card_bench(sim, "cosim.benches.iommu", CardConfig(data_width=width))
-    assert res.num_tests == 8 and res.num_failed == 0
+    assert res.num_tests == 9 and res.num_failed == 0

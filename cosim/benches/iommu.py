@@ -399,3 +399,55 @@ async def test_random_transfers_with_faults(dut):
     assert all(r.decision != REFUSED for r in fs.log)
     dut._log.info("random: %d transfers, %d faults, ATC %s", 2 * n, c["faults"],
                   await iommu.counters())
+
+
+@cocotb.test()
+async def test_reset_with_fault_open(dut):
+    """A function reset while its fault is open (queue disabled, or FLR) frees its staging
+    buffer; the host's late answer is counted as a stray CQ entry and writes nothing; the
+    function works again afterwards; another function's open fault is untouched."""
+    h, pf, vfs, iommu, fs = await bring_up(dut, 2)
+    rnd = random.Random(6)
+    fs.hold = True
+    qs, doms = [], []
+    for n, vf in enumerate(vfs):
+        d = await iommu.attach(vf.index, vm=20 + n, pages=8)
+        d.allow(0, 8 * PAGE_SIZE)
+        doms.append(d)
+        qs.append(await DmaQueue(vf, entries=8).setup())
+    data = pattern(rnd, 300)
+    await load_card(h, 0x400, data)
+    for q in qs:
+        await q.post(0x1000, 0x400, 300, to_host=True)
+    await wait_faults(h, 2)
+    faults = {f.fidx: f for f in await fs.poll()}
+    assert (await fs.counters())["stage_busy"] == 0b11
+    a, b = vfs
+    # 1. VF a's queue disabled: its buffer goes, b's stays
+    await a.reg_write(DmaRegs.CTRL, 0)
+    c = await fs.counters()
+    assert c["stage_busy"] == 1 << faults[b.index].slot, c
+    assert await a.reg_read(DmaRegs.STATUS) & 4 == 0
+    wire = WireLog(h)
+    await fs.resolve(faults[a.index])                  # too late: the card ignores it
+    await ClockCycles(dut.clk, 500)
+    assert (await fs.counters())["cq_bad"] == 1
+    assert wire.outside([(fs.cq.base, 16 * fs.cq.entries)]) == []
+    assert await doms[0].read(0x1000, 300) == bytes(300)
+    # 2. VF b reset by FLR: same
+    cap = b.caps[0x10]
+    await b.write16(cap + 8, 1 << 15)
+    assert (await fs.counters())["stage_busy"] == 0
+    # both work again (the page of a is present now; b faults afresh)
+    await b.set_command(master=True)
+    fs.hold = False
+    stop = [False]
+    svc = cocotb.start_soon(fs.run(lambda: stop[0], timeout_ns=5_000))
+    for n, q in enumerate(qs):
+        await q.setup()
+        await q.transfer(0x1000, 0x400, 300, to_host=True)
+        assert await doms[n].read(0x1000, 300) == data
+    stop[0] = True
+    await svc
+    c = await fs.counters()
+    assert c["faults"] == 3 and c["stage_busy"] == 0, c
