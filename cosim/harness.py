@@ -38,6 +38,10 @@ class CardHarness:
 
     async def start(self):
         Clock(self.dut.clk, CLOCK_NS, unit="ns").start()
+        # the uplink port idles until a bench attaches to it (cosim.uplink)
+        self.dut.uplink_rx__valid.value = 0
+        self.dut.uplink_rx__payload.value = 0
+        self.dut.uplink_tx__ready.value = 1
         self.dut.rst.value = 1
         await ClockCycles(self.dut.clk, 8)
         self.dut.rst.value = 0

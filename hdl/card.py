@@ -37,6 +37,12 @@ from .dma_write import DmaWriteChannel
 from .dma_queue import DmaQueues, DESC_TAG
 from .translate import Translator, WALK_TAG
 from .fault import FaultUnit, CQ_TAG
+from .virtio_pci import VirtioPci
+from .virtio_net import VirtioNetEngine, UplinkBeat, VQ_TAG, PKT_WORDS
+from .dma_mux import DmaChannelMux
+from .params import PacketBuf
+from amaranth.lib import stream
+from amaranth.lib.memory import Memory
 
 __all__ = ["Card"]
 
@@ -49,6 +55,8 @@ class Card(wiring.Component):
         super().__init__({
             "rx": In(tlp_stream(cfg.data_width)),
             "tx": Out(tlp_stream(cfg.data_width)),
+            "uplink_tx": Out(stream.Signature(UplinkBeat(cfg.data_width))),   # to the network
+            "uplink_rx": In(stream.Signature(UplinkBeat(cfg.data_width))),    # from it
         })
 
     def elaborate(self, platform):
@@ -60,14 +68,22 @@ class Card(wiring.Component):
         m.submodules.funcregs = fr = FuncRegisters(cfg)
         m.submodules.msix = mx = MsixController(cfg)
         m.submodules.mgmt = mg = MgmtRegisters(cfg)
-        m.submodules.txarb = arb = TlpArbiter(7, cfg.data_width)
-        m.submodules.rxroute = rr = RxRouter(cfg.data_width, (DESC_TAG, WALK_TAG, CQ_TAG))
+        m.submodules.txarb = arb = TlpArbiter(8, cfg.data_width)
+        m.submodules.rxroute = rr = RxRouter(cfg.data_width, (DESC_TAG, WALK_TAG, CQ_TAG, VQ_TAG))
         m.submodules.cardmem = mem = CardMemory(cfg.data_width)
         m.submodules.dma_rd = drd = DmaReadChannel(cfg.data_width)
         m.submodules.dma_wr = dwr = DmaWriteChannel(cfg.data_width)
         m.submodules.dma_q = dq = DmaQueues(cfg)
         m.submodules.xlate = xl = Translator(cfg)
         m.submodules.fault = fu = FaultUnit(cfg)
+        m.submodules.virtio = vio = VirtioPci(cfg)
+        m.submodules.vnet = vn = VirtioNetEngine(cfg)
+        m.submodules.rd_mux = rmux = DmaChannelMux()
+        m.submodules.wr_mux = wmux = DmaChannelMux()
+        W = cfg.data_width
+        m.submodules.pktmem = pmem = Memory(shape=W, depth=PKT_WORDS(W), init=[])
+        pm_w = pmem.write_port(granularity=8)
+        pm_r = pmem.read_port()
 
         wiring.connect(m, wiring.flipped(self.rx), rr.i)
         wiring.connect(m, rr.req, cp.rx)
@@ -75,17 +91,33 @@ class Card(wiring.Component):
         wiring.connect(m, rr.cpl1, xl.cpl)
         wiring.connect(m, rr.cpl2, fu.cpl)
         wiring.connect(m, rr.cpl_r, drd.cpl)
-        # card memory: the DMA channels' ports, lent to the staging copier while it copies
-        # (the queue engine waits for the copy, so no channel is active then)
+        wiring.connect(m, rr.cpl3, vn.cpl)
+        # Card memory: the DMA channels' ports, lent to the staging copier while it copies (the
+        # queue engine waits for the copy and the virtio engine never touches that memory).
+        # Above it, the frame buffers: the channels' ports when they address them, the virtio
+        # engine's own while it streams a frame to or from the uplink.
+        pkt_w0 = PacketBuf.BASE * 8 // W
+        wr_pkt = drd.mem.addr >= pkt_w0
+        rd_pkt = dwr.mem.addr >= pkt_w0
+        rd_pkt_q = Signal()
+        with m.If(dwr.mem.en):
+            m.d.sync += rd_pkt_q.eq(rd_pkt)
         lend = fu.mem_busy
         m.d.comb += [
             mem.wr.addr.eq(Mux(lend, fu.mem_wr.addr, drd.mem.addr)),
             mem.wr.data.eq(Mux(lend, fu.mem_wr.data, drd.mem.data)),
-            mem.wr.en.eq(Mux(lend, fu.mem_wr.en, drd.mem.en)),
+            mem.wr.en.eq(Mux(lend, fu.mem_wr.en, Mux(wr_pkt, 0, drd.mem.en))),
             mem.rd.addr.eq(Mux(lend, fu.mem_rd.addr, dwr.mem.addr)),
-            mem.rd.en.eq(Mux(lend, fu.mem_rd.en, dwr.mem.en)),
-            dwr.mem.data.eq(mem.rd.data),
+            mem.rd.en.eq(Mux(lend, fu.mem_rd.en, dwr.mem.en & ~rd_pkt)),
+            dwr.mem.data.eq(Mux(rd_pkt_q, pm_r.data, mem.rd.data)),
             fu.mem_rd.data.eq(mem.rd.data),
+            pm_w.addr.eq(Mux(vn.pm_own, vn.pm_wr.addr, drd.mem.addr - pkt_w0)),
+            pm_w.data.eq(Mux(vn.pm_own, vn.pm_wr.data, drd.mem.data)),
+            pm_w.en.eq(Mux(vn.pm_own, vn.pm_wr.en, Mux(wr_pkt, drd.mem.en, 0))),
+            pm_r.addr.eq(Mux(vn.pm_own, vn.pm_rd.addr, dwr.mem.addr - pkt_w0)),
+            pm_r.en.eq(Mux(vn.pm_own, vn.pm_rd.en, dwr.mem.en & rd_pkt)),
+            vn.pm_rd.data.eq(pm_r.data),
+            vn.snoop.addr.eq(pm_w.addr), vn.snoop.data.eq(pm_w.data), vn.snoop.en.eq(pm_w.en),
         ]
         wiring.connect(m, dq.xreq, xl.req)
         wiring.connect(m, xl.resp, dq.xresp)
@@ -94,10 +126,35 @@ class Card(wiring.Component):
         wiring.connect(m, dq.slot_free, fu.slot_free)
         wiring.connect(m, dq.release, fu.release)
         wiring.connect(m, fu.irq, mx.irq3)
-        wiring.connect(m, dq.rd_cmd, drd.cmd)
-        wiring.connect(m, drd.done, dq.rd_done)
-        wiring.connect(m, dq.wr_cmd, dwr.cmd)
-        wiring.connect(m, dwr.done, dq.wr_done)
+        # the DMA channels, shared by the descriptor queues and the virtio engine
+        wiring.connect(m, dq.rd_cmd, rmux.cmd0)
+        wiring.connect(m, rmux.done0, dq.rd_done)
+        wiring.connect(m, vn.rd_cmd, rmux.cmd1)
+        wiring.connect(m, rmux.done1, vn.rd_done)
+        wiring.connect(m, rmux.cmd, drd.cmd)
+        wiring.connect(m, drd.done, rmux.done)
+        wiring.connect(m, dq.wr_cmd, wmux.cmd0)
+        wiring.connect(m, wmux.done0, dq.wr_done)
+        wiring.connect(m, vn.wr_cmd, wmux.cmd1)
+        wiring.connect(m, wmux.done1, vn.wr_done)
+        wiring.connect(m, wmux.cmd, dwr.cmd)
+        wiring.connect(m, dwr.done, wmux.done)
+        # virtio: the transport and the engine
+        m.d.comb += [
+            vio.qr_fidx.eq(vn.qr_fidx), vio.qr_q.eq(vn.qr_q), vn.qr_size.eq(vio.qr_size),
+            vn.qr_vec.eq(vio.qr_vec), vn.qr_en.eq(vio.qr_en),
+            vio.qa_fidx.eq(vn.qa_fidx), vio.qa_q.eq(vn.qa_q), vio.qa_sel.eq(vn.qa_sel),
+            vn.qa_data.eq(vio.qa_data),
+            vn.live.eq(vio.live), vn.ev_idx.eq(vio.ev_idx), vn.indirect.eq(vio.indirect),
+            vn.kick.eq(vio.kick), vio.kick_ack.eq(vn.kick_ack), vio.kick_idx.eq(vn.kick_idx),
+            vio.isr_set.eq(vn.isr_set), vio.isr_fidx.eq(vn.isr_fidx),
+            vio.nr_set.eq(vn.nr_set), vio.nr_fidx.eq(vn.nr_fidx),
+            vn.vreset.eq(vio.reset), vn.vreset_fidx.eq(vio.reset_fidx),
+            vn.bus_num.eq(cs.bus_num), vn.bme.eq(cs.bme),
+        ]
+        wiring.connect(m, vn.irq, mx.irq5)
+        wiring.connect(m, vn.uplink_tx, wiring.flipped(self.uplink_tx))
+        wiring.connect(m, wiring.flipped(self.uplink_rx), vn.uplink_rx)
         wiring.connect(m, dq.irq, mx.irq2)
         m.d.comb += [
             drd.mrrs.eq(cs.mrrs), drd.bus_num.eq(cs.bus_num),
@@ -106,7 +163,9 @@ class Card(wiring.Component):
             dq.flr.eq(cs.flr), dq.flr_fidx.eq(cs.flr_fidx),
             xl.bus_num.eq(cs.bus_num), xl.flr.eq(cs.flr), xl.flr_fidx.eq(cs.flr_fidx),
             fu.bus_num.eq(cs.bus_num),
+            vio.flr.eq(cs.flr), vio.flr_fidx.eq(cs.flr_fidx), vio.vf_reset.eq(cs.vf_reset),
         ]
+        wiring.connect(m, vio.irq, mx.irq4)
         wiring.connect(m, cp.cfg, cs.port)
         wiring.connect(m, cp.bar, bd.lookup)
         m.d.comb += [
@@ -131,7 +190,7 @@ class Card(wiring.Component):
         ]
 
         # register bus: broadcast the request, OR the read data
-        targets = [fr.bus, mx.bus, mg.bus, dq.bus, xl.bus, fu.bus]
+        targets = [fr.bus, mx.bus, mg.bus, dq.bus, xl.bus, fu.bus, vio.bus, vn.bus]
         for t in targets:
             m.d.comb += [t.fidx.eq(cp.regs.fidx), t.bar.eq(cp.regs.bar), t.addr.eq(cp.regs.addr),
                          t.wdata.eq(cp.regs.wdata), t.be.eq(cp.regs.be), t.we.eq(cp.regs.we),
@@ -148,6 +207,7 @@ class Card(wiring.Component):
         m.d.comb += mg.events.rx_tlp.eq(self.rx.valid & self.rx.ready & self.rx.p.sop)
         m.d.comb += mg.events.unexp_cpl.eq(cp.events.unexp_cpl | drd.unexp | dq.unexp
                                           | xl.unexp | fu.unexp)
+        # (the virtio engine's host port takes every tag-3 completion, expected or not)
         for name in ("ca", "unsupported", "malformed", "poisoned"):
             m.d.comb += getattr(cs.err_events, name).eq(getattr(cp.events, name))
         m.d.comb += cs.err_events.unexp_cpl.eq(mg.events.unexp_cpl)
@@ -160,5 +220,6 @@ class Card(wiring.Component):
         wiring.connect(m, dq.tx, arb.i4)
         wiring.connect(m, xl.tx, arb.i5)
         wiring.connect(m, fu.tx, arb.i6)
+        wiring.connect(m, vn.tx, arb.i7)
         wiring.connect(m, arb.o, wiring.flipped(self.tx))
         return m

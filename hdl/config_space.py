@@ -10,6 +10,8 @@ Layout (byte offsets, the same on the PF and on VFs unless noted):
 0x080  MSI-X capability: table at BAR0+0x2000, PBA at BAR0+0x3000 (per function)
 0x090  PCI Power Management capability (PF only): D0 and D3hot, No_Soft_Reset; in D3hot the
        PF decodes no memory and masters nothing
+0x0A0  virtio vendor-specific capabilities (PF and VFs): common cfg (0xA0), notify (0xB0,
+       notify_off_multiplier 4), ISR (0xC4), device cfg (0xD4), all in BAR0 (hdl.virtio_pci)
 0x100  ARI extended capability (PF and VFs; Next Function Number 0)
 0x110  SR-IOV extended capability (PF only): TotalVFs/InitialVFs = ``total_vfs``,
        First VF Offset 1, VF Stride 1, VF BAR0 64-bit prefetchable of ``vf_bar0_size``, or of
@@ -36,7 +38,7 @@ from amaranth.utils import exact_log2
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, Bar0Map
+from .params import CardConfig, Bar0Map, VirtioRegs, VirtioCaps
 
 __all__ = ["CfgPortSignature", "ConfigSpace", "CapOffsets"]
 
@@ -77,6 +79,25 @@ DEVCTL_INIT = (1 << 4) | (1 << 11) | (2 << 12)                # RO enable, no sn
 DEVCTL_MASK = 0x79FF
 SUPPORTED_PAGE_SIZES = 0x553
 STATUS = (1 << 4) | (1 << 0)                                 # capabilities list, Immediate Readiness
+
+
+def virtio_cap_dws():
+    """DW index -> value of the read-only virtio vendor capabilities (virtio 1.x 4.1.4)."""
+    caps = [(VirtioCaps.COMMON, VirtioCaps.CFG_TYPE_COMMON, VirtioRegs.COMMON, VirtioRegs.COMMON_LEN),
+            (VirtioCaps.NOTIFY, VirtioCaps.CFG_TYPE_NOTIFY, VirtioRegs.NOTIFY, VirtioRegs.NOTIFY_LEN),
+            (VirtioCaps.ISR, VirtioCaps.CFG_TYPE_ISR, VirtioRegs.ISR, VirtioRegs.ISR_LEN),
+            (VirtioCaps.DEVICE, VirtioCaps.CFG_TYPE_DEVICE, VirtioRegs.DEVICE, VirtioRegs.DEVICE_LEN)]
+    dws = {}
+    for k, (off, typ, bar_off, length) in enumerate(caps):
+        nxt = caps[k + 1][0] if k + 1 < len(caps) else 0
+        cap_len = 20 if typ == VirtioCaps.CFG_TYPE_NOTIFY else 16
+        dws[off // 4] = 0x09 | (nxt << 8) | (cap_len << 16) | (typ << 24)
+        dws[off // 4 + 1] = 0                     # bar 0, id 0, padding
+        dws[off // 4 + 2] = bar_off
+        dws[off // 4 + 3] = length
+        if typ == VirtioCaps.CFG_TYPE_NOTIFY:
+            dws[off // 4 + 4] = VirtioRegs.NOTIFY_MULT
+    return dws
 
 
 class ConfigSpace(wiring.Component):
@@ -243,9 +264,12 @@ class ConfigSpace(wiring.Component):
             with m.Case(MSIX + 2):
                 m.d.comb += pf_rd.eq(Bar0Map.MSIX_PBA | 0)
             with m.Case(PM + 0):
-                m.d.comb += pf_rd.eq(0x01 | (PMC << 16))
+                m.d.comb += pf_rd.eq(0x01 | (VirtioCaps.COMMON << 8) | (PMC << 16))
             with m.Case(PM + 1):
                 m.d.comb += pf_rd.eq(Cat(pstate, C(0, 1), C(1, 1)))   # No_Soft_Reset
+            for k, v in virtio_cap_dws().items():
+                with m.Case(k):
+                    m.d.comb += pf_rd.eq(v)
             with m.Case(ARI + 0):
                 m.d.comb += pf_rd.eq(0x000E | (1 << 16) | (CapOffsets.SRIOV << 20))
             with m.Case(SRIOV + 0):
@@ -300,11 +324,15 @@ class ConfigSpace(wiring.Component):
             with m.Case(PCIE + 11):
                 m.d.comb += vf_rd.eq(LINKCAP2)
             with m.Case(MSIX + 0):
-                m.d.comb += vf_rd.eq(Cat(C(0x11, 8), C(0, 8), msix_ctl_ro, C(0, 3), mfm_i, men_i))
+                m.d.comb += vf_rd.eq(Cat(C(0x11, 8), C(VirtioCaps.COMMON, 8), msix_ctl_ro, C(0, 3),
+                                         mfm_i, men_i))
             with m.Case(MSIX + 1):
                 m.d.comb += vf_rd.eq(Bar0Map.MSIX_TABLE | 0)
             with m.Case(MSIX + 2):
                 m.d.comb += vf_rd.eq(Bar0Map.MSIX_PBA | 0)
+            for k, v in virtio_cap_dws().items():
+                with m.Case(k):
+                    m.d.comb += vf_rd.eq(v)
             with m.Case(ARI + 0):
                 m.d.comb += vf_rd.eq(0x000E | (1 << 16))
             with m.Default():

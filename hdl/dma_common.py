@@ -5,14 +5,15 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .params import Staging
+from .params import Staging, PacketBuf
 
-__all__ = ["CARD_MEM_BYTES", "CARD_MEM_TOTAL", "CARD_ADDR_BITS", "DmaCmd", "DmaDone", "DmaStatus",
+__all__ = ["CARD_MEM_BYTES", "CARD_MEM_TOTAL", "CARD_SPACE", "CARD_ADDR_BITS", "DmaCmd", "DmaDone", "DmaStatus",
            "MemWritePort", "MemReadPort", "CardMemory", "size_bytes", "be_first_last",
            "next_chunk"]
 
 CARD_MEM_BYTES = 64 * 1024            # what descriptors may name
 CARD_MEM_TOTAL = Staging.TOP           # plus the page-fault staging buffers above it
+CARD_SPACE = PacketBuf.BASE + PacketBuf.SLOT * PacketBuf.SLOTS   # and the frame buffers
 CARD_ADDR_BITS = 17
 
 DmaCmd = data.StructLayout({
@@ -33,7 +34,7 @@ DmaDone = data.StructLayout({"status": 2})
 
 def MemWritePort(data_width):
     return wiring.Signature({
-        "addr": Out(range(CARD_MEM_TOTAL * 8 // data_width)),
+        "addr": Out(range(CARD_SPACE * 8 // data_width)),
         "data": Out(data_width),
         "en":   Out(data_width // 8),     # byte enables; zero = no write
     })
@@ -41,7 +42,7 @@ def MemWritePort(data_width):
 
 def MemReadPort(data_width):
     return wiring.Signature({
-        "addr": Out(range(CARD_MEM_TOTAL * 8 // data_width)),
+        "addr": Out(range(CARD_SPACE * 8 // data_width)),
         "en":   Out(1),
         "data": In(data_width),           # one cycle after en
     })
@@ -64,6 +65,8 @@ class CardMemory(wiring.Component):
         rp = mem.read_port()
         m.d.comb += [wp.addr.eq(self.wr.addr), wp.data.eq(self.wr.data), wp.en.eq(self.wr.en),
                      rp.addr.eq(self.rd.addr), rp.en.eq(self.rd.en), self.rd.data.eq(rp.data)]
+        # (the ports span the card's whole address space; the frame buffers above this
+        # memory are another block RAM, decoded by the card)
         return m
 
 

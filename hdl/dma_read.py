@@ -90,6 +90,7 @@ class DmaReadChannel(wiring.Component):
             self.tx.p.sop.eq(1), self.tx.p.eop.eq(1), self.tx.p.func.eq(fidx),
         ]
 
+        cpl_busy = Signal()          # a completion's data is still being written
         with m.FSM():
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
@@ -110,7 +111,9 @@ class DmaReadChannel(wiring.Component):
                         m.d.sync += [t_next[free_tag].eq(card[2:]), host.eq(host + chunk),
                                      card.eq(card + chunk), rem.eq(rem - chunk)]
             with m.State("WAIT"):
-                with m.If(t_valid == 0):
+                # every tag answered, and the last completion's data is in card memory (a tag
+                # is freed at its last completion's header, before its data beats)
+                with m.If((t_valid == 0) & ~cpl_busy):
                     m.next = "DONE"
             with m.State("DONE"):
                 m.d.comb += [self.done.valid.eq(1),
@@ -204,7 +207,8 @@ class DmaReadChannel(wiring.Component):
                          self.mem.en.eq(Cat(*out_e))]
             m.d.sync += [carry_d.eq(Cat(*nxt_d)), carry_e.eq(Cat(*nxt_e)), k_q.eq(k + 1)]
 
-        with m.FSM():
+        with m.FSM() as cpl_fsm:
+            m.d.comb += cpl_busy.eq(~cpl_fsm.ongoing("HDR"))
             with m.State("HDR"):
                 m.d.comb += hdr_phase.eq(1)
                 with m.If(c.valid & ~c.p.sop):

@@ -35,6 +35,8 @@ class MsixController(wiring.Component):
             "irq":        In(IrqRequestSignature()),
             "irq2":       In(IrqRequestSignature()),   # a second requester (the DMA engine)
             "irq3":       In(IrqRequestSignature()),   # a third (the page-fault unit)
+            "irq4":       In(IrqRequestSignature()),   # virtio configuration changes
+            "irq5":       In(IrqRequestSignature()),   # virtqueue interrupts
             "bus_num":    In(8),
             "bme":        In(nf),
             "msix_en":    In(nf),
@@ -99,7 +101,7 @@ class MsixController(wiring.Component):
         # ---- interrupt requests ------------------------------------------------------------
         set_pend = Signal(nent)
         clr_pend = Signal(nent)
-        for n, rq in enumerate((self.irq, self.irq2, self.irq3)):
+        for n, rq in enumerate((self.irq, self.irq2, self.irq3, self.irq4, self.irq5)):
             irq_idx = Signal(range(nent), name=f"irq_idx{n}")
             m.d.comb += irq_idx.eq(rq.fidx * nvec + rq.vector)
             irq_take = rq.valid & self.msix_en.bit_select(rq.fidx, 1) & (rq.vector < nvec)

@@ -3,7 +3,8 @@
 from dataclasses import dataclass, field, asdict
 
 __all__ = ["CardConfig", "FuncRegs", "MgmtRegs", "Bar0Map", "DmaRegs", "IommuRegs", "FaultRegs",
-           "Staging", "PTE_PRESENT", "PAGE_SHIFT", "DescStatus"]
+           "Staging", "PTE_PRESENT", "PAGE_SHIFT", "DescStatus", "VirtioRegs", "VirtioCaps",
+           "PacketBuf", "NetRegs"]
 
 
 class Bar0Map:
@@ -13,6 +14,98 @@ class Bar0Map:
     MSIX_TABLE = 0x2000  # 16 bytes per vector
     MSIX_PBA  = 0x3000   # one bit per vector
     SIZE      = 0x4000
+
+
+class VirtioRegs:
+    """The virtio-pci modern structures in BAR0 of every function (byte offsets), and the
+    virtio-net device's features. Layouts follow the virtio 1.x specification, section 4.1."""
+    COMMON = 0x1000          # struct virtio_pci_common_cfg
+    COMMON_LEN = 0x38
+    NOTIFY = 0x1100          # queue notify registers: queue n at NOTIFY + n * NOTIFY_MULT
+    NOTIFY_MULT = 4
+    NOTIFY_LEN = 0x100
+    ISR = 0x1200             # u8, read-to-clear: bit 0 queue interrupt, bit 1 config change
+    ISR_LEN = 4
+    DEVICE = 0x1300          # struct virtio_net_config
+    DEVICE_LEN = 0x10
+    # common cfg field offsets (relative to COMMON)
+    DFSELECT = 0x00
+    DF = 0x04
+    GFSELECT = 0x08
+    GF = 0x0C
+    MSIX_CONFIG = 0x10       # u16; NUM_QUEUES u16 at 0x12
+    NUM_QUEUES = 0x12
+    STATUS = 0x14            # u8; CONFIG_GENERATION u8 at 0x15; QUEUE_SELECT u16 at 0x16
+    CFG_GENERATION = 0x15
+    Q_SELECT = 0x16
+    Q_SIZE = 0x18            # u16; Q_MSIX_VECTOR u16 at 0x1A
+    Q_MSIX = 0x1A
+    Q_ENABLE = 0x1C          # u16; Q_NOTIFY_OFF u16 at 0x1E
+    Q_NOTIFY_OFF = 0x1E
+    Q_DESC = 0x20            # u64
+    Q_DRIVER = 0x28          # u64 (available ring)
+    Q_DEVICE = 0x30          # u64 (used ring)
+    # device status bits
+    S_ACKNOWLEDGE = 1
+    S_DRIVER = 2
+    S_DRIVER_OK = 4
+    S_FEATURES_OK = 8
+    S_NEEDS_RESET = 64
+    S_FAILED = 128
+    NO_VECTOR = 0xFFFF
+    # features offered
+    F_NET_MAC = 5
+    F_NET_STATUS = 16
+    F_RING_INDIRECT_DESC = 28
+    F_RING_EVENT_IDX = 29
+    F_VERSION_1 = 32
+    FEATURES = ((1 << F_NET_MAC) | (1 << F_NET_STATUS) | (1 << F_RING_INDIRECT_DESC)
+                | (1 << F_RING_EVENT_IDX) | (1 << F_VERSION_1))
+    NUM_QUEUES_VALUE = 2     # receiveq1, transmitq1 (the layout leaves room for more pairs)
+    QUEUE_SIZE_MAX = 256
+    # virtio_net_config
+    NET_MAC = 0x00           # 6 bytes: 02:0f:fc:00:00:<function index>
+    NET_STATUS = 0x06        # u16: bit 0 link up
+    NET_MAX_PAIRS = 0x08     # u16: 1
+    MAC_PREFIX = bytes([0x02, 0x0F, 0xFC, 0x00, 0x00])
+
+
+class PacketBuf:
+    """The virtio-net switch's frame buffers: card addresses the DMA channels reach, in their own
+    block RAM. Slot 0 holds a frame a function sent, slot 1 one that came in on the uplink. A
+    frame's 12-byte virtio_net_hdr is placed so that the Ethernet frame starts on a word."""
+    BASE = 0x18000
+    SLOT = 0x800
+    SLOTS = 2
+    NET_HDR = 12
+    MIN_FRAME = 14            # an Ethernet header
+    MAX_FRAME = 1514 + 4      # without FCS; plus a VLAN tag
+
+
+class NetRegs:
+    """PF BAR2: the virtio-net switch's counters (hdl.virtio_net), 32-bit, wrapping."""
+    TX_FRAMES    = 0x300   # frames taken from transmit queues
+    RX_FRAMES    = 0x304   # frames delivered into receive queues
+    UPLINK_OUT   = 0x308   # frames sent to the uplink port (broadcast, multicast, unknown)
+    UPLINK_IN    = 0x30C   # frames taken from the uplink port
+    DROP_NOBUF   = 0x310   # no receive buffer (or the receiving function not live)
+    DROP_BAD     = 0x314   # a malformed queue: the function was set NEEDS_RESET
+    DROP_UNKNOWN = 0x318   # an uplink frame for no function, or a frame sent to itself
+    DROP_SIZE    = 0x31C   # runt, oversized, unaligned buffers, or a receive buffer too small
+    QUEUE_IRQS   = 0x320   # used-buffer notifications sent (MSI-X, or ISR only without a vector)
+    IRQ_SUPPRESSED = 0x324 # used buffers the driver asked not to be interrupted for
+
+
+class VirtioCaps:
+    """Vendor-specific (virtio) PCI capabilities, the same on the PF and on every VF."""
+    COMMON = 0xA0
+    NOTIFY = 0xB0
+    ISR = 0xC4
+    DEVICE = 0xD4
+    CFG_TYPE_COMMON = 1
+    CFG_TYPE_NOTIFY = 2
+    CFG_TYPE_ISR = 3
+    CFG_TYPE_DEVICE = 4
 
 
 class FuncRegs:

@@ -127,7 +127,9 @@ def mem_hdr(m, write, addr, ndw, rid, tag=0, first_be=0xF, last_be=0xF):
         kind = Mux(is64, C(TlpKind.MWR64, 8), C(TlpKind.MWR32, 8))
     else:
         kind = Mux(is64, C(TlpKind.MRD64, 8), C(TlpKind.MRD32, 8))
-    dw0 = Cat(ndw[:10] if not isinstance(ndw, int) else C(ndw, 10), C(0, 14), kind)
+    length = Signal(10, name="req_len")          # 1024 DW is encoded as 0
+    m.d.comb += length.eq(ndw)
+    dw0 = Cat(length, C(0, 14), kind)
     dw1 = Cat(C(first_be, 4) if isinstance(first_be, int) else first_be,
               C(last_be, 4) if isinstance(last_be, int) else last_be,
               C(tag, 8) if isinstance(tag, int) else tag, rid)

@@ -25,7 +25,7 @@ async def test_enumerate_pf(dut):
     h, pf = await _probe(dut)
     assert await pf.read32(0x00) == 0x1041_1AF4
     assert (await pf.read32(0x08)) >> 8 == 0x020000
-    assert pf.caps == {CAP_PCIE: 0x40, CAP_MSIX: 0x80, 0x01: 0x90}, pf.caps
+    assert pf.caps == {CAP_PCIE: 0x40, CAP_MSIX: 0x80, 0x01: 0x90, 0x09: 0xA0}, pf.caps
     assert pf.ext_caps == {ECAP_ARI: 0x100, ECAP_SRIOV: 0x110}, pf.ext_caps
     b0, b2 = pf.bars[0], pf.bars[2]
     assert (b0.is64, b0.prefetchable, b0.size) == (True, True, 0x4000), b0
@@ -70,7 +70,7 @@ async def test_sriov_vfs(dut):
     for n, vf in enumerate(vfs, 1):
         # VF vendor/device read all-ones (SR-IOV), but the read completes successfully
         assert await vf.read32(0) == 0xFFFF_FFFF
-        assert vf.caps == {CAP_PCIE: 0x40, CAP_MSIX: 0x80}, vf.caps
+        assert vf.caps == {CAP_PCIE: 0x40, CAP_MSIX: 0x80, 0x09: 0xA0}, vf.caps
         assert vf.ext_caps == {ECAP_ARI: 0x100}, vf.ext_caps
         assert await vf.func_id() == (FuncRegs.ID_MAGIC << 16) | (1 << 15) | n
     for n, vf in enumerate(vfs, 1):

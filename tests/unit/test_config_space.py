@@ -84,7 +84,8 @@ def test_capability_chain():
             chain.append((ptr, hdr & 0xFF))
             ptr = (hdr >> 8) & 0xFF
             assert len(chain) < 8, "capability list loops"
-        assert chain == [(0x40, 0x10), (0x80, 0x11), (0x90, 0x01)]   # PM on the PF only
+        virtio = [(0xA0, 0x09), (0xB0, 0x09), (0xC4, 0x09), (0xD4, 0x09)]
+        assert chain == [(0x40, 0x10), (0x80, 0x11), (0x90, 0x01)] + virtio   # PM: PF only
         pcie = await port.rd(0, PCIE)
         assert (pcie >> 16) & 0xF == 2                  # capability version 2
         assert (pcie >> 20) & 0xF == 0                  # device/port type: PCIe endpoint
@@ -96,7 +97,16 @@ def test_capability_chain():
         await port.enable_vfs(1)
         assert (await port.rd(1, CAP_PTR)) & 0xFF == 0x40
         assert (await port.rd(1, 0x40)) & 0xFFFF == 0x8010
-        assert (await port.rd(1, 0x80)) & 0xFFFF == 0x0011
+        assert (await port.rd(1, 0x80)) & 0xFFFF == 0xA011
+        # the virtio structures: type, BAR 0, offset, length; the notify multiplier
+        for off, typ, where, length in ((0xA0, 1, 0x1000, 0x38), (0xB0, 2, 0x1100, 0x100),
+                                        (0xC4, 3, 0x1200, 4), (0xD4, 4, 0x1300, 0x10)):
+            for fn in (0, 1):
+                hdr = await port.rd(fn, off)
+                assert (hdr >> 24, hdr >> 16 & 0xFF) == (typ, 20 if typ == 2 else 16)
+                assert await port.rd(fn, off + 4) & 0xFF == 0
+                assert await port.rd(fn, off + 8) == where and await port.rd(fn, off + 12) == length
+        assert await port.rd(1, 0xB0 + 16) == 4
     run(tb)
 
 

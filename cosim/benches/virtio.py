@@ -1,0 +1,226 @@
+"""virtio-net on the card's functions through cocotbext-pcie's RootComplex: the transport
+handshake, frames between functions and through the uplink, bad queues, isolation."""
+
+import random
+
+import cocotb
+from cocotb.triggers import ClockCycles
+
+from hdl.params import VirtioRegs as V, NetRegs
+from host_driver.virtio import (VirtioNetDriver, VirtioError, DirectAccess, TrappedAccess,
+                                HostMemory, RX_QUEUE, TX_QUEUE)
+from cosim.harness import CardHarness
+from cosim.uplink import Uplink
+
+
+def diff(got, want):
+    """Where two frame lists first differ (for assertion messages)."""
+    out = [f"{len(got)} frames, {len(want)} expected"]
+    for k, (x, y) in enumerate(zip(got, want)):
+        if x != y:
+            first = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), None)
+            out.append(f"#{k}: {len(x)} B vs {len(y)} B, first difference at {first}: "
+                       f"got {x[first - 8:first + 16].hex()} want {y[first - 8:first + 16].hex()}")
+    return "; ".join(out)
+
+
+def mac_of(fidx):
+    return V.MAC_PREFIX + bytes([fidx])
+
+
+def frame(dst, src, n, rnd, ethertype=0x88B5):
+    """An Ethernet frame of ``n`` bytes (header included) with a random payload."""
+    return dst + src + ethertype.to_bytes(2, "big") + bytes(rnd.getrandbits(8) for _ in range(n - 14))
+
+
+async def bring_up(dut, num_vfs=2):
+    h = CardHarness(dut)
+    await h.start()
+    pf = await h.drv.probe()
+    vfs = await h.drv.enable_sriov(num_vfs) if num_vfs else []
+    return h, pf, vfs
+
+
+async def net(h, fn, trapped=False, queue_size=64, **kw):
+    acc = TrappedAccess(fn) if trapped else DirectAccess(fn)
+    d = VirtioNetDriver(acc, fn, HostMemory(h.t), queue_size=queue_size)
+    await d.probe()
+    await d.bring_up(**kw)
+    return d
+
+
+async def counters(h):
+    return {n: await h.drv.mgmt_read(getattr(NetRegs, n)) for n in
+            ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
+             "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED")}
+
+
+async def receive_n(d, n, timeout_ns=400_000):
+    got = []
+    while len(got) < n:
+        more = await d.receive(timeout_ns)
+        if not more:
+            break
+        got += more
+    return got
+
+
+@cocotb.test()
+async def test_bringup_pf_and_vfs(dut):
+    """virtio 1.x bring-up on the PF and two VFs; MAC and link from the device config;
+    a driver that refuses VERSION_1 or skips FEATURES_OK gets no live device; reset returns
+    the function to its initial state."""
+    h, pf, vfs = await bring_up(dut, 2)
+    for fn in (pf, *vfs):
+        d = await net(h, fn)
+        assert d.mac == mac_of(fn.index), d.mac
+        assert await d.link_up()
+        st = await d.read_status()
+        assert st == V.S_ACKNOWLEDGE | V.S_DRIVER | V.S_FEATURES_OK | V.S_DRIVER_OK, hex(st)
+        assert d.has_feature(V.F_VERSION_1) and d.has_feature(V.F_RING_EVENT_IDX)
+    # refuse VERSION_1: FEATURES_OK does not stick
+    d = VirtioNetDriver(DirectAccess(vfs[0]), vfs[0], HostMemory(h.t))
+    await d.probe()
+    try:
+        await d.bring_up(refuse=("VERSION_1",))
+        raise AssertionError("the device accepted a driver without VERSION_1")
+    except VirtioError:
+        pass
+    assert not await d.read_status() & V.S_FEATURES_OK
+    # skip FEATURES_OK: DRIVER_OK alone does not make the device live; a frame is not taken
+    d = VirtioNetDriver(DirectAccess(vfs[1]), vfs[1], HostMemory(h.t))
+    await d.probe()
+    await d.bring_up(skip_features_ok=True)
+    before = await counters(h)
+    await d.send(frame(mac_of(0), d.mac or mac_of(2), 64, random.Random(1)))
+    await ClockCycles(dut.clk, 3000)
+    assert (await counters(h))["TX_FRAMES"] == before["TX_FRAMES"]
+    assert await d.tx.get_used() == []
+    # reset: status 0, queues back to their initial state
+    await d.reset()
+    assert await d.read_status() == 0
+    for q in (RX_QUEUE, TX_QUEUE):
+        await d.access.write(V.COMMON + V.Q_SELECT, q, 2)
+        assert await d.access.read(V.COMMON + V.Q_SIZE, 2) == V.QUEUE_SIZE_MAX
+        assert await d.access.read(V.COMMON + V.Q_MSIX, 2) == V.NO_VECTOR
+        assert await d.access.read(V.COMMON + V.Q_ENABLE, 2) == 0
+
+
+@cocotb.test()
+async def test_guest_to_guest(dut):
+    """Two VFs exchange frames of 60..1514 bytes (chained and indirect descriptors) byte
+    exact and in order, with MSI-X on the receive queue; the PF's native path works alongside;
+    no register access is trapped in direct mode."""
+    h, pf, vfs = await bring_up(dut, 2)
+    rnd = random.Random(2)
+    a, b = await net(h, vfs[0]), await net(h, vfs[1])
+    await a.post_rx(32)
+    await b.post_rx(32)
+    sizes = [60, 64, 65, 100, 128, 500, 1000, 1500, 1514, 61, 62, 63]
+    sent_ab = [frame(b.mac, a.mac, n, rnd) for n in sizes]
+    for k, f in enumerate(sent_ab):
+        await a.send(f, indirect=bool(k % 3 == 2))
+    got = await receive_n(b, len(sent_ab))
+    assert got == sent_ab, ([(len(x), len(y)) for x, y in zip(got, sent_ab)], len(got),
+                            await counters(h), a.stats, b.stats)
+    sent_ba = [frame(a.mac, b.mac, n, rnd) for n in sizes[:6]]
+    for f in sent_ba:
+        await b.send(f)
+    assert await receive_n(a, len(sent_ba)) == sent_ba
+    msi = [h.t.msi_count(d.fn.msix_vectors[1]) for d in (a, b)]
+    c = await counters(h)
+    assert min(msi) > 0, (msi, a.stats, b.stats, c["QUEUE_IRQS"], c["IRQ_SUPPRESSED"])
+    assert a.access.traps == 0 and b.access.traps == 0
+    c = await counters(h)
+    assert c["RX_FRAMES"] == len(sizes) + 6 and c["DROP_BAD"] == 0 and c["DROP_SIZE"] == 0, c
+    # the host's native path on the PF, while the guests' functions stay up
+    p = await net(h, pf)
+    await p.post_rx(4)
+    f = frame(p.mac, a.mac, 200, rnd)
+    await a.send(f)
+    assert await receive_n(p, 1) == [f]
+
+
+@cocotb.test()
+async def test_uplink(dut):
+    """Broadcast and unknown destinations leave by the uplink; frames from the uplink reach
+    the function their MAC names; an uplink frame for no function is dropped and counted."""
+    h, pf, vfs = await bring_up(dut, 2)
+    up = Uplink(dut, h.data_width)
+    rnd = random.Random(3)
+    a, b = await net(h, vfs[0]), await net(h, vfs[1])
+    await b.post_rx(8)
+    bc = frame(b"\xff" * 6, a.mac, 90, rnd)
+    unknown = frame(bytes.fromhex("021122334455"), a.mac, 333, rnd)
+    await a.send(bc)
+    await a.send(unknown)
+    for _ in range(200):
+        if len(up.received) == 2:
+            break
+        await ClockCycles(dut.clk, 100)
+    assert up.received == [bc, unknown], diff(up.received, [bc, unknown])
+    inbound = [frame(b.mac, bytes.fromhex("021122334455"), n, rnd) for n in (60, 777, 1514)]
+    for f in inbound:
+        up.send(f)
+    up.send(frame(bytes.fromhex("02aabbccddee"), a.mac, 80, rnd))      # nobody's
+    assert await receive_n(b, 3) == inbound
+    c = await counters(h)
+    assert (c["UPLINK_OUT"], c["UPLINK_IN"], c["DROP_UNKNOWN"]) == (2, 4, 1), c
+
+
+@cocotb.test()
+async def test_bad_queues_and_isolation(dut):
+    """A descriptor loop and an out-of-range head set NEEDS_RESET on the guilty function only;
+    an oversized frame and a receive buffer too small are dropped and counted; the other guest's
+    traffic goes on, and the reset function comes back."""
+    h, pf, vfs = await bring_up(dut, 3)
+    rnd = random.Random(4)
+    a, b, c = [await net(h, vfs[k]) for k in range(3)]
+    await b.post_rx(16)
+    # 1. a loop in a's transmit chain: descriptor 0 -> 0
+    slot = await a.mem.alloc(64, 16)
+    q = a.tx
+    await a.mem.write(q.desc + 0, (slot).to_bytes(8, "little") + (12).to_bytes(4, "little")
+                      + (1).to_bytes(2, "little") + (0).to_bytes(2, "little"))
+    await a.mem.write(q.avail + 4 + 2 * (q.avail_idx % q.size), (0).to_bytes(2, "little"))
+    await a.mem.write(q.avail + 2, ((q.avail_idx + 1) & 0xFFFF).to_bytes(2, "little"))
+    await a.notify(TX_QUEUE)
+    for _ in range(100):
+        if await a.read_status() & V.S_NEEDS_RESET:
+            break
+        await ClockCycles(dut.clk, 100)
+    assert await a.read_status() & V.S_NEEDS_RESET
+    # b's traffic from c is not disturbed
+    fs = [frame(b.mac, c.mac, n, rnd) for n in (64, 600, 1514)]
+    for f in fs:
+        await c.send(f)
+    assert await receive_n(b, 3) == fs
+    # 2. an out-of-range head on c's transmit queue
+    qc = c.tx
+    await c.mem.write(qc.avail + 4 + 2 * (qc.avail_idx % qc.size), (qc.size + 5).to_bytes(2, "little"))
+    await c.mem.write(qc.avail + 2, ((qc.avail_idx + 1) & 0xFFFF).to_bytes(2, "little"))
+    await c.notify(TX_QUEUE)
+    for _ in range(100):
+        if await c.read_status() & V.S_NEEDS_RESET:
+            break
+        await ClockCycles(dut.clk, 100)
+    assert await c.read_status() & V.S_NEEDS_RESET
+    cnt = await counters(h)
+    assert cnt["DROP_BAD"] == 2, cnt
+    # 3. a comes back after a reset and a new bring-up
+    a = await net(h, vfs[0])
+    f = frame(b.mac, a.mac, 300, rnd)
+    await a.send(f)
+    assert await receive_n(b, 1) == [f]
+    # 4. an oversized frame (two descriptors adding up past the frame buffer) is dropped
+    big = await a.mem.alloc(4096, 16)
+    head = await a.tx.add_buffer([(big, 12), (big + 64, 2100)])
+    await a.notify(TX_QUEUE)
+    for _ in range(100):
+        if (await counters(h))["DROP_SIZE"] >= 1:
+            break
+        await ClockCycles(dut.clk, 100)
+    assert (await counters(h))["DROP_SIZE"] == 1
+    assert not await a.read_status() & V.S_NEEDS_RESET
+    assert head in [i for i, _ in await a.tx.get_used()]     # the buffer is still returned
+    assert (await counters(h))["DROP_BAD"] == 2

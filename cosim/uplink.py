@@ -1,0 +1,72 @@
+"""The card's uplink port in a bench: Ethernet frames in and out of the virtio-net switch.
+
+``uplink_tx`` (card -> network) is collected into :attr:`Uplink.received`; :meth:`Uplink.send`
+puts a frame on ``uplink_rx``. Beats follow :func:`hdl.virtio_net.UplinkBeat` (data, a keep
+bit per byte, last), whose field offsets are read from the Amaranth layout.
+"""
+
+import cocotb
+from cocotb.queue import Queue
+from cocotb.triggers import RisingEdge
+
+from hdl.virtio_net import UplinkBeat
+
+__all__ = ["Uplink"]
+
+
+class Uplink:
+    def __init__(self, dut, data_width):
+        self.dut = dut
+        self.wb = data_width // 8
+        layout = UplinkBeat(data_width)
+        self.off = {name: f.offset for name, f in layout}
+        self.received: list[bytes] = []
+        self.arrived = Queue()
+        self._to_card = Queue()
+        dut.uplink_tx__ready.value = 1
+        dut.uplink_rx__valid.value = 0
+        cocotb.start_soon(self._monitor())
+        cocotb.start_soon(self._drive())
+
+    def _pack(self, chunk, last):
+        keep = (1 << len(chunk)) - 1
+        return (int.from_bytes(chunk, "little") << self.off["data"] | keep << self.off["keep"]
+                | int(last) << self.off["last"])
+
+    def send(self, frame: bytes):
+        """Queue ``frame`` for the card's ``uplink_rx``."""
+        self._to_card.put_nowait(bytes(frame))
+
+    async def _drive(self):
+        clk = self.dut.clk
+        while True:
+            frame = await self._to_card.get()
+            chunks = [frame[k:k + self.wb] for k in range(0, len(frame), self.wb)] or [b""]
+            for n, chunk in enumerate(chunks):
+                self.dut.uplink_rx__payload.value = self._pack(chunk, n == len(chunks) - 1)
+                self.dut.uplink_rx__valid.value = 1
+                while True:
+                    await RisingEdge(clk)
+                    if self.dut.uplink_rx__ready.value == 1:
+                        break
+            self.dut.uplink_rx__valid.value = 0
+
+    async def _monitor(self):
+        clk = self.dut.clk
+        frame = bytearray()
+        mask_d = (1 << (8 * self.wb)) - 1
+        while True:
+            if self.dut.uplink_tx__valid.value != 1:
+                await RisingEdge(self.dut.uplink_tx__valid)     # no wake-ups on an idle port
+            await RisingEdge(clk)
+            if not (self.dut.uplink_tx__valid.value == 1 and self.dut.uplink_tx__ready.value == 1):
+                continue
+            v = int(self.dut.uplink_tx__payload.value)
+            data = (v >> self.off["data"]) & mask_d
+            keep = (v >> self.off["keep"]) & ((1 << self.wb) - 1)
+            raw = data.to_bytes(self.wb, "little")
+            frame += bytes(raw[i] for i in range(self.wb) if keep >> i & 1)
+            if (v >> self.off["last"]) & 1:
+                self.received.append(bytes(frame))
+                self.arrived.put_nowait(bytes(frame))
+                frame = bytearray()

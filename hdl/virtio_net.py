@@ -1,0 +1,680 @@
+"""The virtio-net datapath: split-virtqueue engine and the frame switch between functions.
+
+One engine serves every function (PF and VFs), one frame at a time, visiting functions round
+robin (one transmitted frame per visit):
+
+* **transmit** (queue 1): on a notification, read the available index, the head, then walk the
+  descriptor chain (chained and, when negotiated, indirect descriptors) and copy each
+  device-readable buffer into frame buffer slot 0 through the DMA read channel;
+* **switch**: the destination MAC (captured as the frame lands in the buffer) names a function
+  (``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; broadcast,
+  multicast and unknown destinations go to the uplink port (``uplink_tx``);
+* **receive** (queue 0): take the function's next available chain, write a fresh
+  ``virtio_net_hdr`` (num_buffers 1) and the frame into its device-writable buffers through the
+  DMA write channel, then the used element and index;
+* **completion**: the used element (id, length) and index of each queue, ``avail_event`` when
+  VIRTIO_F_EVENT_IDX is negotiated, and the queue's MSI-X vector unless suppressed
+  (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag);
+* frames from the uplink port (``uplink_rx``) are delivered by destination MAC likewise.
+
+Small structures (indices, ring entries, descriptors) are read and written with the engine's
+own MemRd/MemWr (tag :data:`VQ_TAG`, the function's requester ID). Bad input never hangs the
+engine: a descriptor loop (more descriptors than the queue holds), an index beyond the queue,
+a descriptor of the wrong direction, a bad indirect table or an available index running ahead
+by more than the queue size sets the function's NEEDS_RESET and stops its queues; runts,
+oversized frames, buffers not on DW boundaries and receive buffers too small drop the frame
+and count it. Addresses are bus addresses (the virtqueues are not translated by the device
+TLB yet).
+"""
+
+from amaranth import *
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from .params import CardConfig, VirtioRegs as V, PacketBuf as P, NetRegs
+from .regbus import RegBusSignature
+from .func_regs import IrqRequestSignature
+from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
+from .dma_common import DmaCmd, DmaDone, DmaStatus, MemReadPort, MemWritePort, CARD_ADDR_BITS
+from .dma_read import CPL_TIMEOUT
+from .virtio_pci import NQ
+
+__all__ = ["VirtioNetEngine", "UplinkBeat", "VQ_TAG", "PKT_WORDS"]
+
+VQ_TAG = 3
+RXQ, TXQ = 0, 1
+DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
+PKT_BYTES = P.SLOT * P.SLOTS
+
+
+def UplinkBeat(data_width):
+    return data.StructLayout({"data": data_width, "keep": data_width // 8, "last": 1})
+
+
+def PKT_WORDS(data_width):
+    return PKT_BYTES * 8 // data_width
+
+
+def PktReadPort(data_width):
+    return wiring.Signature({"addr": Out(range(PKT_WORDS(data_width))), "en": Out(1),
+                             "data": In(data_width)})
+
+
+def PktWritePort(data_width):
+    return wiring.Signature({"addr": Out(range(PKT_WORDS(data_width))),
+                             "data": Out(data_width), "en": Out(data_width // 8)})
+
+
+class VirtioNetEngine(wiring.Component):
+    def __init__(self, cfg: CardConfig):
+        self._card = cfg
+        nf = cfg.num_functions
+        W = cfg.data_width
+        super().__init__({
+            "bus":      In(RegBusSignature()),
+            "tx":       Out(tlp_stream(W)),
+            "cpl":      In(tlp_stream(W)),            # completions with tag VQ_TAG
+            "rd_cmd":   Out(stream.Signature(DmaCmd)),
+            "rd_done":  In(stream.Signature(DmaDone)),
+            "wr_cmd":   Out(stream.Signature(DmaCmd)),
+            "wr_done":  In(stream.Signature(DmaDone)),
+            "irq":      Out(IrqRequestSignature()),
+            "bus_num":  In(8),
+            "bme":      In(nf),
+            # the transport (hdl.virtio_pci)
+            "qr_fidx":  Out(8),
+            "qr_q":     Out(range(NQ)),
+            "qr_size":  In(9),
+            "qr_vec":   In(16),
+            "qr_en":    In(1),
+            "qa_fidx":  Out(8),
+            "qa_q":     Out(range(NQ)),
+            "qa_sel":   Out(2),
+            "qa_data":  In(64),
+            "live":     In(nf),
+            "ev_idx":   In(nf),
+            "indirect": In(nf),
+            "kick":     In(nf * NQ),
+            "kick_ack": Out(1),
+            "kick_idx": Out(range(nf * NQ)),
+            "isr_set":  Out(1),
+            "isr_fidx": Out(8),
+            "nr_set":   Out(1),
+            "nr_fidx":  Out(8),
+            "vreset":   In(1),
+            "vreset_fidx": In(8),
+            # frame buffers
+            "pm_rd":    Out(PktReadPort(W)),
+            "pm_wr":    Out(PktWritePort(W)),
+            "pm_own":   Out(1),                       # the engine drives the frame buffer ports
+            "snoop":    In(PktWritePort(W)),          # what the read channel writes there
+            "uplink_tx": Out(stream.Signature(UplinkBeat(W))),
+            "uplink_rx": In(stream.Signature(UplinkBeat(W))),
+        })
+
+    def elaborate(self, platform):
+        cfg = self._card
+        m = Module()
+        nf = cfg.num_functions
+        nvec = cfg.msix_vectors
+        W = cfg.data_width
+        WB = W // 8
+        LB = exact_log2(WB)
+        DPB = W // 32
+        HDR_OFF = (-P.NET_HDR) % WB                 # the frame starts on a word
+        FRAME_OFF = HDR_OFF + P.NET_HDR
+        PKT_MAX = P.SLOT - HDR_OFF                  # bytes a slot holds from the header on
+
+        # ---- per-queue indices ---------------------------------------------------------------
+        last_avail = Array(Signal(16, name=f"last_avail{i}") for i in range(nf * NQ))
+        used_idx = Array(Signal(16, name=f"used_idx{i}") for i in range(nf * NQ))
+        txpend = Signal(nf)
+
+        # ---- counters ------------------------------------------------------------------------
+        names = ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
+                 "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED")
+        ctr = {n: Signal(32, name=n.lower()) for n in names}
+        inc = {n: Signal(name="inc_" + n.lower()) for n in names}
+        for n in names:
+            with m.If(inc[n]):
+                m.d.sync += ctr[n].eq(ctr[n] + 1)
+        b = self.bus
+        rdata = Signal(32)
+        with m.If(b.re):
+            m.d.sync += rdata.eq(0)
+            with m.If((b.fidx == 0) & (b.bar == 2)):
+                with m.Switch(b.addr):
+                    for n in names:
+                        with m.Case(getattr(NetRegs, n) // 4):
+                            m.d.sync += rdata.eq(ctr[n])
+        m.d.comb += b.rdata.eq(rdata)
+
+        # ---- host port: the engine's own small reads and writes ------------------------------
+        h_go = Signal()
+        h_write = Signal()
+        h_addr = Signal(64)
+        h_ndw = Signal(3)
+        h_fbe = Signal(4)
+        h_lbe = Signal(4)
+        h_wdata = Signal(128)
+        h_rdata = Signal(128)
+        h_done = Signal()
+        h_err = Signal()
+        cf = Signal(8)                               # the function being served
+        rid = Cat(cf, self.bus_num)
+        nbeats = Signal(3)
+        beat = Signal(3)
+        m.d.comb += nbeats.eq(Mux(h_write, (h_ndw + DPB - 1) >> exact_log2(DPB) if DPB > 1 else h_ndw, 1))
+        m.d.comb += [
+            self.tx.p.hdr.eq(Mux(h_write, mem_hdr(m, True, h_addr, h_ndw, rid, 0, h_fbe, h_lbe),
+                                 mem_hdr(m, False, h_addr, h_ndw, rid, VQ_TAG, h_fbe, h_lbe))),
+            self.tx.p.sop.eq(beat == 0),
+            self.tx.p.eop.eq(beat == nbeats - 1),
+            self.tx.p.func.eq(cf),
+        ]
+        if W <= 128:
+            m.d.comb += self.tx.p.data.eq(h_wdata.word_select(beat, W))
+        else:
+            m.d.comb += self.tx.p.data.eq(h_wdata)
+        left = Signal(4)
+        m.d.comb += left.eq(h_ndw - beat * DPB)
+        m.d.comb += self.tx.p.strb.eq(Mux(h_write, Mux(left >= DPB, (1 << DPB) - 1,
+                                                       (C(1, DPB + 1) << left) - 1), 0))
+        c = self.cpl
+        cd0 = data.View(Dw0, hdr_dw(c.p.hdr, 0))
+        cd1 = data.View(CplDw1, hdr_dw(c.p.hdr, 1))
+        dcount = Signal(4)
+        wait_cnt = Signal(range(CPL_TIMEOUT + 1))
+        h_waiting = Signal()
+        def accept_go():
+            # the engine may ask again in the very cycle the previous access reports done
+            with m.If(h_go):
+                m.d.sync += [beat.eq(0), dcount.eq(0), wait_cnt.eq(0), h_err.eq(0)]
+                m.next = "SEND"
+            with m.Else():
+                m.next = "IDLE"
+
+        with m.FSM(name="hport"):
+            with m.State("IDLE"):
+                accept_go()
+            with m.State("SEND"):
+                m.d.comb += self.tx.valid.eq(1)
+                with m.If(self.tx.ready):
+                    m.d.sync += beat.eq(beat + 1)
+                    with m.If(beat == nbeats - 1):
+                        m.next = "SENT"
+            with m.State("SENT"):
+                with m.If(h_write):
+                    m.d.comb += h_done.eq(1)
+                    accept_go()
+                with m.Else():
+                    m.next = "WAIT"
+            with m.State("WAIT"):
+                m.d.comb += [c.ready.eq(1), h_waiting.eq(1)]
+                m.d.sync += wait_cnt.eq(wait_cnt + 1)
+                with m.If(c.valid):
+                    with m.If(c.p.sop & ((cd1.status != 0) | (cd0.fmt != 0b010))):
+                        m.d.sync += h_err.eq(1)
+                    with m.Else():
+                        for j in range(DPB):
+                            with m.If(c.p.strb[j] & (dcount + j < 4)):
+                                m.d.sync += h_rdata.word_select((dcount + j)[:2], 32).eq(
+                                    c.p.data[32 * j:32 * j + 32])
+                        m.d.sync += dcount.eq(dcount + sum(c.p.strb[j] for j in range(DPB)))
+                    with m.If(c.p.eop):
+                        m.next = "GOT"
+                with m.Elif(wait_cnt == CPL_TIMEOUT):
+                    m.d.sync += h_err.eq(1)
+                    m.next = "GOT"
+            with m.State("GOT"):
+                m.d.comb += h_done.eq(1)
+                accept_go()
+        with m.If(~h_waiting & c.valid):
+            m.d.comb += c.ready.eq(1)
+
+        # ---- current queue ---------------------------------------------------------------------
+        cq = Signal(range(NQ))
+        qi = Signal(range(nf * NQ))
+        m.d.comb += [qi.eq(cf * NQ + cq), self.qr_fidx.eq(cf), self.qr_q.eq(cq),
+                     self.qa_fidx.eq(cf), self.qa_q.eq(cq)]
+        desc_base = Signal(64)
+        drv_base = Signal(64)
+        dev_base = Signal(64)
+        qsize = Signal(9)
+        qmask = Signal(9)
+        m.d.comb += qmask.eq(qsize - 1)
+
+        def hread(addr, ndw, fbe=0xF):
+            return [h_write.eq(0), h_addr.eq(addr), h_ndw.eq(ndw), h_fbe.eq(fbe),
+                    h_lbe.eq(Mux(ndw == 1, 0, 0xF))]
+
+        def hread16(addr):
+            """Read the u16 at ``addr`` (2-byte aligned): one DW, only its two bytes enabled
+            (the host structure may end right after it); the value is in half ``k[0]``."""
+            return [hread(addr & ~3, 1, Mux(addr[1], 0xC, 0x3)), k.eq(addr[1])]
+
+        def hwrite(addr, ndw, wdata, fbe=0xF, lbe=0xF):
+            return [h_write.eq(1), h_addr.eq(addr), h_ndw.eq(ndw), h_wdata.eq(wdata),
+                    h_fbe.eq(fbe), h_lbe.eq(lbe if not isinstance(ndw, int) or ndw > 1 else 0)]
+
+        # ---- frame state -------------------------------------------------------------------------
+        head = Signal(16)
+        di = Signal(16)                    # descriptor index in the table being walked
+        ind = Signal()                     # walking an indirect table
+        ind_base = Signal(64)
+        ind_n = Signal(16)
+        count = Signal(17)
+        d_addr = h_rdata[0:64]
+        d_len = h_rdata[64:96]
+        d_flags = h_rdata[96:112]
+        d_next = h_rdata[112:128]
+        cur_addr = Signal(64)
+        cur_len = Signal(32)
+        cur_flags = Signal(16)
+        cur_next = Signal(16)
+        total = Signal(17)                 # bytes gathered (transmit) / written (receive)
+        frame_len = Signal(16)
+        drop = Signal()
+        slot = Signal()                    # frame buffer slot of the frame being delivered
+        dst = Signal(48)
+        tx_f = Signal(8)
+        tx_head = Signal(16)
+        phase = Signal(2)                  # 0 transmit, 1 receive for a transmitted frame, 2 uplink
+        first = Signal()
+        space_host = Signal(64)
+        space = Signal(32)
+        used_len = Signal(32)
+        ret_rx = Signal()                  # LOADQ returns to the receive path
+        ret_used = Signal()                # ... to the transmit completion
+        ptr = Signal(range(nf))
+        k = Signal(range(P.SLOT // WB + 2))
+        nwords = Signal(range(P.SLOT // WB + 2))
+        stb_used_event = Signal(16)
+
+        frame_word0 = FRAME_OFF // WB                # word of slot 0 where the frame starts
+        # the destination MAC, captured as the read channel writes slot 0
+        sn = self.snoop
+        with m.If(sn.addr == frame_word0):
+            for lane in range(6):
+                with m.If(sn.en[lane]):
+                    m.d.sync += dst.word_select(lane, 8).eq(sn.data[8 * lane:8 * lane + 8])
+
+        def card_addr(s, off):
+            return P.BASE + s * P.SLOT + HDR_OFF + off
+
+        mac_prefix = int.from_bytes(V.MAC_PREFIX, "little")
+        is_ours = (dst[:40] == mac_prefix) & (dst[40:] < nf)
+
+        with m.If(self.vreset):
+            g = self.vreset_fidx
+            m.d.sync += txpend.bit_select(g, 1).eq(0)
+            for q in range(NQ):
+                m.d.sync += [last_avail[g * NQ + q].eq(0), used_idx[g * NQ + q].eq(0)]
+
+        cmd_p = [self.rd_cmd.p, self.wr_cmd.p]
+        for p_ in cmd_p:
+            m.d.comb += p_.fidx.eq(cf)
+        m.d.comb += [
+            self.rd_cmd.p.host.eq(cur_addr),
+            self.rd_cmd.p.card.eq(card_addr(0, total)),
+            self.rd_cmd.p.length.eq(cur_len),
+            self.wr_cmd.p.host.eq(space_host),
+            self.wr_cmd.p.card.eq(P.BASE + slot * P.SLOT + FRAME_OFF + (total - P.NET_HDR)),
+            self.wr_cmd.p.length.eq(space),
+        ]
+        limit = Mux(ind, ind_n, qsize)
+        WTOP = P.SLOT // WB
+
+        with m.FSM(name="engine"):
+            with m.State("SCAN"):
+                m.d.sync += [phase.eq(0), drop.eq(0)]
+                with m.If(self.uplink_rx.valid):
+                    m.d.sync += [k.eq(0), total.eq(0), dst.eq(0)]
+                    m.next = "UPIN"
+                with m.Else():
+                    # receive-queue notifications need no action: buffers are looked up when a
+                    # frame arrives
+                    with m.If(self.kick.bit_select(ptr * NQ + RXQ, 1)):
+                        m.d.comb += [self.kick_ack.eq(1), self.kick_idx.eq(ptr * NQ + RXQ)]
+                    with m.Elif(self.kick.bit_select(ptr * NQ + TXQ, 1)):
+                        m.d.comb += [self.kick_ack.eq(1), self.kick_idx.eq(ptr * NQ + TXQ)]
+                        m.d.sync += txpend.bit_select(ptr, 1).eq(1)
+                    with m.Elif(txpend.bit_select(ptr, 1) & self.live.bit_select(ptr, 1)
+                                & self.bme.bit_select(ptr, 1)):
+                        m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0)]
+                        m.next = "LOADQ0"
+                    with m.Else():
+                        with m.If(~self.live.bit_select(ptr, 1)):
+                            m.d.sync += txpend.bit_select(ptr, 1).eq(0)
+                        m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
+
+            # -- load the current queue's addresses (qa port: a cycle of latency) --
+            with m.State("LOADQ0"):
+                m.d.comb += self.qa_sel.eq(0)
+                m.d.sync += qsize.eq(self.qr_size)
+                m.next = "LOADQ1"
+            with m.State("LOADQ1"):
+                m.d.comb += self.qa_sel.eq(1)
+                m.d.sync += desc_base.eq(self.qa_data)
+                m.next = "LOADQ2"
+            with m.State("LOADQ2"):
+                m.d.comb += self.qa_sel.eq(2)
+                m.d.sync += drv_base.eq(self.qa_data)
+                m.next = "LOADQ3"
+            with m.State("LOADQ3"):
+                m.d.sync += dev_base.eq(self.qa_data)
+                with m.If(ret_used):
+                    m.next = "USED_ELEM"
+                with m.Elif(~self.qr_en | (qsize == 0)):
+                    with m.If(ret_rx):
+                        m.d.comb += inc["DROP_NOBUF"].eq(1)
+                        m.next = "RX_DONE"
+                    with m.Else():
+                        m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                        m.next = "NEXT"
+                with m.Else():
+                    m.d.comb += h_go.eq(1)
+                    m.d.sync += hread(drv_base, 1)           # avail.flags and avail.idx
+                    m.next = "AVAIL_IDX"
+
+            # -- the available index and the head of the next chain --
+            with m.State("AVAIL_IDX"):
+                with m.If(h_done):
+                    aidx = h_rdata[16:32]
+                    ahead = Signal(16)
+                    m.d.comb += ahead.eq(aidx - last_avail[qi])
+                    with m.If(h_err | (ahead > qsize)):
+                        m.next = "BAD"
+                    with m.Elif(ahead == 0):
+                        with m.If(cq == TXQ):
+                            m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                            m.next = "NEXT"
+                        with m.Else():
+                            m.d.comb += inc["DROP_NOBUF"].eq(1)
+                            m.next = "RX_DONE"
+                    with m.Else():
+                        ring_at = Signal(64)
+                        m.d.comb += ring_at.eq(drv_base + 4 + ((last_avail[qi] & qmask) << 1))
+                        m.d.sync += hread16(ring_at)
+                        m.d.comb += h_go.eq(1)
+                        m.next = "AVAIL_HEAD"
+            with m.State("AVAIL_HEAD"):
+                with m.If(h_done):
+                    hd = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
+                    with m.If(h_err | (hd >= qsize)):
+                        m.next = "BAD"
+                    with m.Else():
+                        m.d.sync += [head.eq(hd), di.eq(hd), ind.eq(0), count.eq(0),
+                                     total.eq(0), first.eq(1), used_len.eq(0)]
+                        m.next = "DESC"
+
+            # -- walk the chain --
+            with m.State("DESC"):
+                m.d.comb += h_go.eq(1)
+                m.d.sync += [hread(Mux(ind, ind_base, desc_base) + (di << 4), 4),
+                             count.eq(count + 1)]
+                m.next = "DESC_WAIT"
+            with m.State("DESC_WAIT"):
+                with m.If(h_done):
+                    m.d.sync += [cur_addr.eq(d_addr), cur_len.eq(d_len), cur_flags.eq(d_flags),
+                                 cur_next.eq(d_next)]
+                    with m.If(h_err | (count > limit)):
+                        m.next = "BAD"                    # unreadable, or a loop
+                    with m.Elif(d_flags & DESC_INDIRECT):
+                        ok = (self.indirect.bit_select(cf, 1) & ~ind & ~(d_flags & DESC_NEXT)[0]
+                              & (d_len[:4] == 0) & (d_len != 0) & (d_len[4:] <= 0xFFFF))
+                        with m.If(ok):
+                            m.d.sync += [ind.eq(1), ind_base.eq(d_addr), ind_n.eq(d_len[4:20]),
+                                         di.eq(0), count.eq(0)]
+                            m.next = "DESC"
+                        with m.Else():
+                            m.next = "BAD"
+                    with m.Elif((d_flags & DESC_WRITE).bool() != (cq == RXQ)):
+                        m.next = "BAD"                    # wrong direction
+                    with m.Elif(cq == TXQ):
+                        m.next = "TX_DATA"
+                    with m.Else():
+                        m.next = "RX_DATA"
+            with m.State("CHAIN_NEXT"):
+                with m.If(cur_flags & DESC_NEXT):
+                    with m.If(cur_next >= limit):
+                        m.next = "BAD"
+                    with m.Else():
+                        m.d.sync += di.eq(cur_next)
+                        m.next = "DESC"
+                with m.Elif(cq == TXQ):
+                    m.next = "TX_END"
+                with m.Else():
+                    m.next = "RX_END"
+
+            # -- transmit: gather the chain into slot 0 --
+            with m.State("TX_DATA"):
+                with m.If((cur_len == 0) | drop):
+                    m.next = "CHAIN_NEXT"
+                with m.Elif((total + cur_len > PKT_MAX) | (cur_addr[:2] != 0) | (total[:2] != 0)):
+                    m.d.sync += drop.eq(1)
+                    m.next = "CHAIN_NEXT"
+                with m.Else():
+                    m.d.comb += self.rd_cmd.valid.eq(1)
+                    with m.If(self.rd_cmd.ready):
+                        m.next = "TX_WAIT"
+            with m.State("TX_WAIT"):
+                m.d.comb += self.rd_done.ready.eq(1)
+                with m.If(self.rd_done.valid):
+                    with m.If(self.rd_done.p.status != DmaStatus.OK):
+                        m.next = "BAD"
+                    with m.Else():
+                        m.d.sync += total.eq(total + cur_len)
+                        m.next = "CHAIN_NEXT"
+            with m.State("TX_END"):
+                m.d.comb += inc["TX_FRAMES"].eq(1)
+                m.d.sync += [tx_f.eq(cf), tx_head.eq(head), frame_len.eq(total - P.NET_HDR),
+                             slot.eq(0), used_len.eq(0)]
+                with m.If(drop | (total < P.NET_HDR + P.MIN_FRAME)):
+                    m.d.comb += inc["DROP_SIZE"].eq(1)
+                    m.next = "TX_USED"
+                with m.Elif(dst[0] | ~is_ours):
+                    m.d.sync += [k.eq(0), nwords.eq((total - P.NET_HDR + WB - 1) >> LB)]
+                    m.next = "UP_RD"
+                with m.Elif(dst[40:] == cf):
+                    m.d.comb += inc["DROP_UNKNOWN"].eq(1)
+                    m.next = "TX_USED"
+                with m.Else():
+                    m.d.sync += phase.eq(1)
+                    m.next = "RX_START"
+
+            # -- uplink out: stream the frame from the slot --
+            with m.State("UP_RD"):
+                m.d.comb += [self.pm_own.eq(1), self.pm_rd.en.eq(1),
+                             self.pm_rd.addr.eq(slot * (P.SLOT // WB) + FRAME_OFF // WB + k)]
+                m.next = "UP_OUT"
+            with m.State("UP_OUT"):
+                lastw = k == nwords - 1
+                tail = frame_len[:LB]
+                m.d.comb += [self.pm_own.eq(1), self.uplink_tx.valid.eq(1),
+                             self.uplink_tx.p.data.eq(self.pm_rd.data),
+                             self.uplink_tx.p.last.eq(lastw),
+                             self.uplink_tx.p.keep.eq(Mux(lastw & (tail != 0),
+                                                          (C(1, WB + 1) << tail) - 1,
+                                                          (1 << WB) - 1))]
+                with m.If(self.uplink_tx.ready):
+                    m.d.sync += k.eq(k + 1)
+                    with m.If(lastw):
+                        m.d.comb += inc["UPLINK_OUT"].eq(1)
+                        m.next = "TX_USED"
+                    with m.Else():
+                        m.next = "UP_RD"
+
+            # -- uplink in: take a frame into slot 1 --
+            with m.State("UPIN"):
+                u = self.uplink_rx
+                m.d.comb += [u.ready.eq(1), self.pm_own.eq(1)]
+                with m.If(u.valid):
+                    with m.If(k < WTOP - FRAME_OFF // WB):
+                        m.d.comb += [self.pm_wr.addr.eq(P.SLOT // WB + FRAME_OFF // WB + k),
+                                     self.pm_wr.data.eq(u.p.data), self.pm_wr.en.eq(u.p.keep)]
+                    with m.Else():
+                        m.d.sync += drop.eq(1)
+                    with m.If(k == 0):
+                        m.d.sync += dst.eq(u.p.data[:48])
+                    m.d.sync += [k.eq(k + 1),
+                                 total.eq(total + sum(u.p.keep[j] for j in range(WB)))]
+                    with m.If(u.p.last):
+                        m.next = "UPIN_END"
+            with m.State("UPIN_END"):
+                m.d.comb += inc["UPLINK_IN"].eq(1)
+                m.d.sync += [frame_len.eq(total), slot.eq(1), phase.eq(2)]
+                with m.If(drop | (total < P.MIN_FRAME) | (total > PKT_MAX - P.NET_HDR)):
+                    m.d.comb += inc["DROP_SIZE"].eq(1)
+                    m.next = "NEXT"
+                with m.Elif(dst[0] | ~is_ours):
+                    m.d.comb += inc["DROP_UNKNOWN"].eq(1)
+                    m.next = "NEXT"
+                with m.Else():
+                    m.next = "RX_START"
+
+            # -- receive: deliver the frame in ``slot`` to function dst[47:40] --
+            with m.State("RX_START"):
+                g = dst[40:]
+                m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0)]
+                with m.If(self.live.bit_select(g, 1) & self.bme.bit_select(g, 1)):
+                    m.next = "LOADQ0"
+                with m.Else():
+                    m.d.comb += inc["DROP_NOBUF"].eq(1)
+                    m.next = "RX_DONE"
+            with m.State("RX_DATA"):
+                # the first buffer starts with the header: DW aligned and at least 12 bytes
+                with m.If(first & ((cur_len < P.NET_HDR) | (cur_addr[:2] != 0))):
+                    m.d.sync += drop.eq(1)
+                    m.next = "RX_END"
+                with m.Elif(first):
+                    m.d.comb += h_go.eq(1)
+                    m.d.sync += [hwrite(cur_addr, 3, C(1 << 80, 128)), first.eq(0),
+                                 total.eq(P.NET_HDR), space_host.eq(cur_addr + P.NET_HDR),
+                                 space.eq(cur_len - P.NET_HDR)]
+                    m.next = "RX_HDR"
+                with m.Else():
+                    m.d.sync += [space_host.eq(cur_addr), space.eq(cur_len)]
+                    m.next = "RX_COPY"
+            with m.State("RX_HDR"):
+                with m.If(h_done):
+                    m.next = "RX_COPY"
+            with m.State("RX_COPY"):
+                rem = Signal(17)
+                m.d.comb += rem.eq(frame_len + P.NET_HDR - total)
+                with m.If(rem == 0):
+                    m.next = "RX_END"
+                with m.Elif(space == 0):
+                    m.next = "CHAIN_NEXT"
+                with m.Elif((space_host[:2] != 0) | (total[:2] != 0)):
+                    m.d.sync += drop.eq(1)
+                    m.next = "RX_END"
+                with m.Else():
+                    m.d.sync += space.eq(Mux(rem < space, rem, space))
+                    m.next = "RX_GO"
+            with m.State("RX_GO"):
+                m.d.comb += self.wr_cmd.valid.eq(1)
+                with m.If(self.wr_cmd.ready):
+                    m.next = "RX_WAIT"
+            with m.State("RX_WAIT"):
+                m.d.comb += self.wr_done.ready.eq(1)
+                with m.If(self.wr_done.valid):
+                    with m.If(self.wr_done.p.status != DmaStatus.OK):
+                        m.next = "BAD"
+                    with m.Else():
+                        m.d.sync += [total.eq(total + space), space.eq(0)]
+                        m.next = "RX_COPY"
+            with m.State("RX_END"):
+                rem = frame_len + P.NET_HDR - total
+                with m.If(drop | (rem != 0)):
+                    m.d.comb += inc["DROP_SIZE"].eq(1)     # the buffer was too small
+                with m.Else():
+                    m.d.comb += inc["RX_FRAMES"].eq(1)
+                m.d.sync += used_len.eq(Mux(drop, 0, total))
+                m.next = "USED_ELEM"
+
+            # -- used element, used index, avail_event, interrupt --
+            with m.State("USED_ELEM"):
+                m.d.comb += h_go.eq(1)
+                m.d.sync += hwrite(dev_base + 4 + ((used_idx[qi] & qmask) << 3), 2,
+                                   Cat(head, C(0, 16), used_len))
+                m.next = "USED_IDX"
+            with m.State("USED_IDX"):
+                with m.If(h_done):
+                    m.d.comb += h_go.eq(1)
+                    m.d.sync += [hwrite(dev_base, 1, Cat(C(0, 16), used_idx[qi] + 1), fbe=0xC),
+                                 used_idx[qi].eq(used_idx[qi] + 1),
+                                 last_avail[qi].eq(last_avail[qi] + 1)]
+                    m.next = "AVAIL_EVT"
+            with m.State("AVAIL_EVT"):
+                with m.If(h_done):
+                    with m.If(self.ev_idx.bit_select(cf, 1)):
+                        ev_off = Signal(12)
+                        m.d.comb += ev_off.eq(4 + (qsize << 3))
+                        m.d.comb += h_go.eq(1)
+                        m.d.sync += hwrite(dev_base + ev_off, 1, last_avail[qi], fbe=0x3)
+                        m.next = "EVT_SENT"
+                    with m.Else():
+                        m.d.comb += h_go.eq(1)
+                        m.d.sync += hread(drv_base, 1, 0x3)      # avail.flags
+                        m.next = "IRQ_FLAGS"
+            with m.State("EVT_SENT"):
+                with m.If(h_done):
+                    ue_at = Signal(64)
+                    m.d.comb += ue_at.eq(drv_base + 4 + (qsize << 1))    # used_event
+                    m.d.comb += h_go.eq(1)
+                    m.d.sync += hread16(ue_at)
+                    m.next = "IRQ_EVENT"
+            with m.State("IRQ_FLAGS"):
+                with m.If(h_done):
+                    with m.If(~h_err & ~h_rdata[0]):
+                        m.next = "IRQ"
+                    with m.Else():
+                        m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
+                        m.next = "QDONE"
+            with m.State("IRQ_EVENT"):
+                with m.If(h_done):
+                    ue = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
+                    new = used_idx[qi]
+                    old = Signal(16)
+                    m.d.comb += old.eq(new - 1)
+                    # vring_need_event(used_event, new, old)
+                    need = ((new - ue - 1)[:16] < (new - old)[:16])
+                    with m.If(~h_err & need):
+                        m.next = "IRQ"
+                    with m.Else():
+                        m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
+                        m.next = "QDONE"
+            with m.State("IRQ"):
+                m.d.comb += [inc["QUEUE_IRQS"].eq(1), self.irq.valid.eq(self.qr_vec < nvec), self.irq.fidx.eq(cf),
+                             self.irq.vector.eq(self.qr_vec[:5]),
+                             self.isr_set.eq(1), self.isr_fidx.eq(cf)]
+                m.next = "QDONE"
+            with m.State("QDONE"):
+                with m.If(cq == RXQ):
+                    m.next = "RX_DONE"
+                with m.Else():
+                    m.next = "NEXT"
+            with m.State("RX_DONE"):
+                # back to the sender to complete its transmit buffer
+                with m.If(phase == 1):
+                    m.next = "TX_USED"
+                with m.Else():
+                    m.next = "NEXT"
+            with m.State("TX_USED"):
+                m.d.sync += [cf.eq(tx_f), cq.eq(TXQ), head.eq(tx_head), used_len.eq(0),
+                             ret_used.eq(1), ret_rx.eq(0), phase.eq(0)]
+                m.next = "LOADQ0"
+
+            with m.State("BAD"):
+                m.d.comb += [self.nr_set.eq(1), self.nr_fidx.eq(cf), inc["DROP_BAD"].eq(1)]
+                m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                with m.If(phase == 1):
+                    m.next = "TX_USED"            # the receiver broke; the sender's frame is done
+                with m.Else():
+                    m.next = "NEXT"
+            with m.State("NEXT"):
+                m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
+                m.next = "SCAN"
+        return m

@@ -1,0 +1,310 @@
+"""The virtio-pci modern transport of every function (PF and VFs): common configuration,
+notifications, ISR status and the virtio-net device configuration, in BAR0 at
+:class:`hdl.params.VirtioRegs` (the vendor capabilities that point there are in
+:mod:`hdl.config_space`).
+
+Per function: feature negotiation (the device offers ``VirtioRegs.FEATURES``; FEATURES_OK only
+sticks when the driver's features are a subset that includes VERSION_1), the device status
+handshake (writing 0 resets the function's virtio state; NEEDS_RESET is set by the device and
+raises a configuration-change interrupt), and two queues (receiveq1, transmitq1) with size
+(power of two, at most 256), MSI-X vector (NO_VECTOR when the vector does not exist), enable
+and the three ring addresses. Queue fields of a queue that does not exist read 0 and ignore
+writes.
+
+The queue engine reads the queue state through ``qr_*`` (combinational) and the ring addresses
+through ``qa_*`` (block RAM, data a cycle after the address); it sees notifications as
+``kick`` bits (one per function and queue) that it acknowledges, and it reports through
+``isr_set`` (a queue interrupt was sent) and ``nr_set`` (the device needs a reset).
+Register accesses honour byte enables, so 8-, 16- and 32-bit accesses all work.
+"""
+
+from amaranth import *
+from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from .params import CardConfig, VirtioRegs as V
+from .regbus import RegBusSignature
+from .func_regs import IrqRequestSignature
+
+__all__ = ["VirtioPci", "NQ", "OFFERED"]
+
+NQ = V.NUM_QUEUES_VALUE
+# the feature bits the device offers; each function keeps one accepted-flag per offer
+OFFERED = (V.F_NET_MAC, V.F_NET_STATUS, V.F_RING_INDIRECT_DESC, V.F_RING_EVENT_IDX, V.F_VERSION_1)
+
+
+def _dw(off):
+    return off // 4
+
+
+class VirtioPci(wiring.Component):
+    def __init__(self, cfg: CardConfig):
+        self._card = cfg
+        nf = cfg.num_functions
+        QB = exact_log2(NQ)
+        super().__init__({
+            "bus":      In(RegBusSignature()),
+            # queue state for the engine
+            "qr_fidx":  In(8),
+            "qr_q":     In(range(NQ)),
+            "qr_size":  Out(9),
+            "qr_vec":   Out(16),
+            "qr_en":    Out(1),
+            "qa_fidx":  In(8),
+            "qa_q":     In(range(NQ)),
+            "qa_sel":   In(2),          # 0 descriptor table, 1 driver (avail), 2 device (used)
+            "qa_data":  Out(64),        # a cycle after the address
+            "live":     Out(nf),        # DRIVER_OK and FEATURES_OK, no NEEDS_RESET / FAILED
+            "ev_idx":   Out(nf),        # VIRTIO_F_EVENT_IDX negotiated
+            "indirect": Out(nf),        # VIRTIO_F_INDIRECT_DESC negotiated
+            "kick":     Out(nf * NQ),   # notified, not yet acknowledged; bit = fidx * NQ + q
+            "kick_ack": In(1),
+            "kick_idx": In(range(nf * NQ)),
+            "isr_set":  In(1),          # the engine sent a queue interrupt for ``isr_fidx``
+            "isr_fidx": In(8),
+            "nr_set":   In(1),          # the engine found the device broken: NEEDS_RESET
+            "nr_fidx":  In(8),
+            "irq":      Out(IrqRequestSignature()),   # configuration change interrupts
+            "reset":    Out(1),         # strobe: function ``reset_fidx``'s virtio state reset
+            "reset_fidx": Out(8),
+            "flr":      In(1),
+            "flr_fidx": In(8),
+            "vf_reset": In(1),
+        })
+
+    def elaborate(self, platform):
+        cfg = self._card
+        m = Module()
+        nf = cfg.num_functions
+        nvec = cfg.msix_vectors
+        b = self.bus
+        nqt = nf * NQ
+
+        status = Array(Signal(8, name=f"vstatus{i}") for i in range(nf))
+        dfsel = Array(Signal(32, name=f"dfsel{i}") for i in range(nf))
+        gfsel = Array(Signal(32, name=f"gfsel{i}") for i in range(nf))
+        gf = Array(Signal(len(OFFERED), name=f"gf{i}") for i in range(nf))   # accepted offers
+        # the driver wrote a feature bit the device did not offer: per select 0 / 1 (a later
+        # write of the same word can take it back) and sticky for the words above
+        gf_bad = Signal(nf * 3)
+        cfgvec = Array(Signal(16, name=f"cfgvec{i}", init=V.NO_VECTOR) for i in range(nf))
+        qsel = Array(Signal(16, name=f"qsel{i}") for i in range(nf))
+        isr = Signal(nf * 2)         # bit 0 queue, bit 1 config change, per function
+        qsize = Array(Signal(9, name=f"qsize{i}", init=V.QUEUE_SIZE_MAX) for i in range(nqt))
+        qvec = Array(Signal(16, name=f"qvec{i}", init=V.NO_VECTOR) for i in range(nqt))
+        qen = Signal(nqt)
+        kick = Signal(nqt)
+
+        # ring addresses: entry (fidx * NQ + q) * 4 + {0 desc, 1 driver, 2 device}
+        m.submodules.addr = amem = Memory(shape=64, depth=nqt * 4, init=[])
+        aw = amem.write_port(granularity=32)
+        ar_bus = amem.read_port()
+        ar_eng = amem.read_port()
+
+        def offered_bit(sel, word):
+            """The driver-feature word ``word`` under select ``sel`` as the vector of accepted
+            offers, and whether it sets any bit the device did not offer."""
+            bits = []
+            for k, fbit in enumerate(OFFERED):
+                hit = (sel == fbit // 32)
+                bits.append(hit & word[fbit % 32])
+            mask_lo = sum(1 << (f % 32) for f in OFFERED if f < 32)
+            mask_hi = sum(1 << (f % 32) for f in OFFERED if f >= 32)
+            bad = Mux(sel == 0, (word & ~mask_lo) != 0,
+                      Mux(sel == 1, (word & ~mask_hi) != 0, word != 0))
+            return Cat(*bits), bad
+
+        def feature_word(sel, accepted):
+            """Read-back of the driver-feature word under select ``sel``."""
+            w = 0
+            for k, fbit in enumerate(OFFERED):
+                w = w | Mux(sel == fbit // 32, accepted[k] << (fbit % 32), 0)
+            return w
+
+        offered_lo = V.FEATURES & 0xFFFF_FFFF
+        offered_hi = V.FEATURES >> 32
+
+        # ---- resets ------------------------------------------------------------------------
+        rst = Signal()
+        rst_f = Signal(8)
+        m.d.comb += [self.reset.eq(rst), self.reset_fidx.eq(rst_f)]
+
+        def reset_function(g):
+            stm = [status[g].eq(0), gf[g].eq(0), gf_bad.word_select(g, 3).eq(0),
+                   cfgvec[g].eq(V.NO_VECTOR), qsel[g].eq(0), dfsel[g].eq(0), gfsel[g].eq(0),
+                   isr.word_select(g, 2).eq(0)]
+            for q in range(NQ):
+                stm += [qsize[g * NQ + q].eq(V.QUEUE_SIZE_MAX), qvec[g * NQ + q].eq(V.NO_VECTOR),
+                        qen.bit_select(g * NQ + q, 1).eq(0), kick.bit_select(g * NQ + q, 1).eq(0)]
+            return stm
+
+        # ---- register writes ----------------------------------------------------------------
+        f = b.fidx
+        a = b.addr
+        base = _dw(V.COMMON)
+        in_common = (b.bar == 0) & (a >= base) & (a < base + _dw(V.COMMON_LEN))
+        in_notify = (b.bar == 0) & (a >= _dw(V.NOTIFY)) & (a < _dw(V.NOTIFY + V.NOTIFY_LEN))
+        in_isr = (b.bar == 0) & (a == _dw(V.ISR))
+        in_dev = (b.bar == 0) & (a >= _dw(V.DEVICE)) & (a < _dw(V.DEVICE + V.DEVICE_LEN))
+        fok = f < nf
+        cur_q = Signal(range(nqt))
+        m.d.comb += cur_q.eq(f * NQ + qsel[f][:exact_log2(NQ)] if NQ > 1 else f)
+        q_ok = qsel[f] < NQ
+        wd = b.wdata
+        be = b.be
+
+        def lanes(old, lo_byte, nbytes):
+            """``old`` (a field of ``nbytes`` at byte ``lo_byte`` of the DW) with the written
+            lanes replaced."""
+            parts = []
+            for k in range(nbytes):
+                lane = lo_byte + k
+                parts.append(Mux(be[lane], wd[8 * lane:8 * lane + 8], old[8 * k:8 * k + 8]))
+            return Cat(*parts)
+
+        new_status = Signal(8)
+        acc, bad = offered_bit(gfsel[f], wd)
+        aoff = Signal(3)             # DW index within the three 64-bit addresses
+        m.d.comb += [aoff.eq(a - base - _dw(V.Q_DESC)),
+                     aw.addr.eq(cur_q * 4 + aoff[1:]), aw.data.eq(Cat(wd, wd))]
+        with m.If(b.we & fok & in_common):
+            with m.Switch(a - base):
+                with m.Case(_dw(V.DFSELECT)):
+                    m.d.sync += dfsel[f].eq(lanes(dfsel[f], 0, 4))
+                with m.Case(_dw(V.GFSELECT)):
+                    m.d.sync += gfsel[f].eq(lanes(gfsel[f], 0, 4))
+                with m.Case(_dw(V.GF)):
+                    with m.If(~status[f][3] & (be == 0xF)):          # not after FEATURES_OK
+                        for k, fbit in enumerate(OFFERED):
+                            with m.If(gfsel[f] == fbit // 32):
+                                m.d.sync += gf[f][k].eq(acc[k])
+                        with m.If(gfsel[f] < 2):
+                            m.d.sync += gf_bad.bit_select(f * 3 + gfsel[f][0], 1).eq(bad)
+                        with m.Elif(bad):
+                            m.d.sync += gf_bad.bit_select(f * 3 + 2, 1).eq(1)
+                with m.Case(_dw(V.MSIX_CONFIG)):
+                    with m.If(be[0] | be[1]):
+                        v = lanes(cfgvec[f], 0, 2)
+                        m.d.sync += cfgvec[f].eq(Mux(v < nvec, v, V.NO_VECTOR))
+                with m.Case(_dw(V.STATUS)):
+                    with m.If(be[0]):
+                        with m.If(wd[:8] == 0):
+                            m.d.comb += [rst.eq(1), rst_f.eq(f)]
+                        with m.Else():
+                            # FEATURES_OK sticks only for a valid feature set
+                            ok = (gf_bad.word_select(f, 3) == 0) & gf[f][OFFERED.index(V.F_VERSION_1)]
+                            fo = wd[3] & (ok | status[f][3])
+                            m.d.sync += status[f].eq(Cat(wd[:3], fo, wd[4:6],
+                                                         status[f][6] | wd[6], wd[7]))
+                    with m.If(be[2] | be[3]):
+                        m.d.sync += qsel[f].eq(lanes(qsel[f], 2, 2))
+                with m.Case(_dw(V.Q_SIZE)):
+                    with m.If(q_ok & (be[0] | be[1])):
+                        v = lanes(qsize[cur_q], 0, 2)
+                        pow2 = (v != 0) & ((v & (v - 1)) == 0) & (v <= V.QUEUE_SIZE_MAX)
+                        with m.If(pow2 & ~qen.bit_select(cur_q, 1)):
+                            m.d.sync += qsize[cur_q].eq(v)
+                    with m.If(q_ok & (be[2] | be[3])):
+                        v = lanes(qvec[cur_q], 2, 2)
+                        m.d.sync += qvec[cur_q].eq(Mux(v < nvec, v, V.NO_VECTOR))
+                with m.Case(_dw(V.Q_ENABLE)):
+                    with m.If(q_ok & be[0]):
+                        with m.If(wd[0]):                  # only 1 may be written (spec 4.1.4.3)
+                            m.d.sync += qen.bit_select(cur_q, 1).eq(1)
+                for k in range(6):
+                    with m.Case(_dw(V.Q_DESC) + k):
+                        with m.If(q_ok & (be == 0xF) & ~qen.bit_select(cur_q, 1)):
+                            m.d.comb += aw.en.eq(Mux(aoff[0], 0b10, 0b01))
+        with m.If(b.we & fok & in_notify):
+            qn = a - _dw(V.NOTIFY)
+            with m.If(qn < NQ):
+                m.d.sync += kick.bit_select(f * NQ + qn[:max(exact_log2(NQ), 1)], 1).eq(1)
+
+        # ---- register reads -----------------------------------------------------------------
+        rdata = Signal(32)
+        rsel_addr = Signal()
+        rsel_hi = Signal()
+        m.d.comb += [ar_bus.addr.eq(cur_q * 4 + aoff[1:]), ar_bus.en.eq(b.re)]
+        mac_lo = int.from_bytes(V.MAC_PREFIX[:4], "little")
+        with m.If(b.re):
+            m.d.sync += [rdata.eq(0), rsel_addr.eq(0)]
+            with m.If(fok & in_common):
+                with m.Switch(a - base):
+                    with m.Case(_dw(V.DFSELECT)):
+                        m.d.sync += rdata.eq(dfsel[f])
+                    with m.Case(_dw(V.DF)):
+                        m.d.sync += rdata.eq(Mux(dfsel[f] == 0, offered_lo,
+                                                 Mux(dfsel[f] == 1, offered_hi, 0)))
+                    with m.Case(_dw(V.GFSELECT)):
+                        m.d.sync += rdata.eq(gfsel[f])
+                    with m.Case(_dw(V.GF)):
+                        m.d.sync += rdata.eq(feature_word(gfsel[f], gf[f]))
+                    with m.Case(_dw(V.MSIX_CONFIG)):
+                        m.d.sync += rdata.eq(Cat(cfgvec[f], C(NQ, 16)))
+                    with m.Case(_dw(V.STATUS)):
+                        m.d.sync += rdata.eq(Cat(status[f], C(0, 8), qsel[f]))
+                    with m.Case(_dw(V.Q_SIZE)):
+                        m.d.sync += rdata.eq(Mux(q_ok, Cat(qsize[cur_q], C(0, 7), qvec[cur_q]), 0))
+                    with m.Case(_dw(V.Q_ENABLE)):
+                        m.d.sync += rdata.eq(Mux(q_ok, Cat(qen.bit_select(cur_q, 1), C(0, 15),
+                                                           qsel[f]), 0))
+                    for k in range(6):
+                        with m.Case(_dw(V.Q_DESC) + k):
+                            m.d.sync += [rsel_addr.eq(q_ok), rsel_hi.eq(k & 1)]
+            with m.If(fok & in_isr):
+                m.d.sync += rdata.eq(isr.word_select(f, 2))
+            with m.If(fok & in_dev):
+                with m.Switch(a - _dw(V.DEVICE)):
+                    with m.Case(0):
+                        m.d.sync += rdata.eq(mac_lo)
+                    with m.Case(1):
+                        m.d.sync += rdata.eq(Cat(C(V.MAC_PREFIX[4], 8), f, C(1, 16)))  # link up
+                    with m.Case(2):
+                        m.d.sync += rdata.eq(1)                                        # 1 pair
+        m.d.comb += b.rdata.eq(Mux(rsel_addr, Mux(rsel_hi, ar_bus.data[32:], ar_bus.data[:32]),
+                                   rdata))
+
+        # ---- engine side --------------------------------------------------------------------
+        eq_idx = Signal(range(nqt))
+        m.d.comb += [
+            eq_idx.eq(self.qr_fidx * NQ + self.qr_q),
+            self.qr_size.eq(qsize[eq_idx]),
+            self.qr_vec.eq(qvec[eq_idx]),
+            self.qr_en.eq(qen.bit_select(eq_idx, 1)),
+            ar_eng.addr.eq((self.qa_fidx * NQ + self.qa_q) * 4 + self.qa_sel),
+            ar_eng.en.eq(1),
+            self.qa_data.eq(ar_eng.data),
+            self.kick.eq(kick),
+        ]
+        for g in range(nf):
+            base_st = status[g]
+            m.d.comb += [
+                self.live[g].eq(base_st[2] & base_st[3] & ~base_st[6] & ~base_st[7]),
+                self.ev_idx[g].eq(gf[g][OFFERED.index(V.F_RING_EVENT_IDX)]),
+                self.indirect[g].eq(gf[g][OFFERED.index(V.F_RING_INDIRECT_DESC)]),
+            ]
+        with m.If(self.kick_ack):
+            m.d.sync += kick.bit_select(self.kick_idx, 1).eq(0)
+        # read-to-clear ISR: the read above returned the bits; one set in the same cycle (below,
+        # so it wins) is kept for the next read
+        with m.If(b.re & fok & in_isr):
+            m.d.sync += isr.word_select(f, 2).eq(0)
+        with m.If(self.isr_set):
+            m.d.sync += isr.bit_select(self.isr_fidx * 2, 1).eq(1)
+        with m.If(self.nr_set & (self.nr_fidx < nf)):
+            g = self.nr_fidx
+            m.d.sync += [status[g].eq(status[g] | V.S_NEEDS_RESET),
+                         isr.bit_select(g * 2 + 1, 1).eq(1)]
+            m.d.comb += [self.irq.valid.eq(cfgvec[g] < nvec), self.irq.fidx.eq(g),
+                         self.irq.vector.eq(cfgvec[g][:5])]
+        with m.If(rst):
+            m.d.sync += reset_function(rst_f)
+        with m.If(self.flr):
+            m.d.comb += [self.reset.eq(1), self.reset_fidx.eq(self.flr_fidx)]
+            m.d.sync += reset_function(self.flr_fidx)
+        with m.If(self.vf_reset):
+            for g in range(1, nf):
+                m.d.sync += reset_function(g)
+        return m

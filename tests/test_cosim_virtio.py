@@ -1,0 +1,14 @@
+"""virtio-net on every function through cocotbext-pcie's RootComplex, in both simulators."""
+
+import pytest
+
+from hdl.params import CardConfig
+from cosim.card_sim import run_card_bench
+from cosim.runner import sim_params
+
+
+@pytest.mark.parametrize("width", [64, 128])
+@pytest.mark.parametrize("sim", sim_params())
+def test_virtio_net(sim, width):
+    res = run_card_bench(sim, "cosim.benches.virtio", CardConfig(data_width=width))
+    assert res.num_tests == 4 and res.num_failed == 0

@@ -1,0 +1,594 @@
+"""Unit tests of hdl.virtio_pci.VirtioPci: the virtio-pci modern transport (common config,
+notifications, ISR, virtio-net device config) of the PF and two VFs, driven through the
+register bus, plus its engine-side ports (qr_*, qa_*, kick, isr_set, nr_set) and resets."""
+
+import pytest
+
+from hdl.params import CardConfig, VirtioRegs as V
+from hdl.virtio_pci import VirtioPci
+
+from helpers import run_cached, RegBus
+
+CFG = CardConfig(total_vfs=2)
+NF = CFG.num_functions          # PF + 2 VFs
+NVEC = CFG.msix_vectors         # 4
+NQ = V.NUM_QUEUES_VALUE         # 2
+NOV = V.NO_VECTOR
+
+C = V.COMMON
+DFSEL, DF, GFSEL, GF = C + V.DFSELECT, C + V.DF, C + V.GFSELECT, C + V.GF
+MSIXCFG, STATUS, QSIZE, QEN = C + V.MSIX_CONFIG, C + V.STATUS, C + V.Q_SIZE, C + V.Q_ENABLE
+QADDR = {"desc": C + V.Q_DESC, "driver": C + V.Q_DRIVER, "device": C + V.Q_DEVICE}
+
+F_MAC, F_STATUS = 1 << V.F_NET_MAC, 1 << V.F_NET_STATUS
+F_INDIRECT, F_EVIDX = 1 << V.F_RING_INDIRECT_DESC, 1 << V.F_RING_EVENT_IDX
+F_V1 = 1 << V.F_VERSION_1
+
+
+class Virtio:
+    """Driver-side accesses of one function's virtio structures (natural-width accesses via
+    byte enables) plus the engine-side strobes."""
+
+    def __init__(self, ctx, dut):
+        self.ctx, self.dut = ctx, dut
+        self.bus = RegBus(ctx, dut.bus)
+
+    # -- common config ----------------------------------------------------------------------
+    async def status(self, f):
+        return (await self.bus.rd(f, STATUS)) & 0xFF
+
+    async def set_status(self, f, v):
+        await self.bus.wr(f, STATUS, v, be=0b0001)
+
+    async def dev_features(self, f, sel):
+        await self.bus.wr(f, DFSEL, sel)
+        return await self.bus.rd(f, DF)
+
+    async def set_drv_features(self, f, features, order=(0, 1)):
+        for sel in order:
+            await self.bus.wr(f, GFSEL, sel)
+            await self.bus.wr(f, GF, (features >> (32 * sel)) & 0xFFFF_FFFF)
+
+    async def drv_features(self, f):
+        w = 0
+        for sel in (0, 1):
+            await self.bus.wr(f, GFSEL, sel)
+            w |= (await self.bus.rd(f, GF)) << (32 * sel)
+        return w
+
+    async def cfg_vec(self, f):
+        return (await self.bus.rd(f, MSIXCFG)) & 0xFFFF
+
+    async def set_cfg_vec(self, f, v):
+        await self.bus.wr(f, MSIXCFG, v, be=0b0011)
+
+    async def select(self, f, q):
+        await self.bus.wr(f, STATUS, q << 16, be=0b1100)
+
+    async def qsize(self, f):
+        return (await self.bus.rd(f, QSIZE)) & 0xFFFF
+
+    async def set_qsize(self, f, v):
+        await self.bus.wr(f, QSIZE, v, be=0b0011)
+
+    async def qvec(self, f):
+        return (await self.bus.rd(f, QSIZE)) >> 16
+
+    async def set_qvec(self, f, v):
+        await self.bus.wr(f, QSIZE, v << 16, be=0b1100)
+
+    async def qen(self, f):
+        return (await self.bus.rd(f, QEN)) & 0xFFFF
+
+    async def enable(self, f, v=1):
+        await self.bus.wr(f, QEN, v, be=0b0011)
+
+    async def notify_off(self, f):
+        return (await self.bus.rd(f, QEN)) >> 16
+
+    async def set_addr(self, f, which, value):
+        off = QADDR[which]
+        await self.bus.wr(f, off, value & 0xFFFF_FFFF)
+        await self.bus.wr(f, off + 4, value >> 32)
+
+    async def addr(self, f, which):
+        off = QADDR[which]
+        return (await self.bus.rd(f, off)) | ((await self.bus.rd(f, off + 4)) << 32)
+
+    async def isr(self, f):
+        return await self.bus.rd(f, V.ISR)
+
+    async def notify(self, f, q):
+        await self.bus.wr(f, V.NOTIFY + V.NOTIFY_MULT * q, q, be=0b0011)
+
+    async def negotiate(self, f, features, final=15):
+        await self.set_status(f, 1)
+        await self.set_status(f, 3)
+        await self.set_drv_features(f, features)
+        await self.set_status(f, 11)
+        if final is not None:
+            await self.set_status(f, final)
+
+    # -- engine side ------------------------------------------------------------------------
+    def bit(self, sig, i):
+        return (self.ctx.get(sig) >> i) & 1
+
+    async def strobe(self, sig, fidx_sig=None, fidx=None, **extra):
+        """One-cycle strobe; returns (reset, reset_fidx, irq.valid, irq.fidx, irq.vector) as
+        seen during the strobe cycle."""
+        ctx, d = self.ctx, self.dut
+        ctx.set(sig, 1)
+        if fidx_sig is not None:
+            ctx.set(fidx_sig, fidx)
+        for s, v in extra.items():
+            ctx.set(getattr(d, s), v)
+        seen = (ctx.get(d.reset), ctx.get(d.reset_fidx), ctx.get(d.irq.valid),
+                ctx.get(d.irq.fidx), ctx.get(d.irq.vector))
+        await ctx.tick()
+        ctx.set(sig, 0)
+        return seen
+
+    async def qa(self, f, q, sel):
+        ctx, d = self.ctx, self.dut
+        ctx.set(d.qa_fidx, f)
+        ctx.set(d.qa_q, q)
+        ctx.set(d.qa_sel, sel)
+        await ctx.tick()
+        return ctx.get(d.qa_data)
+
+    def qr(self, f, q):
+        ctx, d = self.ctx, self.dut
+        ctx.set(d.qr_fidx, f)
+        ctx.set(d.qr_q, q)
+        return ctx.get(d.qr_size), ctx.get(d.qr_vec), ctx.get(d.qr_en)
+
+
+def run_v(tb):
+    def make_tb(dut):
+        async def bench(ctx):
+            await tb(ctx, dut, Virtio(ctx, dut))
+        return bench
+    run_cached(("virtio_pci", CFG), lambda: VirtioPci(CFG), make_tb)
+
+
+async def configure(v, f, seed):
+    """Put function ``f`` into a fully set-up, live state (distinct per ``seed``)."""
+    await v.negotiate(f, F_V1 | F_EVIDX | F_INDIRECT | F_MAC)
+    await v.set_cfg_vec(f, seed % NVEC)
+    for q in range(NQ):
+        await v.select(f, q)
+        await v.set_qsize(f, 16 << q)
+        await v.set_qvec(f, (seed + q + 1) % NVEC)
+        await v.set_addr(f, "desc", 0x1000_0000 * (seed + 1) + 0x100 * q)
+        await v.enable(f)
+
+
+async def expect_configured(v, f, seed):
+    assert await v.status(f) == 15
+    assert await v.drv_features(f) == F_V1 | F_EVIDX | F_INDIRECT | F_MAC
+    assert await v.cfg_vec(f) == seed % NVEC
+    for q in range(NQ):
+        await v.select(f, q)
+        assert await v.qsize(f) == 16 << q
+        assert await v.qvec(f) == (seed + q + 1) % NVEC
+        assert await v.qen(f) == 1
+    for name in ("live", "ev_idx", "indirect"):
+        assert v.bit(getattr(v.dut, name), f) == 1, f"{name} of function {f} lost"
+
+
+async def expect_reset(v, f):
+    assert await v.status(f) == 0
+    assert await v.drv_features(f) == 0
+    assert await v.cfg_vec(f) == NOV
+    for q in range(NQ):
+        await v.select(f, q)
+        assert await v.qsize(f) == V.QUEUE_SIZE_MAX
+        assert await v.qvec(f) == NOV
+        assert await v.qen(f) == 0
+        assert v.qr(f, q) == (V.QUEUE_SIZE_MAX, NOV, 0)
+    for name in ("live", "ev_idx", "indirect"):
+        assert v.bit(getattr(v.dut, name), f) == 0, f"{name} of function {f} not reset"
+    assert await v.isr(f) == 0
+
+
+# ---- device features, num_queues, device config -------------------------------------------
+
+def test_device_features_select_and_num_queues():
+    async def tb(ctx, dut, v):
+        for f in range(NF):
+            assert await v.dev_features(f, 0) == V.FEATURES & 0xFFFF_FFFF
+            assert await v.dev_features(f, 1) == V.FEATURES >> 32
+            assert await v.dev_features(f, 2) == 0
+            assert await v.bus.rd(f, DFSEL) == 2
+            assert (await v.bus.rd(f, MSIXCFG)) >> 16 == NQ       # num_queues
+            assert await v.cfg_vec(f) == NOV
+            assert await v.status(f) == 0
+        assert await v.dev_features(0, 1) == 1                     # VERSION_1 (bit 32)
+        await v.bus.wr(1, DF, 0xFFFF_FFFF)                          # device_feature is RO
+        await v.bus.wr(1, DFSEL, 0)
+        assert await v.bus.rd(1, DF) == V.FEATURES & 0xFFFF_FFFF
+        assert await v.bus.rd(1, DF, bar=2) == 0                    # other BAR: not addressed
+    run_v(tb)
+
+
+def test_device_config_mac_link_pairs():
+    async def tb(ctx, dut, v):
+        macs = set()
+        for f in range(NF):
+            raw = b""
+            for i in range(V.DEVICE_LEN // 4):
+                raw += (await v.bus.rd(f, V.DEVICE + 4 * i)).to_bytes(4, "little")
+            mac = raw[V.NET_MAC:V.NET_MAC + 6]
+            assert mac == bytes([0x02, 0x0F, 0xFC, 0x00, 0x00, f]), mac.hex(":")
+            assert int.from_bytes(raw[V.NET_STATUS:V.NET_STATUS + 2], "little") == 1
+            assert int.from_bytes(raw[V.NET_MAX_PAIRS:V.NET_MAX_PAIRS + 2], "little") == 1
+            macs.add(mac)
+        assert len(macs) == NF
+    run_v(tb)
+
+
+# ---- feature negotiation and the status handshake -----------------------------------------
+
+@pytest.mark.parametrize("features,ev,ind", [
+    (F_V1, 0, 0),
+    (F_V1 | F_EVIDX, 1, 0),
+    (F_V1 | F_INDIRECT | F_MAC, 0, 1),
+    (V.FEATURES, 1, 1),
+])
+def test_handshake_goes_live(features, ev, ind):
+    async def tb(ctx, dut, v):
+        f = 1
+        await v.set_status(f, 1)
+        assert await v.status(f) == 1
+        await v.set_status(f, 3)
+        assert await v.status(f) == 3
+        await v.set_drv_features(f, features)
+        assert await v.drv_features(f) == features
+        assert v.bit(dut.ev_idx, f) == ev and v.bit(dut.indirect, f) == ind
+        await v.set_status(f, 11)
+        assert await v.status(f) == 11, "FEATURES_OK did not stick for a valid subset"
+        assert ctx.get(dut.live) == 0
+        await v.set_status(f, 15)
+        assert await v.status(f) == 15
+        assert ctx.get(dut.live) == 1 << f
+        assert ctx.get(dut.ev_idx) == ev << f and ctx.get(dut.indirect) == ind << f
+    run_v(tb)
+
+
+@pytest.mark.parametrize("features,order", [
+    (F_MAC | F_STATUS | F_EVIDX, (0, 1)),            # no VERSION_1
+    (0, (0, 1)),
+    (F_V1 | 1, (1, 0)),                              # bit 0 not offered, high word first
+    (F_V1 | 1, (0, 1)),                              # bit 0 not offered, low word first (Linux)
+    (F_V1 | (1 << 33), (0, 1)),                      # bit 33 not offered
+    (F_V1 | (1 << 64), (0, 1, 2)),                   # bit 64 (select 2) not offered
+], ids=["no_v1", "none", "bit0_hi_first", "bit0_lo_first", "bit33", "bit64"])
+def test_features_ok_refused(features, order):
+    async def tb(ctx, dut, v):
+        f = 2
+        await v.set_status(f, 1)
+        await v.set_status(f, 3)
+        for sel in order:
+            await v.bus.wr(f, GFSEL, sel)
+            await v.bus.wr(f, GF, (features >> (32 * sel)) & 0xFFFF_FFFF)
+        await v.set_status(f, 11)
+        assert await v.status(f) == 3, "FEATURES_OK stuck for an invalid feature set"
+        await v.set_status(f, 15)
+        assert (await v.status(f)) & V.S_FEATURES_OK == 0
+        assert ctx.get(dut.live) == 0, "live without FEATURES_OK"
+    run_v(tb)
+
+
+def test_feature_writes_after_features_ok_ignored():
+    async def tb(ctx, dut, v):
+        f = 0
+        await v.negotiate(f, F_V1 | F_EVIDX, final=None)
+        assert await v.status(f) == 11
+        await v.set_drv_features(f, F_V1 | F_INDIRECT | F_MAC)
+        assert await v.drv_features(f) == F_V1 | F_EVIDX
+        await v.set_drv_features(f, F_EVIDX)                    # drop VERSION_1: ignored too
+        assert await v.drv_features(f) == F_V1 | F_EVIDX
+        await v.set_status(f, 15)
+        assert ctx.get(dut.live) == 1
+        assert ctx.get(dut.ev_idx) == 1 and ctx.get(dut.indirect) == 0
+    run_v(tb)
+
+
+# ---- reset --------------------------------------------------------------------------------
+
+def test_status_zero_resets_only_that_function():
+    async def tb(ctx, dut, v):
+        for f in range(NF):
+            await configure(v, f, f)
+            await v.notify(f, 0)
+        ctx.set(dut.isr_set, 1)
+        ctx.set(dut.isr_fidx, 1)
+        await ctx.tick()
+        ctx.set(dut.isr_set, 0)
+        assert ctx.get(dut.reset) == 0
+        # the reset strobe is combinational with the status write of 0
+        b = dut.bus
+        ctx.set(b.fidx, 1)
+        ctx.set(b.bar, 0)
+        ctx.set(b.addr, STATUS >> 2)
+        ctx.set(b.wdata, 0)
+        ctx.set(b.be, 0b0001)
+        ctx.set(b.we, 1)
+        assert (ctx.get(dut.reset), ctx.get(dut.reset_fidx)) == (1, 1)
+        await ctx.tick()
+        ctx.set(b.we, 0)
+        assert ctx.get(dut.reset) == 0, "reset strobe longer than the write"
+        await expect_reset(v, 1)
+        assert ctx.get(dut.kick) == 0b01_00_01, "kicks of the reset function not cleared"
+        for f in (0, 2):
+            await expect_configured(v, f, f)
+    run_v(tb)
+
+
+def test_reset_by_status_write_of_other_lanes_does_not_reset():
+    async def tb(ctx, dut, v):
+        await configure(v, 1, 1)
+        await v.select(1, 0)                                    # be 0b1100, wdata[7:0] = 0
+        assert ctx.get(dut.reset) == 0
+        await expect_configured(v, 1, 1)
+    run_v(tb)
+
+
+# ---- queues -------------------------------------------------------------------------------
+
+def test_queue_size_rules():
+    async def tb(ctx, dut, v):
+        f = 1
+        for q in range(NQ):
+            await v.select(f, q)
+            assert (await v.bus.rd(f, STATUS)) >> 16 == q        # queue_select reads back
+            assert await v.qsize(f) == 256
+            for size, expect in ((64, 64), (100, 64), (512, 64), (0, 64), (1, 1),
+                                 (3, 1), (256, 256), (128, 128), (0x180, 128)):
+                await v.set_qsize(f, size)
+                assert await v.qsize(f) == expect, f"q{q}: wrote {size}"
+                assert v.qr(f, q)[0] == expect
+        await v.select(f, 0)
+        await v.set_qsize(f, 32)
+        await v.select(f, 2)                                     # no such queue
+        assert await v.bus.rd(f, QSIZE) == 0
+        await v.set_qsize(f, 8)
+        await v.set_qvec(f, 1)
+        assert await v.bus.rd(f, QSIZE) == 0
+        await v.select(f, 0)
+        assert await v.qsize(f) == 32 and await v.qvec(f) == NOV, "queue 2 write aliased"
+        assert v.qr(f, 0) == (32, NOV, 0)
+        assert v.qr(0, 0)[0] == 256 and v.qr(2, 0)[0] == 256
+    run_v(tb)
+
+
+def test_queue_and_config_msix_vectors():
+    async def tb(ctx, dut, v):
+        f = 2
+        for q in range(NQ):
+            await v.select(f, q)
+            assert await v.qvec(f) == NOV
+            for vec, expect in ((3, 3), (0, 0), (NVEC, NOV), (2, 2), (0x1F, NOV), (NOV, NOV),
+                                (0x8001, NOV)):
+                await v.set_qvec(f, vec)
+                assert await v.qvec(f) == expect, f"q{q}: wrote {vec:#x}"
+                assert v.qr(f, q)[1] == expect
+            assert await v.qsize(f) == 256, "vector write changed the size"
+        for vec, expect in ((1, 1), (NVEC - 1, NVEC - 1), (NVEC, NOV), (0, 0), (NOV, NOV)):
+            await v.set_cfg_vec(f, vec)
+            assert await v.cfg_vec(f) == expect, f"config vector: wrote {vec:#x}"
+            assert (await v.bus.rd(f, MSIXCFG)) >> 16 == NQ
+        assert await v.cfg_vec(0) == NOV and await v.cfg_vec(1) == NOV
+    run_v(tb)
+
+
+def test_queue_notify_off_and_enable():
+    async def tb(ctx, dut, v):
+        f = 0
+        for q in range(NQ):
+            await v.select(f, q)
+            assert await v.notify_off(f) == q
+            assert await v.qen(f) == 0
+        await v.select(f, 1)
+        await v.enable(f)
+        assert await v.qen(f) == 1
+        await v.enable(f, 0)                                    # writing 0 does not disable
+        assert await v.qen(f) == 1
+        await v.select(f, 0)
+        assert await v.qen(f) == 0
+        assert [v.qr(f, q)[2] for q in range(NQ)] == [0, 1]
+        await v.select(f, 2)
+        assert await v.bus.rd(f, QEN) == 0
+        await v.enable(f)
+        await v.select(f, 0)
+        assert await v.qen(f) == 0, "enable of queue 2 aliased onto queue 0"
+        assert v.qr(1, 1)[2] == 0 and v.qr(2, 1)[2] == 0
+    run_v(tb)
+
+
+def test_queue_addresses_bus_and_engine_port():
+    async def tb(ctx, dut, v):
+        def val(f, q, k):
+            return ((0xA0 + 16 * f + 4 * q + k) << 56) | ((f << 20) | (q << 16) | (k << 12) | 0x40)
+        names = list(QADDR)
+        for f in range(NF):
+            for q in range(NQ):
+                await v.select(f, q)
+                for k, n in enumerate(names):
+                    await v.set_addr(f, n, val(f, q, k))
+        for f in range(NF):
+            for q in range(NQ):
+                await v.select(f, q)
+                for k, n in enumerate(names):
+                    assert await v.addr(f, n) == val(f, q, k), (f, q, n)
+                    assert await v.qa(f, q, k) == val(f, q, k), (f, q, n)
+        # a read of another register right after an address read returns that register
+        await v.select(1, 1)
+        await v.addr(1, "desc")
+        assert await v.notify_off(1) == 1
+        # queue 2 reads 0 and its writes do not land anywhere
+        await v.select(1, 2)
+        for n in names:
+            assert await v.addr(1, n) == 0
+            await v.set_addr(1, n, 0xDEAD_BEEF_0000_0000)
+        await v.select(1, 0)
+        for k, n in enumerate(names):
+            assert await v.addr(1, n) == val(1, 0, k)
+            assert await v.qa(1, 0, k) == val(1, 0, k)
+    run_v(tb)
+
+
+def test_qr_port_reflects_each_queue():
+    async def tb(ctx, dut, v):
+        for f in range(NF):
+            for q in range(NQ):
+                await v.select(f, q)
+                await v.set_qsize(f, 1 << (2 * f + q + 1))
+                await v.set_qvec(f, (f + q) % NVEC)
+                if (f + q) % 2:
+                    await v.enable(f)
+        for f in range(NF):
+            for q in range(NQ):
+                assert v.qr(f, q) == (1 << (2 * f + q + 1), (f + q) % NVEC, (f + q) % 2), (f, q)
+    run_v(tb)
+
+
+# ---- notifications ------------------------------------------------------------------------
+
+def test_notify_sets_kick_and_ack_clears():
+    async def tb(ctx, dut, v):
+        assert ctx.get(dut.kick) == 0
+        await v.notify(1, 1)
+        assert ctx.get(dut.kick) == 1 << (1 * NQ + 1)
+        await v.notify(2, 0)
+        await v.notify(0, 0)
+        assert ctx.get(dut.kick) == (1 << 3) | (1 << 4) | (1 << 0)
+        await v.notify(0, 2)                                     # no queue 2
+        await v.bus.wr(0, V.NOTIFY + 4 * 63, 0)
+        await v.bus.wr(0, V.NOTIFY + 4, 1, bar=2)                # wrong BAR
+        assert ctx.get(dut.kick) == 0b11001
+        await v.bus.rd(0, V.NOTIFY + 4)                          # reads don't kick
+        assert ctx.get(dut.kick) == 0b11001
+        await v.strobe(dut.kick_ack, dut.kick_idx, 3)
+        assert ctx.get(dut.kick) == 0b10001
+        await v.strobe(dut.kick_ack, dut.kick_idx, 5)            # not pending: no effect
+        assert ctx.get(dut.kick) == 0b10001
+        await v.strobe(dut.kick_ack, dut.kick_idx, 0)
+        await v.strobe(dut.kick_ack, dut.kick_idx, 4)
+        assert ctx.get(dut.kick) == 0
+        ctx.set(dut.kick_idx, 1)                                 # kick_idx without kick_ack
+        await v.notify(0, 1)
+        await ctx.tick()
+        assert ctx.get(dut.kick) == 0b10
+    run_v(tb)
+
+
+# ---- ISR ----------------------------------------------------------------------------------
+
+def test_isr_set_and_read_to_clear():
+    async def tb(ctx, dut, v):
+        for f in range(NF):
+            assert await v.isr(f) == 0
+        await v.strobe(dut.isr_set, dut.isr_fidx, 1)
+        assert await v.isr(0) == 0 and await v.isr(2) == 0
+        assert await v.isr(1) == 1
+        assert await v.isr(1) == 0, "ISR not cleared by the read"
+        await v.strobe(dut.isr_set, dut.isr_fidx, 2)
+        await v.strobe(dut.isr_set, dut.isr_fidx, 2)
+        await v.bus.rd(2, V.ISR, bar=2)                           # other BAR: no clear
+        await v.bus.rd(2, STATUS)                                 # other register: no clear
+        assert await v.isr(2) == 1
+        assert await v.isr(2) == 0
+    run_v(tb)
+
+
+def test_isr_set_during_isr_read_is_not_lost():
+    """A queue interrupt reported in the very cycle the driver reads (and clears) the ISR must
+    show up in that read or stay pending for the next one."""
+    async def tb(ctx, dut, v):
+        b = dut.bus
+        ctx.set(b.fidx, 1)
+        ctx.set(b.bar, 0)
+        ctx.set(b.addr, V.ISR >> 2)
+        ctx.set(b.re, 1)
+        ctx.set(dut.isr_set, 1)
+        ctx.set(dut.isr_fidx, 1)
+        await ctx.tick()
+        ctx.set(b.re, 0)
+        ctx.set(dut.isr_set, 0)
+        first = ctx.get(b.rdata)
+        second = await v.isr(1)
+        assert (first | second) & 1, f"isr_set lost: reads {first}, {second}"
+    run_v(tb)
+
+
+# ---- device needs reset -------------------------------------------------------------------
+
+def test_needs_reset_with_config_vector():
+    async def tb(ctx, dut, v):
+        await configure(v, 1, 2)                                 # config vector 2
+        await configure(v, 0, 0)
+        assert ctx.get(dut.live) == 0b011
+        seen = await v.strobe(dut.nr_set, dut.nr_fidx, 1)
+        assert seen[2:] == (1, 1, 2), f"irq (valid, fidx, vector) = {seen[2:]}"
+        assert ctx.get(dut.irq.valid) == 0, "irq longer than the nr_set strobe"
+        assert await v.status(1) == 15 | V.S_NEEDS_RESET
+        assert ctx.get(dut.live) == 0b001
+        assert await v.isr(1) == 0b10
+        assert await v.isr(1) == 0
+        assert await v.status(0) == 15 and await v.isr(0) == 0
+        # NEEDS_RESET stays across driver status writes until a reset
+        await v.set_status(1, 15)
+        assert await v.status(1) == 15 | V.S_NEEDS_RESET and ctx.get(dut.live) == 0b001
+        await v.set_status(1, 0)
+        assert await v.status(1) == 0
+    run_v(tb)
+
+
+def test_needs_reset_without_config_vector():
+    async def tb(ctx, dut, v):
+        await v.negotiate(2, F_V1)
+        assert await v.cfg_vec(2) == NOV
+        seen = await v.strobe(dut.nr_set, dut.nr_fidx, 2)
+        assert seen[2] == 0, "config interrupt requested without a vector"
+        assert await v.status(2) == 15 | V.S_NEEDS_RESET
+        assert ctx.get(dut.live) == 0
+        assert await v.isr(2) == 0b10
+        await v.set_cfg_vec(2, NVEC)                             # no such vector: NO_VECTOR
+        seen = await v.strobe(dut.nr_set, dut.nr_fidx, 2)
+        assert seen[2] == 0
+        seen = await v.strobe(dut.nr_set, dut.nr_fidx, NF)       # no such function
+        assert seen[2] == 0
+        for f in range(NF - 1):
+            assert await v.status(f) == 0 and await v.isr(f) == 0
+    run_v(tb)
+
+
+# ---- FLR and VF reset ---------------------------------------------------------------------
+
+def test_flr_of_a_vf_resets_only_that_vf():
+    async def tb(ctx, dut, v):
+        for f in range(NF):
+            await configure(v, f, f + 1)
+            await v.notify(f, 1)
+        seen = await v.strobe(dut.flr, dut.flr_fidx, 2)
+        assert seen[:2] == (1, 2), "no reset strobe for the FLR"
+        assert ctx.get(dut.reset) == 0
+        await expect_reset(v, 2)
+        assert ctx.get(dut.kick) == 0b00_10_10
+        for f in (0, 1):
+            await expect_configured(v, f, f + 1)
+    run_v(tb)
+
+
+def test_vf_reset_resets_every_vf_not_the_pf():
+    async def tb(ctx, dut, v):
+        for f in range(NF):
+            await configure(v, f, f)
+            await v.notify(f, 0)
+        await v.strobe(dut.vf_reset)
+        for f in range(1, NF):
+            await expect_reset(v, f)
+        assert ctx.get(dut.kick) == 0b01
+        await expect_configured(v, 0, 0)
+    run_v(tb)
