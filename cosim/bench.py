@@ -54,6 +54,18 @@ def bench_dma(sim, cfg):
     return rec["dma"], rec["page_faults"]
 
 
+def bench_virtio(sim, cfg):
+    """Guest-to-guest virtio-net rows (:mod:`cosim.benches.perf_virtio`)."""
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "virtio.json"
+        run_card_bench(sim, "cosim.benches.perf_virtio", cfg,
+                       extra_env={"OFFCARD_BENCH_OUT": str(out)})
+        rows = json.loads(out.read_text())
+    for r in rows:
+        r.update({"sim": sim, "config": config_key(cfg)})
+    return rows
+
+
 def add_table(console, md, title, cols, rows):
     table = Table(title=title)
     for c in cols:
@@ -78,6 +90,7 @@ def main(argv=None):
     rows = []
     dma_rows = []
     fault_rows = []
+    virtio_rows = []
     for sim in selected_sims():
         for cfg in CONFIGS:
             console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} ...")
@@ -86,8 +99,11 @@ def main(argv=None):
             d, f = bench_dma(sim, cfg)
             dma_rows += d
             fault_rows += f
+            console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} virtio-net ...")
+            virtio_rows += bench_virtio(sim, cfg)
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
-              "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows}
+              "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows,
+              "virtio_net": virtio_rows}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     md = []
     add_table(console, md, "enumeration + SR-IOV + MMIO",
@@ -99,6 +115,9 @@ def main(argv=None):
     add_table(console, md, "I/O page faults (1 KiB write to an absent page, card clocks)",
               ["sim", "config", "fault", "raise_clk", "host_clk", "resolve_clk", "total_clk"],
               fault_rows)
+    add_table(console, md, "virtio-net guest to guest (VF1 -> VF2)",
+              ["sim", "config", "mode", "frame_bytes", "frames", "frames_per_wall_s",
+               "payload_bytes_per_clk", "sim_us", "traps"], virtio_rows)
     Path(args.output).with_suffix(".md").write_text("\n".join(md).lstrip() + "\n")
     console.print(f"wrote {args.output} and {Path(args.output).with_suffix('.md')}")
     return 0

@@ -224,3 +224,80 @@ async def test_bad_queues_and_isolation(dut):
     assert not await a.read_status() & V.S_NEEDS_RESET
     assert head in [i for i, _ in await a.tx.get_used()]     # the buffer is still returned
     assert (await counters(h))["DROP_BAD"] == 2
+
+
+@cocotb.test()
+async def test_hypervisor_direct_trap_native(dut):
+    """Guests in direct mode (0 traps) and trap mode (every access trapped, still working),
+    one guest with two devices, the host's native path on the PF at the same time (it never
+    touches the PF's virtio device); resetting one guest's device does not disturb the others."""
+    from host_driver.hypervisor import Hypervisor
+    h, pf, vfs = await bring_up(dut, 4)
+    rnd = random.Random(5)
+    hv = Hypervisor(h.drv, exit_ns=1_000)
+    native = await hv.start_host_native()
+    g1 = await hv.create_guest("g1", [vfs[0]], "direct")
+    g2 = await hv.create_guest("g2", [vfs[1]], "trap")
+    g3 = await hv.create_guest("g3", [vfs[2], vfs[3]], "direct")
+    n1, n2, (n3a, n3b) = g1.nics[0], g2.nics[0], g3.nics
+    traps_bringup = g2.traps
+    assert g1.traps == 0 and g3.traps == 0 and traps_bringup > 20
+    for n in (n1, n2, n3a, n3b):
+        await n.post_rx(16)
+    src = (h.t.alloc_host_mem(0x2000) + 0xFFF) & ~0xFFF
+    dst = (h.t.alloc_host_mem(0x2000) + 0xFFF) & ~0xFFF
+    for k in range(3):
+        # guest traffic: g1 <-> g2, g3 between its own two devices, g1 -> g3
+        f12 = [frame(n2.mac, n1.mac, 64 + 100 * j, rnd) for j in range(4)]
+        f21 = [frame(n1.mac, n2.mac, 1500 - 200 * j, rnd) for j in range(3)]
+        f33 = [frame(n3b.mac, n3a.mac, 300 + j, rnd) for j in range(3)]
+        for f in f12:
+            await n1.send(f)
+        for f in f21:
+            await n2.send(f)
+        for f in f33:
+            await n3a.send(f)
+        # the host's native path meanwhile
+        data = bytes(rnd.getrandbits(8) for _ in range(1024))
+        await h.t.host_write(src, data)
+        await native.copy_through_card(src, dst, len(data), card=0x8000)
+        assert await h.t.host_read(dst, len(data)) == data
+        got2 = await receive_n(n2, len(f12))
+        got1 = await receive_n(n1, len(f21))
+        got3 = await receive_n(n3b, len(f33))
+        assert got2 == f12, diff(got2, f12)
+        assert got1 == f21, diff(got1, f21)
+        assert got3 == f33, diff(got3, f33)
+    assert g1.traps == 0 and g3.traps == 0
+    assert g2.traps > traps_bringup, "trap-mode doorbells and reads were not trapped"
+    # the host native path never touched the PF's virtio device
+    assert await h.t.mmio_read(pf.bar0 + V.COMMON + V.STATUS, 1) == 0
+    # g1's device is reset (and brought up again) while g3 -> g2 traffic flows
+    fs = [frame(n2.mac, n3a.mac, 200 + j, rnd) for j in range(6)]
+    for f in fs[:3]:
+        await n3a.send(f)
+    await n1.reset()
+    for f in fs[3:]:
+        await n3a.send(f)
+    got = await receive_n(n2, len(fs))
+    assert got == fs, diff(got, fs)
+    await n1.bring_up()
+    await n1.post_rx(4)
+    f = frame(n1.mac, n2.mac, 128, rnd)
+    await n2.send(f)
+    assert await receive_n(n1, 1) == [f]
+
+
+@cocotb.test()
+async def test_zero_length_descriptor(dut):
+    """A zero-length descriptor in the middle of a chain is skipped; the frame goes through."""
+    h, pf, vfs = await bring_up(dut, 2)
+    a, b = await net(h, vfs[0]), await net(h, vfs[1])
+    await b.post_rx(2)
+    f = frame(b.mac, a.mac, 150, random.Random(6))
+    buf = await a.mem.alloc(1024, 64)
+    await a.mem.write(buf, bytes(12))
+    await a.mem.write(buf + 256, f)
+    await a.tx.add_buffer([(buf, 12), (buf + 128, 0), (buf + 256, len(f))])
+    await a.notify(TX_QUEUE)
+    assert await receive_n(b, 1) == [f]
