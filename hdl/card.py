@@ -39,7 +39,8 @@ from .translate import Translator, WALK_TAG
 from .fault import FaultUnit, CQ_TAG
 from .virtio_pci import VirtioPci
 from .virtio_net import VirtioNetEngine, UplinkBeat, VQ_TAG, PKT_WORDS
-from .dma_mux import DmaChannelMux
+from .dma_mux import DmaChannelMux, LockMux
+from .translate import XlateReq, XlateResp
 from .params import PacketBuf
 from amaranth.lib import stream
 from amaranth.lib.memory import Memory
@@ -80,6 +81,7 @@ class Card(wiring.Component):
         m.submodules.vnet = vn = VirtioNetEngine(cfg)
         m.submodules.rd_mux = rmux = DmaChannelMux()
         m.submodules.wr_mux = wmux = DmaChannelMux()
+        m.submodules.xl_mux = xmux = LockMux(XlateReq, XlateResp)
         W = cfg.data_width
         m.submodules.pktmem = pmem = Memory(shape=W, depth=PKT_WORDS(W), init=[])
         pm_w = pmem.write_port(granularity=8)
@@ -119,8 +121,13 @@ class Card(wiring.Component):
             vn.pm_rd.data.eq(pm_r.data),
             vn.snoop.addr.eq(pm_w.addr), vn.snoop.data.eq(pm_w.data), vn.snoop.en.eq(pm_w.en),
         ]
-        wiring.connect(m, dq.xreq, xl.req)
-        wiring.connect(m, xl.resp, dq.xresp)
+        # the translator, shared by the descriptor queues and the virtio engine
+        wiring.connect(m, dq.xreq, xmux.cmd0)
+        wiring.connect(m, xmux.done0, dq.xresp)
+        wiring.connect(m, vn.xreq, xmux.cmd1)
+        wiring.connect(m, xmux.done1, vn.xresp)
+        wiring.connect(m, xmux.cmd, xl.req)
+        wiring.connect(m, xl.resp, xmux.done)
         wiring.connect(m, dq.fault, fu.fault)
         wiring.connect(m, fu.resume, dq.resume)
         wiring.connect(m, dq.slot_free, fu.slot_free)

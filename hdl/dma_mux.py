@@ -1,9 +1,9 @@
-"""Shares one DMA channel (read or write) between two engines.
+"""Shares one request/response server (a DMA channel, the translator) between two clients.
 
-A client owns the channel from the command it issued until it has taken that command's
-``done``; the other client's command waits. Both clients run one command at a time, so a lock
-is all the arbitration needed; when both ask in the same cycle, the one that did not go last
-goes first.
+A client owns the server from the request it issued until it has taken that request's
+response; the other client's request waits. Both clients have one request outstanding at a
+time, so a lock is all the arbitration needed; when both ask in the same cycle, the one that did
+not go last goes first.
 """
 
 from amaranth import *
@@ -12,18 +12,23 @@ from amaranth.lib.wiring import In, Out
 
 from .dma_common import DmaCmd, DmaDone
 
-__all__ = ["DmaChannelMux"]
+__all__ = ["LockMux", "DmaChannelMux"]
 
 
-class DmaChannelMux(wiring.Component):
-    cmd0:  In(stream.Signature(DmaCmd))
-    done0: Out(stream.Signature(DmaDone))
-    cmd1:  In(stream.Signature(DmaCmd))
-    done1: Out(stream.Signature(DmaDone))
-    cmd:   Out(stream.Signature(DmaCmd))
-    done:  In(stream.Signature(DmaDone))
-    owner: Out(1)              # the client the channel serves (valid while ``busy``)
-    busy:  Out(1)
+class LockMux(wiring.Component):
+    """Requests (``cmd*``) of layout ``req``, responses (``done*``) of layout ``resp``."""
+
+    def __init__(self, req, resp):
+        super().__init__({
+            "cmd0":  In(stream.Signature(req)),
+            "done0": Out(stream.Signature(resp)),
+            "cmd1":  In(stream.Signature(req)),
+            "done1": Out(stream.Signature(resp)),
+            "cmd":   Out(stream.Signature(req)),
+            "done":  In(stream.Signature(resp)),
+            "owner": Out(1),       # the client the server works for (valid while ``busy``)
+            "busy":  Out(1),
+        })
 
     def elaborate(self, platform):
         m = Module()
@@ -51,3 +56,10 @@ class DmaChannelMux(wiring.Component):
         with m.If(self.done.valid & self.done.ready):
             m.d.sync += busy.eq(0)
         return m
+
+
+class DmaChannelMux(LockMux):
+    """A DMA channel (:class:`hdl.dma_common.DmaCmd` in, :class:`DmaDone` out) for two engines."""
+
+    def __init__(self):
+        super().__init__(DmaCmd, DmaDone)

@@ -94,6 +94,7 @@ class NetRegs:
     DROP_SIZE    = 0x31C   # runt, oversized, unaligned buffers, or a receive buffer too small
     QUEUE_IRQS   = 0x320   # used-buffer notifications sent (MSI-X, or ISR only without a vector)
     IRQ_SUPPRESSED = 0x324 # used buffers the driver asked not to be interrupted for
+    XLATE_ERRORS = 0x328   # queue or buffer addresses outside the function's domain (or absent)
 
 
 class VirtioCaps:

@@ -23,8 +23,11 @@ engine: a descriptor loop (more descriptors than the queue holds), an index beyo
 a descriptor of the wrong direction, a bad indirect table or an available index running ahead
 by more than the queue size sets the function's NEEDS_RESET and stops its queues; runts,
 oversized frames, buffers not on DW boundaries and receive buffers too small drop the frame
-and count it. Addresses are bus addresses (the virtqueues are not translated by the device
-TLB yet).
+and count it. Every address the driver gives (rings, descriptors, buffers) is an I/O virtual
+address of the function's domain when the PF gave it one (:mod:`hdl.translate`): each small
+access and each buffer piece (cut at 4 KiB pages) is translated first, and an address outside
+the domain, or not present, sets NEEDS_RESET before anything moves there (counted in
+``XLATE_ERRORS``).
 """
 
 from amaranth import *
@@ -39,6 +42,7 @@ from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
 from .dma_common import DmaCmd, DmaDone, DmaStatus, MemReadPort, MemWritePort, CARD_ADDR_BITS
 from .dma_read import CPL_TIMEOUT
 from .virtio_pci import NQ
+from .translate import XlateReq, XlateResp, XlateStatus
 
 __all__ = ["VirtioNetEngine", "UplinkBeat", "VQ_TAG", "PKT_WORDS"]
 
@@ -80,6 +84,8 @@ class VirtioNetEngine(wiring.Component):
             "wr_cmd":   Out(stream.Signature(DmaCmd)),
             "wr_done":  In(stream.Signature(DmaDone)),
             "irq":      Out(IrqRequestSignature()),
+            "xreq":     Out(stream.Signature(XlateReq)),    # the function's IOMMU domain
+            "xresp":    In(stream.Signature(XlateResp)),
             "bus_num":  In(8),
             "bme":      In(nf),
             # the transport (hdl.virtio_pci)
@@ -133,7 +139,7 @@ class VirtioNetEngine(wiring.Component):
 
         # ---- counters ------------------------------------------------------------------------
         names = ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
-                 "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED")
+                 "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED", "XLATE_ERRORS")
         ctr = {n: Signal(32, name=n.lower()) for n in names}
         inc = {n: Signal(name="inc_" + n.lower()) for n in names}
         for n in names:
@@ -161,6 +167,7 @@ class VirtioNetEngine(wiring.Component):
         h_rdata = Signal(128)
         h_done = Signal()
         h_err = Signal()
+        h_xerr = Signal()          # the failure was the translation (sticky until the next go)
         cf = Signal(8)                               # the function being served
         rid = Cat(cf, self.bus_num)
         nbeats = Signal(3)
@@ -190,14 +197,33 @@ class VirtioNetEngine(wiring.Component):
         def accept_go():
             # the engine may ask again in the very cycle the previous access reports done
             with m.If(h_go):
-                m.d.sync += [beat.eq(0), dcount.eq(0), wait_cnt.eq(0), h_err.eq(0)]
-                m.next = "SEND"
+                m.d.sync += [beat.eq(0), dcount.eq(0), wait_cnt.eq(0), h_err.eq(0), h_xerr.eq(0)]
+                m.next = "XLATE"
             with m.Else():
                 m.next = "IDLE"
 
+        # the access's IOVA -> bus address (an access never spans a page: that is an error)
+        h_last = Signal(64)
+        m.d.comb += h_last.eq(h_addr + (h_ndw << 2) - 1)
+        hx_req = Signal()
+        hx_take = Signal()
         with m.FSM(name="hport"):
             with m.State("IDLE"):
                 accept_go()
+            with m.State("XLATE"):
+                m.d.comb += hx_req.eq(1)
+                with m.If(self.xreq.ready):
+                    m.next = "XWAIT"
+            with m.State("XWAIT"):
+                m.d.comb += hx_take.eq(1)
+                with m.If(self.xresp.valid):
+                    with m.If((self.xresp.p.status != XlateStatus.OK)
+                              | (h_addr[12:] != h_last[12:])):
+                        m.d.sync += [h_err.eq(1), h_xerr.eq(1)]
+                        m.next = "GOT"
+                    with m.Else():
+                        m.d.sync += h_addr.eq(self.xresp.p.phys)
+                        m.next = "SEND"
             with m.State("SEND"):
                 m.d.comb += self.tx.valid.eq(1)
                 with m.If(self.tx.ready):
@@ -312,19 +338,44 @@ class VirtioNetEngine(wiring.Component):
             for q in range(NQ):
                 m.d.sync += [last_avail[g * NQ + q].eq(0), used_idx[g * NQ + q].eq(0)]
 
+        limit = Mux(ind, ind_n, qsize)
+        WTOP = P.SLOT // WB
+
+        # translation of buffer pieces (the host port translates its own accesses)
+        mx_req = Signal()
+        mx_take = Signal()
+        mx_iova = Signal(64)
+        mx_last = Signal(64)
+        sub = Signal(32)                   # bytes of the current descriptor done
+        seg = Signal(13)                   # the piece being moved (at most a page)
+        phys = Signal(64)
+        xr = self.xresp.p
+        m.d.comb += [
+            self.xreq.valid.eq(hx_req | mx_req),
+            self.xreq.p.fidx.eq(cf),
+            self.xreq.p.iova.eq(Mux(hx_req, h_addr, mx_iova)),
+            self.xreq.p.last.eq(Mux(hx_req, h_last, mx_last)),
+            self.xresp.ready.eq(hx_take | mx_take),
+        ]
+        page_room = Signal(13)
+        m.d.comb += page_room.eq(4096 - mx_iova[:12])
+
+        def piece(limit_bytes):
+            """The bytes of the next piece: ``limit_bytes``, cut at the page end unless the
+            function has no domain (bypass)."""
+            return Mux(xr.bypass | (limit_bytes < page_room), limit_bytes, page_room)
+
         cmd_p = [self.rd_cmd.p, self.wr_cmd.p]
         for p_ in cmd_p:
             m.d.comb += p_.fidx.eq(cf)
         m.d.comb += [
-            self.rd_cmd.p.host.eq(cur_addr),
+            self.rd_cmd.p.host.eq(phys),
             self.rd_cmd.p.card.eq(card_addr(0, total)),
-            self.rd_cmd.p.length.eq(cur_len),
-            self.wr_cmd.p.host.eq(space_host),
+            self.rd_cmd.p.length.eq(seg),
+            self.wr_cmd.p.host.eq(phys),
             self.wr_cmd.p.card.eq(P.BASE + slot * P.SLOT + FRAME_OFF + (total - P.NET_HDR)),
-            self.wr_cmd.p.length.eq(space),
+            self.wr_cmd.p.length.eq(seg),
         ]
-        limit = Mux(ind, ind_n, qsize)
-        WTOP = P.SLOT // WB
 
         with m.FSM(name="engine"):
             with m.State("SCAN"):
@@ -456,17 +507,37 @@ class VirtioNetEngine(wiring.Component):
                     m.d.sync += drop.eq(1)
                     m.next = "CHAIN_NEXT"
                 with m.Else():
-                    m.d.comb += self.rd_cmd.valid.eq(1)
-                    with m.If(self.rd_cmd.ready):
-                        m.next = "TX_WAIT"
+                    m.d.sync += sub.eq(0)
+                    m.next = "TX_XL"
+            with m.State("TX_XL"):
+                # translate the next piece; the whole buffer must be in the domain
+                m.d.comb += [mx_req.eq(1), mx_iova.eq(cur_addr + sub), mx_last.eq(cur_addr + cur_len - 1)]
+                with m.If(self.xreq.ready):
+                    m.next = "TX_XW"
+            with m.State("TX_XW"):
+                m.d.comb += [mx_take.eq(1), mx_iova.eq(cur_addr + sub)]
+                with m.If(self.xresp.valid):
+                    with m.If(xr.status != XlateStatus.OK):
+                        m.d.sync += h_xerr.eq(1)
+                        m.next = "BAD"
+                    with m.Else():
+                        m.d.sync += [phys.eq(xr.phys), seg.eq(piece(cur_len - sub))]
+                        m.next = "TX_GO"
+            with m.State("TX_GO"):
+                m.d.comb += self.rd_cmd.valid.eq(1)
+                with m.If(self.rd_cmd.ready):
+                    m.next = "TX_WAIT"
             with m.State("TX_WAIT"):
                 m.d.comb += self.rd_done.ready.eq(1)
                 with m.If(self.rd_done.valid):
                     with m.If(self.rd_done.p.status != DmaStatus.OK):
                         m.next = "BAD"
                     with m.Else():
-                        m.d.sync += total.eq(total + cur_len)
-                        m.next = "CHAIN_NEXT"
+                        m.d.sync += [total.eq(total + seg), sub.eq(sub + seg)]
+                        with m.If(sub + seg == cur_len):
+                            m.next = "CHAIN_NEXT"
+                        with m.Else():
+                            m.next = "TX_XL"
             with m.State("TX_END"):
                 m.d.comb += inc["TX_FRAMES"].eq(1)
                 m.d.sync += [tx_f.eq(cf), tx_head.eq(head), frame_len.eq(total - P.NET_HDR),
@@ -560,6 +631,8 @@ class VirtioNetEngine(wiring.Component):
             with m.State("RX_HDR"):
                 with m.If(h_done):
                     m.next = "RX_COPY"
+                    with m.If(h_err):
+                        m.next = "BAD"
             with m.State("RX_COPY"):
                 rem = Signal(17)
                 m.d.comb += rem.eq(frame_len + P.NET_HDR - total)
@@ -571,8 +644,22 @@ class VirtioNetEngine(wiring.Component):
                     m.d.sync += drop.eq(1)
                     m.next = "RX_END"
                 with m.Else():
-                    m.d.sync += space.eq(Mux(rem < space, rem, space))
-                    m.next = "RX_GO"
+                    m.d.sync += cur_len.eq(Mux(rem < space, rem, space))   # this buffer's share
+                    m.next = "RX_XL"
+            with m.State("RX_XL"):
+                m.d.comb += [mx_req.eq(1), mx_iova.eq(space_host),
+                             mx_last.eq(space_host + cur_len - 1)]
+                with m.If(self.xreq.ready):
+                    m.next = "RX_XW"
+            with m.State("RX_XW"):
+                m.d.comb += [mx_take.eq(1), mx_iova.eq(space_host)]
+                with m.If(self.xresp.valid):
+                    with m.If(xr.status != XlateStatus.OK):
+                        m.d.sync += h_xerr.eq(1)
+                        m.next = "BAD"
+                    with m.Else():
+                        m.d.sync += [phys.eq(xr.phys), seg.eq(piece(cur_len))]
+                        m.next = "RX_GO"
             with m.State("RX_GO"):
                 m.d.comb += self.wr_cmd.valid.eq(1)
                 with m.If(self.wr_cmd.ready):
@@ -583,7 +670,8 @@ class VirtioNetEngine(wiring.Component):
                     with m.If(self.wr_done.p.status != DmaStatus.OK):
                         m.next = "BAD"
                     with m.Else():
-                        m.d.sync += [total.eq(total + space), space.eq(0)]
+                        m.d.sync += [total.eq(total + seg), space.eq(space - seg),
+                                     space_host.eq(space_host + seg)]
                         m.next = "RX_COPY"
             with m.State("RX_END"):
                 rem = frame_len + P.NET_HDR - total
@@ -601,14 +689,18 @@ class VirtioNetEngine(wiring.Component):
                                    Cat(head, C(0, 16), used_len))
                 m.next = "USED_IDX"
             with m.State("USED_IDX"):
-                with m.If(h_done):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done):
                     m.d.comb += h_go.eq(1)
                     m.d.sync += [hwrite(dev_base, 1, Cat(C(0, 16), used_idx[qi] + 1), fbe=0xC),
                                  used_idx[qi].eq(used_idx[qi] + 1),
                                  last_avail[qi].eq(last_avail[qi] + 1)]
                     m.next = "AVAIL_EVT"
             with m.State("AVAIL_EVT"):
-                with m.If(h_done):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done):
                     with m.If(self.ev_idx.bit_select(cf, 1)):
                         ev_off = Signal(12)
                         m.d.comb += ev_off.eq(4 + (qsize << 3))
@@ -620,7 +712,9 @@ class VirtioNetEngine(wiring.Component):
                         m.d.sync += hread(drv_base, 1, 0x3)      # avail.flags
                         m.next = "IRQ_FLAGS"
             with m.State("EVT_SENT"):
-                with m.If(h_done):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done):
                     ue_at = Signal(64)
                     m.d.comb += ue_at.eq(drv_base + 4 + (qsize << 1))    # used_event
                     m.d.comb += h_go.eq(1)
@@ -668,7 +762,8 @@ class VirtioNetEngine(wiring.Component):
                 m.next = "LOADQ0"
 
             with m.State("BAD"):
-                m.d.comb += [self.nr_set.eq(1), self.nr_fidx.eq(cf), inc["DROP_BAD"].eq(1)]
+                m.d.comb += [self.nr_set.eq(1), self.nr_fidx.eq(cf), inc["DROP_BAD"].eq(1),
+                             inc["XLATE_ERRORS"].eq(h_xerr)]
                 m.d.sync += txpend.bit_select(cf, 1).eq(0)
                 with m.If(phase == 1):
                     m.next = "TX_USED"            # the receiver broke; the sender's frame is done

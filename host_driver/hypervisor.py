@@ -9,15 +9,20 @@ whose virtio-net front-ends drive the card's functions.
   one to the card (:class:`host_driver.virtio.TrappedAccess`; every access counted, each costing
   ``exit_ns`` of simulated time).
 
-The virtqueues and buffers live in host memory that host and guest share (identity-mapped bus
-addresses here; :class:`host_driver.virtio.DomainMemory` is the IOMMU-backed alternative).
+In both modes the hypervisor programs each VF's MSI-X table for the guest (as VFIO does), so
+those writes are not guest traps.
+
+The virtqueues and buffers live in memory that host and guest share. Without an IOMMU the
+guest hands the card bus addresses; with one (``Hypervisor(..., iommu=...)``) each of a guest's
+VFs gets a domain and the guest's memory is I/O virtual (:class:`host_driver.virtio.DomainMemory`):
+the card translates every address and cannot reach anything else.
 """
 
 from dataclasses import dataclass, field
 
 from .dma import DmaQueue
 from .offcard import OffcardDriver, OffcardFunction
-from .virtio import VirtioNetDriver, DirectAccess, TrappedAccess, HostMemory
+from .virtio import VirtioNetDriver, DirectAccess, TrappedAccess, HostMemory, DomainMemory
 
 __all__ = ["Hypervisor", "Guest", "HostNative", "MODES"]
 
@@ -54,8 +59,11 @@ class HostNative:
 
 
 class Hypervisor:
-    def __init__(self, driver: OffcardDriver, exit_ns: int = 2_000):
+    def __init__(self, driver: OffcardDriver, exit_ns: int = 2_000, iommu=None,
+                 guest_pages: int = 256):
         self.driver = driver
+        self.iommu = iommu                           # host_driver.iommu.Iommu, or None
+        self.guest_pages = guest_pages               # IOVA space per VF with an IOMMU
         self.t = driver.t
         self.exit_ns = exit_ns
         self.guests: dict[str, Guest] = {}
@@ -79,9 +87,15 @@ class Hypervisor:
             if vf.index in self.assigned:
                 raise ValueError(f"VF{vf.index} is assigned to {self.assigned[vf.index]!r}")
         guest = Guest(name, mode)
+        vm = len(self.guests) + 1
         for vf in vfs:
             access = TrappedAccess(vf, self.exit_ns) if mode == "trap" else DirectAccess(vf)
-            nic = VirtioNetDriver(access, vf, HostMemory(self.t), queue_size=queue_size)
+            if self.iommu is None:
+                mem = HostMemory(self.t)
+            else:
+                dom = await self.iommu.attach(vf.index, vm=vm, pages=self.guest_pages)
+                mem = DomainMemory(dom, 0, self.guest_pages << 12)
+            nic = VirtioNetDriver(access, vf, mem, queue_size=queue_size)
             await nic.probe()
             await nic.bring_up()
             guest.nics.append(nic)
@@ -94,3 +108,5 @@ class Hypervisor:
         for nic in guest.nics:
             await nic.reset()
             self.assigned.pop(nic.fn.index, None)
+            if self.iommu is not None:
+                await self.iommu.detach(nic.fn.index)

@@ -11,4 +11,4 @@ from cosim.runner import sim_params
 @pytest.mark.parametrize("sim", sim_params())
 def test_virtio_net(sim, width):
     res = run_card_bench(sim, "cosim.benches.virtio", CardConfig(data_width=width))
-    assert res.num_tests == 6 and res.num_failed == 0
+    assert res.num_tests == 7 and res.num_failed == 0

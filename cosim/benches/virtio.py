@@ -52,7 +52,7 @@ async def net(h, fn, trapped=False, queue_size=64, **kw):
 async def counters(h):
     return {n: await h.drv.mgmt_read(getattr(NetRegs, n)) for n in
             ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
-             "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED")}
+             "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED", "XLATE_ERRORS")}
 
 
 async def receive_n(d, n, timeout_ns=400_000):
@@ -301,3 +301,74 @@ async def test_zero_length_descriptor(dut):
     await a.tx.add_buffer([(buf, 12), (buf + 128, 0), (buf + 256, len(f))])
     await a.notify(TX_QUEUE)
     assert await receive_n(b, 1) == [f]
+
+
+@cocotb.test()
+async def test_guests_behind_iommu(dut):
+    """Guests whose memory is I/O virtual: every ring and buffer address goes through the VF's
+    domain (frames byte exact, pieces cut at pages, the device TLB used). A transmit buffer or a
+    receive buffer outside the domain sets NEEDS_RESET on that function and nothing is written
+    there; the other guest keeps working."""
+    from host_driver.hypervisor import Hypervisor
+    from host_driver.iommu import Iommu
+    from cosim.benches.iommu import WireLog
+    h, pf, vfs = await bring_up(dut, 3)
+    h.pf = pf
+    await pf.setup_msix()
+    rnd = random.Random(7)
+    iommu = Iommu(h.drv)
+    hv = Hypervisor(h.drv, iommu=iommu, guest_pages=128)
+    g1 = await hv.create_guest("g1", [vfs[0]])
+    g2 = await hv.create_guest("g2", [vfs[1]], "trap")
+    g3 = await hv.create_guest("g3", [vfs[2]])
+    n1, n2, n3 = g1.nics[0], g2.nics[0], g3.nics[0]
+    for n in (n1, n2, n3):
+        await n.post_rx(8)
+    fs = [frame(n2.mac, n1.mac, size, rnd) for size in (60, 1514, 777, 1000, 64)]
+    for f in fs:
+        await n1.send(f)
+    got = await receive_n(n2, len(fs))
+    assert got == fs, diff(got, fs)
+    back = [frame(n1.mac, n2.mac, 1200, rnd) for _ in range(3)]
+    for f in back:
+        await n2.send(f)
+    assert await receive_n(n1, 3) == back
+    c = await iommu.counters()
+    assert c["atc_hits"] > 20 and c["blocked"] == 0, c
+    # a transmit buffer outside g3's domain (its IOVA is a real bus address elsewhere)
+    victim = (h.t.alloc_host_mem(0x2000) + 0xFFF) & ~0xFFF
+    await h.t.host_write(victim, bytes([0x77]) * 0x1000)
+    outside = 128 << 12
+    await n3.tx.add_buffer([(outside, 12), (outside + 64, 100)])
+    await n3.notify(TX_QUEUE)
+    for _ in range(100):
+        if await n3.read_status() & V.S_NEEDS_RESET:
+            break
+        await ClockCycles(dut.clk, 100)
+    assert await n3.read_status() & V.S_NEEDS_RESET
+    # a receive buffer outside g1's domain: the frame meets it after the 8 good ones; every
+    # write the card makes meanwhile lands in a present page of some domain (or is an MSI-X)
+    wire = WireLog(h)
+    await n1.rx.add_buffer(in_bufs=[(outside + 0x800, 2048)])
+    cnt0 = await counters(h)
+    for k in range(9):
+        await n2.send(frame(n1.mac, n2.mac, 100, rnd))
+    for _ in range(200):
+        if await n1.read_status() & V.S_NEEDS_RESET:
+            break
+        await ClockCycles(dut.clk, 100)
+    assert await n1.read_status() & V.S_NEEDS_RESET
+    h.bridge.tx_hook = None
+    pages = [(b, 4096) for d in iommu.domains.values() for b in d.present.values()]
+    msi = {v.addr for fn in (pf, *vfs) for v in fn.msix_vectors}
+    stray = [w for w in wire.writes if w[0] not in msi
+             and not any(b <= w[0] and w[0] + w[1] <= b + n for b, n in pages)]
+    assert stray == [], stray
+    assert await h.t.host_read(victim, 0x1000) == bytes([0x77]) * 0x1000
+    cnt = await counters(h)
+    assert cnt["XLATE_ERRORS"] >= 2 and cnt["DROP_BAD"] == cnt0["DROP_BAD"] + 1, cnt
+    # g1 comes back after a reset; g2 receives from it
+    await n1.bring_up()
+    f = frame(n2.mac, n1.mac, 300, rnd)
+    await n1.send(f)
+    assert await receive_n(n2, 1) == [f]
