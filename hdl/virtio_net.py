@@ -217,8 +217,9 @@ class VirtioNetEngine(wiring.Component):
             with m.State("XWAIT"):
                 m.d.comb += hx_take.eq(1)
                 with m.If(self.xresp.valid):
+                    # (without a domain the bus address may cross a page; with one it may not)
                     with m.If((self.xresp.p.status != XlateStatus.OK)
-                              | (h_addr[12:] != h_last[12:])):
+                              | (~self.xresp.p.bypass & (h_addr[12:] != h_last[12:]))):
                         m.d.sync += [h_err.eq(1), h_xerr.eq(1)]
                         m.next = "GOT"
                     with m.Else():
@@ -235,6 +236,7 @@ class VirtioNetEngine(wiring.Component):
                     m.d.comb += h_done.eq(1)
                     accept_go()
                 with m.Else():
+                    m.d.comb += h_waiting.eq(1)     # (a completion is not taken here)
                     m.next = "WAIT"
             with m.State("WAIT"):
                 m.d.comb += [c.ready.eq(1), h_waiting.eq(1)]
@@ -679,7 +681,8 @@ class VirtioNetEngine(wiring.Component):
                     m.d.comb += inc["DROP_SIZE"].eq(1)     # the buffer was too small
                 with m.Else():
                     m.d.comb += inc["RX_FRAMES"].eq(1)
-                m.d.sync += used_len.eq(Mux(drop, 0, total))
+                # a dropped frame returns its buffer with nothing in it
+                m.d.sync += used_len.eq(Mux(drop | (rem != 0), 0, total))
                 m.next = "USED_ELEM"
 
             # -- used element, used index, avail_event, interrupt --

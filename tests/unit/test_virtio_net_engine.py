@@ -1,0 +1,817 @@
+"""amaranth.sim tests of hdl.virtio_net.VirtioNetEngine (PF + 2 VFs) inside a modelled world.
+
+The world is one background simulator process that, every clock edge, looks at what the engine
+did just before the edge (``ctx.tick().sample``) and answers for the next cycle:
+
+* host memory (a bytearray): MemRd on ``tx`` (tag VQ_TAG) answered with CplD on ``cpl`` a few
+  cycles later, MemWr applied with their first/last byte enables; every request's requester ID
+  is checked against the function that owns the addressed structure;
+* the transport: ``qr_*`` (combinational) and ``qa_data`` (a cycle after ``qa_*``) come from a
+  small wrapper module; ``live`` / ``bme`` / ``ev_idx`` / ``indirect`` / ``kick`` are Python
+  state (``kick`` bits cleared on ``kick_ack``, ``live`` cleared on ``nr_set`` as the transport
+  sets NEEDS_RESET);
+* the translator: OK, bypass, phys = iova (BLOCKED at or above ``xlate_limit`` if given);
+* the DMA channels: ``rd_cmd`` copies host bytes into a packet-buffer model and drives
+  ``snoop`` (through the wrapper, which shows the engine's own ``pm_wr`` there while
+  ``pm_own``, as the card does), ``wr_cmd`` copies packet-buffer bytes to host memory;
+* the engine's packet-buffer ports (uplink) and the uplink streams.
+
+Split virtqueues follow virtio 1.x section 2.7 and are laid out in host memory by :class:`Vq`.
+"""
+
+from collections import deque
+
+import pytest
+from amaranth import *
+from amaranth.sim import Simulator
+
+from hdl.params import CardConfig, PacketBuf as P, NetRegs, VirtioRegs as V
+from hdl.virtio_net import VirtioNetEngine, VQ_TAG, UplinkBeat
+from hdl.virtio_pci import NQ
+from hdl.translate import XlateStatus, XlateReq
+from hdl.tlp import TlpBeat
+from hdl.dma_common import DmaCmd
+
+from helpers import CLK, cpl_hdr, hdr_dws, pack_beats, unpack_dws, RegBus
+
+RXQ, TXQ = 0, 1
+D_NEXT, D_WRITE, D_INDIRECT = 1, 2, 4
+QSIZE = 8
+NF = 3                     # PF + 2 VFs
+BUS = 0x12                 # bus number: requester ID = BUS << 8 | function
+MEM_SIZE = 1 << 20
+CPL_LAT = 4                # cycles from a MemRd to its CplD
+RX_FILL = 0xA5             # receive buffers are pre-filled with this
+TAIL_FILL = 0xBEEF         # used ring tail (avail_event) before the engine writes it
+
+COUNTERS = ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
+            "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED", "XLATE_ERRORS")
+
+
+def vec_of(f, q):
+    """The MSI-X vector of queue ``q`` of function ``f`` (all below the 4 vectors)."""
+    return (f + 2 * q) % 4
+
+
+def mac(f):
+    return bytes(V.MAC_PREFIX) + bytes([f])
+
+
+def make_frame(dst, src, n, seed=1):
+    """An Ethernet frame of ``n`` bytes: dst MAC, src MAC, IPv4 ethertype, a byte pattern."""
+    body = bytes((seed * 31 + i * 7) & 0xFF for i in range(n - 14))
+    return dst + src + b"\x08\x00" + body
+
+
+def fields(layout, raw):
+    return {n: (raw >> f.offset) & ((1 << f.width) - 1) for n, f in layout}
+
+
+def r4(n):
+    return (n + 3) & ~3
+
+
+class Top(Elaboratable):
+    """The engine plus the transport's queue tables and the snoop multiplexer of the card."""
+
+    def __init__(self, cfg):
+        self.eng = VirtioNetEngine(cfg)
+        nq = cfg.num_functions * NQ
+        self.qsize = [Signal(9, name=f"tb_qsize{i}") for i in range(nq)]
+        self.qvec = [Signal(16, name=f"tb_qvec{i}") for i in range(nq)]
+        self.qen = [Signal(name=f"tb_qen{i}") for i in range(nq)]
+        self.qaddr = [Signal(64, name=f"tb_qaddr{i}") for i in range(nq * 4)]
+        W = cfg.data_width
+        self.sn_addr = Signal.like(self.eng.snoop.addr, name="tb_sn_addr")
+        self.sn_data = Signal(W, name="tb_sn_data")
+        self.sn_en = Signal(W // 8, name="tb_sn_en")
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.eng = e = self.eng
+        qi = Signal(8)
+        ai = Signal(10)
+        m.d.comb += [
+            qi.eq(e.qr_fidx * NQ + e.qr_q),
+            ai.eq((e.qa_fidx * NQ + e.qa_q) * 4 + e.qa_sel),
+            e.qr_size.eq(Array(self.qsize)[qi]),
+            e.qr_vec.eq(Array(self.qvec)[qi]),
+            e.qr_en.eq(Array(self.qen)[qi]),
+            # what the card's frame buffer write port sees: the engine's own writes while it
+            # owns the buffers, else the DMA read channel's
+            e.snoop.addr.eq(Mux(e.pm_own, e.pm_wr.addr, self.sn_addr)),
+            e.snoop.data.eq(Mux(e.pm_own, e.pm_wr.data, self.sn_data)),
+            e.snoop.en.eq(Mux(e.pm_own, e.pm_wr.en, self.sn_en)),
+        ]
+        m.d.sync += e.qa_data.eq(Array(self.qaddr)[ai])      # block RAM: a cycle later
+        return m
+
+
+class Vq:
+    """A split virtqueue in host memory (descriptor table, available ring, used ring)."""
+
+    def __init__(self, w, size, owner):
+        self.w, self.size = w, size
+        self.desc = w.alloc(16 * size, 16, owner)
+        self.avail = w.alloc(r4(6 + 2 * size), 4, owner)
+        self.used = w.alloc(r4(6 + 8 * size), 4, owner)
+        self.next_desc = 0
+        self.aidx = 0
+        w.w16(self.used + 4 + 8 * size, TAIL_FILL)
+
+    def write_desc(self, i, addr, length, flags, nxt=0, table=None):
+        base = self.desc if table is None else table
+        self.w.put(base + 16 * i, addr.to_bytes(8, "little") + length.to_bytes(4, "little")
+                   + flags.to_bytes(2, "little") + nxt.to_bytes(2, "little"))
+
+    def post(self, head):
+        self.w.w16(self.avail + 4 + 2 * (self.aidx % self.size), head)
+        self.aidx += 1
+        self.w.w16(self.avail + 2, self.aidx & 0xFFFF)
+
+    def chain(self, bufs, post=True):
+        """Descriptors for ``bufs`` [(addr, len, flags)], chained with NEXT; returns the head."""
+        idx = [(self.next_desc + j) % self.size for j in range(len(bufs))]
+        self.next_desc = (self.next_desc + len(bufs)) % self.size
+        for j, (addr, length, flags) in enumerate(bufs):
+            last = j == len(bufs) - 1
+            self.write_desc(idx[j], addr, length, flags | (0 if last else D_NEXT),
+                            0 if last else idx[j + 1])
+        if post:
+            self.post(idx[0])
+        return idx[0]
+
+    # -- what the device wrote ---------------------------------------------------------------
+    @property
+    def used_idx(self):
+        return self.w.r16(self.used + 2)
+
+    def used_elem(self, i):
+        at = self.used + 4 + 8 * (i % self.size)
+        return self.w.r32(at), self.w.r32(at + 4)
+
+    @property
+    def avail_event(self):
+        return self.w.r16(self.used + 4 + 8 * self.size)
+
+    # -- driver-side knobs ------------------------------------------------------------------
+    def set_avail_flags(self, v):
+        self.w.w16(self.avail, v)
+
+    def set_used_event(self, v):
+        self.w.w16(self.avail + 4 + 2 * self.size, v)
+
+
+class World:
+    def __init__(self, W=64, ev_idx=0, indirect=0, xlate_limit=None, xoff=0):
+        self.cfg = CardConfig(total_vfs=2, data_width=W)
+        assert self.cfg.num_functions == NF
+        self.W, self.WB = W, W // 8
+        self.top = Top(self.cfg)
+        self.mem = bytearray(MEM_SIZE)
+        self.pkt = bytearray(P.SLOT * P.SLOTS)
+        self.regions = []
+        self.brk = 0x1000
+        self.live = self.bme = (1 << NF) - 1
+        self.ev_idx, self.indirect = ev_idx, indirect
+        self.kick = 0
+        self.xlate_limit = xlate_limit
+        self.xoff = xoff          # a domain: bus address = IOVA + xoff (0: bypass)
+        self.vq = {(f, q): Vq(self, QSIZE, f) for f in range(NF) for q in range(NQ)}
+        # records
+        self.tlps = []            # (kind 'rd'/'wr', addr, ndw, fbe, lbe, rid, tag)
+        self.rid_errors = []
+        self.rd_cmds, self.wr_cmds, self.xreqs = [], [], []
+        self.irqs, self.isrs, self.nrs, self.kick_acks = [], [], [], []
+        self.uplink_frames = []
+        self.urx = deque()        # uplink_rx beats to present
+        self.cycle = 0
+        self.last_activity = 0
+
+    # -- host memory (the driver's view: I/O virtual addresses) ------------------------------
+    def alloc(self, n, align=16, owner=None):
+        a = (self.brk + align - 1) & ~(align - 1)
+        self.brk = a + r4(n)
+        assert self.brk <= MEM_SIZE
+        self.regions.append((a, a + n, owner))
+        return a
+
+    def alloc_at(self, a, n, owner):
+        assert a >= self.brk
+        self.brk = a + r4(n)
+        self.regions.append((a, a + n, owner))
+        return a
+
+    def put(self, addr, b):
+        addr += self.xoff
+        self.mem[addr:addr + len(b)] = b
+
+    def w16(self, addr, v):
+        self.put(addr, (v & 0xFFFF).to_bytes(2, "little"))
+
+    def r16(self, addr):
+        addr += self.xoff
+        return int.from_bytes(self.mem[addr:addr + 2], "little")
+
+    def r32(self, addr):
+        addr += self.xoff
+        return int.from_bytes(self.mem[addr:addr + 4], "little")
+
+    def owner(self, addr):
+        for a, b, o in self.regions:
+            if a <= addr < b:
+                return o
+        return None
+
+    # -- driver-side helpers -----------------------------------------------------------------
+    def buffer(self, data, owner, at=None):
+        a = self.alloc(len(data), 16, owner) if at is None else self.alloc_at(at, len(data), owner)
+        self.put(a, data)
+        return a
+
+    def send(self, f, frame, indirect=False, single=False, at=None):
+        """Queue ``frame`` (after a zero virtio_net_hdr) on function ``f``'s transmit queue, as
+        two chained descriptors (or an indirect table holding them, or ``single`` one
+        descriptor holding both); returns the head."""
+        vq = self.vq[f, TXQ]
+        if single:
+            a = self.buffer(bytes(P.NET_HDR) + frame, f, at)
+            return vq.chain([(a, P.NET_HDR + len(frame), 0)])
+        hdr = self.buffer(bytes(P.NET_HDR), f)
+        fa = self.buffer(frame, f, at)
+        if not indirect:
+            return vq.chain([(hdr, P.NET_HDR, 0), (fa, len(frame), 0)])
+        table = self.alloc(32, 16, f)
+        vq.write_desc(0, hdr, P.NET_HDR, D_NEXT, 1, table=table)
+        vq.write_desc(1, fa, len(frame), 0, 0, table=table)
+        return vq.chain([(table, 32, D_INDIRECT)])
+
+    def post_rx(self, f, size=2048, at=None):
+        a = self.alloc(size, 16, f) if at is None else self.alloc_at(at, size, f)
+        self.put(a, bytes([RX_FILL]) * size)
+        return self.vq[f, RXQ].chain([(a, size, D_WRITE)]), a
+
+    def post_rx_chain(self, f, sizes):
+        """One receive chain of buffers of ``sizes`` (contiguous); returns (head, address)."""
+        a = self.alloc(sum(sizes), 16, f)
+        self.put(a, bytes([RX_FILL]) * sum(sizes))
+        bufs, at = [], a
+        for n in sizes:
+            bufs.append((at, n, D_WRITE))
+            at += n
+        return self.vq[f, RXQ].chain(bufs), a
+
+    def notify(self, f, q=TXQ):
+        self.kick |= 1 << (f * NQ + q)
+
+    def inject_uplink(self, frame):
+        WB = self.WB
+        for i in range(0, len(frame), WB):
+            chunk = frame[i:i + WB]
+            self.urx.append({"data": int.from_bytes(chunk, "little"),
+                             "keep": (1 << len(chunk)) - 1,
+                             "last": int(i + WB >= len(frame))})
+
+    def check_rx(self, f, addr, frame, i=0, head=None):
+        """Receive buffer at ``addr`` holds a fresh header (num_buffers 1) and ``frame``."""
+        n = P.NET_HDR + len(frame)
+        at = addr + self.xoff
+        got = bytes(self.mem[at:at + n])
+        assert got[:P.NET_HDR] == bytes(10) + b"\x01\x00", got[:P.NET_HDR].hex()
+        assert got[P.NET_HDR:] == frame
+        assert self.mem[at + n] == RX_FILL, "written beyond the frame"
+        vq = self.vq[f, RXQ]
+        if head is not None:
+            assert vq.used_elem(i) == (head, n)
+
+    # -- the simulation ----------------------------------------------------------------------
+    async def proc(self, ctx):
+        t, e = self.top, self.top.eng
+        W, WB = self.W, self.WB
+        for f in range(NF):
+            for q in range(NQ):
+                i = f * NQ + q
+                vq = self.vq[f, q]
+                ctx.set(t.qsize[i], vq.size)
+                ctx.set(t.qvec[i], vec_of(f, q))
+                ctx.set(t.qen[i], 1)
+                ctx.set(t.qaddr[4 * i + 0], vq.desc)
+                ctx.set(t.qaddr[4 * i + 1], vq.avail)
+                ctx.set(t.qaddr[4 * i + 2], vq.used)
+        ctx.set(e.bus_num, BUS)
+        for s in (e.tx.ready, e.xreq.ready, e.rd_cmd.ready, e.wr_cmd.ready, e.uplink_tx.ready):
+            ctx.set(s, 1)
+        L_beat = list(TlpBeat(W))
+        L_cmd = list(DmaCmd)
+        L_xreq = list(XlateReq)
+        L_up = list(UplinkBeat(W))
+        sigs = [e.tx.valid, Value.cast(e.tx.p), e.cpl.valid, e.cpl.ready,
+                e.xreq.valid, Value.cast(e.xreq.p), e.xresp.valid, e.xresp.ready,
+                e.rd_cmd.valid, Value.cast(e.rd_cmd.p), e.rd_done.valid, e.rd_done.ready,
+                e.wr_cmd.valid, Value.cast(e.wr_cmd.p), e.wr_done.valid, e.wr_done.ready,
+                e.irq.valid, e.irq.fidx, e.irq.vector, e.isr_set, e.isr_fidx, e.nr_set, e.nr_fidx,
+                e.kick_ack, e.kick_idx, e.pm_own, e.pm_rd.en, e.pm_rd.addr,
+                e.pm_wr.en, e.pm_wr.addr, e.pm_wr.data,
+                e.uplink_tx.valid, Value.cast(e.uplink_tx.p), e.uplink_rx.valid, e.uplink_rx.ready]
+        tlp = None
+        cpl_q = deque()           # (cycle it may start, beats)
+        cpl_cur = deque()
+        xq = deque()
+        rd_job = None             # snoop words still to show, then rd_done
+        wr_pending = False
+        up_beats = []
+        shown = {}
+
+        def drive(sig, v):
+            if shown.get(id(sig)) != v:
+                shown[id(sig)] = v
+                ctx.set(sig, v)
+
+        async for _, _, *v in ctx.tick().sample(*sigs):
+            (tx_v, tx_p, cpl_v, cpl_r, xq_v, xq_p, xr_v, xr_r, rc_v, rc_p, rd_v, rd_r,
+             wc_v, wc_p, wd_v, wd_r, irq_v, irq_f, irq_vec, isr_v, isr_f, nr_v, nr_f,
+             k_ack, k_idx, own, pmr_en, pmr_addr, pmw_en, pmw_addr, pmw_data,
+             ut_v, ut_p, ur_v, ur_r) = v
+            self.cycle += 1
+            if tx_v or rc_v or wc_v or xq_v or ut_v or ur_v or cpl_cur or cpl_q or rd_job \
+                    or wr_pending or xq:
+                self.last_activity = self.cycle
+
+            # -- host memory: the engine's requests --
+            if tx_v:
+                b = fields(L_beat, tx_p)
+                if b["sop"]:
+                    assert tlp is None, "sop inside a TLP"
+                    tlp = (b["hdr"], [])
+                assert tlp is not None, "beat outside a TLP"
+                tlp[1].extend(unpack_dws(b, W))
+                if b["eop"]:
+                    self._host_tlp(*tlp, cpl_q)
+                    tlp = None
+            if cpl_v and cpl_r:
+                cpl_cur.popleft()
+            if not cpl_cur and cpl_q and cpl_q[0][0] <= self.cycle:
+                cpl_cur.extend(cpl_q.popleft()[1])
+            if cpl_cur:
+                drive(e.cpl.p, cpl_cur[0])
+            drive(e.cpl.valid, int(bool(cpl_cur)))
+
+            # -- translator --
+            if xr_v and xr_r:
+                xq.popleft()
+            if xq_v:
+                r = fields(L_xreq, xq_p)
+                self.xreqs.append(r)
+                lim = self.xlate_limit
+                bad = lim is not None and (r["iova"] >= lim or r["last"] >= lim)
+                xq.append({"status": XlateStatus.BLOCKED if bad else XlateStatus.OK,
+                           "bypass": int(self.xoff == 0), "phys": r["iova"] + self.xoff,
+                           "vm": 0})
+            if xq:
+                drive(e.xresp.p, xq[0])
+            drive(e.xresp.valid, int(bool(xq)))
+
+            # -- DMA read channel: host -> packet buffer, seen on snoop --
+            if rd_v and rd_r:
+                rd_job = None
+                drive(e.rd_done.valid, 0)
+            if rc_v:
+                assert rd_job is None
+                c = fields(L_cmd, rc_p)
+                self.rd_cmds.append(c)
+                off = c["card"] - P.BASE
+                assert 0 <= off and off + c["length"] <= len(self.pkt)
+                self.pkt[off:off + c["length"]] = self.mem[c["host"]:c["host"] + c["length"]]
+                words = deque()
+                for wi in range(off // WB, (off + c["length"] - 1) // WB + 1):
+                    en = 0
+                    for j in range(WB):
+                        if off <= wi * WB + j < off + c["length"]:
+                            en |= 1 << j
+                    words.append((wi, int.from_bytes(self.pkt[wi * WB:(wi + 1) * WB], "little"),
+                                  en))
+                rd_job = words
+            if rd_job is not None and rd_job:
+                wi, d, en = rd_job.popleft()
+                drive(t.sn_addr, wi)
+                drive(t.sn_data, d)
+                drive(t.sn_en, en)
+            else:
+                drive(t.sn_en, 0)
+                if rd_job is not None:
+                    drive(e.rd_done.p, {"status": 0})
+                    drive(e.rd_done.valid, 1)
+
+            # -- DMA write channel: packet buffer -> host --
+            if wd_v and wd_r:
+                wr_pending = False
+                drive(e.wr_done.valid, 0)
+            if wc_v:
+                c = fields(L_cmd, wc_p)
+                self.wr_cmds.append(c)
+                off = c["card"] - P.BASE
+                assert 0 <= off and off + c["length"] <= len(self.pkt)
+                self.mem[c["host"]:c["host"] + c["length"]] = self.pkt[off:off + c["length"]]
+                wr_pending = True
+                drive(e.wr_done.p, {"status": 0})
+                drive(e.wr_done.valid, 1)
+
+            # -- the engine's own frame buffer ports --
+            if pmw_en:
+                assert own
+                for j in range(WB):
+                    if (pmw_en >> j) & 1:
+                        self.pkt[pmw_addr * WB + j] = (pmw_data >> (8 * j)) & 0xFF
+            if pmr_en:
+                assert own
+                drive(e.pm_rd.data, int.from_bytes(self.pkt[pmr_addr * WB:(pmr_addr + 1) * WB],
+                                                   "little"))
+
+            # -- uplink --
+            if ut_v:
+                u = fields(L_up, ut_p)
+                up_beats.append(u)
+                if u["last"]:
+                    self.uplink_frames.append(up_beats)
+                    up_beats = []
+            if ur_v and ur_r:
+                self.urx.popleft()
+            if self.urx:
+                drive(e.uplink_rx.p, self.urx[0])
+            drive(e.uplink_rx.valid, int(bool(self.urx)))
+
+            # -- transport --
+            if irq_v:
+                self.irqs.append((irq_f, irq_vec))
+            if isr_v:
+                self.isrs.append(isr_f)
+            if nr_v:
+                self.nrs.append(nr_f)
+                self.live &= ~(1 << nr_f)              # NEEDS_RESET: no longer DRIVER_OK-live
+            if k_ack:
+                self.kick_acks.append(k_idx)
+                self.kick &= ~(1 << k_idx)
+            drive(e.kick, self.kick)
+            drive(e.live, self.live)
+            drive(e.bme, self.bme)
+            drive(e.ev_idx, self.ev_idx)
+            drive(e.indirect, self.indirect)
+
+    def _host_tlp(self, hdr, dws, cpl_q):
+        d0, d1, d2, d3 = hdr_dws(hdr)
+        fmt = d0 >> 29
+        assert (d0 >> 24) & 0x1F == 0, f"not a memory request: {d0:08x}"
+        ndw = (d0 & 0x3FF) or 1024
+        fbe, lbe, tag, rid = d1 & 0xF, (d1 >> 4) & 0xF, (d1 >> 8) & 0xFF, d1 >> 16
+        addr = ((d2 << 32) | (d3 & ~3)) if fmt & 1 else (d2 & ~3)
+        write = bool(fmt & 2)
+        self.tlps.append(("wr" if write else "rd", addr, ndw, fbe, lbe, rid, tag))
+        o = self.owner(addr - self.xoff)
+        if o is None or rid != (BUS << 8 | o):
+            self.rid_errors.append((hex(addr), ndw, hex(rid), o))
+        assert addr + 4 * ndw <= MEM_SIZE
+        if write:
+            assert len(dws) == ndw, (ndw, dws)
+            for i, dw in enumerate(dws):
+                be = fbe if i == 0 else (lbe if i == ndw - 1 else 0xF)
+                for j in range(4):
+                    if (be >> j) & 1:
+                        self.mem[addr + 4 * i + j] = (dw >> (8 * j)) & 0xFF
+        else:
+            assert tag == VQ_TAG and not dws
+            payload = [int.from_bytes(self.mem[addr + 4 * i:addr + 4 * i + 4], "little")
+                       for i in range(ndw)]
+            h = cpl_hdr(True, ndw, 0, 0, (4 * ndw) & 0xFFF, rid, tag, addr & 0x7F)
+            cpl_q.append((self.cycle + CPL_LAT, pack_beats(h, payload, self.W)))
+
+    async def settle(self, ctx, quiet=40, limit=20000):
+        """Tick until the engine has been idle (no request, command or stream beat, no
+        notification left) for ``quiet`` cycles."""
+        start = self.cycle
+        for _ in range(limit):
+            await ctx.tick()
+            idle = self.cycle - max(self.last_activity, start)
+            if idle >= quiet and self.kick == 0 and not self.urx:
+                return
+        raise AssertionError("the engine never went quiet")
+
+    async def counters(self, ctx):
+        bus = RegBus(ctx, self.top.eng.bus)
+        return {n: await bus.rd(0, getattr(NetRegs, n), bar=2) for n in COUNTERS}
+
+    def run(self, body):
+        sim = Simulator(self.top)
+        sim.add_clock(CLK)
+        sim.add_process(self.proc)
+        done = []
+
+        async def tb(ctx):
+            await body(ctx)
+            done.append(True)
+        sim.add_testbench(tb)
+        sim.run()
+        assert done
+        assert self.rid_errors == [], f"requests with the wrong requester ID: {self.rid_errors}"
+
+
+def expect(ctr, **nonzero):
+    want = {n: 0 for n in COUNTERS}
+    want.update(nonzero)
+    assert ctr == want
+
+
+# ---- 1. function to function -------------------------------------------------------------
+
+@pytest.mark.parametrize("W", [64, 128])
+def test_vf_to_vf_frame(W):
+    w = World(W)
+    frame = make_frame(mac(2), mac(1), 100)
+    tx_head = w.send(1, frame)
+    rx_head, rx_addr = w.post_rx(2)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        rx, tx = w.vq[2, RXQ], w.vq[1, TXQ]
+        w.check_rx(2, rx_addr, frame, 0, rx_head)
+        assert rx.used_idx == 1
+        assert tx.used_elem(0) == (tx_head, 0)
+        assert tx.used_idx == 1
+        assert rx.avail_event == TAIL_FILL and tx.avail_event == TAIL_FILL   # no EVENT_IDX
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=2)
+        assert w.irqs == [(2, vec_of(2, RXQ)), (1, vec_of(1, TXQ))]
+        assert w.isrs == [2, 1] and w.nrs == []
+        assert w.kick_acks == [1 * NQ + TXQ]
+        # the header and the frame were gathered by the DMA read channel for function 1 into
+        # slot 0, and written out by the write channel for function 2
+        assert [c["fidx"] for c in w.rd_cmds] == [1, 1]
+        assert sum(c["length"] for c in w.rd_cmds) == P.NET_HDR + len(frame)
+        assert [(c["fidx"], c["host"], c["length"]) for c in w.wr_cmds] == \
+            [(2, rx_addr + P.NET_HDR, len(frame))]
+    w.run(body)
+
+
+# ---- 2. indirect descriptors -------------------------------------------------------------
+
+@pytest.mark.parametrize("negotiated", [True, False])
+def test_indirect_tx(negotiated):
+    w = World(indirect=0b010 if negotiated else 0)
+    frame = make_frame(mac(2), mac(1), 100, seed=3)
+    tx_head = w.send(1, frame, indirect=True)
+    rx_head, rx_addr = w.post_rx(2)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        ctr = await w.counters(ctx)
+        rx, tx = w.vq[2, RXQ], w.vq[1, TXQ]
+        if negotiated:
+            w.check_rx(2, rx_addr, frame, 0, rx_head)
+            assert rx.used_idx == 1
+            assert tx.used_elem(0) == (tx_head, 0) and tx.used_idx == 1
+            expect(ctr, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=2)
+            assert w.nrs == []
+        else:
+            assert w.nrs == [1]
+            assert w.rd_cmds == [] and w.wr_cmds == []
+            assert rx.used_idx == 0 and tx.used_idx == 0
+            expect(ctr, DROP_BAD=1)
+    w.run(body)
+
+
+# ---- 3. descriptor loop ------------------------------------------------------------------
+
+def test_descriptor_loop_then_other_function():
+    w = World()
+    tx1 = w.vq[1, TXQ]
+    hdr = w.buffer(bytes(P.NET_HDR), 1)
+    tx1.write_desc(0, hdr, P.NET_HDR, D_NEXT, 0)          # 0 -> 0 -> 0 ...
+    tx1.post(0)
+    frame = make_frame(mac(0), mac(2), 64, seed=5)
+    rx_head, rx_addr = w.post_rx(0)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert w.nrs == [1]
+        reads = [t for t in w.tlps if t[0] == "rd" and tx1.desc <= t[1] < tx1.desc + 16 * QSIZE]
+        assert len(reads) == QSIZE + 1                    # one more than the queue holds
+        assert w.wr_cmds == []                            # nothing was delivered
+        # the engine is back to scanning: function 2's frame reaches the PF
+        tx_head = w.send(2, frame)
+        w.notify(2, TXQ)
+        await w.settle(ctx)
+        w.check_rx(0, rx_addr, frame, 0, rx_head)
+        assert w.vq[0, RXQ].used_idx == 1
+        assert w.vq[2, TXQ].used_elem(0) == (tx_head, 0) and w.vq[2, TXQ].used_idx == 1
+        ctr = await w.counters(ctx)
+        expect(ctr, DROP_BAD=1, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=2)
+        assert w.nrs == [1]
+    w.run(body)
+
+
+# ---- 4. interrupt suppression ------------------------------------------------------------
+
+def test_event_idx_due_then_not():
+    """used_event 0: the first used buffer (0 -> 1) interrupts, the second (1 -> 2) does not;
+    avail_event follows last_avail."""
+    w = World(ev_idx=0b100)
+    frames = [make_frame(mac(2), mac(1), 100, seed=s) for s in (7, 8)]
+    rx = [w.post_rx(2) for _ in frames]
+    for fr in frames:
+        w.send(1, fr)
+    w.vq[2, RXQ].set_used_event(0)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        q = w.vq[2, RXQ]
+        assert q.used_idx == 2
+        for i, (fr, (head, addr)) in enumerate(zip(frames, rx)):
+            w.check_rx(2, addr, fr, i, head)
+        assert q.avail_event == 2
+        assert w.vq[1, TXQ].avail_event == TAIL_FILL          # function 1: no EVENT_IDX
+        assert [i for i in w.irqs if i[0] == 2] == [(2, vec_of(2, RXQ))]
+        assert w.isrs.count(2) == 1
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=2, RX_FRAMES=2, QUEUE_IRQS=3, IRQ_SUPPRESSED=1)
+    w.run(body)
+
+
+def test_event_idx_far_suppresses():
+    w = World(ev_idx=0b100)
+    frame = make_frame(mac(2), mac(1), 100)
+    w.send(1, frame)
+    rx_head, rx_addr = w.post_rx(2)
+    w.vq[2, RXQ].set_used_event(0x7000)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        w.check_rx(2, rx_addr, frame, 0, rx_head)
+        assert w.vq[2, RXQ].avail_event == 1
+        assert w.irqs == [(1, vec_of(1, TXQ))]
+        assert w.isrs == [1]
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=1, IRQ_SUPPRESSED=1)
+    w.run(body)
+
+
+def test_no_interrupt_flag_suppresses():
+    w = World()
+    frame = make_frame(mac(2), mac(1), 100)
+    w.send(1, frame)
+    rx_head, rx_addr = w.post_rx(2)
+    w.vq[2, RXQ].set_avail_flags(1)                        # VRING_AVAIL_F_NO_INTERRUPT
+    w.vq[2, RXQ].set_used_event(0)                         # ignored without EVENT_IDX
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        w.check_rx(2, rx_addr, frame, 0, rx_head)
+        assert w.vq[2, RXQ].avail_event == TAIL_FILL
+        assert w.irqs == [(1, vec_of(1, TXQ))]
+        assert w.isrs == [1]
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=1, IRQ_SUPPRESSED=1)
+    w.run(body)
+
+
+# ---- 5. uplink ---------------------------------------------------------------------------
+
+def test_uplink_out_and_in():
+    w = World()
+    bcast = make_frame(b"\xff" * 6, mac(1), 100, seed=9)
+    tx_head = w.send(1, bcast)
+    inbound = make_frame(mac(2), b"\x00\x11\x22\x33\x44\x55", 90, seed=11)
+    rx_head, rx_addr = w.post_rx(2)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert len(w.uplink_frames) == 1
+        beats = w.uplink_frames[0]
+        WB = w.WB
+        assert len(beats) == (len(bcast) + WB - 1) // WB
+        assert [b["last"] for b in beats] == [0] * (len(beats) - 1) + [1]
+        tail = len(bcast) % WB
+        assert [b["keep"] for b in beats] == \
+            [(1 << WB) - 1] * (len(beats) - 1) + [(1 << (tail or WB)) - 1]
+        got = b"".join(b["data"].to_bytes(WB, "little")[:bin(b["keep"]).count("1")]
+                       for b in beats)
+        assert got == bcast
+        assert w.vq[1, TXQ].used_elem(0) == (tx_head, 0) and w.vq[1, TXQ].used_idx == 1
+        assert w.wr_cmds == []
+        # and a frame from the uplink to function 2
+        w.inject_uplink(inbound)
+        await w.settle(ctx)
+        w.check_rx(2, rx_addr, inbound, 0, rx_head)
+        assert w.vq[2, RXQ].used_idx == 1
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, UPLINK_OUT=1, UPLINK_IN=1, RX_FRAMES=1, QUEUE_IRQS=2)
+        assert w.irqs == [(1, vec_of(1, TXQ)), (2, vec_of(2, RXQ))]
+        assert len(w.uplink_frames) == 1
+    w.run(body)
+
+
+# ---- 6. translation ----------------------------------------------------------------------
+
+def test_blocked_buffer_needs_reset():
+    LIMIT = 0x80000
+    w = World(xlate_limit=LIMIT)
+    frame = make_frame(mac(2), mac(1), 100)
+    vq = w.vq[1, TXQ]
+    hdr = w.buffer(bytes(P.NET_HDR), 1)
+    far = 0x90000                                          # outside function 1's domain
+    w.regions.append((far, far + len(frame), 1))
+    w.put(far, frame)
+    vq.chain([(hdr, P.NET_HDR, 0), (far, len(frame), 0)])
+    w.post_rx(2)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert w.nrs == [1]
+        assert any(r["fidx"] == 1 and r["iova"] == far for r in w.xreqs)
+        assert all(c["host"] < LIMIT for c in w.rd_cmds)   # nothing moved from there
+        assert all(t[1] < LIMIT for t in w.tlps)
+        assert vq.used_idx == 0 and w.vq[2, RXQ].used_idx == 0
+        assert w.wr_cmds == []
+        ctr = await w.counters(ctx)
+        expect(ctr, DROP_BAD=1, XLATE_ERRORS=1)
+    w.run(body)
+
+
+# ---- 7. receive chains, single-descriptor transmit --------------------------------------
+
+def test_rx_chain_header_only_first_buffer():
+    """A header-only first buffer (12 bytes), then the frame across two more buffers; the
+    frame sent as one descriptor holding header and frame."""
+    w = World()
+    frame = make_frame(mac(0), mac(1), 100, seed=13)
+    tx_head = w.send(1, frame, single=True)
+    rx_head, rx_addr = w.post_rx_chain(0, [P.NET_HDR, 64, 2048])
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        w.check_rx(0, rx_addr, frame, 0, rx_head)            # contiguous buffers
+        assert w.vq[0, RXQ].used_idx == 1
+        assert [(c["host"], c["length"]) for c in w.wr_cmds] == \
+            [(rx_addr + 12, 64), (rx_addr + 76, 36)]
+        assert [c["length"] for c in w.rd_cmds] == [P.NET_HDR + len(frame)]   # one piece
+        assert w.vq[1, TXQ].used_elem(0) == (tx_head, 0)
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=2)
+    w.run(body)
+
+
+def test_rx_buffer_too_small_reports_no_data():
+    """A 64-byte receive buffer for a 100-byte frame: the frame is dropped (DROP_SIZE) and the
+    buffer returned; the used element must not claim a (truncated) frame was written."""
+    w = World()
+    frame = make_frame(mac(2), mac(1), 100, seed=15)
+    tx_head = w.send(1, frame)
+    rx_head, rx_addr = w.post_rx(2, size=64)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert w.vq[1, TXQ].used_elem(0) == (tx_head, 0) and w.vq[1, TXQ].used_idx == 1
+        assert w.vq[2, RXQ].used_idx == 1                     # the buffer is given back
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, DROP_SIZE=1, QUEUE_IRQS=2)
+        assert w.vq[2, RXQ].used_elem(0) == (rx_head, 0)
+    w.run(body)
+
+
+# ---- 8. a translated domain: pieces cut at 4 KiB pages ----------------------------------
+
+def test_domain_pieces_cut_at_pages():
+    XOFF = 0x80000
+    w = World(xoff=XOFF)
+    frame = make_frame(mac(2), mac(1), 100, seed=17)
+    tx_head = w.send(1, frame, at=0x2FD0)                   # 48 bytes, then 52 on the next page
+    rx_head, rx_addr = w.post_rx(2, at=0x4FF0)               # header 12, then 4 + 96
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        w.check_rx(2, rx_addr, frame, 0, rx_head)
+        assert w.vq[2, RXQ].used_idx == 1
+        assert w.vq[1, TXQ].used_elem(0) == (tx_head, 0) and w.vq[1, TXQ].used_idx == 1
+        assert [(c["host"], c["length"]) for c in w.rd_cmds[1:]] == \
+            [(XOFF + 0x2FD0, 48), (XOFF + 0x3000, 52)]
+        card0 = w.rd_cmds[1]["card"]
+        assert w.rd_cmds[2]["card"] == card0 + 48
+        assert [(c["host"], c["length"]) for c in w.wr_cmds] == \
+            [(XOFF + 0x4FFC, 4), (XOFF + 0x5000, 96)]
+        iovas = [r["iova"] for r in w.xreqs]
+        for a in (0x2FD0, 0x3000, 0x4FFC, 0x5000):
+            assert a in iovas
+        assert all(r["fidx"] in (1, 2) for r in w.xreqs)
+        assert all(t[1] >= XOFF for t in w.tlps)                # bus addresses only
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=2)
+    w.run(body)
