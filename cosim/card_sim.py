@@ -17,7 +17,8 @@ __all__ = ["run_card_bench", "PORTS"]
 
 PORTS = ("clk", "rst", "rx__payload", "rx__valid", "rx__ready", "tx__payload", "tx__valid",
          "tx__ready", "uplink_tx__payload", "uplink_tx__valid", "uplink_tx__ready",
-         "uplink_rx__payload", "uplink_rx__valid", "uplink_rx__ready")
+         "uplink_rx__payload", "uplink_rx__valid", "uplink_rx__ready", "util", "uart_rxd",
+         "uart_txd")
 
 
 def _vlt() -> Path:

@@ -42,6 +42,9 @@ class CardHarness:
         self.dut.uplink_rx__valid.value = 0
         self.dut.uplink_rx__payload.value = 0
         self.dut.uplink_tx__ready.value = 1
+        # the management UART idles high; the utilisation inputs read 0 % until a bench drives them
+        self.dut.uart_rxd.value = 1
+        self.dut.util.value = 0
         self.dut.rst.value = 1
         await ClockCycles(self.dut.clk, 8)
         self.dut.rst.value = 0

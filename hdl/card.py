@@ -42,6 +42,10 @@ from .virtio_net import VirtioNetEngine, UplinkBeat, VQ_TAG, PKT_WORDS
 from .dma_mux import DmaChannelMux, LockMux
 from .translate import XlateReq, XlateResp
 from .params import PacketBuf
+from .mgmt_block import MgmtBlock, UtilLayout
+from .mgmt_uart import MgmtUart
+from .telemetry import Telemetry
+from .qos import RateLimiter
 from amaranth.lib import stream
 from amaranth.lib.memory import Memory
 
@@ -58,6 +62,9 @@ class Card(wiring.Component):
             "tx": Out(tlp_stream(cfg.data_width)),
             "uplink_tx": Out(stream.Signature(UplinkBeat(cfg.data_width))),   # to the network
             "uplink_rx": In(stream.Signature(UplinkBeat(cfg.data_width))),    # from it
+            "util": In(UtilLayout),            # utilisation inputs of the card's resources
+            "uart_rxd": In(1, init=1),         # management UART, from the firmware
+            "uart_txd": Out(1, init=1),        # ... to it
         })
 
     def elaborate(self, platform):
@@ -82,6 +89,10 @@ class Card(wiring.Component):
         m.submodules.rd_mux = rmux = DmaChannelMux()
         m.submodules.wr_mux = wmux = DmaChannelMux()
         m.submodules.xl_mux = xmux = LockMux(XlateReq, XlateResp)
+        m.submodules.mblock = mb = MgmtBlock(cfg)
+        m.submodules.muart = mu = MgmtUart(cfg)
+        m.submodules.telem = tel = Telemetry(cfg)
+        m.submodules.qos = qos = RateLimiter(cfg)
         W = cfg.data_width
         m.submodules.pktmem = pmem = Memory(shape=W, depth=PKT_WORDS(W), init=[])
         pm_w = pmem.write_port(granularity=8)
@@ -196,16 +207,37 @@ class Card(wiring.Component):
             mx.flr.eq(cs.flr), mx.flr_fidx.eq(cs.flr_fidx),
         ]
 
-        # register bus: broadcast the request, OR the read data
-        targets = [fr.bus, mx.bus, mg.bus, dq.bus, xl.bus, fu.bus, vio.bus, vn.bus]
+        # register bus: two masters, the completer (the host) and the management UART's frame
+        # engine (the firmware), which gets the bus in cycles the completer leaves free; the
+        # request is broadcast and the targets' read data ORed (each drives 0 unless addressed)
+        targets = [fr.bus, mx.bus, mg.bus, dq.bus, xl.bus, fu.bus, vio.bus, vn.bus,
+                   mb.bus, tel.bus, qos.bus]
+        uart_turn = Signal()
+        m.d.comb += [mu.gnt.eq(~cp.regs.we & ~cp.regs.re),
+                     uart_turn.eq(mu.gnt & (mu.bus.we | mu.bus.re)),
+                     mb.src_uart.eq(uart_turn)]
         for t in targets:
-            m.d.comb += [t.fidx.eq(cp.regs.fidx), t.bar.eq(cp.regs.bar), t.addr.eq(cp.regs.addr),
-                         t.wdata.eq(cp.regs.wdata), t.be.eq(cp.regs.be), t.we.eq(cp.regs.we),
-                         t.re.eq(cp.regs.re)]
+            for name in ("fidx", "bar", "addr", "wdata", "be", "we", "re"):
+                m.d.comb += getattr(t, name).eq(Mux(uart_turn, getattr(mu.bus, name),
+                                                    getattr(cp.regs, name)))
         rdata = 0
         for t in targets:
             rdata = rdata | t.rdata
-        m.d.comb += cp.regs.rdata.eq(rdata)
+        m.d.comb += [cp.regs.rdata.eq(rdata), mu.bus.rdata.eq(rdata)]
+        m.d.comb += [mu.rxd.eq(self.uart_rxd), self.uart_txd.eq(mu.txd),
+                     mb.util.eq(self.util), mb.uart_ok.eq(mu.ok), mb.uart_err.eq(mu.err)]
+        # QoS on the virtio transmit path, and the telemetry taps
+        m.d.comb += [vn.tx_allow.eq(qos.allow)]
+        wiring.connect(m, vn.tx_ev, qos.debit)
+        m.d.comb += [
+            tel.tx.stb.eq(vn.tx_ev.stb), tel.tx.fidx.eq(vn.tx_ev.fidx),
+            tel.tx.amount.eq(vn.tx_ev.amount),
+            tel.dma_busy.stb.eq(dq.busy), tel.dma_busy.fidx.eq(dq.busy_fidx),
+            tel.faults.stb.eq(dq.fault.stb), tel.faults.fidx.eq(dq.fault.fidx),
+            dq.occ_fidx.eq(tel.occ_fidx), tel.occ.eq(dq.occ),
+        ]
+        wiring.connect(m, vn.rx_ev, tel.rx)
+        wiring.connect(m, vn.qos_wait, tel.qos_wait)
 
         wiring.connect(m, fr.irq, mx.irq)
         # every event but the unexpected-completion count comes from the completer

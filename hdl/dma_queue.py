@@ -75,6 +75,11 @@ class DmaQueues(wiring.Component):
             "resume":  In(ResumeSignature()),
             "slot_free": Out(SlotFreeSignature()),
             "release": Out(ReleaseSignature()),
+            # telemetry: the function being served, and one function's ring occupancy
+            "busy":    Out(1),
+            "busy_fidx": Out(8),
+            "occ_fidx": In(8),
+            "occ":     Out(16),
         })
 
     def elaborate(self, platform):
@@ -149,6 +154,9 @@ class DmaQueues(wiring.Component):
                         m.d.sync += rdata.eq(Cat(busy & (cur == f), err.bit_select(f, 1),
                                                  parked.bit_select(f, 1) | wroom.bit_select(f, 1)))
         m.d.comb += b.rdata.eq(rdata)
+        m.d.comb += [self.busy.eq(busy), self.busy_fidx.eq(cur)]
+        with m.If(self.occ_fidx < nf):
+            m.d.comb += self.occ.eq(prod[self.occ_fidx] - cons[self.occ_fidx])
 
         # ---- engine -------------------------------------------------------------------------
         ptr = Signal(range(nf))

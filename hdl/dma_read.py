@@ -25,7 +25,7 @@ from amaranth.utils import exact_log2
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .tlp import tlp_stream, make_hdr, Dw0, CplDw1, CplDw2, hdr_dw, TlpKind
+from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, CplDw2, hdr_dw
 from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemWritePort, next_chunk, be_first_last,
                          CARD_ADDR_BITS)
 
@@ -79,14 +79,11 @@ class DmaReadChannel(wiring.Component):
         rem = Signal(18)
         chunk, ndw = next_chunk(m, host, rem, self.mrrs)
         first_be, last_be = be_first_last(host[:2], (host[:2] + chunk)[:2], ndw)
-        is64 = host[32:] != 0
         tag = Signal(8)
         m.d.comb += tag.eq(TAG_BASE + free_tag)
-        dw0 = Cat(ndw[:10], C(0, 14), Mux(is64, TlpKind.MRD64, TlpKind.MRD32))
-        dw1 = Cat(first_be, last_be, tag, fidx, self.bus_num)
-        a_lo = Cat(C(0, 2), host[2:32])
+        rid = Cat(fidx, self.bus_num)
         m.d.comb += [
-            self.tx.p.hdr.eq(make_hdr(dw0, dw1, Mux(is64, host[32:], a_lo), Mux(is64, a_lo, 0))),
+            self.tx.p.hdr.eq(mem_hdr(m, False, host, ndw, rid, tag, first_be, last_be)),
             self.tx.p.sop.eq(1), self.tx.p.eop.eq(1), self.tx.p.func.eq(fidx),
         ]
 

@@ -13,7 +13,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from .tlp import tlp_stream, make_hdr, TlpKind
+from .tlp import tlp_stream, mem_hdr
 from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemReadPort, next_chunk, be_first_last,
                          CARD_ADDR_BITS, CARD_MEM_TOTAL)
 
@@ -93,13 +93,10 @@ class DmaWriteChannel(wiring.Component):
                             m.d.comb += lanes[i].eq(cur[32 * src:32 * src + 32])
                         else:
                             m.d.comb += lanes[i].eq(nxt[32 * (src - DPB):32 * (src - DPB) + 32])
-        is64 = t_host[32:] != 0
-        dw0 = Cat(t_ndw[:10], C(0, 14), Mux(is64, TlpKind.MWR64, TlpKind.MWR32))
-        dw1 = Cat(t_fbe, t_lbe, C(0, 8), fidx, self.bus_num)
-        a_lo = Cat(C(0, 2), t_host[2:32])
+        rid = Cat(fidx, self.bus_num)
         tx = self.tx
         m.d.comb += [
-            tx.p.hdr.eq(make_hdr(dw0, dw1, Mux(is64, t_host[32:], a_lo), Mux(is64, a_lo, 0))),
+            tx.p.hdr.eq(mem_hdr(m, True, t_host, t_ndw, rid, 0, t_fbe, t_lbe)),
             tx.p.data.eq(Cat(*lanes)),
             tx.p.sop.eq(k == 0),
             tx.p.eop.eq(k == nbeats - 1),

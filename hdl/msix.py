@@ -21,7 +21,7 @@ from amaranth.lib.wiring import In, Out
 from .params import CardConfig, Bar0Map
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature
-from .tlp import tlp_stream, make_hdr, TlpKind
+from .tlp import tlp_stream, mem_hdr
 
 __all__ = ["MsixController"]
 
@@ -138,14 +138,10 @@ class MsixController(wiring.Component):
             m.d.comb += gen_rd.addr.eq(Cat(cnt[:2], cur_f))
 
         rid = Cat(cur_f, self.bus_num)
-        is64 = addr_hi != 0
-        fmt_type = Mux(is64, TlpKind.MWR64, TlpKind.MWR32)
-        dw0 = Cat(C(1, 10), C(0, 14), fmt_type)
-        dw1 = Cat(C(0xF, 4), C(0, 4), C(0, 8), rid)
         tx = self.tx
         m.d.comb += [
-            tx.p.hdr.eq(make_hdr(dw0, dw1, Mux(is64, addr_hi, Cat(C(0, 2), addr_lo[2:])),
-                                 Mux(is64, Cat(C(0, 2), addr_lo[2:]), 0))),
+            # one DW (the message data): all four bytes, and last_be must be 0
+            tx.p.hdr.eq(mem_hdr(m, True, Cat(addr_lo, addr_hi), 1, rid, last_be=0)),
             tx.p.data.eq(msg_data),
             tx.p.strb.eq(1),
             tx.p.sop.eq(1),

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, asdict
 
 __all__ = ["CardConfig", "FuncRegs", "MgmtRegs", "Bar0Map", "DmaRegs", "IommuRegs", "FaultRegs",
            "Staging", "PTE_PRESENT", "PAGE_SHIFT", "DescStatus", "VirtioRegs", "VirtioCaps",
-           "PacketBuf", "NetRegs"]
+           "PacketBuf", "NetRegs", "MgmtBlockRegs", "Owner", "UartProto"]
 
 
 class Bar0Map:
@@ -95,6 +95,119 @@ class NetRegs:
     QUEUE_IRQS   = 0x320   # used-buffer notifications sent (MSI-X, or ISR only without a vector)
     IRQ_SUPPRESSED = 0x324 # used buffers the driver asked not to be interrupted for
     XLATE_ERRORS = 0x328   # queue or buffer addresses outside the function's domain (or absent)
+
+
+class MgmtBlockRegs:
+    """PF BAR2: the management block (hdl.mgmt_block), reached by the host through PF BAR2 and
+    by the firmware through the management UART (:class:`UartProto`). 32-bit registers.
+
+    Telemetry is per function: write ``TEL_SEL`` with a function index, then read the ``TEL_*``
+    counters of that function (32-bit, wrapping). The QoS limiter is a token bucket per
+    function on the virtio transmit path: ``QOS_RATE`` is in 1/256 byte per card clock
+    (0 = unlimited), ``QOS_BURST`` in bytes; a function may start a frame while its bucket is
+    not negative, and the frame's length is then taken from the bucket.
+
+    Management tasks (``TASKS`` of them) each have one owner, the card or the host, held in
+    ``OWNER + 4*t``; a write of any other value is refused (counted in ``OWNER_REFUSED``), so
+    there is never a task with two owners or none. Requests for task *t* are pushed by the host
+    into a FIFO of ``REQ_DEPTH`` entries (``REQ_PUSH + 4*t``, 31-bit words; a push into a full
+    FIFO is refused and counted); a read of ``REQ_POP + 4*t`` by the task's owner (the UART is
+    the card's side, PF BAR2 the host's) takes the oldest one and returns it with bit 31 set; it
+    returns 0 when the FIFO is empty or the reader is not the owner (counted in ``POP_DENIED``).
+
+    The mailbox has a FIFO of ``MBOX_DEPTH`` words each way: host to firmware (``H2C``) and
+    firmware to host (``C2H``). The sending side writes the register to push a word; the
+    receiving side reads it to pop one, which comes back with bit 31 set (0: the FIFO was
+    empty), so mailbox words are 31-bit. A read by the sending side, or a write by the
+    receiving side, does nothing.
+    """
+    BLOCK_ID   = 0x400   # RO: "MGMT"
+    UTIL       = 0x404   # RO: utilisation inputs, percent: custom hw [7:0], processor [15:8],
+                         #     memory [23:16], network [31:24]
+    CYCLES_LO  = 0x408   # RO: card clock cycles since reset (read LO first: HI is latched)
+    CYCLES_HI  = 0x40C
+    TEL_SEL    = 0x410   # RW: function index of the TEL_* window
+    TEL_TX_BYTES  = 0x414  # frame bytes taken from the function's transmit queue
+    TEL_TX_FRAMES = 0x418
+    TEL_RX_BYTES  = 0x41C  # frame bytes delivered into its receive queue
+    TEL_RX_FRAMES = 0x420
+    TEL_DMA_BUSY  = 0x424  # clock cycles its DMA descriptor queue was being served
+    TEL_FAULTS    = 0x428  # I/O page faults it raised
+    TEL_OCC       = 0x42C  # descriptors waiting in its DMA ring (producer - consumer)
+    TEL_QOS_WAIT  = 0x430  # times a ready transmit queue was held back by its limiter
+    QOS_SEL    = 0x440   # RW: function index of the QOS_* window
+    QOS_RATE   = 0x444   # RW: 1/256 byte per clock, 16 bits; 0 = unlimited
+    QOS_BURST  = 0x448   # RW: bucket depth in bytes, 15 bits
+    QOS_TOKENS = 0x44C   # RO: the bucket now, signed, 1/256 byte
+    MBOX_H2C   = 0x450   # host writes (PF BAR2), firmware reads (UART)
+    MBOX_C2H   = 0x454   # firmware writes (UART), host reads (PF BAR2)
+    MBOX_STAT  = 0x458   # RO: H2C words waiting [7:0], C2H words waiting [15:8],
+                         #     words refused because the FIFO was full [31:16]
+    OWNER_REFUSED = 0x45C  # RO: writes of an invalid owner value
+    POP_DENIED = 0x460   # RO: REQ_POP reads by a side that does not own the task
+    REQ_REFUSED = 0x464  # RO: REQ_PUSH writes into a full FIFO
+    UART_FRAMES = 0x468  # RO: UART frames executed
+    UART_ERRORS = 0x46C  # RO: UART frames refused (bad CRC, length, command, address; cut short)
+    OWNER      = 0x480   # RW: task t at OWNER + 4*t: 1 card, 2 host
+    REQ_PUSH   = 0x4A0   # WO: task t at REQ_PUSH + 4*t
+    REQ_POP    = 0x4C0   # RO (pops): task t at REQ_POP + 4*t
+    REQ_LEVEL  = 0x4E0   # RO: task t at REQ_LEVEL + 4*t: requests waiting
+    TASKS = 4
+    REQ_DEPTH = 16
+    MBOX_DEPTH = 16
+    BLOCK_ID_VALUE = 0x4D474D54   # "MGMT"
+    LIMIT = 0x500        # end of the block's window
+
+
+class Owner:
+    CARD = 1
+    HOST = 2
+
+
+class UartProto:
+    """The management UART's framed protocol (hdl.mgmt_uart), 8N1, LSB first.
+
+    Request (firmware to card)::
+
+        0xA5  LEN  CMD  SEQ  PAYLOAD[LEN]  CRC
+
+    Reply (card to firmware)::
+
+        0x5A  LEN  CMD|0x80  SEQ  STATUS  PAYLOAD[LEN-1]  CRC
+
+    ``LEN`` counts the payload bytes (the reply's status byte included); ``SEQ`` is echoed;
+    ``CRC`` is CRC-8 (polynomial 0x07, initial value 0, no reflection) over ``LEN``, ``CMD``,
+    ``SEQ`` and the payload. Commands:
+
+    ========= ==== =========================== ============================================
+    PING      0x01 (none)                      STATUS, CARD_ID (u32)
+    READ      0x02 addr (u16)                  STATUS, data (u32)
+    WRITE     0x03 addr (u16), data (u32)      STATUS
+    ========= ==== =========================== ============================================
+
+    ``addr`` is a byte offset in PF BAR2 (multi-byte fields little-endian); it must be DW
+    aligned and inside BAR2 (else ``BAD_ADDR``). A frame with a bad CRC, a bad length or an
+    unknown command, or one cut short (no byte for ``GAP_BITS`` bit times inside a frame), is
+    not executed: the card waits for the line to be quiet for ``GAP_BITS`` bit times, then
+    replies with ``CMD`` 0xFF, the status, and ``SEQ`` (0 when it never arrived).
+    """
+    SYNC_REQ = 0xA5
+    SYNC_REPLY = 0x5A
+    PING, READ, WRITE = 0x01, 0x02, 0x03
+    ERROR = 0xFF
+    OK, BAD_CRC, TRUNCATED, UNKNOWN_CMD, BAD_LEN, BAD_ADDR = 0, 1, 2, 3, 4, 5
+    MAX_LEN = 6
+    GAP_BITS = 256
+    CRC_POLY = 0x07
+
+    @staticmethod
+    def crc8(data: bytes) -> int:
+        crc = 0
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = ((crc << 1) ^ UartProto.CRC_POLY) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+        return crc
 
 
 class VirtioCaps:
@@ -251,6 +364,8 @@ class CardConfig:
     bar2_size: int = MgmtRegs.SIZE   # 32-bit non-prefetchable, PF only
     vf_bar0_size: int = Bar0Map.SIZE # 64-bit prefetchable, per VF
     max_mmio_dw: int = 16            # longest MMIO read/write the completer serves
+    uart_divisor: int = 8            # card clocks per management-UART bit (1085: 115200 Bd at
+                                     # 125 MHz; the simulations use 8 to stay fast)
 
     def __post_init__(self):
         def pow2(x):
@@ -267,6 +382,8 @@ class CardConfig:
                 raise ValueError(f"{name} must be a power of two >= 4096, got {v}")
         if self.bar0_size < Bar0Map.SIZE or self.vf_bar0_size < Bar0Map.SIZE:
             raise ValueError("BAR0 sizes must hold the BAR0 map (16 KiB)")
+        if not (4 <= self.uart_divisor <= 65535):
+            raise ValueError(f"uart_divisor must be 4..65535 clocks per bit, got {self.uart_divisor}")
         if not pow2(self.max_mmio_dw):
             raise ValueError("max_mmio_dw must be a power of two")
 

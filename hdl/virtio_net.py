@@ -43,6 +43,7 @@ from .dma_common import DmaCmd, DmaDone, DmaStatus, MemReadPort, MemWritePort, C
 from .dma_read import CPL_TIMEOUT
 from .virtio_pci import NQ
 from .translate import XlateReq, XlateResp, XlateStatus
+from .telemetry import EventSignature
 
 __all__ = ["VirtioNetEngine", "UplinkBeat", "VQ_TAG", "PKT_WORDS"]
 
@@ -117,6 +118,11 @@ class VirtioNetEngine(wiring.Component):
             "snoop":    In(PktWritePort(W)),          # what the read channel writes there
             "uplink_tx": Out(stream.Signature(UplinkBeat(W))),
             "uplink_rx": In(stream.Signature(UplinkBeat(W))),
+            # the management block: QoS and telemetry
+            "tx_allow": In(nf, init=(1 << nf) - 1),   # the function's rate limiter lets it send
+            "tx_ev":    Out(EventSignature(12)),      # a frame taken from a transmit queue
+            "rx_ev":    Out(EventSignature(12)),      # a frame delivered into a receive queue
+            "qos_wait": Out(EventSignature()),        # a ready transmit queue held back
         })
 
     def elaborate(self, platform):
@@ -394,10 +400,15 @@ class VirtioNetEngine(wiring.Component):
                         m.d.comb += [self.kick_ack.eq(1), self.kick_idx.eq(ptr * NQ + TXQ)]
                         m.d.sync += txpend.bit_select(ptr, 1).eq(1)
                     with m.Elif(txpend.bit_select(ptr, 1) & self.live.bit_select(ptr, 1)
-                                & self.bme.bit_select(ptr, 1)):
+                                & self.bme.bit_select(ptr, 1)
+                                & self.tx_allow.bit_select(ptr, 1)):
                         m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0)]
                         m.next = "LOADQ0"
                     with m.Else():
+                        m.d.comb += [self.qos_wait.fidx.eq(ptr),
+                                     self.qos_wait.stb.eq(txpend.bit_select(ptr, 1)
+                                                          & self.live.bit_select(ptr, 1)
+                                                          & self.bme.bit_select(ptr, 1))]
                         with m.If(~self.live.bit_select(ptr, 1)):
                             m.d.sync += txpend.bit_select(ptr, 1).eq(0)
                         m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
@@ -541,7 +552,8 @@ class VirtioNetEngine(wiring.Component):
                         with m.Else():
                             m.next = "TX_XL"
             with m.State("TX_END"):
-                m.d.comb += inc["TX_FRAMES"].eq(1)
+                m.d.comb += [inc["TX_FRAMES"].eq(1), self.tx_ev.stb.eq(1), self.tx_ev.fidx.eq(cf),
+                             self.tx_ev.amount.eq(total - P.NET_HDR)]
                 m.d.sync += [tx_f.eq(cf), tx_head.eq(head), frame_len.eq(total - P.NET_HDR),
                              slot.eq(0), used_len.eq(0)]
                 with m.If(drop | (total < P.NET_HDR + P.MIN_FRAME)):
@@ -680,7 +692,8 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(drop | (rem != 0)):
                     m.d.comb += inc["DROP_SIZE"].eq(1)     # the buffer was too small
                 with m.Else():
-                    m.d.comb += inc["RX_FRAMES"].eq(1)
+                    m.d.comb += [inc["RX_FRAMES"].eq(1), self.rx_ev.stb.eq(1),
+                                 self.rx_ev.fidx.eq(cf), self.rx_ev.amount.eq(frame_len)]
                 # a dropped frame returns its buffer with nothing in it
                 m.d.sync += used_len.eq(Mux(drop | (rem != 0), 0, total))
                 m.next = "USED_ELEM"
