@@ -6,6 +6,7 @@ bit per byte, last), whose field offsets are read from the Amaranth layout.
 """
 
 import cocotb
+from cocotb.utils import get_sim_time
 from cocotb.queue import Queue
 from cocotb.triggers import RisingEdge
 
@@ -21,6 +22,7 @@ class Uplink:
         layout = UplinkBeat(data_width)
         self.off = {name: f.offset for name, f in layout}
         self.received: list[bytes] = []
+        self.times_ns: list[float] = []         # when each received frame's last beat left
         self.arrived = Queue()
         self._to_card = Queue()
         dut.uplink_tx__ready.value = 1
@@ -68,5 +70,6 @@ class Uplink:
             frame += bytes(raw[i] for i in range(self.wb) if keep >> i & 1)
             if (v >> self.off["last"]) & 1:
                 self.received.append(bytes(frame))
+                self.times_ns.append(get_sim_time("ns"))
                 self.arrived.put_nowait(bytes(frame))
                 frame = bytearray()

@@ -1,5 +1,5 @@
-"""offcard management firmware (issue 6): telemetry, thresholds, placement, QoS, logs.
-
-It will reach the card only through the management UART (pyserial) or BAR registers; for now
-the package exists so the layout of the repository matches the architecture.
+"""offcard management firmware: telemetry, thresholds, placement of the management VMs, QoS,
+event log and persisted state. It reaches the card only through the management UART
+(:mod:`firmware.link`, pyserial) or the BAR registers (:class:`firmware.card.Card` takes
+either). Run it with ``python -m firmware --port URL --policy FILE``.
 """

@@ -16,7 +16,7 @@ register pop; BAR2 is non-prefetchable, so no host ever reads it speculatively.
 
 from amaranth import *
 from amaranth.lib import data, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from .params import CardConfig, MgmtBlockRegs as R, Owner
@@ -54,23 +54,20 @@ class MgmtBlock(wiring.Component):
         cycles_hi = Signal(32)
         m.d.sync += cycles.eq(cycles + 1)
 
-        def counter(name):
-            c = Signal(32, name=name)
-            return c
-        owner_refused = counter("owner_refused")
-        pop_denied = counter("pop_denied")
-        req_refused = counter("req_refused")
+        owner_refused = Signal(32)
+        pop_denied = Signal(32)
+        req_refused = Signal(32)
         mbox_refused = Signal(16)
-        uart_frames = counter("uart_frames")
-        uart_errors = counter("uart_errors")
+        uart_frames = Signal(32)
+        uart_errors = Signal(32)
         with m.If(self.uart_ok):
             m.d.sync += uart_frames.eq(uart_frames + 1)
         with m.If(self.uart_err):
             m.d.sync += uart_errors.eq(uart_errors + 1)
 
         # ---- mailbox ------------------------------------------------------------------------
-        m.submodules.h2c = h2c = SyncFIFOBuffered(width=31, depth=R.MBOX_DEPTH)
-        m.submodules.c2h = c2h = SyncFIFOBuffered(width=31, depth=R.MBOX_DEPTH)
+        m.submodules.h2c = h2c = SyncFIFO(width=31, depth=R.MBOX_DEPTH)
+        m.submodules.c2h = c2h = SyncFIFO(width=31, depth=R.MBOX_DEPTH)
         for fifo, reg, sender in ((h2c, R.MBOX_H2C, host), (c2h, R.MBOX_C2H, card)):
             push = wr & (b.addr == reg // 4) & sender
             m.d.comb += [fifo.w_data.eq(b.wdata[:31]), fifo.w_en.eq(push)]
@@ -82,9 +79,8 @@ class MgmtBlock(wiring.Component):
         owners = [Signal(2, name=f"owner{t}", init=Owner.CARD) for t in range(R.TASKS)]
         m.d.comb += self.owner.eq(Cat(*owners))
         reqs = []
-        n_refused_owner = Signal(range(R.TASKS + 1))
         for t in range(R.TASKS):
-            fifo = SyncFIFOBuffered(width=31, depth=R.REQ_DEPTH)
+            fifo = SyncFIFO(width=31, depth=R.REQ_DEPTH)
             m.submodules[f"req{t}"] = fifo
             reqs.append(fifo)
             with m.If(wr & (b.addr == (R.OWNER + 4 * t) // 4)):

@@ -23,12 +23,18 @@ __all__ = ["MgmtUart", "crc8_next"]
 
 
 def crc8_next(crc, byte):
-    """CRC-8 (polynomial 0x07) after one more byte, as logic."""
-    c = crc ^ byte
-    for _ in range(8):
-        shifted = (c << 1)[:8]
-        c = Mux(c[7], shifted ^ P.CRC_POLY, shifted)
-    return c
+    """CRC-8 (polynomial 0x07, no final XOR) after one more byte, as logic. The register is
+    linear in ``crc ^ byte``: output bit *i* is the XOR of the input bits whose one-hot CRC has
+    bit *i* set (8 XOR trees of a few inputs, not an unrolled shift loop)."""
+    x = crc ^ byte
+    bits = []
+    for i in range(8):
+        taps = [j for j in range(8) if (P.crc8(bytes([1 << j])) >> i) & 1]
+        bit = x[taps[0]]
+        for j in taps[1:]:
+            bit = bit ^ x[j]
+        bits.append(bit)
+    return Cat(*bits)
 
 
 class MgmtUart(wiring.Component):

@@ -53,7 +53,7 @@ class RateLimiter(wiring.Component):
             m.d.sync += sel.eq(b.wdata[:8])
 
         for i in range(nf):
-            full = Cat(C(0, FRAC_BITS), burst[i]).as_signed()
+            full = Cat(C(0, FRAC_BITS), burst[i], C(0, 1)).as_signed()
             here = sel == i
             take = self.debit.stb & (self.debit.fidx == i)
             gained = Signal(signed(TOKEN_BITS + 1), name=f"gained{i}")
@@ -64,7 +64,7 @@ class RateLimiter(wiring.Component):
                 m.d.sync += [rate[i].eq(b.wdata[:16]), tokens[i].eq(full)]
             with m.Elif(set_burst & here):
                 m.d.sync += [burst[i].eq(b.wdata[:15]),
-                             tokens[i].eq(Cat(C(0, FRAC_BITS), b.wdata[:15]).as_signed())]
+                             tokens[i].eq(Cat(C(0, FRAC_BITS), b.wdata[:15], C(0, 1)).as_signed())]
             with m.Elif(rate[i] == 0):
                 m.d.sync += tokens[i].eq(full)
             with m.Elif(gained > full):

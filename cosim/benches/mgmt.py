@@ -129,3 +129,401 @@ async def test_owner_and_requests(dut):
     assert await h.drv.mgmt_read(R.MBOX_C2H) == 0
     assert await uread(phy, R.MBOX_H2C) == 0x9101_0000
     assert await uread(phy, R.MBOX_H2C) == 0
+
+
+# ---- telemetry and QoS against real traffic ------------------------------------------------
+
+UPLINK_MAC = bytes.fromhex("02aabbccdd01")       # not one of the card's: goes to the uplink
+
+
+async def tel(h, fidx):
+    await h.drv.mgmt_write(R.TEL_SEL, fidx)
+    regs = ("TX_BYTES", "TX_FRAMES", "RX_BYTES", "RX_FRAMES", "DMA_BUSY", "FAULTS", "OCC",
+            "QOS_WAIT")
+    return {n.lower(): await h.drv.mgmt_read(getattr(R, "TEL_" + n)) for n in regs}
+
+
+async def stream_frames(nic, frames):
+    for f in frames:
+        await nic.send(f)
+        await nic.reap_tx()
+
+
+async def uplink_wait(dut, up, src_mac, count, timeout_cycles=400_000):
+    """Wait until ``count`` frames from ``src_mac`` have left on the uplink."""
+    for _ in range(timeout_cycles // 500):
+        if sum(f[6:12] == src_mac for f in up.received) >= count:
+            return
+        await ClockCycles(dut.clk, 500)
+    raise AssertionError(f"fewer than {count} frames from {src_mac.hex()} on the uplink")
+
+
+def uplink_rate(up, src_mac, skip, since_ns=0):
+    """Frame bytes per clock of the frames from ``src_mac`` on the uplink, after the first
+    ``skip`` (the bucket's initial burst), from the last skipped frame's departure on."""
+    from cosim.harness import CLOCK_NS
+    mine = [(t, len(f)) for f, t in zip(up.received, up.times_ns)
+            if f[6:12] == src_mac and t >= since_ns]
+    assert len(mine) > skip + 4, f"only {len(mine)} frames from {src_mac.hex()}"
+    t0 = mine[skip][0]
+    t1 = mine[-1][0]
+    return sum(n for _, n in mine[skip + 1:]) * CLOCK_NS / (t1 - t0)
+
+
+@cocotb.test()
+async def test_telemetry_and_qos(dut):
+    """Per-function telemetry counts exactly what the traffic did (frames and bytes each way,
+    DMA busy cycles, ring occupancy); a function limited by its token bucket sends within 5 %
+    of its rate on the uplink while an unlimited one is never held back."""
+    import random
+    from cosim.uplink import Uplink
+    from cosim.benches.virtio import net, frame, receive_n, diff
+    from host_driver.dma import DmaQueue
+    h, phy, vfs = await start(dut, 3)
+    up = Uplink(dut, h.data_width)
+    rnd = random.Random(5)
+    a, b, c = [await net(h, vf) for vf in vfs]
+    await c.post_rx(16)
+    # VF1 -> VF3: frames and bytes on both sides
+    sizes = [60, 200, 1000, 1514]
+    sent = [frame(c.mac, a.mac, n, rnd) for n in sizes]
+    await stream_frames(a, sent)
+    assert await receive_n(c, len(sent)) == sent
+    ta, tc = await tel(h, 1), await tel(h, 3)
+    assert (ta["tx_frames"], ta["tx_bytes"]) == (4, sum(sizes)), ta
+    assert (tc["rx_frames"], tc["rx_bytes"]) == (4, sum(sizes)), tc
+    assert ta["rx_frames"] == 0 and tc["tx_frames"] == 0
+    # the PF's DMA ring: busy cycles, and occupancy while the queue is disabled
+    pf = h.drv.pf
+    q = await DmaQueue(pf, entries=16).setup()
+    buf = (h.t.alloc_host_mem(0x4000) + 0xFFF) & ~0xFFF
+    await q.transfer(buf, 0, 4096, to_host=False)
+    t0 = await tel(h, 0)
+    assert t0["dma_busy"] > 4096 // (h.data_width // 8), t0
+    assert t0["occ"] == 0 and t0["faults"] == 0
+
+    # QoS: VF1 limited, VF2 unlimited, both streaming 512-byte frames to the uplink
+    size, n = 512, 24
+    rate = 0.5                                           # bytes per clock
+    solo = [frame(UPLINK_MAC, b.mac, size, rnd) for _ in range(n)]
+    t_solo = h.t.now_ns()
+    await stream_frames(b, solo)
+    await uplink_wait(dut, up, b.mac, n)
+    solo_rate = uplink_rate(up, b.mac, 2, t_solo)
+    await uwrite(phy, R.QOS_SEL, 1)
+    await uwrite(phy, R.QOS_BURST, 1024)
+    await uwrite(phy, R.QOS_RATE, int(rate * 256))
+    t_both = h.t.now_ns()
+    fa = [frame(UPLINK_MAC, a.mac, size, rnd) for _ in range(n)]
+    fb = [frame(UPLINK_MAC, b.mac, size, rnd) for _ in range(n)]
+    ja = cocotb.start_soon(stream_frames(a, fa))
+    jb = cocotb.start_soon(stream_frames(b, fb))
+    await ja
+    await jb
+    await uplink_wait(dut, up, a.mac, n)
+    await uplink_wait(dut, up, b.mac, 2 * n)
+    lim_rate = uplink_rate(up, a.mac, 4, t_both)
+    got_b = [f for f in up.received if f[6:12] == b.mac][n:]
+    assert got_b == fb, diff(got_b, fb)
+    t1, t2 = await tel(h, 1), await tel(h, 2)
+    dut._log.info("QoS: solo unlimited %.3f B/clk; limited to %.3f: measured %.3f B/clk; "
+                  "held back %d times (VF2 %d)", solo_rate, rate, lim_rate, t1["qos_wait"],
+                  t2["qos_wait"])
+    assert solo_rate > 1.5 * rate, "the offered load does not exceed the limit: no test"
+    assert abs(lim_rate - rate) / rate < 0.05, (lim_rate, rate)
+    assert t1["qos_wait"] > 0 and t2["qos_wait"] == 0, (t1, t2)
+    # the unlimited function kept sending while the limited one waited
+    b_rate = uplink_rate(up, b.mac, 2, t_both)
+    dut._log.info("QoS: unlimited VF2 beside it: %.3f B/clk", b_rate)
+    assert b_rate > 0.9 * (solo_rate - lim_rate), (b_rate, solo_rate, lim_rate)
+
+
+# ---- the firmware in the loop ----------------------------------------------------------------
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from cosim.harness import CLOCK_NS
+from cosim.uart_bridge import UartBridge
+from host_driver.mgmt_host import HostAgent, Bar2Access, VhostRing
+
+THRESHOLD = 70
+CLOCK_MHZ = 1000 / CLOCK_NS
+RESOURCES = ("custom_hw", "processor", "memory", "network")
+
+
+def write_policy(folder, dwell_us=30.0, handoff_timeout_us=2000.0):
+    path = Path(folder) / "policy.toml"
+    path.write_text(f"""
+[card]
+clock_mhz = {CLOCK_MHZ}
+[thresholds]
+custom_hw = {THRESHOLD}
+processor = {THRESHOLD}
+memory = {THRESHOLD}
+network = {THRESHOLD}
+[placement]
+strategy = "priority"
+dwell_us = {dwell_us}
+poll_us = 1.0
+handoff_timeout_us = {handoff_timeout_us}
+stop_timeout_us = {handoff_timeout_us}
+[[task]]
+name = "qos"
+index = 0
+priority = 1
+[log]
+path = "{folder}/events.jsonl"
+[state]
+path = "{folder}/state.json"
+""")
+    return path
+
+
+class HostSide:
+    """The host: the management agent (mailbox, host-side management VMs over PF BAR2) and a
+    user VM posting management requests on its vhost ring, served by whoever owns the task."""
+
+    def __init__(self, h, task=0):
+        self.h = h
+        self.task = task
+        self.agent = HostAgent(Bar2Access(h.drv))
+        self.ring = self.agent.vhost[task].add_ring(VhostRing(16))
+        self.posted = []
+        self.completed = []
+        self.paused = False
+        self.running = True
+        self.post_every = 6          # agent steps between two requests; None: stop posting
+        self._seq = 0
+
+    def post(self):
+        self._seq += 1
+        word = 0x02 << 24 | self.task << 16 | self._seq    # op 2: a status request
+        try:
+            self.ring.post(word)
+            self.posted.append(word)
+        except Exception:
+            self._seq -= 1                               # the ring is full: try later
+
+    async def run(self, every_cycles=400):
+        k = 0
+        while self.running:
+            if not self.paused:
+                await self.agent.step()
+                self.completed += [w for _, w in self.ring.reap()]
+            if self.post_every and k % self.post_every == 0:
+                self.post()
+            k += 1
+            await ClockCycles(self.h.dut.clk, every_cycles)
+
+    def host_served(self):
+        return [w for vm in self.agent.vms.values() for w in vm.served]
+
+
+def card_served(log_path):
+    out = []
+    for line in Path(log_path).read_text().splitlines():
+        ev = json.loads(line)
+        if ev["event"] == "request_served":
+            out.append(ev["req"])
+    return out
+
+
+async def owner_of(h, task=0):
+    return await h.drv.mgmt_read(R.OWNER + 4 * task)
+
+
+async def wait_owner(h, want, timeout_us, task=0, step_cycles=1000):
+    t0 = h.t.now_ns()
+    while h.t.now_ns() - t0 < timeout_us * 1000:
+        if await owner_of(h, task) == want:
+            return (h.t.now_ns() - t0) / 1000
+        await ClockCycles(h.dut.clk, step_cycles)
+    raise AssertionError(f"task {task} not owned by {want} after {timeout_us} us")
+
+
+async def settle_requests(h, host, timeout_us=2000):
+    """Stop posting, then wait until every posted request completed."""
+    host.post_every = None
+    t0 = h.t.now_ns()
+    while len(host.completed) < len(host.posted):
+        assert h.t.now_ns() - t0 < timeout_us * 1000, \
+            f"{len(host.posted) - len(host.completed)} requests never completed"
+        await ClockCycles(h.dut.clk, 1000)
+
+
+def check_exactly_once(host, log_path):
+    by_card = card_served(log_path)
+    by_host = host.host_served()
+    served = by_card + by_host
+    dup = {w for w in served if served.count(w) > 1}
+    lost = set(host.posted) - set(served)
+    assert not dup, f"served twice: {sorted(dup)[:8]}"
+    assert not lost, f"never served: {sorted(lost)[:8]}"
+    assert sorted(host.completed) == sorted(host.posted)
+    return len(by_card), len(by_host)
+
+
+class FirmwareThread:
+    """The firmware (the real package, over pyserial on the bridge's socket) in a thread."""
+
+    def __init__(self, url, policy_path):
+        from firmware.card import Card
+        from firmware.daemon import Firmware
+        from firmware.link import UartLink
+        from firmware.policy import load_policy
+        self.link = UartLink(url, timeout=120)
+        self.fw = Firmware(Card(self.link), load_policy(policy_path))
+        self.stop = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while not self.stop.is_set():
+                self.fw.poll_once()
+                time.sleep(0.0005)
+        except BaseException as e:               # reported by the bench
+            self.error = e
+
+    async def close(self, dut):
+        self.stop.set()
+        while self.thread.is_alive():
+            await ClockCycles(dut.clk, 500)
+        self.fw.close()
+        self.link.close()
+        assert self.error is None, f"firmware failed: {self.error!r}"
+
+
+@cocotb.test()
+async def test_firmware_placement(dut):
+    """The firmware (over pyserial on a socket to the simulated UART) keeps the management VM
+    on the card while every resource is at or below its threshold, moves it to the host when
+    any one of the four alone goes above, and back after the dwell time; user-VM requests
+    arrive all the while through the vhost back-end and each is served exactly once, by the
+    card or by the host VM."""
+    h, phy, _ = await start(dut)
+    bridge = UartBridge(phy, "tcp")
+    folder = tempfile.mkdtemp(prefix="offcard-fw-")
+    policy = write_policy(folder)
+    host = HostSide(h)
+    host_job = cocotb.start_soon(host.run())
+    fw = FirmwareThread(bridge.url, policy)
+    latencies = []
+    try:
+        for r in RESOURCES:
+            set_util(dut, **{r: THRESHOLD})                # equal: stays on the card
+            await ClockCycles(dut.clk, 12_000)
+            assert await owner_of(h) == Owner.CARD, f"{r} at its threshold moved the VM"
+            rt0 = fw.link.round_trips
+            set_util(dut, **{r: THRESHOLD + 1})
+            us = await wait_owner(h, Owner.HOST, 3000)
+            latencies.append((us, fw.link.round_trips - rt0))
+            set_util(dut)
+            back = await wait_owner(h, Owner.CARD, 3000)
+            assert back >= 30, f"moved back after {back} us, before the 30 us dwell"
+        await settle_requests(h, host)
+    finally:
+        host.running = False
+        await fw.close(dut)
+        await host_job
+        bridge.close()
+    n_card, n_host = check_exactly_once(host, Path(folder) / "events.jsonl")
+    assert n_card > 0 and n_host > 0, (n_card, n_host)
+    dut._log.info("firmware placement: %d requests, %d served on the card, %d on the host; "
+                  "threshold crossing to owner moved: %s (us, UART round trips)",
+                  len(host.posted), n_card, n_host, latencies)
+    out = os.environ.get("OFFCARD_BENCH_OUT")
+    if out:
+        Path(out).write_text(json.dumps({"placement_latency": [
+            {"resource": r, "sim_us": round(us, 2), "uart_round_trips": rt}
+            for r, (us, rt) in zip(RESOURCES, latencies)]}))
+
+
+def spawn_firmware(url, policy, folder, tag):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    with open(Path(folder) / f"firmware-{tag}.out", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "firmware", "--port", url,
+                                 "--policy", str(policy)], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+
+
+@cocotb.test()
+async def test_firmware_process_killed_mid_move(dut):
+    """``python -m firmware --port socket://...`` in its own process: it moves the VM to the
+    host on a threshold crossing; killed (SIGKILL) while a move waits for the host VM, the
+    card's datapath and owner stay as they were, and a restarted firmware finishes or rolls
+    back the move: one owner at every instant, every request served exactly once."""
+    h, phy, _ = await start(dut)
+    bridge = UartBridge(phy, "tcp")
+    folder = tempfile.mkdtemp(prefix="offcard-fwp-")
+    policy = write_policy(folder, handoff_timeout_us=1e6)
+    host = HostSide(h)
+    host_job = cocotb.start_soon(host.run())
+    proc = spawn_firmware(bridge.url, policy, folder, "1")
+    state = Path(folder) / "state.json"
+    owners = []
+
+    async def watch_owner():
+        while host.running:
+            owners.append(await owner_of(h))
+            await ClockCycles(dut.clk, 300)
+    watch = cocotb.start_soon(watch_owner())
+    try:
+        # the process is up and serving on the card
+        t0 = h.t.now_ns()
+        while not card_served_safe(Path(folder) / "events.jsonl"):
+            assert proc.poll() is None, "firmware exited: " + (Path(folder) / "firmware-1.out").read_text()
+            assert h.t.now_ns() - t0 < 5_000_000, "the firmware never served a request"
+            await ClockCycles(dut.clk, 2000)
+        # hold the host agent, cross the threshold: the firmware asks for the host VM and waits
+        host.paused = True
+        set_util(dut, processor=95)
+        t0 = h.t.now_ns()
+        while '"stopping_card"' not in (state.read_text() if state.exists() else ""):
+            assert h.t.now_ns() - t0 < 5_000_000, "the move never started"
+            await ClockCycles(dut.clk, 1000)
+        proc.send_signal(signal.SIGKILL)
+        while proc.poll() is None:
+            await ClockCycles(dut.clk, 200)
+        assert await owner_of(h) == Owner.CARD
+        await ClockCycles(dut.clk, 5000)           # the card runs on without its firmware
+        host.paused = False
+        proc = spawn_firmware(bridge.url, policy, folder, "2")
+        await wait_owner(h, Owner.HOST, 20_000)
+        set_util(dut)
+        await wait_owner(h, Owner.CARD, 20_000)
+        await settle_requests(h, host, 20_000)
+    finally:
+        host.running = False
+        if proc.poll() is None:
+            proc.terminate()
+            while proc.poll() is None:
+                await ClockCycles(dut.clk, 200)
+        await watch
+        await host_job
+        bridge.close()
+    assert set(owners) <= {Owner.CARD, Owner.HOST}, set(owners)
+    events = [json.loads(line) for line in (Path(folder) / "events.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    # the restart found the move before its flip and rolled it back, then moved again
+    assert "move_rollback" in kinds and "move_done" in kinds, kinds[-20:]
+    n_card, n_host = check_exactly_once(host, Path(folder) / "events.jsonl")
+    dut._log.info("firmware process: killed mid-move and restarted; %d requests, %d on the "
+                  "card, %d on the host; events %s", len(host.posted), n_card, n_host,
+                  sorted(set(kinds)))
+
+
+def card_served_safe(path):
+    try:
+        return card_served(path)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []

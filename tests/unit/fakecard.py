@@ -1,0 +1,282 @@
+"""A Python model of the card's management block (hdl.params.MgmtBlockRegs) for firmware tests.
+
+One :class:`FakeCard` serves two ports: ``card_port`` (the management UART, the card's side)
+and ``host_port`` (PF BAR2, the host's side). Semantics modelled:
+
+- ``OWNER + 4t``: one owner per task, 1 card / 2 host; any other value is refused and counted.
+- ``REQ_PUSH + 4t``: a FIFO of ``REQ_DEPTH`` words per task; a push into a full FIFO is refused.
+- ``REQ_POP + 4t``: a read by the task's owner side pops (bit 31 set); else 0 (a non-owner read
+  counts in ``POP_DENIED``). Every pop is recorded in ``pop_log`` with the side and the owner.
+- ``MBOX_H2C`` / ``MBOX_C2H``: ``MBOX_DEPTH`` words each way; the receiving side pops.
+- ``UTIL`` from :attr:`util`, ``CYCLES_LO/HI`` (HI latched by the LO read) from :attr:`cycles`,
+  which advances by ``cycles_per_access`` on every access, and by :meth:`advance`.
+- ``QOS_*`` and ``TEL_*`` windows per function.
+
+:meth:`crash_on` makes one chosen access raise :class:`CardCrash`, before or after its effect,
+to simulate the firmware dying at that point. :class:`FakeHostAgent` plays the host side.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from typing import Callable
+
+from hdl.params import MgmtBlockRegs as R, Owner
+
+RESOURCES = ("custom_hw", "processor", "memory", "network")
+VALID = 1 << 31
+M32 = 0xFFFF_FFFF
+
+OP_START, OP_STOP, OP_READY, OP_STOPPED, OP_REFUSED = 0x01, 0x02, 0x11, 0x12, 0x13
+
+_TEL_ADDRS = (R.TEL_TX_BYTES, R.TEL_TX_FRAMES, R.TEL_RX_BYTES, R.TEL_RX_FRAMES, R.TEL_DMA_BUSY,
+              R.TEL_FAULTS, R.TEL_OCC, R.TEL_QOS_WAIT)
+
+
+class CardCrash(Exception):
+    """The simulated firmware crash (raised from a port access)."""
+
+
+Predicate = Callable[[str, str, int, int | None], bool]   # side, "r"/"w", addr, value
+
+
+class FakePort:
+    def __init__(self, card: "FakeCard", side: str):
+        self.card = card
+        self.side = side
+
+    def read(self, addr: int) -> int:
+        return self.card.access(self.side, "r", addr)
+
+    def write(self, addr: int, value: int) -> None:
+        self.card.access(self.side, "w", addr, value)
+
+
+class FakeCard:
+    def __init__(self, *, cycles_per_access: int = 100, cycles: int = 0):
+        self.owners = [Owner.CARD] * R.TASKS
+        self.fifos: list[deque[int]] = [deque() for _ in range(R.TASKS)]
+        self.h2c: deque[int] = deque()
+        self.c2h: deque[int] = deque()
+        self.util = dict.fromkeys(RESOURCES, 0)
+        self.cycles = cycles
+        self.cycles_per_access = cycles_per_access
+        self._hi_latch = 0
+        self.owner_refused = self.pop_denied = self.req_refused = self.mbox_refused = 0
+        self.pop_denied_by = {"card": 0, "host": 0}
+        self.qos_sel = self.tel_sel = 0
+        self.qos: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+        self.tel: dict[int, dict[int, int]] = defaultdict(dict)
+        self.pop_log: list[tuple[str, int, int]] = []         # (side, task, word)
+        self.owner_log: list[tuple[str, int, int]] = []       # (side, task, value) accepted
+        self.accesses = {"card": 0, "host": 0}
+        self.hooks: list[Callable[[], None]] = []             # run after every card-side access
+        self._crash: tuple[Predicate, bool] | None = None
+        self.crash_skipped = False
+        self.card_port = FakePort(self, "card")
+        self.host_port = FakePort(self, "host")
+
+    # -- test controls --------------------------------------------------------------------
+    def port(self, side: str) -> FakePort:
+        return {"card": self.card_port, "host": self.host_port}[side]
+
+    def set_util(self, **values: int) -> None:
+        for k, v in values.items():
+            if k not in self.util:
+                raise KeyError(k)
+            self.util[k] = v
+
+    def advance(self, cycles: int) -> None:
+        self.cycles += cycles
+
+    def push(self, task: int, word: int) -> bool:
+        """The host pushes a request; True if the FIFO took it."""
+        refused = self.req_refused
+        self.host_port.write(R.REQ_PUSH + 4 * task, word)
+        return self.req_refused == refused
+
+    def crash_on(self, pred: Predicate, *, after: bool = False) -> None:
+        """Make the next card-side access matching ``pred`` raise CardCrash (once); with
+        ``after`` the access takes effect first."""
+        self._crash = (pred, after)
+
+    def crash_at(self, n: int, *, after: bool = False,
+                 skip: Predicate | None = None) -> None:
+        """Crash on the card-side access numbered ``n`` from now (0 = the next one)."""
+        count = [0]
+        self.crash_skipped = False
+
+        def pred(side, kind, addr, value):
+            hit = count[0] == n
+            count[0] += 1
+            if hit and skip and skip(side, kind, addr, value):
+                self.crash_skipped = True
+                return False
+            return hit
+        self.crash_on(pred, after=after)
+
+    # -- the register file ----------------------------------------------------------------
+    def access(self, side: str, kind: str, addr: int, value: int | None = None) -> int:
+        if addr % 4 or not 0 <= addr < 0x1000:
+            raise ValueError(f"bad BAR2 address {addr:#x}")
+        if kind == "w" and not 0 <= value <= M32:
+            raise ValueError(f"write of {value!r} is not a 32-bit value")
+        self.accesses[side] += 1
+        self.cycles += self.cycles_per_access
+        crash_after = False
+        if side == "card" and self._crash is not None:
+            pred, after = self._crash
+            if pred(side, kind, addr, value):
+                self._crash = None
+                if not after:
+                    raise CardCrash(f"crash before {kind} {addr:#x}")
+                crash_after = True
+        result = self._read(side, addr) if kind == "r" else self._write(side, addr, value) or 0
+        if side == "card":
+            for hook in list(self.hooks):
+                hook()
+        if crash_after:
+            raise CardCrash(f"crash after {kind} {addr:#x}")
+        return result
+
+    def _read(self, side: str, addr: int) -> int:
+        if addr == R.BLOCK_ID:
+            return R.BLOCK_ID_VALUE
+        if addr == R.UTIL:
+            return sum((self.util[r] & 0xFF) << (8 * i) for i, r in enumerate(RESOURCES))
+        if addr == R.CYCLES_LO:
+            self._hi_latch = (self.cycles >> 32) & M32
+            return self.cycles & M32
+        if addr == R.CYCLES_HI:
+            return self._hi_latch
+        if addr == R.TEL_SEL:
+            return self.tel_sel
+        if addr in _TEL_ADDRS:
+            return self.tel[self.tel_sel].get(addr, 0) & M32
+        if addr == R.QOS_SEL:
+            return self.qos_sel
+        if addr == R.QOS_RATE:
+            return self.qos[self.qos_sel][0]
+        if addr == R.QOS_BURST:
+            return self.qos[self.qos_sel][1]
+        if addr == R.MBOX_H2C:
+            return self._mbox_pop(self.h2c) if side == "card" else 0
+        if addr == R.MBOX_C2H:
+            return self._mbox_pop(self.c2h) if side == "host" else 0
+        if addr == R.MBOX_STAT:
+            return len(self.h2c) | len(self.c2h) << 8 | (self.mbox_refused & 0xFFFF) << 16
+        if addr == R.OWNER_REFUSED:
+            return self.owner_refused
+        if addr == R.POP_DENIED:
+            return self.pop_denied
+        if addr == R.REQ_REFUSED:
+            return self.req_refused
+        t, base = self._task(addr)
+        if base == R.OWNER:
+            return self.owners[t]
+        if base == R.REQ_POP:
+            if self.owners[t] != (Owner.CARD if side == "card" else Owner.HOST):
+                self.pop_denied += 1
+                self.pop_denied_by[side] += 1
+                return 0
+            if not self.fifos[t]:
+                return 0
+            word = self.fifos[t].popleft()
+            self.pop_log.append((side, t, word))
+            return word | VALID
+        if base == R.REQ_LEVEL:
+            return len(self.fifos[t])
+        return 0
+
+    def _write(self, side: str, addr: int, value: int) -> None:
+        if addr == R.TEL_SEL:
+            self.tel_sel = value & 0xFF
+        elif addr == R.QOS_SEL:
+            self.qos_sel = value & 0xFF
+        elif addr == R.QOS_RATE:
+            self.qos[self.qos_sel][0] = value & 0xFFFF
+        elif addr == R.QOS_BURST:
+            self.qos[self.qos_sel][1] = value & 0x7FFF
+        elif addr == R.MBOX_H2C and side == "host":
+            self._mbox_push(self.h2c, value)
+        elif addr == R.MBOX_C2H and side == "card":
+            self._mbox_push(self.c2h, value)
+        else:
+            t, base = self._task(addr)
+            if base == R.OWNER:
+                if value in (Owner.CARD, Owner.HOST):
+                    self.owners[t] = value
+                    self.owner_log.append((side, t, value))
+                else:
+                    self.owner_refused += 1
+            elif base == R.REQ_PUSH:
+                if len(self.fifos[t]) < R.REQ_DEPTH:
+                    self.fifos[t].append(value & (VALID - 1))
+                else:
+                    self.req_refused += 1
+
+    def _mbox_push(self, fifo: deque[int], value: int) -> None:
+        if len(fifo) < R.MBOX_DEPTH:
+            fifo.append(value & (VALID - 1))
+        else:
+            self.mbox_refused += 1
+
+    @staticmethod
+    def _mbox_pop(fifo: deque[int]) -> int:
+        return fifo.popleft() | VALID if fifo else 0
+
+    @staticmethod
+    def _task(addr: int) -> tuple[int, int | None]:
+        for base in (R.OWNER, R.REQ_PUSH, R.REQ_POP, R.REQ_LEVEL):
+            if base <= addr < base + 4 * R.TASKS:
+                return (addr - base) // 4, base
+        return 0, None
+
+
+class FakeHostAgent:
+    """The host side: starts a management VM on START (READY after ``ready_delay_cycles``,
+    or REFUSED, or no answer when ``silent``), stops it on STOP (STOPPED), and while a VM runs
+    pops its task's requests through the host port. Runs after every card-side access."""
+
+    def __init__(self, card: FakeCard, *, ready_delay_cycles: int = 0, refuse: bool = False,
+                 silent: bool = False):
+        self.card = card
+        self.port = card.host_port
+        self.ready_delay_cycles = ready_delay_cycles
+        self.refuse = refuse
+        self.silent = silent
+        self.running: set[int] = set()
+        self.starting: dict[int, int] = {}           # task -> cycle its READY is due
+        self.served: list[tuple[int, int]] = []     # (task, word)
+        self.messages: list[tuple[int, int]] = []   # (op, task) received
+        card.hooks.append(self.tick)
+
+    def detach(self) -> None:
+        self.card.hooks.remove(self.tick)
+
+    def _send(self, op: int, task: int) -> None:
+        self.port.write(R.MBOX_H2C, op << 24 | task << 16)
+
+    def tick(self) -> None:
+        while (word := self.port.read(R.MBOX_C2H)) & VALID:
+            op, task = (word >> 24) & 0x7F, (word >> 16) & 0xFF
+            self.messages.append((op, task))
+            if op == OP_START:
+                if self.refuse:
+                    self._send(OP_REFUSED, task)
+                elif not self.silent:
+                    self.starting[task] = self.card.cycles + self.ready_delay_cycles
+            elif op == OP_STOP:
+                self.starting.pop(task, None)
+                self.running.discard(task)
+                self._send(OP_STOPPED, task)
+        for task, due in list(self.starting.items()):
+            if self.card.cycles >= due:
+                del self.starting[task]
+                self.running.add(task)
+                self._send(OP_READY, task)
+        for task in sorted(self.running):
+            if self.card.owners[task] != Owner.HOST:
+                continue        # a real VM would pop and get 0; skip to keep the counters clean
+            while (word := self.port.read(R.REQ_POP + 4 * task)) & VALID:
+                self.served.append((task, word & (VALID - 1)))
