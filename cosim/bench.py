@@ -66,6 +66,19 @@ def bench_virtio(sim, cfg):
     return rows
 
 
+def bench_mgmt(sim, cfg):
+    """Firmware placement latency and QoS accuracy rows (:mod:`cosim.benches.mgmt`)."""
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "mgmt.json"
+        for tc in ("test_telemetry_and_qos", "test_firmware_placement"):
+            run_card_bench(sim, "cosim.benches.mgmt", cfg, testcase=tc,
+                           extra_env={"OFFCARD_BENCH_OUT": str(out)})
+        rec = json.loads(out.read_text())
+    for r in rec["placement_latency"] + rec["qos"]:
+        r.update({"sim": sim, "config": config_key(cfg)})
+    return rec["placement_latency"], rec["qos"]
+
+
 def add_table(console, md, title, cols, rows):
     table = Table(title=title)
     for c in cols:
@@ -91,6 +104,8 @@ def main(argv=None):
     dma_rows = []
     fault_rows = []
     virtio_rows = []
+    placement_rows = []
+    qos_rows = []
     for sim in selected_sims():
         for cfg in CONFIGS:
             console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} ...")
@@ -101,9 +116,15 @@ def main(argv=None):
             fault_rows += f
             console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} virtio-net ...")
             virtio_rows += bench_virtio(sim, cfg)
+            if cfg == CONFIGS[0]:
+                console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} firmware and QoS ...")
+                p, q = bench_mgmt(sim, cfg)
+                placement_rows += p
+                qos_rows += q
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
               "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows,
-              "virtio_net": virtio_rows}
+              "virtio_net": virtio_rows, "placement_latency": placement_rows,
+              "qos": qos_rows}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     md = []
     add_table(console, md, "enumeration + SR-IOV + MMIO",
@@ -118,6 +139,13 @@ def main(argv=None):
     add_table(console, md, "virtio-net guest to guest (VF1 -> VF2)",
               ["sim", "config", "mode", "frame_bytes", "frames", "frames_per_wall_s",
                "payload_bytes_per_clk", "sim_us", "traps"], virtio_rows)
+    add_table(console, md, "firmware: threshold crossing to control moved (card time; UART at "
+              f"{CardConfig().uart_divisor} clocks per bit)",
+              ["sim", "config", "resource", "threshold_to_owner_us", "uart_round_trips"],
+              placement_rows)
+    add_table(console, md, "QoS token bucket on the virtio transmit path (uplink, 512 B frames)",
+              ["sim", "config", "limit_bytes_per_clk", "limited_bytes_per_clk", "error_pct",
+               "unlimited_alone_bytes_per_clk", "unlimited_beside_bytes_per_clk"], qos_rows)
     Path(args.output).with_suffix(".md").write_text("\n".join(md).lstrip() + "\n")
     console.print(f"wrote {args.output} and {Path(args.output).with_suffix('.md')}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from typing import NoReturn, Sequence
 
@@ -92,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         link = UartLink(args.port)
         fw = Firmware(Card(link), policy)
+
+        def stop(signum, frame):            # finish the poll under way (a pop is logged)
+            fw.stop_requested = True
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         with fw:
             polls = fw.run(stop_after_us=args.run_for_us, max_polls=args.max_polls)
         placement = " ".join(f"{k}={v}" for k, v in sorted(fw.placement.items()))

@@ -5,42 +5,30 @@ byte offsets: the management UART (:class:`firmware.link.UartLink`, the card's s
 accessor (the host's side). The register map is :class:`hdl.params.MgmtBlockRegs`; the hardware
 enforces task ownership (a pop by a non-owner returns 0), this class only packs and checks.
 
-Mailbox words are 31 bits::
-
-    [30:24] op   [23:16] task   [15:0] arg
-
-Firmware to host agent: ``START`` (start the host-side management VM of a task), ``STOP``.
-Host agent to firmware: ``READY`` (the VM is up and may own the task), ``STOPPED``, ``REFUSED``.
-
-Request words (pushed by the host into a task's FIFO, served by the task's owner) share the
-op field; ``REQ_QOS_SET`` asks for a rate limit: ``[23:16]`` function, ``[15:0]`` rate in
-1/256 byte per card clock.
+The mailbox and request word formats are :class:`hdl.params.MboxMsg`.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from hdl.params import MgmtBlockRegs as R, Owner
+from hdl.params import MgmtBlockRegs as R, Owner, MboxMsg as M
 
 __all__ = ["Port", "Card", "CardError", "encode_msg", "decode_msg", "START", "STOP", "READY",
            "STOPPED", "REFUSED", "OP_NAMES", "REQ_QOS_SET", "RESOURCES", "qos_rate_units"]
 
-START = 0x01
-STOP = 0x02
-READY = 0x11
-STOPPED = 0x12
-REFUSED = 0x13
+START, STOP, READY, STOPPED, REFUSED = M.START, M.STOP, M.READY, M.STOPPED, M.REFUSED
 OP_NAMES = {START: "START", STOP: "STOP", READY: "READY", STOPPED: "STOPPED",
             REFUSED: "REFUSED"}
-
-REQ_QOS_SET = 0x01
+REQ_QOS_SET = M.REQ_QOS_SET
+encode_msg = M.encode
+decode_msg = M.decode
 
 #: Utilisation inputs in UTIL byte order (byte 0 first).
 RESOURCES = ("custom_hw", "processor", "memory", "network")
 
-VALID = 1 << 31
-WORD_MASK = VALID - 1
+VALID = M.VALID
+WORD_MASK = M.WORD_MASK
 
 _TEL = (("tx_bytes", R.TEL_TX_BYTES), ("tx_frames", R.TEL_TX_FRAMES),
         ("rx_bytes", R.TEL_RX_BYTES), ("rx_frames", R.TEL_RX_FRAMES),
@@ -55,18 +43,6 @@ class CardError(Exception):
 class Port(Protocol):
     def read(self, addr: int) -> int: ...
     def write(self, addr: int, value: int) -> None: ...
-
-
-def encode_msg(op: int, task: int, arg: int = 0) -> int:
-    """Pack a mailbox word: op [30:24], task [23:16], arg [15:0]."""
-    if not 0 <= op < 0x80 or not 0 <= task < 0x100 or not 0 <= arg < 0x10000:
-        raise ValueError(f"mailbox message out of range: op={op:#x} task={task} arg={arg:#x}")
-    return op << 24 | task << 16 | arg
-
-
-def decode_msg(word: int) -> tuple[int, int, int]:
-    """Unpack a mailbox word (bit 31, the valid flag, is ignored) into (op, task, arg)."""
-    return (word >> 24) & 0x7F, (word >> 16) & 0xFF, word & 0xFFFF
 
 
 def _check_task(task: int) -> None:

@@ -56,6 +56,7 @@ class Firmware:
         self.mover: Mover | None = None
         self.polls = 0
         self.served = 0
+        self.stop_requested = False   # set (e.g. by a signal handler): run() returns after the poll
         self._stale = False         # a move took effect after this poll's UTIL sample
         self._above: dict[str, bool] = {}
 
@@ -162,6 +163,8 @@ class Firmware:
             if max_polls is not None and polls >= max_polls:
                 return polls
             if stop_after_us is not None and now - first >= stop_after_us:
+                return polls
+            if self.stop_requested:
                 return polls
             self.sleep(self.policy.poll_us * 1e-6)
 

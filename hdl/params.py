@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, asdict
 
 __all__ = ["CardConfig", "FuncRegs", "MgmtRegs", "Bar0Map", "DmaRegs", "IommuRegs", "FaultRegs",
            "Staging", "PTE_PRESENT", "PAGE_SHIFT", "DescStatus", "VirtioRegs", "VirtioCaps",
-           "PacketBuf", "NetRegs", "MgmtBlockRegs", "Owner", "UartProto"]
+           "PacketBuf", "NetRegs", "MgmtBlockRegs", "Owner", "UartProto", "MboxMsg"]
 
 
 class Bar0Map:
@@ -162,6 +162,38 @@ class MgmtBlockRegs:
 class Owner:
     CARD = 1
     HOST = 2
+
+
+class MboxMsg:
+    """Mailbox words between the firmware and the host's management agent (31-bit)::
+
+        [30:24] op   [23:16] task   [15:0] arg
+
+    Firmware to host: ``START`` (start the task's host-side management VM), ``STOP``.
+    Host to firmware: ``READY`` (the VM runs and may own the task), ``STOPPED`` (the VM stopped
+    and served all it had popped), ``REFUSED`` (unknown op or task; arg = the op refused).
+    Request words in the task FIFOs share the op field; ``REQ_QOS_SET`` asks for a rate limit:
+    ``[23:16]`` function, ``[15:0]`` rate in 1/256 byte per card clock.
+    """
+    START = 0x01
+    STOP = 0x02
+    READY = 0x11
+    STOPPED = 0x12
+    REFUSED = 0x13
+    REQ_QOS_SET = 0x01
+    VALID = 1 << 31            # set in a word popped from a FIFO or the mailbox
+    WORD_MASK = VALID - 1
+
+    @staticmethod
+    def encode(op: int, task: int, arg: int = 0) -> int:
+        if not 0 <= op < 0x80 or not 0 <= task < 0x100 or not 0 <= arg < 0x10000:
+            raise ValueError(f"mailbox message out of range: op={op:#x} task={task} arg={arg:#x}")
+        return op << 24 | task << 16 | arg
+
+    @staticmethod
+    def decode(word: int) -> tuple[int, int, int]:
+        """``(op, task, arg)``; bit 31 (the valid flag) is ignored."""
+        return (word >> 24) & 0x7F, (word >> 16) & 0xFF, word & 0xFFFF
 
 
 class UartProto:

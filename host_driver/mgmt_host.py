@@ -26,36 +26,29 @@ while a pop is in flight is answered only after the popped request is recorded.
 
 from enum import IntEnum
 
-from hdl.params import MgmtBlockRegs as R, Owner
+from hdl.params import MgmtBlockRegs as R, Owner, MboxMsg as M
 
 from .cgroup import CpuCgroup, HostCpu, WorkTask
 
 __all__ = ["Op", "encode", "decode", "Bar2Access", "VhostRing", "VhostBackend", "HostMgmtVM",
            "HostAgent", "VALID", "WORD_MASK", "MGMT_SLICE"]
 
-VALID = 1 << 31            # set in a popped FIFO or mailbox word
-WORD_MASK = VALID - 1      # request and mailbox words are 31-bit
+VALID = M.VALID            # set in a popped FIFO or mailbox word
+WORD_MASK = M.WORD_MASK    # request and mailbox words are 31-bit
 MGMT_SLICE = "mgmt.slice"  # parent cgroup of the host management VMs
 
 
 class Op(IntEnum):
-    START = 0x01      # firmware -> host: start the task's host management VM
-    STOP = 0x02       # firmware -> host: stop it
-    READY = 0x11      # host -> firmware: the VM runs (answers START)
-    STOPPED = 0x12    # host -> firmware: the VM is stopped, all it popped served (answers STOP)
-    REFUSED = 0x13    # host -> firmware: unknown op or task; arg = the op refused
+    """Mailbox ops (:class:`hdl.params.MboxMsg`)."""
+    START = M.START
+    STOP = M.STOP
+    READY = M.READY
+    STOPPED = M.STOPPED
+    REFUSED = M.REFUSED
 
 
-def encode(op: int, task: int, arg: int = 0) -> int:
-    """A mailbox word: op [30:24], task [23:16], arg [15:0]."""
-    if not (0 <= op < 0x80 and 0 <= task < 0x100 and 0 <= arg < 0x10000):
-        raise ValueError(f"message field out of range: op={op:#x} task={task} arg={arg:#x}")
-    return op << 24 | task << 16 | arg
-
-
-def decode(word: int) -> tuple[int, int, int]:
-    """``(op, task, arg)`` of a mailbox word (bit 31 ignored)."""
-    return (word >> 24) & 0x7F, (word >> 16) & 0xFF, word & 0xFFFF
+encode = M.encode
+decode = M.decode
 
 
 class Bar2Access:
