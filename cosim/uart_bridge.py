@@ -126,6 +126,11 @@ class UartBridge:
         self._thread.start()
         cocotb.start_soon(self._pump())
 
+    @property
+    def connected(self):
+        """A TCP client is connected (always False for a pty)."""
+        return self._client is not None
+
     # ---- the thread side ----
     def _serve_tcp(self):
         self._srv.settimeout(0.2)

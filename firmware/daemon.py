@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from hdl.params import MgmtBlockRegs, Owner
+from hdl.params import MgmtBlockRegs, MgmtRegs, Owner
 
 from .card import RESOURCES, REQ_QOS_SET, Card, CardError, decode_msg
 from .eventlog import EventLog
@@ -59,6 +59,7 @@ class Firmware:
         self.stop_requested = False   # set (e.g. by a signal handler): run() returns after the poll
         self._stale = False         # a move took effect after this poll's UTIL sample
         self._above: dict[str, bool] = {}
+        self._next_status: float | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -148,6 +149,9 @@ class Firmware:
             for move in self.engine.step(now, util):
                 self._guard(now, lambda: self.mover.begin(move, now), move)
         self._serve(now)
+        if self._next_status is None or now >= self._next_status:
+            self._guard(now, lambda: self._status(now))
+            self._next_status = now + self.policy.status_every_us
         self.polls += 1
         return now
 
@@ -187,6 +191,19 @@ class Firmware:
                 self.log.emit(now, "threshold_crossed", resource=r, value=util[r],
                               threshold=th[r], above=above)
             self._above[r] = above
+
+    # -- status monitoring -----------------------------------------------------------------
+    def status(self) -> dict:
+        """The card's health and the traffic of the policy's ``[status]`` functions."""
+        return {"placement": self.placement,
+                "uart_errors": self.card.read(MgmtBlockRegs.UART_ERRORS),
+                "pcie_malformed": self.card.read(MgmtRegs.ERR_MALFORMED),
+                "pcie_unsupported": self.card.read(MgmtRegs.ERR_UNSUPPORTED),
+                "functions": {str(f): self.card.telemetry(f)
+                              for f in self.policy.status_functions}}
+
+    def _status(self, now: float) -> None:
+        self.log.emit(now, "status", **self.status())
 
     # -- the card-side management VMs --------------------------------------------------------
     def _serve(self, now: float) -> None:

@@ -18,7 +18,7 @@ from typing import Any, IO
 __all__ = ["EventLog", "LogError", "EVENTS"]
 
 EVENTS = frozenset({"start", "util_sample", "threshold_crossed", "move_begin", "move_phase",
-                    "move_done", "move_rollback", "request_served", "qos_set", "error"})
+                    "move_done", "move_rollback", "request_served", "qos_set", "status", "error"})
 
 
 class LogError(Exception):

@@ -86,6 +86,8 @@ class Policy:
     qos: tuple[QosPolicy, ...] = ()
     log_path: str = "firmware-events.jsonl"
     state_path: str = "firmware-state.json"
+    status_every_us: float = 1000.0
+    status_functions: tuple[int, ...] = (0,)
     source: str = "<policy>"
 
     def task(self, name: str) -> TaskPolicy:
@@ -198,7 +200,8 @@ class _Parser:
 
     # -- the schema -----------------------------------------------------------------------
     def policy(self, doc: dict[str, Any]) -> Policy:
-        self.known(doc, ("card", "thresholds", "placement", "task", "qos", "log", "state"), "")
+        self.known(doc, ("card", "thresholds", "placement", "task", "qos", "log", "state",
+                         "status"), "")
         card = self.table(doc, "card", ("clock_mhz", "qos_burst"), required=False)
         clock_mhz = self.number(card, "clock_mhz", "card", default=125.0, lo=0, lo_open=True)
         qos_burst = self.integer(card, "qos_burst", "card", default=4096, lo=0, hi=0x7FFF)
@@ -225,12 +228,20 @@ class _Parser:
 
         log = self.table(doc, "log", ("path",), required=False)
         state = self.table(doc, "state", ("path",), required=False)
+        st = self.table(doc, "status", ("every_us", "functions"), required=False)
+        status_every = self.number(st, "every_us", "status", default=1000.0, lo=0, lo_open=True)
+        funcs = st.get("functions", [0])
+        if not isinstance(funcs, list) or not all(
+                isinstance(f, int) and not isinstance(f, bool) and 0 <= f <= 255 for f in funcs):
+            raise self.fail("status.functions",
+                            f"must be a list of function indices 0..255, got {_show(funcs)}")
         return Policy(
             thresholds=thresholds, tasks=tasks, strategy=strategy, dwell_us=float(dwell_us),
             poll_us=float(poll_us), handoff_timeout_us=float(handoff),
             stop_timeout_us=float(stop), clock_mhz=float(clock_mhz), qos_burst=qos_burst,
             qos=qos, log_path=self.string(log, "path", "log", default="firmware-events.jsonl"),
             state_path=self.string(state, "path", "state", default="firmware-state.json"),
+            status_every_us=float(status_every), status_functions=tuple(funcs),
             source=self.source)
 
     def tasks(self, doc: dict) -> tuple[TaskPolicy, ...]:

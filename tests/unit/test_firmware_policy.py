@@ -222,6 +222,7 @@ def test_cli_runs_against_the_card(fake_link, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 polls" in out
     assert state.exists() and '"event":"start"' in log.read_text()
+    assert '"event":"status"' in log.read_text()
     assert fake_link.qos[1] == [128, 4096]       # the example's [[qos]]: 0.5 B/clk
 
 
@@ -243,3 +244,13 @@ def test_cli_corrupt_state_exit_1(fake_link, tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "corrupt state file" in err
+
+
+def test_status_section():
+    p = parse_policy(GOOD + "\n[status]\nevery_us = 50\nfunctions = [0, 3]\n")
+    assert p.status_every_us == 50 and p.status_functions == (0, 3)
+    for bad, key in (("functions = [300]", "status.functions"), ("functions = 1", "status.functions"),
+                     ("every_us = -1", "every_us"), ("colour = 1", "colour")):
+        with pytest.raises(PolicyError) as e:
+            parse_policy(GOOD + f"\n[status]\n{bad}\n")
+        assert key in str(e.value) and "\n" not in str(e.value)
