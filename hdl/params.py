@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, asdict
 
 __all__ = ["CardConfig", "FuncRegs", "MgmtRegs", "Bar0Map", "DmaRegs", "IommuRegs", "FaultRegs",
            "Staging", "PTE_PRESENT", "PAGE_SHIFT", "DescStatus", "VirtioRegs", "VirtioCaps",
-           "PacketBuf", "NetRegs", "MgmtBlockRegs", "Owner", "UartProto", "MboxMsg"]
+           "PacketBuf", "NetRegs", "MgmtBlockRegs", "Owner", "UartProto", "MboxMsg", "MigRegs"]
 
 
 class Bar0Map:
@@ -240,6 +240,29 @@ class UartProto:
             for _ in range(8):
                 crc = ((crc << 1) ^ UartProto.CRC_POLY) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
         return crc
+
+
+class MigRegs:
+    """PF BAR2: per-function quiesce and the virtio engine's device-internal queue state, for
+    VF save / restore and live migration (hdl.virtio_net). Everything else a function needs to
+    resume (features, status, queue sizes, vectors and addresses, the MSI-X table) the host
+    reads and replays through the function's own registers.
+
+    ``MIG_CTRL`` bit 0 stops the selected function: the engine starts no transmit for it and
+    delivers no frame into its receive queue (such a frame is dropped and counted in
+    ``DROP_NOBUF``); what was under way finishes. ``MIG_STATUS``: bit 0 stopped, bit 1 idle
+    (stopped, and nothing of the function is in the engine). The index registers are the
+    device's ``last_avail`` and ``used`` indices of receiveq1 / transmitq1 and the pending
+    transmit notification; they are written only while the function is idle (else ignored).
+    """
+    SEL = 0x340
+    CTRL = 0x344
+    STATUS = 0x348
+    RX_AVAIL = 0x350
+    RX_USED = 0x354
+    TX_AVAIL = 0x358
+    TX_USED = 0x35C
+    TX_PEND = 0x360
 
 
 class VirtioCaps:

@@ -35,7 +35,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from .params import CardConfig, VirtioRegs as V, PacketBuf as P, NetRegs
+from .params import CardConfig, VirtioRegs as V, PacketBuf as P, NetRegs, MigRegs as MG
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature
 from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
@@ -152,15 +152,40 @@ class VirtioNetEngine(wiring.Component):
             with m.If(inc[n]):
                 m.d.sync += ctr[n].eq(ctr[n] + 1)
         b = self.bus
+        # migration: per-function stop, and the queue indices only the device knows
+        mig_sel = Signal(8)
+        mig_stop = Signal(nf)
+        mig_busy = Signal()          # the engine holds work of function ``mig_sel``
+        mig_idle = mig_stop.bit_select(mig_sel, 1) & ~mig_busy
+        mig_regs = {MG.RX_AVAIL: ("avail", 0), MG.RX_USED: ("used", 0),
+                    MG.TX_AVAIL: ("avail", 1), MG.TX_USED: ("used", 1)}
+        pf2 = (b.fidx == 0) & (b.bar == 2)
         rdata = Signal(32)
         with m.If(b.re):
             m.d.sync += rdata.eq(0)
-            with m.If((b.fidx == 0) & (b.bar == 2)):
+            with m.If(pf2):
                 with m.Switch(b.addr):
                     for n in names:
                         with m.Case(getattr(NetRegs, n) // 4):
                             m.d.sync += rdata.eq(ctr[n])
+                    with m.Case(MG.SEL // 4):
+                        m.d.sync += rdata.eq(mig_sel)
+                    with m.Case(MG.CTRL // 4):
+                        m.d.sync += rdata.eq(mig_stop.bit_select(mig_sel, 1))
+                    with m.Case(MG.STATUS // 4):
+                        m.d.sync += rdata.eq(Cat(mig_stop.bit_select(mig_sel, 1), mig_idle))
+                    for off, (kind, q) in mig_regs.items():
+                        with m.Case(off // 4):
+                            arr = last_avail if kind == "avail" else used_idx
+                            m.d.sync += rdata.eq(arr[mig_sel * NQ + q])
+                    with m.Case(MG.TX_PEND // 4):
+                        m.d.sync += rdata.eq(txpend.bit_select(mig_sel, 1))
         m.d.comb += b.rdata.eq(rdata)
+        mig_we = b.we & pf2 & (b.be == 0xF)
+        with m.If(mig_we & (b.addr == MG.SEL // 4)):
+            m.d.sync += mig_sel.eq(b.wdata[:8])
+        with m.If(mig_we & (b.addr == MG.CTRL // 4) & (mig_sel < nf)):
+            m.d.sync += mig_stop.bit_select(mig_sel, 1).eq(b.wdata[0])
 
         # ---- host port: the engine's own small reads and writes ------------------------------
         h_go = Signal()
@@ -345,6 +370,14 @@ class VirtioNetEngine(wiring.Component):
             m.d.sync += txpend.bit_select(g, 1).eq(0)
             for q in range(NQ):
                 m.d.sync += [last_avail[g * NQ + q].eq(0), used_idx[g * NQ + q].eq(0)]
+        # restoring a stopped, idle function's indices (the engine does not touch them then)
+        with m.If(mig_we & mig_idle & (mig_sel < nf)):
+            for off, (kind, q) in mig_regs.items():
+                with m.If(b.addr == off // 4):
+                    arr = last_avail if kind == "avail" else used_idx
+                    m.d.sync += arr[mig_sel * NQ + q].eq(b.wdata[:16])
+            with m.If(b.addr == MG.TX_PEND // 4):
+                m.d.sync += txpend.bit_select(mig_sel, 1).eq(b.wdata[0])
 
         limit = Mux(ind, ind_n, qsize)
         WTOP = P.SLOT // WB
@@ -385,7 +418,9 @@ class VirtioNetEngine(wiring.Component):
             self.wr_cmd.p.length.eq(seg),
         ]
 
-        with m.FSM(name="engine"):
+        with m.FSM(name="engine") as engine:
+            m.d.comb += mig_busy.eq(~engine.ongoing("SCAN")
+                                    & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
             with m.State("SCAN"):
                 m.d.sync += [phase.eq(0), drop.eq(0)]
                 with m.If(self.uplink_rx.valid):
@@ -400,7 +435,7 @@ class VirtioNetEngine(wiring.Component):
                         m.d.comb += [self.kick_ack.eq(1), self.kick_idx.eq(ptr * NQ + TXQ)]
                         m.d.sync += txpend.bit_select(ptr, 1).eq(1)
                     with m.Elif(txpend.bit_select(ptr, 1) & self.live.bit_select(ptr, 1)
-                                & self.bme.bit_select(ptr, 1)
+                                & self.bme.bit_select(ptr, 1) & ~mig_stop.bit_select(ptr, 1)
                                 & self.tx_allow.bit_select(ptr, 1)):
                         m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0)]
                         m.next = "LOADQ0"
@@ -408,7 +443,8 @@ class VirtioNetEngine(wiring.Component):
                         m.d.comb += [self.qos_wait.fidx.eq(ptr),
                                      self.qos_wait.stb.eq(txpend.bit_select(ptr, 1)
                                                           & self.live.bit_select(ptr, 1)
-                                                          & self.bme.bit_select(ptr, 1))]
+                                                          & self.bme.bit_select(ptr, 1)
+                                                          & ~mig_stop.bit_select(ptr, 1))]
                         with m.If(~self.live.bit_select(ptr, 1)):
                             m.d.sync += txpend.bit_select(ptr, 1).eq(0)
                         m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
@@ -623,7 +659,8 @@ class VirtioNetEngine(wiring.Component):
             with m.State("RX_START"):
                 g = dst[40:]
                 m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0)]
-                with m.If(self.live.bit_select(g, 1) & self.bme.bit_select(g, 1)):
+                with m.If(self.live.bit_select(g, 1) & self.bme.bit_select(g, 1)
+                          & ~mig_stop.bit_select(g, 1)):
                     m.next = "LOADQ0"
                 with m.Else():
                     m.d.comb += inc["DROP_NOBUF"].eq(1)

@@ -1,0 +1,171 @@
+"""A function's virtio device state on the card: stop it, read it out, write it back, go on.
+
+The card keeps the state a virtio-net function needs to resume in two places:
+
+* what its driver programmed (features, device status, the config and queue vectors, queue
+  sizes, enables and ring addresses, the MSI-X table): read through the function's own BAR0
+  and written back by replaying the driver's bring-up in order (reset, ACKNOWLEDGE | DRIVER,
+  features, FEATURES_OK, queues, then the saved status with DRIVER_OK);
+* what only the device knows (each queue's ``last_avail`` and ``used`` index, a pending
+  transmit notification): PF BAR2 :class:`hdl.params.MigRegs`, writable while the function is
+  stopped and idle.
+
+:class:`CardVfState` implements ``quiesce`` / ``export_state`` / ``import_state`` / ``resume``
+on a real card (through any :class:`host_driver.transport.Transport`). The blob is versioned:
+``magic "VFST", version, function index``, then the fields in a fixed order (little-endian).
+"""
+
+import struct
+
+from hdl.params import MigRegs as MG, VirtioRegs as V, Bar0Map
+
+__all__ = ["CardVfState", "VfStateError", "STATE_VERSION"]
+
+MAGIC = b"VFST"
+STATE_VERSION = 1
+_HEAD = struct.Struct("<4sHH")              # magic, version, function index
+_DEV = struct.Struct("<BQH")                # device status, driver features, config vector
+_QUEUE = struct.Struct("<HHHQQQHH")         # size, vector, enable, desc, driver, device,
+                                            # last_avail, used
+_TAIL = struct.Struct("<BB")                # tx pending, MSI-X vectors that follow
+_MSIX = struct.Struct("<IIII")              # address lo, hi, data, vector control
+
+
+class VfStateError(Exception):
+    pass
+
+
+class CardVfState:
+    """``drv`` is the card's :class:`host_driver.offcard.OffcardDriver` (PF BAR2 access);
+    functions are :class:`host_driver.offcard.OffcardFunction` objects with BAR0 mapped."""
+
+    def __init__(self, drv, idle_timeout_ns=200_000, poll_ns=500):
+        self.drv = drv
+        self.idle_timeout_ns = idle_timeout_ns
+        self.poll_ns = poll_ns
+
+    # ---- register helpers ----
+    async def _r(self, fn, off, size):
+        return await fn.t.mmio_read(fn.bar0 + off, size)
+
+    async def _w(self, fn, off, value, size):
+        await fn.t.mmio_write(fn.bar0 + off, value, size)
+
+    async def _sel(self, fn):
+        await self.drv.mgmt_write(MG.SEL, fn.index)
+
+    async def _r64(self, fn, off):
+        return await self._r(fn, off, 4) | await self._r(fn, off + 4, 4) << 32
+
+    async def _w64(self, fn, off, value):
+        await self._w(fn, off, value & 0xFFFF_FFFF, 4)
+        await self._w(fn, off + 4, value >> 32, 4)
+
+    # ---- the contract ----
+    async def quiesce(self, fn):
+        """Stop the function's queues and wait until the engine holds none of its work."""
+        await self._sel(fn)
+        await self.drv.mgmt_write(MG.CTRL, 1)
+        t0 = fn.t.now_ns()
+        while not (await self.drv.mgmt_read(MG.STATUS)) & 2:
+            if fn.t.now_ns() - t0 > self.idle_timeout_ns:
+                raise VfStateError(f"{fn}: not idle {self.idle_timeout_ns} ns after the stop")
+            await fn.t.sleep_ns(self.poll_ns)
+
+    async def resume(self, fn):
+        await self._sel(fn)
+        await self.drv.mgmt_write(MG.CTRL, 0)
+
+    async def export_state(self, fn) -> bytes:
+        """The function's state (it must be quiesced)."""
+        await self._sel(fn)
+        if (await self.drv.mgmt_read(MG.STATUS)) & 3 != 3:
+            raise VfStateError(f"{fn}: export needs a stopped, idle function")
+        c = V.COMMON
+        status = await self._r(fn, c + V.STATUS, 1)
+        feats = 0
+        for word in (0, 1):
+            await self._w(fn, c + V.GFSELECT, word, 4)
+            feats |= await self._r(fn, c + V.GF, 4) << (32 * word)
+        out = [_HEAD.pack(MAGIC, STATE_VERSION, fn.index),
+               _DEV.pack(status, feats, await self._r(fn, c + V.MSIX_CONFIG, 2))]
+        for q, (avail, used) in enumerate(((MG.RX_AVAIL, MG.RX_USED), (MG.TX_AVAIL, MG.TX_USED))):
+            await self._w(fn, c + V.Q_SELECT, q, 2)
+            out.append(_QUEUE.pack(
+                await self._r(fn, c + V.Q_SIZE, 2), await self._r(fn, c + V.Q_MSIX, 2),
+                await self._r(fn, c + V.Q_ENABLE, 2), await self._r64(fn, c + V.Q_DESC),
+                await self._r64(fn, c + V.Q_DRIVER), await self._r64(fn, c + V.Q_DEVICE),
+                await self.drv.mgmt_read(avail), await self.drv.mgmt_read(used)))
+        nvec = len(fn.msix_vectors)
+        out.append(_TAIL.pack(await self.drv.mgmt_read(MG.TX_PEND), nvec))
+        table = fn.bar0 + fn.msix_table_off if nvec else 0
+        for k in range(nvec):
+            out.append(_MSIX.pack(*[await fn.t.mmio_read(table + 16 * k + 4 * i, 4)
+                                    for i in range(4)]))
+        return b"".join(out)
+
+    @staticmethod
+    def parse(blob: bytes) -> dict:
+        """Check and unpack a blob (no card access)."""
+        need = _HEAD.size + _DEV.size + 2 * _QUEUE.size + _TAIL.size
+        if len(blob) < need:
+            raise VfStateError(f"state blob of {len(blob)} bytes, at least {need} expected")
+        magic, version, fidx = _HEAD.unpack_from(blob, 0)
+        if magic != MAGIC:
+            raise VfStateError(f"state blob magic {magic!r}, expected {MAGIC!r}")
+        if version != STATE_VERSION:
+            raise VfStateError(f"state blob version {version}, this driver restores {STATE_VERSION}")
+        off = _HEAD.size
+        status, feats, cfgvec = _DEV.unpack_from(blob, off)
+        off += _DEV.size
+        queues = []
+        for _ in range(V.NUM_QUEUES_VALUE):
+            queues.append(_QUEUE.unpack_from(blob, off))
+            off += _QUEUE.size
+        txpend, nvec = _TAIL.unpack_from(blob, off)
+        off += _TAIL.size
+        if len(blob) != off + nvec * _MSIX.size:
+            raise VfStateError(f"state blob of {len(blob)} bytes, {off + nvec * _MSIX.size} "
+                               f"expected for {nvec} MSI-X vectors")
+        msix = [_MSIX.unpack_from(blob, off + k * _MSIX.size) for k in range(nvec)]
+        return {"fidx": fidx, "status": status, "features": feats, "config_vector": cfgvec,
+                "queues": queues, "tx_pending": txpend, "msix": msix}
+
+    async def import_state(self, fn, blob: bytes):
+        """Write a state back into ``fn`` (any function of the same card type): the function
+        is stopped first and stays stopped until :meth:`resume`."""
+        st = self.parse(blob)
+        if len(st["msix"]) > len(fn.msix_vectors) and fn.msix_vectors:
+            raise VfStateError(f"{fn}: state has {len(st['msix'])} MSI-X vectors, "
+                               f"the function {len(fn.msix_vectors)}")
+        await self.quiesce(fn)
+        c = V.COMMON
+        await self._w(fn, c + V.STATUS, 0, 1)                       # reset
+        await self._w(fn, c + V.STATUS, V.S_ACKNOWLEDGE | V.S_DRIVER, 1)
+        for word in (0, 1):
+            await self._w(fn, c + V.GFSELECT, word, 4)
+            await self._w(fn, c + V.GF, (st["features"] >> (32 * word)) & 0xFFFF_FFFF, 4)
+        await self._w(fn, c + V.STATUS, V.S_ACKNOWLEDGE | V.S_DRIVER | V.S_FEATURES_OK, 1)
+        if not (await self._r(fn, c + V.STATUS, 1)) & V.S_FEATURES_OK:
+            raise VfStateError(f"{fn}: the saved features were refused")
+        await self._w(fn, c + V.MSIX_CONFIG, st["config_vector"], 2)
+        for q, (size, vec, en, desc, drv_, dev, _, _) in enumerate(st["queues"]):
+            await self._w(fn, c + V.Q_SELECT, q, 2)
+            await self._w(fn, c + V.Q_SIZE, size, 2)
+            await self._w(fn, c + V.Q_MSIX, vec, 2)
+            await self._w64(fn, c + V.Q_DESC, desc)
+            await self._w64(fn, c + V.Q_DRIVER, drv_)
+            await self._w64(fn, c + V.Q_DEVICE, dev)
+            await self._w(fn, c + V.Q_ENABLE, en, 2)
+        if st["msix"]:
+            table = fn.bar0 + fn.msix_table_off
+            for k, entry in enumerate(st["msix"]):
+                for i, v in enumerate(entry):
+                    await fn.t.mmio_write(table + 16 * k + 4 * i, v, 4)
+        await self._sel(fn)
+        for (avail_reg, used_reg), qs in zip(((MG.RX_AVAIL, MG.RX_USED), (MG.TX_AVAIL, MG.TX_USED)),
+                                             st["queues"]):
+            await self.drv.mgmt_write(avail_reg, qs[6])
+            await self.drv.mgmt_write(used_reg, qs[7])
+        await self.drv.mgmt_write(MG.TX_PEND, st["tx_pending"])
+        await self._w(fn, c + V.STATUS, st["status"], 1)
