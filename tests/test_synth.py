@@ -1,4 +1,5 @@
-"""``make synth`` (quick flow: 4 VFs, 64-bit) and ``make lint`` end to end.
+"""``make synth`` (quick flow: 4 VFs, 64-bit, placed but not routed: routing alone takes
+10+ minutes on this netlist, see hdl/synth.py) and ``make lint`` end to end.
 
 The synthesis test runs YoWASP Yosys + nextpnr-ecp5 on the smallest configuration. The first
 YoWASP call on a machine compiles the WebAssembly and caches it in ``~/.cache/YoWASP`` (about a
@@ -18,7 +19,7 @@ from hdl import synth
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    proc = subprocess.run([sys.executable, "-m", "hdl.synth", "--quick", "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "hdl.synth", "--quick", "--place-only", "-o", str(out)],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -34,10 +35,9 @@ def test_quick_synth_report(quick):
     assert r["brams"] >= 0 and r["dsps"] >= 0
     assert 0 < r["fmax_mhz"] < 1000
     assert r["met"] == (r["fmax_mhz"] >= 125)
-    if not r["met"]:
-        assert r["critical_from"] and r["critical_to"]
+    assert r["routed"] is False
     md = (quick / "synth.md").read_text()
-    assert "| vf4_w64 | 4 | 64 |" in md
+    assert "| vf4_w64 | 4 | 64 |" in md and "pre-route estimate" in md
 
 
 def test_synthesis_keeps_the_card(quick):
@@ -76,6 +76,16 @@ def test_report_parser_finds_clk_and_path():
     assert r["fmax_mhz"] == 90.5
     assert (r["critical_from"], r["critical_to"]) == ("card.a.q", "card.b.d")
     assert r["critical_via"] == ["card.a", "card.b"]
+
+
+def test_preroute_estimate_from_the_log():
+    log = ("Info: Max frequency for clock '$glbnet$clk$TRELLIS_IO_IN': 36.40 MHz (FAIL at 125.00 MHz)\n"
+           "Info: Max frequency for clock '$glbnet$clk$TRELLIS_IO_IN': 41.02 MHz (FAIL at 125.00 MHz)\n")
+    report = {"utilization": {"TRELLIS_COMB": {"used": 5, "available": 9}}, "fmax": {}}
+    r = synth.parse_report(report, log)
+    assert r["fmax_mhz"] == 41.02 and r["luts"] == 5 and r["critical_from"] is None
+    with pytest.raises(ValueError):
+        synth.preroute_fmax("Info: nothing here\n")
 
 
 def test_lint_passes():
