@@ -10,4 +10,4 @@ from cosim.runner import sim_params
 @pytest.mark.parametrize("sim", sim_params())
 def test_vf_save_restore(sim):
     res = run_card_bench(sim, "cosim.benches.migrate", CardConfig())
-    assert res.num_failed == 0 and res.num_tests == 1, res
+    assert res.num_failed == 0 and res.num_tests == 2, res
