@@ -163,21 +163,16 @@ class MgmtUart(wiring.Component):
                         # the card's identification, at BAR2 offset 0
                         m.d.sync += [has_data.eq(1), pay[0].eq(0), pay[1].eq(0)]
                         m.next = "READ"
-                with m.Elif(cmd == P.READ):
-                    with m.If(rlen != 2):
-                        reject(P.BAD_LEN)
-                    with m.Elif(bad_addr):
-                        reject(P.BAD_ADDR)
-                    with m.Else():
-                        m.d.sync += has_data.eq(1)
-                        m.next = "READ"
-                with m.Elif(cmd == P.WRITE):
-                    with m.If(rlen != 6):
-                        reject(P.BAD_LEN)
-                    with m.Elif(bad_addr):
-                        reject(P.BAD_ADDR)
-                    with m.Else():
-                        m.next = "WRITE"
+                # READ and WRITE: a length each, then the address, then the bus access
+                for code, length, access in ((P.READ, 2, "READ"), (P.WRITE, 6, "WRITE")):
+                    with m.Elif(cmd == code):
+                        with m.If(rlen != length):
+                            reject(P.BAD_LEN)
+                        with m.Elif(bad_addr):
+                            reject(P.BAD_ADDR)
+                        with m.Else():
+                            m.d.sync += has_data.eq(code == P.READ)
+                            m.next = access
                 with m.Else():
                     reject(P.UNKNOWN_CMD)
             with m.State("READ"):

@@ -2,16 +2,33 @@
 protocol) and PF BAR2 through cocotbext-pcie's RootComplex. Telemetry against real traffic,
 QoS limits measured on the uplink, and the protocol's error handling."""
 
-import struct
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import cocotb
 from cocotb.triggers import ClockCycles
 
 from hdl.params import CardConfig, MgmtBlockRegs as R, MgmtRegs, UartProto as P, Owner
+from firmware.card import Card
+from firmware.daemon import Firmware
+from firmware.link import UartLink
+from firmware.policy import load_policy
 from firmware.protocol import (encode_request, read_request, write_request, ping_request,
                                parse_reply)
-from cosim.harness import CardHarness
-from cosim.uart_bridge import UartPhy
+from cosim.harness import CardHarness, CLOCK_NS
+from cosim.uart_bridge import UartBridge, UartPhy
+from cosim.uplink import Uplink
+from cosim.benches.virtio import net, frame, receive_n, diff
+from host_driver.dma import DmaQueue
+from host_driver.mgmt_host import HostAgent, Bar2Access, VhostRing
 
 DIVISOR = CardConfig().uart_divisor
 READ_REPLY = 10         # 0x5A LEN CMD SEQ STATUS DATA*4 CRC
@@ -40,9 +57,6 @@ async def uwrite(phy, addr, value, seq=2):
 
 def bench_record(key, rows):
     """Add ``rows`` under ``key`` to the JSON report named by ``OFFCARD_BENCH_OUT`` (make bench)."""
-    import json
-    import os
-    from pathlib import Path
     out = os.environ.get("OFFCARD_BENCH_OUT")
     if out:
         path = Path(out)
@@ -174,7 +188,6 @@ async def uplink_wait(dut, up, src_mac, count, timeout_cycles=400_000):
 def uplink_rate(up, src_mac, skip, since_ns=0):
     """Frame bytes per clock of the frames from ``src_mac`` on the uplink, after the first
     ``skip`` (the bucket's initial burst), from the last skipped frame's departure on."""
-    from cosim.harness import CLOCK_NS
     mine = [(t, len(f)) for f, t in zip(up.received, up.times_ns)
             if f[6:12] == src_mac and t >= since_ns]
     assert len(mine) > skip + 4, f"only {len(mine)} frames from {src_mac.hex()}"
@@ -188,10 +201,6 @@ async def test_telemetry_and_qos(dut):
     """Per-function telemetry counts exactly what the traffic did (frames and bytes each way,
     DMA busy cycles, ring occupancy); a function limited by its token bucket sends within 5 %
     of its rate on the uplink while an unlimited one is never held back."""
-    import random
-    from cosim.uplink import Uplink
-    from cosim.benches.virtio import net, frame, receive_n, diff
-    from host_driver.dma import DmaQueue
     h, phy, vfs = await start(dut, 3)
     up = Uplink(dut, h.data_width)
     rnd = random.Random(5)
@@ -257,20 +266,6 @@ async def test_telemetry_and_qos(dut):
 
 
 # ---- the firmware in the loop ----------------------------------------------------------------
-
-import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
-
-from cosim.harness import CLOCK_NS
-from cosim.uart_bridge import UartBridge
-from host_driver.mgmt_host import HostAgent, Bar2Access, VhostRing
 
 THRESHOLD = 70
 CLOCK_MHZ = 1000 / CLOCK_NS
@@ -393,10 +388,6 @@ class FirmwareThread:
     """The firmware (the real package, over pyserial on the bridge's socket) in a thread."""
 
     def __init__(self, url, policy_path):
-        from firmware.card import Card
-        from firmware.daemon import Firmware
-        from firmware.link import UartLink
-        from firmware.policy import load_policy
         self.link = UartLink(url, timeout=120)
         self.fw = Firmware(Card(self.link), load_policy(policy_path))
         self.stop = threading.Event()
@@ -497,7 +488,6 @@ async def run_blocking(dut, fn, timeout_cycles=2_000_000):
 async def test_serial_pty_and_socket(dut):
     """pyserial reaches the card through a pty path and through a socket:// URL (what
     ``python -m serial.tools.miniterm`` or the firmware opens): ping, write, read back."""
-    from firmware.link import UartLink
     h, phy, _ = await start(dut)
     for mode in ("pty", "tcp"):
         bridge = UartBridge(phy, mode)
@@ -555,7 +545,6 @@ async def test_firmware_process_killed_mid_move(dut):
             await ClockCycles(dut.clk, 200)
         assert await owner_of(h) == Owner.CARD
         # the card's datapath runs on without its firmware: a DMA round trip on the PF
-        from host_driver.dma import DmaQueue
         q = await DmaQueue(h.drv.pf, entries=8).setup()
         buf = (h.t.alloc_host_mem(0x3000) + 0xFFF) & ~0xFFF
         payload = bytes(range(256)) * 2
