@@ -1,4 +1,9 @@
-"""Common set-up of a cocotb bench: clock, reset, root complex, bridge, transport, driver."""
+"""Common set-up of a cocotb bench: clock, reset, root complex, bridge, transport, driver.
+
+``prefix`` selects one card of a top level that holds several (``cosim.twin``: ``a_``, ``b_``):
+its ports are ``<prefix>rx__payload`` etc., while ``clk`` and ``rst`` are shared, so
+:func:`start_twin` starts the clock and pulses the reset once for all of them.
+"""
 
 import logging
 
@@ -12,43 +17,52 @@ from host_driver.offcard import OffcardDriver
 from .bridge import CardBridge
 from .host import RootComplexTransport
 
-__all__ = ["CardHarness", "CLOCK_NS"]
+__all__ = ["CardHarness", "CLOCK_NS", "start_twin"]
 
 CLOCK_NS = 4          # 250 MHz card clock
 
 
-def data_width_of(dut):
+def data_width_of(dut, prefix=""):
     """Data width of the RTL, from the width of its rx payload (hdl.tlp.TlpBeat)."""
-    n = len(dut.rx__payload)
+    n = len(getattr(dut, f"{prefix}rx__payload"))
     w = (n - 141) * 32 // 33
     assert 141 + w + w // 32 == n, f"unexpected rx payload width {n}"
     return w
 
 
 class CardHarness:
-    def __init__(self, dut):
+    def __init__(self, dut, *, prefix=""):
         self.dut = dut
-        self.data_width = data_width_of(dut)
+        self.prefix = prefix
+        self.data_width = data_width_of(dut, prefix)
         logging.getLogger("cocotb.pcie").setLevel(logging.WARNING)
         self.rc = RootComplex()
-        self.bridge = CardBridge(dut, self.data_width)
+        self.bridge = CardBridge(dut, self.data_width, prefix=prefix)
         self.rc.make_port().connect(self.bridge)
         self.t = RootComplexTransport(self.rc)
         self.drv = OffcardDriver(self.t)
 
-    async def start(self):
-        Clock(self.dut.clk, CLOCK_NS, unit="ns").start()
+    def port(self, name):
+        """This card's port ``name`` (``clk`` and ``rst`` are never prefixed)."""
+        return getattr(self.dut, name if name in ("clk", "rst") else self.prefix + name)
+
+    async def start(self, *, clock=True, reset=True):
+        """Idle this card's inputs; start the clock and pulse the reset unless told not to
+        (the cards of a twin share both: see :func:`start_twin`)."""
+        if clock:
+            Clock(self.dut.clk, CLOCK_NS, unit="ns").start()
         # the uplink port idles until a bench attaches to it (cosim.uplink)
-        self.dut.uplink_rx__valid.value = 0
-        self.dut.uplink_rx__payload.value = 0
-        self.dut.uplink_tx__ready.value = 1
+        self.port("uplink_rx__valid").value = 0
+        self.port("uplink_rx__payload").value = 0
+        self.port("uplink_tx__ready").value = 1
         # the management UART idles high; the utilisation inputs read 0 % until a bench drives them
-        self.dut.uart_rxd.value = 1
-        self.dut.util.value = 0
-        self.dut.rst.value = 1
-        await ClockCycles(self.dut.clk, 8)
-        self.dut.rst.value = 0
-        await ClockCycles(self.dut.clk, 2)
+        self.port("uart_rxd").value = 1
+        self.port("util").value = 0
+        if reset:
+            self.dut.rst.value = 1
+            await ClockCycles(self.dut.clk, 8)
+            self.dut.rst.value = 0
+            await ClockCycles(self.dut.clk, 2)
 
     async def settle(self, cycles=64):
         """Let everything in flight drain."""
@@ -57,3 +71,12 @@ class CardHarness:
 
     def cycles(self):
         return int(cocotb.utils.get_sim_time("ns") // CLOCK_NS)
+
+
+async def start_twin(*harnesses):
+    """Start cards that share ``clk`` and ``rst``: every card's inputs idle, then one clock and
+    one reset pulse for all of them."""
+    first, *rest = harnesses
+    for h in rest:
+        await h.start(clock=False, reset=False)
+    await first.start()

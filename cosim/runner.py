@@ -50,6 +50,7 @@ __all__ = [
     "selected_sims",
     "sim_params",
     "verilator_env",
+    "sim_width_params",
     "waves_enabled",
     "CocotbResult",
     "run_cocotb",
@@ -101,6 +102,24 @@ def sim_params(sims: Iterable[str] | None = None) -> list:
     import pytest
 
     return [pytest.param(s, id=s, marks=pytest.mark.sim) for s in (SIMS if sims is None else sims)]
+
+
+def sim_width_params(widths=(64, 128)) -> list:
+    """``pytest.param`` per (simulator, data width) for ``parametrize("sim,width", ...)``.
+
+    The first width runs in every selected simulator. Each other width runs in one: Verilator
+    when it is selected (its model runs several times faster than Icarus), else the first one
+    selected; ``OFFCARD_ALL_WIDTHS=1`` runs every width in every simulator. The wider data
+    path is the same generator with another parameter, so this keeps both simulators on every
+    bench and every width on every bench, at a fraction of the run time.
+    """
+    import pytest
+
+    sims = list(SIMS)
+    every = _env.get_bool("OFFCARD_ALL_WIDTHS", False)
+    one = "verilator" if "verilator" in sims else sims[0]
+    return [pytest.param(s, w, id=f"{s}-{w}", marks=pytest.mark.sim)
+            for w in widths for s in sims if w == widths[0] or every or s == one]
 
 
 def waves_enabled(waves: bool | None = None) -> bool:

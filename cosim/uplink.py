@@ -2,7 +2,8 @@
 
 ``uplink_tx`` (card -> network) is collected into :attr:`Uplink.received`; :meth:`Uplink.send`
 puts a frame on ``uplink_rx``. Beats follow :func:`hdl.virtio_net.UplinkBeat` (data, a keep
-bit per byte, last), whose field offsets are read from the Amaranth layout.
+bit per byte, last), whose field offsets are read from the Amaranth layout. ``prefix`` picks
+one card of a top level holding several (``cosim.twin``: ``a_``, ``b_``).
 """
 
 import cocotb
@@ -16,8 +17,15 @@ __all__ = ["Uplink"]
 
 
 class Uplink:
-    def __init__(self, dut, data_width):
+    def __init__(self, dut, data_width, *, prefix=""):
         self.dut = dut
+        self.clk = dut.clk
+        self.tx_payload = getattr(dut, f"{prefix}uplink_tx__payload")
+        self.tx_valid = getattr(dut, f"{prefix}uplink_tx__valid")
+        self.tx_ready = getattr(dut, f"{prefix}uplink_tx__ready")
+        self.rx_payload = getattr(dut, f"{prefix}uplink_rx__payload")
+        self.rx_valid = getattr(dut, f"{prefix}uplink_rx__valid")
+        self.rx_ready = getattr(dut, f"{prefix}uplink_rx__ready")
         self.wb = data_width // 8
         layout = UplinkBeat(data_width)
         self.off = {name: f.offset for name, f in layout}
@@ -25,8 +33,8 @@ class Uplink:
         self.times_ns: list[float] = []         # when each received frame's last beat left
         self.arrived = Queue()
         self._to_card = Queue()
-        dut.uplink_tx__ready.value = 1
-        dut.uplink_rx__valid.value = 0
+        self.tx_ready.value = 1
+        self.rx_valid.value = 0
         cocotb.start_soon(self._monitor())
         cocotb.start_soon(self._drive())
 
@@ -40,30 +48,30 @@ class Uplink:
         self._to_card.put_nowait(bytes(frame))
 
     async def _drive(self):
-        clk = self.dut.clk
+        clk = self.clk
         while True:
             frame = await self._to_card.get()
             chunks = [frame[k:k + self.wb] for k in range(0, len(frame), self.wb)] or [b""]
             for n, chunk in enumerate(chunks):
-                self.dut.uplink_rx__payload.value = self._pack(chunk, n == len(chunks) - 1)
-                self.dut.uplink_rx__valid.value = 1
+                self.rx_payload.value = self._pack(chunk, n == len(chunks) - 1)
+                self.rx_valid.value = 1
                 while True:
                     await RisingEdge(clk)
-                    if self.dut.uplink_rx__ready.value == 1:
+                    if self.rx_ready.value == 1:
                         break
-            self.dut.uplink_rx__valid.value = 0
+            self.rx_valid.value = 0
 
     async def _monitor(self):
-        clk = self.dut.clk
+        clk = self.clk
         frame = bytearray()
         mask_d = (1 << (8 * self.wb)) - 1
         while True:
-            if self.dut.uplink_tx__valid.value != 1:
-                await RisingEdge(self.dut.uplink_tx__valid)     # no wake-ups on an idle port
+            if self.tx_valid.value != 1:
+                await RisingEdge(self.tx_valid)     # no wake-ups on an idle port
             await RisingEdge(clk)
-            if not (self.dut.uplink_tx__valid.value == 1 and self.dut.uplink_tx__ready.value == 1):
+            if not (self.tx_valid.value == 1 and self.tx_ready.value == 1):
                 continue
-            v = int(self.dut.uplink_tx__payload.value)
+            v = int(self.tx_payload.value)
             data = (v >> self.off["data"]) & mask_d
             keep = (v >> self.off["keep"]) & ((1 << self.wb) - 1)
             raw = data.to_bytes(self.wb, "little")

@@ -99,6 +99,7 @@ class Card(wiring.Component):
         pm_r = pmem.read_port()
 
         wiring.connect(m, wiring.flipped(self.rx), rr.i)
+        m.d.comb += [vn.mac_fidx.eq(vio.mac_fidx), vio.mac.eq(vn.mac)]
         wiring.connect(m, rr.req, cp.rx)
         wiring.connect(m, rr.cpl0, dq.cpl)
         wiring.connect(m, rr.cpl1, xl.cpl)

@@ -90,11 +90,14 @@ class NetRegs:
     UPLINK_IN    = 0x30C   # frames taken from the uplink port
     DROP_NOBUF   = 0x310   # no receive buffer (or the receiving function not live)
     DROP_BAD     = 0x314   # a malformed queue: the function was set NEEDS_RESET
-    DROP_UNKNOWN = 0x318   # an uplink frame for no function, or a frame sent to itself
+    DROP_UNKNOWN = 0x318   # an uplink frame for no function (CTRL.DEFAULT_PF clear), or sent to itself
     DROP_SIZE    = 0x31C   # runt, oversized, unaligned buffers, or a receive buffer too small
     QUEUE_IRQS   = 0x320   # used-buffer notifications sent (MSI-X, or ISR only without a vector)
     IRQ_SUPPRESSED = 0x324 # used buffers the driver asked not to be interrupted for
     XLATE_ERRORS = 0x328   # queue or buffer addresses outside the function's domain (or absent)
+    CTRL         = 0x32C   # bit 0 DEFAULT_PF: an uplink frame for no function, and any frame
+                           # for a stopped function (MigRegs.CTRL), goes to the PF
+    CTRL_DEFAULT_PF = 1 << 0
 
 
 class MgmtBlockRegs:
@@ -250,10 +253,15 @@ class MigRegs:
 
     ``MIG_CTRL`` bit 0 stops the selected function: the engine starts no transmit for it and
     delivers no frame into its receive queue (such a frame is dropped and counted in
-    ``DROP_NOBUF``); what was under way finishes. ``MIG_STATUS``: bit 0 stopped, bit 1 idle
+    ``DROP_NOBUF``, or goes to the PF when ``NetRegs.CTRL`` DEFAULT_PF is set); what was under
+    way finishes. ``MIG_STATUS``: bit 0 stopped, bit 1 idle
     (stopped, and nothing of the function is in the engine). The index registers are the
     device's ``last_avail`` and ``used`` indices of receiveq1 / transmitq1 and the pending
     transmit notification; they are written only while the function is idle (else ignored).
+
+    ``MAC_LO`` / ``MAC_HI`` are the selected function's unicast address in the switch
+    (:mod:`hdl.mac_table`): bytes 0..3 and 4..5, first byte lowest; writable at any time. A
+    multicast address retires the entry (no frame is delivered to it by address).
     """
     SEL = 0x340
     CTRL = 0x344
@@ -263,6 +271,8 @@ class MigRegs:
     TX_AVAIL = 0x358
     TX_USED = 0x35C
     TX_PEND = 0x360
+    MAC_LO = 0x364
+    MAC_HI = 0x368
 
 
 class VirtioCaps:

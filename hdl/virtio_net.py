@@ -6,8 +6,9 @@ robin (one transmitted frame per visit):
 * **transmit** (queue 1): on a notification, read the available index, the head, then walk the
   descriptor chain (chained and, when negotiated, indirect descriptors) and copy each
   device-readable buffer into frame buffer slot 0 through the DMA read channel;
-* **switch**: the destination MAC (captured as the frame lands in the buffer) names a function
-  (``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; broadcast,
+* **switch**: the destination MAC (captured as the frame lands in the buffer) is looked up in
+  the station table (:mod:`hdl.mac_table`, a programmable address per function, reset value
+  ``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; broadcast,
   multicast and unknown destinations go to the uplink port (``uplink_tx``);
 * **receive** (queue 0): take the function's next available chain, write a fresh
   ``virtio_net_hdr`` (num_buffers 1) and the frame into its device-writable buffers through the
@@ -15,7 +16,11 @@ robin (one transmitted frame per visit):
 * **completion**: the used element (id, length) and index of each queue, ``avail_event`` when
   VIRTIO_F_EVENT_IDX is negotiated, and the queue's MSI-X vector unless suppressed
   (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag);
-* frames from the uplink port (``uplink_rx``) are delivered by destination MAC likewise.
+* frames from the uplink port (``uplink_rx``) are delivered by destination MAC likewise; one
+  for no function is dropped, or with ``NetRegs.CTRL`` DEFAULT_PF delivered to the PF (the
+  host's own switch port). DEFAULT_PF also sends the PF the frames of a stopped function
+  (``MigRegs.CTRL``): during a live migration the host holds them and forwards them to the
+  server the guest moves to.
 
 Small structures (indices, ring entries, descriptors) are read and written with the engine's
 own MemRd/MemWr (tag :data:`VQ_TAG`, the function's requester ID). Bad input never hangs the
@@ -36,6 +41,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
 from .params import CardConfig, VirtioRegs as V, PacketBuf as P, NetRegs, MigRegs as MG
+from .mac_table import MacTable
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature
 from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
@@ -111,6 +117,8 @@ class VirtioNetEngine(wiring.Component):
             "nr_fidx":  Out(8),
             "vreset":   In(1),
             "vreset_fidx": In(8),
+            "mac_fidx": In(8),                        # the device config's mac field
+            "mac":      Out(48),
             # frame buffers
             "pm_rd":    Out(PktReadPort(W)),
             "pm_wr":    Out(PktWritePort(W)),
@@ -160,6 +168,8 @@ class VirtioNetEngine(wiring.Component):
         mig_regs = {MG.RX_AVAIL: ("avail", 0), MG.RX_USED: ("used", 0),
                     MG.TX_AVAIL: ("avail", 1), MG.TX_USED: ("used", 1)}
         pf2 = (b.fidx == 0) & (b.bar == 2)
+        m.submodules.mac = mt = MacTable(nf)
+        net_ctrl = Signal(1)                 # NetRegs.CTRL: DEFAULT_PF
         rdata = Signal(32)
         with m.If(b.re):
             m.d.sync += rdata.eq(0)
@@ -180,8 +190,20 @@ class VirtioNetEngine(wiring.Component):
                             m.d.sync += rdata.eq(arr[mig_sel * NQ + q])
                     with m.Case(MG.TX_PEND // 4):
                         m.d.sync += rdata.eq(txpend.bit_select(mig_sel, 1))
+                    with m.Case(MG.MAC_LO // 4):
+                        m.d.sync += rdata.eq(mt.rd_mac[:32])
+                    with m.Case(MG.MAC_HI // 4):
+                        m.d.sync += rdata.eq(mt.rd_mac[32:])
+                    with m.Case(NetRegs.CTRL // 4):
+                        m.d.sync += rdata.eq(net_ctrl)
         m.d.comb += b.rdata.eq(rdata)
         mig_we = b.we & pf2 & (b.be == 0xF)
+        m.d.comb += [mt.sel.eq(mig_sel), mt.wdata.eq(b.wdata),
+                     mt.we_lo.eq(mig_we & (b.addr == MG.MAC_LO // 4)),
+                     mt.we_hi.eq(mig_we & (b.addr == MG.MAC_HI // 4)),
+                     mt.cfg_fidx.eq(self.mac_fidx), self.mac.eq(mt.cfg_mac)]
+        with m.If(mig_we & (b.addr == NetRegs.CTRL // 4)):
+            m.d.sync += net_ctrl.eq(b.wdata[0])
         with m.If(mig_we & (b.addr == MG.SEL // 4)):
             m.d.sync += mig_sel.eq(b.wdata[:8])
         with m.If(mig_we & (b.addr == MG.CTRL // 4) & (mig_sel < nf)):
@@ -362,8 +384,10 @@ class VirtioNetEngine(wiring.Component):
         def card_addr(s, off):
             return P.BASE + s * P.SLOT + HDR_OFF + off
 
-        mac_prefix = int.from_bytes(V.MAC_PREFIX, "little")
-        is_ours = (dst[:40] == mac_prefix) & (dst[40:] < nf)
+        # the station table follows ``dst`` a clock later; the engine looks at it only once
+        # the whole frame is in (a frame has at least MIN_FRAME bytes: several beats)
+        m.d.comb += mt.dst.eq(dst)
+        is_ours = mt.hit
 
         with m.If(self.vreset):
             g = self.vreset_fidx
@@ -598,7 +622,7 @@ class VirtioNetEngine(wiring.Component):
                 with m.Elif(dst[0] | ~is_ours):
                     m.d.sync += [k.eq(0), nwords.eq((total - P.NET_HDR + WB - 1) >> LB)]
                     m.next = "UP_RD"
-                with m.Elif(dst[40:] == cf):
+                with m.Elif(mt.hit_fidx == cf):
                     m.d.comb += inc["DROP_UNKNOWN"].eq(1)
                     m.next = "TX_USED"
                 with m.Else():
@@ -649,15 +673,19 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(drop | (total < P.MIN_FRAME) | (total > PKT_MAX - P.NET_HDR)):
                     m.d.comb += inc["DROP_SIZE"].eq(1)
                     m.next = "NEXT"
-                with m.Elif(dst[0] | ~is_ours):
+                with m.Elif(dst[0] | ~(is_ours | net_ctrl)):
                     m.d.comb += inc["DROP_UNKNOWN"].eq(1)
                     m.next = "NEXT"
                 with m.Else():
                     m.next = "RX_START"
 
-            # -- receive: deliver the frame in ``slot`` to function dst[47:40] --
+            # -- receive: deliver the frame in ``slot`` to the function owning its destination
+            #    (an uplink frame for none reaches here only with DEFAULT_PF: to the PF) --
             with m.State("RX_START"):
-                g = dst[40:]
+                owner = Mux(is_ours, mt.hit_fidx, 0)
+                # DEFAULT_PF also takes the frames of a stopped function (a guest in migration:
+                # the host holds them and forwards them to where the guest goes)
+                g = Mux(net_ctrl & mig_stop.bit_select(owner, 1), 0, owner)
                 m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0)]
                 with m.If(self.live.bit_select(g, 1) & self.bme.bit_select(g, 1)
                           & ~mig_stop.bit_select(g, 1)):

@@ -56,6 +56,8 @@ class VirtioPci(wiring.Component):
             "qa_q":     In(range(NQ)),
             "qa_sel":   In(2),          # 0 descriptor table, 1 driver (avail), 2 device (used)
             "qa_data":  Out(64),        # a cycle after the address
+            "mac_fidx": Out(8),         # the station table (hdl.mac_table): whose address ...
+            "mac":      In(48),         # ... the device configuration shows
             "live":     Out(nf),        # DRIVER_OK and FEATURES_OK, no NEEDS_RESET / FAILED
             "ev_idx":   Out(nf),        # VIRTIO_F_EVENT_IDX negotiated
             "indirect": Out(nf),        # VIRTIO_F_INDIRECT_DESC negotiated
@@ -227,7 +229,7 @@ class VirtioPci(wiring.Component):
         rsel_addr = Signal()
         rsel_hi = Signal()
         m.d.comb += [ar_bus.addr.eq(cur_q * 4 + aoff[1:]), ar_bus.en.eq(b.re)]
-        mac_lo = int.from_bytes(V.MAC_PREFIX[:4], "little")
+        m.d.comb += self.mac_fidx.eq(f)
         with m.If(b.re):
             m.d.sync += [rdata.eq(0), rsel_addr.eq(0)]
             with m.If(fok & in_common):
@@ -258,9 +260,9 @@ class VirtioPci(wiring.Component):
             with m.If(fok & in_dev):
                 with m.Switch(a - _dw(V.DEVICE)):
                     with m.Case(0):
-                        m.d.sync += rdata.eq(mac_lo)
+                        m.d.sync += rdata.eq(self.mac[:32])
                     with m.Case(1):
-                        m.d.sync += rdata.eq(Cat(C(V.MAC_PREFIX[4], 8), f, C(1, 16)))  # link up
+                        m.d.sync += rdata.eq(Cat(self.mac[32:], C(1, 16)))         # link up
                     with m.Case(2):
                         m.d.sync += rdata.eq(1)                                        # 1 pair
         m.d.comb += b.rdata.eq(Mux(rsel_addr, Mux(rsel_hi, ar_bus.data[32:], ar_bus.data[:32]),

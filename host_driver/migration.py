@@ -316,6 +316,12 @@ class Vm:
     def pause(self) -> None:
         self.paused = True
 
+    async def stop_and_copy(self, source: Server, target: Server, clock: Clock,
+                            us: float) -> None:
+        """The final copy of the paused VM's memory from ``source`` to ``target``: here only
+        its cost in time (a VM with real memory copies it; :mod:`host_driver.live`)."""
+        await clock.sleep_us(us)
+
     def resume(self) -> None:
         """Run again on ``host``: frames held elsewhere are forwarded here."""
         self.paused = False
@@ -564,7 +570,7 @@ class MigrationOrchestrator:
         vm, src, tgt = run.vm, run.source, run.target
         vm.pause()
         t0 = self.clock.now_us()
-        await self.clock.sleep_us(self.costs.stop_copy_us)
+        await vm.stop_and_copy(src, tgt, self.clock, self.costs.stop_copy_us)
         src.forward[vm.name] = tgt
         del src.vms[vm.name]
         tgt.vms[vm.name] = vm
@@ -630,7 +636,7 @@ class MigrationOrchestrator:
                     await tgt.quiesce(run.tvf)
                     blob = await tgt.export_state(run.tvf)
                 await src.import_state(run.svf, blob)
-            await self.clock.sleep_us(self.costs.stop_copy_us)      # dirty memory back
+            await vm.stop_and_copy(tgt, src, self.clock, self.costs.stop_copy_us)   # back
             tgt.forward[vm.name] = src
             src.forward.pop(vm.name, None)
             del tgt.vms[vm.name]

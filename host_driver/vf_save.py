@@ -59,7 +59,7 @@ from .offcard import VENDOR_ID
 
 __all__ = [
     "VfHandle", "VfRef", "VfStateAccess", "RestoreError", "SaveError", "BlockType", "SavedVf",
-    "pack", "unpack", "RuntimeRepository", "Delivery", "FrameLedger", "SyntheticAdapter",
+    "pack", "unpack", "split", "join", "header_payload", "RuntimeRepository", "Delivery", "FrameLedger", "SyntheticAdapter",
     "VfAssignment", "VmFlags", "AssignedVm", "HostVf", "VfSaveRestore",
     "VDEV_VERSION", "RECORD_MAGIC", "DEFAULT_CHUNK", "VF_DEVICE_ID", "SAVE_STEPS",
     "RESTORE_STEPS", "SKIP_STEPS",
@@ -188,6 +188,22 @@ def _blocks(data: bytes):
                                f"computed {zlib.crc32(payload):#010x}")
         yield kind, payload
         k += 1
+
+
+def split(record: bytes) -> list[tuple[int, bytes]]:
+    """A record's blocks as ``(type, payload)``, lengths and CRCs checked, nothing interpreted
+    (with :func:`join`, for tools and tests that inspect or alter records)."""
+    return list(_blocks(record))
+
+
+def join(blocks) -> bytes:
+    """``(type, payload)`` blocks back into a record, each with a fresh CRC."""
+    return b"".join(_block(kind, payload) for kind, payload in blocks)
+
+
+def header_payload(version: int, count: int) -> bytes:
+    """The payload of a header block: magic, VDEV ``version``, ``count`` blocks in all."""
+    return _HEADER.pack(RECORD_MAGIC, version, count)
 
 
 def unpack(data: bytes, version: int = VDEV_VERSION) -> SavedVf:

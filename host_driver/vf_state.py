@@ -8,7 +8,9 @@ The card keeps the state a virtio-net function needs to resume in two places:
   features, FEATURES_OK, queues, then the saved status with DRIVER_OK);
 * what only the device knows (each queue's ``last_avail`` and ``used`` index, a pending
   transmit notification): PF BAR2 :class:`hdl.params.MigRegs`, writable while the function is
-  stopped and idle.
+  stopped and idle;
+* what the PF driver gave it: its MAC address in the card's switch (``MigRegs.MAC_LO/HI``),
+  which moves with the guest.
 
 :class:`CardVfState` implements ``quiesce`` / ``export_state`` / ``import_state`` / ``resume``
 on a real card (through any :class:`host_driver.transport.Transport`). The blob is versioned:
@@ -19,16 +21,21 @@ import struct
 
 from hdl.params import MigRegs as MG, VirtioRegs as V, Bar0Map
 
-__all__ = ["CardVfState", "VfStateError", "STATE_VERSION"]
+__all__ = ["CardVfState", "VfStateError", "STATE_VERSION", "RETIRED"]
 
 MAGIC = b"VFST"
-STATE_VERSION = 1
+STATE_VERSION = 2                           # 2: the MAC address joined the device fields
 _HEAD = struct.Struct("<4sHH")              # magic, version, function index
-_DEV = struct.Struct("<BQH")                # device status, driver features, config vector
+_DEV = struct.Struct("<BQH6s")              # device status, driver features, config vector,
+                                            # MAC address
 _QUEUE = struct.Struct("<HHHQQQHH")         # size, vector, enable, desc, driver, device,
                                             # last_avail, used
 _TAIL = struct.Struct("<BB")                # tx pending, MSI-X vectors that follow
 _MSIX = struct.Struct("<IIII")              # address lo, hi, data, vector control
+
+
+#: A multicast address: a function holding it receives nothing by address (hdl.mac_table).
+RETIRED = b"\xff" * 6
 
 
 class VfStateError(Exception):
@@ -61,6 +68,20 @@ class CardVfState:
         await self._w(fn, off, value & 0xFFFF_FFFF, 4)
         await self._w(fn, off + 4, value >> 32, 4)
 
+    # ---- the function's MAC address in the card's switch ----
+    async def mac(self, fn) -> bytes:
+        await self._sel(fn)
+        lo, hi = await self.drv.mgmt_read(MG.MAC_LO), await self.drv.mgmt_read(MG.MAC_HI)
+        return (lo | (hi & 0xFFFF) << 32).to_bytes(6, "little")
+
+    async def set_mac(self, fn, mac: bytes):
+        """Give ``fn`` the address ``mac`` (``RETIRED`` takes its address away)."""
+        if len(mac) != 6:
+            raise VfStateError(f"a MAC address has 6 bytes, not {len(mac)}")
+        await self._sel(fn)
+        await self.drv.mgmt_write(MG.MAC_LO, int.from_bytes(mac[:4], "little"))
+        await self.drv.mgmt_write(MG.MAC_HI, int.from_bytes(mac[4:], "little"))
+
     # ---- the contract ----
     async def quiesce(self, fn):
         """Stop the function's queues and wait until the engine holds none of its work."""
@@ -73,7 +94,12 @@ class CardVfState:
             await fn.t.sleep_ns(self.poll_ns)
 
     async def resume(self, fn):
+        """Let the function run again. Its transmit queue is looked at once first (a pending
+        notification is set while it is still stopped), as a hypervisor kicks every queue
+        after loading a device state: the guest may have queued frames, and rung a doorbell
+        that went unheard, after the state was saved."""
         await self._sel(fn)
+        await self.drv.mgmt_write(MG.TX_PEND, 1)
         await self.drv.mgmt_write(MG.CTRL, 0)
 
     async def export_state(self, fn) -> bytes:
@@ -88,7 +114,8 @@ class CardVfState:
             await self._w(fn, c + V.GFSELECT, word, 4)
             feats |= await self._r(fn, c + V.GF, 4) << (32 * word)
         out = [_HEAD.pack(MAGIC, STATE_VERSION, fn.index),
-               _DEV.pack(status, feats, await self._r(fn, c + V.MSIX_CONFIG, 2))]
+               _DEV.pack(status, feats, await self._r(fn, c + V.MSIX_CONFIG, 2),
+                         await self.mac(fn))]
         for q, (avail, used) in enumerate(((MG.RX_AVAIL, MG.RX_USED), (MG.TX_AVAIL, MG.TX_USED))):
             await self._w(fn, c + V.Q_SELECT, q, 2)
             out.append(_QUEUE.pack(
@@ -116,7 +143,7 @@ class CardVfState:
         if version != STATE_VERSION:
             raise VfStateError(f"state blob version {version}, this driver restores {STATE_VERSION}")
         off = _HEAD.size
-        status, feats, cfgvec = _DEV.unpack_from(blob, off)
+        status, feats, cfgvec, mac = _DEV.unpack_from(blob, off)
         off += _DEV.size
         queues = []
         for _ in range(V.NUM_QUEUES_VALUE):
@@ -129,12 +156,20 @@ class CardVfState:
                                f"expected for {nvec} MSI-X vectors")
         msix = [_MSIX.unpack_from(blob, off + k * _MSIX.size) for k in range(nvec)]
         return {"fidx": fidx, "status": status, "features": feats, "config_vector": cfgvec,
+                "mac": mac,
                 "queues": queues, "tx_pending": txpend, "msix": msix}
 
-    async def import_state(self, fn, blob: bytes):
+    async def import_state(self, fn, blob: bytes, rehome_msix: bool = False):
         """Write a state back into ``fn`` (any function of the same card type): the function
-        is stopped first and stays stopped until :meth:`resume`."""
+        is stopped first and stays stopped until :meth:`resume`.
+
+        ``rehome_msix``: ``fn`` is on another host (a live migration): its MSI-X entries take
+        the message address and data of that host's own vectors (``fn.msix_vectors``, set up
+        by the target hypervisor) and keep the saved mask bits, as interrupt remapping does."""
         st = self.parse(blob)
+        if rehome_msix and len(fn.msix_vectors) < len(st["msix"]):
+            raise VfStateError(f"{fn}: {len(st['msix'])} MSI-X vectors to re-home, the target "
+                               f"host set up {len(fn.msix_vectors)}")
         if len(st["msix"]) > len(fn.msix_vectors) and fn.msix_vectors:
             raise VfStateError(f"{fn}: state has {len(st['msix'])} MSI-X vectors, "
                                f"the function {len(fn.msix_vectors)}")
@@ -160,12 +195,18 @@ class CardVfState:
         if st["msix"]:
             table = fn.bar0 + fn.msix_table_off
             for k, entry in enumerate(st["msix"]):
+                if rehome_msix:
+                    mine = fn.msix_vectors[k]
+                    entry = (mine.addr & 0xFFFF_FFFF, mine.addr >> 32, mine.data, entry[3])
                 for i, v in enumerate(entry):
                     await fn.t.mmio_write(table + 16 * k + 4 * i, v, 4)
+        await self.set_mac(fn, st["mac"])
+        await self._w(fn, c + V.STATUS, st["status"], 1)
+        # the device's indices last: the engine clears a pending transmit notification of a
+        # function that is not live, so they go in once the status is back (it stays stopped)
         await self._sel(fn)
         for (avail_reg, used_reg), qs in zip(((MG.RX_AVAIL, MG.RX_USED), (MG.TX_AVAIL, MG.TX_USED)),
                                              st["queues"]):
             await self.drv.mgmt_write(avail_reg, qs[6])
             await self.drv.mgmt_write(used_reg, qs[7])
         await self.drv.mgmt_write(MG.TX_PEND, st["tx_pending"])
-        await self._w(fn, c + V.STATUS, st["status"], 1)

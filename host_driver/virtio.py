@@ -643,6 +643,14 @@ class VirtioNetDriver:
         self._up = True
         return want
 
+    def rehome(self, fn: OffcardFunction, access: RegisterAccess | None = None) -> None:
+        """Go on, with the same queues and buffers, on function ``fn``: a live migration moved
+        the device state there (and the memory to ``fn``'s host), and that host set up ``fn``'s
+        MSI-X vectors. Registers now go through ``access`` (default: direct)."""
+        self.fn, self.t = fn, fn.t
+        self.access = access or DirectAccess(fn)
+        self._msi_seen = {v: self.t.msi_count(fn.msix_vectors[v]) for v in self._msi_seen}
+
     async def _setup_msix(self) -> None:
         """MSI-X on the function (if not yet) and the configuration-change vector."""
         if not self.fn.msix_vectors:

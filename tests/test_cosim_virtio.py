@@ -4,11 +4,10 @@ import pytest
 
 from hdl.params import CardConfig
 from cosim.card_sim import run_card_bench
-from cosim.runner import sim_params
+from cosim.runner import sim_width_params
 
 
-@pytest.mark.parametrize("width", [64, 128])
-@pytest.mark.parametrize("sim", sim_params())
+@pytest.mark.parametrize("sim,width", sim_width_params())
 def test_virtio_net(sim, width):
     res = run_card_bench(sim, "cosim.benches.virtio", CardConfig(data_width=width))
     assert res.num_tests == 7 and res.num_failed == 0

@@ -17,11 +17,11 @@ from hdl import synth
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    proc = subprocess.run([sys.executable, "-m", "hdl.synth", "--quick", "--place-only", "-o", str(out)],
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def quick(synth_quick_run):
+    """The ``--quick --place-only`` run's output folder (tests/conftest.py starts the run in
+    the background when the session begins)."""
+    rc, out, log = synth_quick_run
+    assert rc == 0, log[-6000:]
     return out
 
 

@@ -54,13 +54,51 @@ async def test_vf_save_restore(dut):
     assert await a.access.read(V.COMMON + V.STATUS, 1) == 0
     await st.import_state(vfs[0], blob)
     again = await st.export_state(vfs[0])
-    assert again == blob, "the restored state differs from the saved one"
+    changed = {k: (v, st.parse(again)[k]) for k, v in st.parse(blob).items()
+               if st.parse(again)[k] != v}
+    assert again == blob, f"the restored state differs from the saved one: {changed}"
     await st.resume(vfs[0])
     rest = [frame(b.mac, a.mac, n, rnd) for n in (100, 1500, 61)]
     for f in rest:
         await a.send(f)
     assert await receive_n(b, 1 + len(rest)) == [pending] + rest
     assert await a.reap_tx() == 1 + len(rest)
+
+
+def tampered(record):
+    """A wrong VDEV version, a wrong block count and a missing VF-info block, each with the
+    reason the restore must give."""
+    from host_driver.vf_save import BlockType, VDEV_VERSION, split, join, header_payload
+    blocks = split(record)
+    (_, _head), body = blocks[0], blocks[1:]
+    no_info = [b for b in body if b[0] != BlockType.VF_INFO]
+    return [
+        (join([(BlockType.HEADER, header_payload(VDEV_VERSION + 1, len(blocks)))] + body),
+         f"VDEV version {VDEV_VERSION + 1} in the record"),
+        (join([(BlockType.HEADER, header_payload(VDEV_VERSION, len(blocks) + 1))] + body),
+         f"block count mismatch: header says {len(blocks) + 1}, record holds {len(blocks)}"),
+        (join([(BlockType.HEADER, header_payload(VDEV_VERSION, 1 + len(no_info)))] + no_info),
+         "missing VF-info block"),
+    ]
+
+
+async def refused_untouched(h, fn, sr, vm):
+    """Each bad record in the repository is refused, with a one-line reason, before anything
+    reaches the card: the saved VF's state reads back the same after each attempt."""
+    from host_driver.vf_save import RestoreError
+    st = CardVfState(h.drv)
+    before = await st.export_state(fn)              # (the saved VF stays quiesced)
+    name = sr.record_names(vm.name)[0]
+    good = sr.repo.get(name)
+    for bad, why in tampered(good):
+        sr.repo.put(name, bad)
+        try:
+            await sr.restore(vm)
+            raise AssertionError(f"a record with this defect was restored: {why}")
+        except RestoreError as e:
+            assert why in str(e) and "\n" not in str(e), str(e)
+        assert await st.export_state(fn) == before, why
+    sr.repo.put(name, good)
 
 
 @cocotb.test()
@@ -104,7 +142,8 @@ async def test_fast_save_restore_under_traffic(dut):
     restore_steps = await sr.restore(vm)
     await ClockCycles(dut.clk, 6000)
     await sr.save(vm)                                # a second save and restore of the
-    again = await sr.restore(vm)                     # VF, which stayed assigned throughout
+    await refused_untouched(h, vfs[0], sr, vm)       # VF, which stayed assigned throughout,
+    again = await sr.restore(vm)                     # after three bad records
     await ClockCycles(dut.clk, 4000)
     sending = False
     await job

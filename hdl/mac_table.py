@@ -1,0 +1,78 @@
+"""The switch's station table: one unicast MAC address per function.
+
+Each function (the PF and every VF) owns one MAC address. At reset function *n* has
+``02:0f:fc:00:00:<n>`` (:data:`hdl.params.VirtioRegs.MAC_PREFIX`); the PF's driver may give it
+another through PF BAR2 (:class:`hdl.params.MigRegs` ``MAC_LO`` / ``MAC_HI`` of the selected
+function), as ``ip link set <pf> vf <n> mac`` does on a real SR-IOV NIC. A live migration
+moves a guest's address with it: the source function's entry is retired, the target's set.
+
+* **lookup**: the destination MAC of the frame in the engine is compared with every entry at
+  once; ``hit`` and ``hit_fidx`` (the lowest matching function) follow ``dst`` one clock
+  later. A multicast destination never hits; an entry holding a multicast address (bit 0 of its
+  first byte set, e.g. ``ff:ff:ff:ff:ff:ff``) is therefore a retired entry.
+* **read ports**: the entry of ``sel`` (the register view) and of ``cfg_fidx`` (the virtio
+  device configuration's ``mac`` field), both combinational.
+
+The address is held as the bytes appear on the wire and in the virtio config, first byte in
+bits 7:0: ``MAC_LO`` holds bytes 0..3, ``MAC_HI`` bytes 4 and 5.
+"""
+
+from amaranth import *
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from .params import VirtioRegs as V
+
+__all__ = ["MacTable", "default_mac"]
+
+
+def default_mac(fidx: int) -> int:
+    """Function ``fidx``'s reset address, as the 48-bit little-endian integer the table holds."""
+    return int.from_bytes(V.MAC_PREFIX + bytes([fidx & 0xFF]), "little")
+
+
+class MacTable(wiring.Component):
+    def __init__(self, num_functions: int):
+        self._nf = num_functions
+        super().__init__({
+            # register view: the entry of ``sel``, written a half at a time
+            "sel":      In(8),
+            "we_lo":    In(1),
+            "we_hi":    In(1),
+            "wdata":    In(32),
+            "rd_mac":   Out(48),
+            # the virtio device configuration of function ``cfg_fidx``
+            "cfg_fidx": In(8),
+            "cfg_mac":  Out(48),
+            # lookup of a frame's destination
+            "dst":      In(48),
+            "hit":      Out(1),
+            "hit_fidx": Out(8),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        nf = self._nf
+        entry = Array(Signal(48, init=default_mac(f), name=f"mac{f}") for f in range(nf))
+
+        ok = self.sel < nf
+        with m.If(self.we_lo & ok):
+            m.d.sync += entry[self.sel][:32].eq(self.wdata)
+        with m.If(self.we_hi & ok):
+            m.d.sync += entry[self.sel][32:].eq(self.wdata[:16])
+        m.d.comb += [
+            self.rd_mac.eq(Mux(ok, entry[self.sel], 0)),
+            self.cfg_mac.eq(Mux(self.cfg_fidx < nf, entry[self.cfg_fidx], 0)),
+        ]
+
+        match = Signal(nf)
+        m.d.comb += match.eq(Cat(entry[f] == self.dst for f in range(nf)))
+        unicast = ~self.dst[0]
+        m.d.sync += self.hit.eq(unicast & match.any())
+        # the lowest matching function (a duplicate address is the PF driver's mistake; the
+        # lower function wins, deterministically)
+        with m.If(unicast):
+            for f in reversed(range(nf)):
+                with m.If(match[f]):
+                    m.d.sync += self.hit_fidx.eq(f)
+        return m
