@@ -79,6 +79,20 @@ def bench_mgmt(sim, cfg):
     return rec["placement_latency"], rec["qos"]
 
 
+def bench_migration(sim, cfg):
+    """Live migration between two cards (:mod:`cosim.benches.live_migration` on the two-card
+    top): blackout, pause, the VF state's save and restore time."""
+    from .twin import run_twin_bench
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "migration.json"
+        run_twin_bench(sim, "cosim.benches.live_migration", cfg,
+                       testcase="test_live_migration_under_traffic",
+                       extra_env={"OFFCARD_BENCH_OUT": str(out)})
+        rec = json.loads(out.read_text())
+    rec.update({"sim": sim, "config": config_key(cfg)})
+    return rec
+
+
 def add_table(console, md, title, cols, rows):
     table = Table(title=title)
     for c in cols:
@@ -106,6 +120,7 @@ def main(argv=None):
     virtio_rows = []
     placement_rows = []
     qos_rows = []
+    migration_rows = []
     for sim in selected_sims():
         for cfg in CONFIGS:
             console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} ...")
@@ -121,10 +136,12 @@ def main(argv=None):
                 p, q = bench_mgmt(sim, cfg)
                 placement_rows += p
                 qos_rows += q
+                console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} live migration ...")
+                migration_rows.append(bench_migration(sim, cfg))
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
               "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows,
               "virtio_net": virtio_rows, "placement_latency": placement_rows,
-              "qos": qos_rows}
+              "qos": qos_rows, "migration": migration_rows}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     md = []
     add_table(console, md, "enumeration + SR-IOV + MMIO",
@@ -146,6 +163,10 @@ def main(argv=None):
     add_table(console, md, "QoS token bucket on the virtio transmit path (uplink, 512 B frames)",
               ["sim", "config", "limit_bytes_per_clk", "limited_bytes_per_clk", "error_pct",
                "unlimited_alone_bytes_per_clk", "unlimited_beside_bytes_per_clk"], qos_rows)
+    add_table(console, md, "live migration between two cards under traffic both ways "
+              "(simulated us; target: blackout under 1000)",
+              ["sim", "config", "blackout_us", "paused_us", "save_us", "restore_us",
+               "memory_bytes", "forwarded", "frames"], migration_rows)
     Path(args.output).with_suffix(".md").write_text("\n".join(md).lstrip() + "\n")
     console.print(f"wrote {args.output} and {Path(args.output).with_suffix('.md')}")
     return 0

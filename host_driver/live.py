@@ -93,16 +93,38 @@ class CardServer(Server):
         self.drv = drv
         self.t = drv.t
         self.switch: HostSwitch | None = None
+        self.timings: list[tuple[str, int, float]] = []   # (operation, VF, simulated us)
 
     def vf(self, index: int):
         return self.slots[index].handle
 
+    def _timed(self, op: str, vf: int, t0: float) -> None:
+        self.timings.append((op, vf, (self.t.now_ns() - t0) / 1000))
+
+    async def quiesce(self, vf: int) -> None:
+        t0 = self.t.now_ns()
+        await super().quiesce(vf)
+        self._timed("quiesce", vf, t0)
+
+    async def export_state(self, vf: int) -> bytes:
+        t0 = self.t.now_ns()
+        blob = await super().export_state(vf)
+        self._timed("export", vf, t0)
+        return blob
+
     async def import_state(self, vf: int, blob: bytes) -> None:
+        t0 = self.t.now_ns()
         fn = self.vf(vf)
         if not fn.msix_vectors:
             await fn.setup_msix()            # this host's vectors for the VF
         self.running.discard(vf)
         await self.state.import_state(fn, blob, rehome_msix=True)
+        self._timed("import", vf, t0)
+
+    async def resume(self, vf: int) -> None:
+        t0 = self.t.now_ns()
+        await super().resume(vf)
+        self._timed("resume", vf, t0)
 
 
 class HostSwitch:
@@ -206,12 +228,11 @@ class GuestVm(Vm):
                             us: float) -> None:
         while self.parked < self.loops:
             await clock.sleep_us(0.2)
-        if self.vf is not None:              # leaving its own VF (not going back)
-            self._origin = (source, self.vf)
         if self.config_vf is not None and self.config_vf[0] == target.name:
+            self._origin = (source, self.vf)  # leaving its VF for the one its config names
             vf = self.config_vf[1]
-        elif self._origin[0] is target:
-            vf = self._origin[1]
+        elif self._origin is not None and self._origin[0] is target:
+            vf = self._origin[1]              # going back (a rollback)
         else:
             raise RuntimeError(f"{self.name}: no VF of {target.name} to run on")
         n = await self.mem.move_to(target.t)

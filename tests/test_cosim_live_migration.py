@@ -10,4 +10,4 @@ from cosim.twin import run_twin_bench
 @pytest.mark.parametrize("sim", sim_params())
 def test_live_migration(sim):
     res = run_twin_bench(sim, "cosim.benches.live_migration", timeout_s=900)
-    assert res.num_failed == 0 and res.num_tests == 1, res
+    assert res.num_failed == 0 and res.num_tests == 3, res
