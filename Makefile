@@ -62,8 +62,11 @@ endef
 bench:
 	$(call run_module,cosim.bench,,3)
 
+# The whole story on two simulated cards, with a report in demo_out/ (SIM=icarus works too;
+# DEMO_ARGS="--short" is what CI runs).
+DEMO_ARGS ?=
 demo:
-	$(call run_module,cosim.demo,,8)
+	$(call run_module,cosim.demo,$(DEMO_ARGS),8)
 
 # ECP5 synthesis + place and route of every configuration (YoWASP Yosys + nextpnr-ecp5):
 # synth_out/synth.json and synth.md. SYNTH_ARGS="--quick" or "--config vf16_w128".
@@ -76,5 +79,5 @@ lint:
 	$(PY) -m cosim.lint
 
 clean:
-	rm -rf sim_build build synth_out results.xml bench.json bench.md .hypothesis
+	rm -rf sim_build build synth_out results.xml bench.json bench.md .hypothesis demo_out
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -51,6 +51,7 @@ __all__ = [
     "sim_params",
     "verilator_env",
     "sim_width_params",
+    "one_sim_params",
     "waves_enabled",
     "CocotbResult",
     "run_cocotb",
@@ -107,19 +108,25 @@ def sim_params(sims: Iterable[str] | None = None) -> list:
 def sim_width_params(widths=(64, 128)) -> list:
     """``pytest.param`` per (simulator, data width) for ``parametrize("sim,width", ...)``.
 
-    The first width runs in every selected simulator. Each other width runs in one: Verilator
-    when it is selected (its model runs several times faster than Icarus), else the first one
-    selected; ``OFFCARD_ALL_WIDTHS=1`` runs every width in every simulator. The wider data
-    path is the same generator with another parameter, so this keeps both simulators on every
-    bench and every width on every bench, at a fraction of the run time.
+    The first width runs in every selected simulator; each other width in one of them,
+    Verilator when selected (:func:`one_sim_params`): the wider data path is the same
+    generator with another parameter, and Verilator runs these long benches several times
+    faster than Icarus. ``OFFCARD_EVERY_SIM=1`` runs every width in every simulator.
     """
     import pytest
 
-    sims = list(SIMS)
-    every = _env.get_bool("OFFCARD_ALL_WIDTHS", False)
-    one = "verilator" if "verilator" in sims else sims[0]
+    one = {p.values[0] for p in one_sim_params("verilator")}
     return [pytest.param(s, w, id=f"{s}-{w}", marks=pytest.mark.sim)
-            for w in widths for s in sims if w == widths[0] or every or s == one]
+            for w in widths for s in SIMS if w == widths[0] or s in one]
+
+
+def one_sim_params(prefer: str) -> list:
+    """Like :func:`sim_params`, for a variant that one simulator covers: ``prefer`` if it is
+    selected, else the first selected; every selected one with ``OFFCARD_EVERY_SIM=1``. (The
+    default configuration always runs in both; this is for the extra ones.)"""
+    if _env.get_bool("OFFCARD_EVERY_SIM", False):
+        return sim_params()
+    return sim_params([prefer if prefer in SIMS else SIMS[0]])
 
 
 def waves_enabled(waves: bool | None = None) -> bool:

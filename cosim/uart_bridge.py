@@ -28,15 +28,18 @@ __all__ = ["UartPhy", "UartBridge"]
 
 
 class UartPhy:
-    def __init__(self, dut, divisor):
+    def __init__(self, dut, divisor, *, prefix=""):
+        """``prefix`` picks one card of a top level holding several (``cosim.twin``)."""
         self.dut = dut
         self.div = divisor
+        self.rxd = getattr(dut, f"{prefix}uart_rxd")
+        self.txd = getattr(dut, f"{prefix}uart_txd")
         self.received = bytearray()          # every byte the card sent
         self.byte_event = Event()
         self.on_byte = None                  # callback(byte) for each byte the card sends
         self.bytes_sent = 0
         self._busy = False
-        dut.uart_rxd.value = 1
+        self.rxd.value = 1
         cocotb.start_soon(self._monitor())
 
     async def send(self, data: bytes):
@@ -47,14 +50,14 @@ class UartPhy:
         for byte in data:
             bits = [0] + [(byte >> i) & 1 for i in range(8)] + [1]
             for bit in bits:
-                self.dut.uart_rxd.value = bit
+                self.rxd.value = bit
                 await ClockCycles(clk, self.div)
             self.bytes_sent += 1
         self._busy = False
 
     async def _monitor(self):
         clk = self.dut.clk
-        txd = self.dut.uart_txd
+        txd = self.txd
         while True:
             await FallingEdge(txd)
             await ClockCycles(clk, self.div // 2)
