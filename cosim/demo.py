@@ -62,10 +62,13 @@ def parse(argv):
     return args, sim
 
 
-def read_events(path: Path) -> list[dict]:
+def read_events(path: Path, skip: int = 0) -> list[dict]:
+    """The events in ``path`` after the first ``skip`` (only whole lines: the bench may be
+    writing the last one)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines[skip:] if line.strip()]
 
 
 def run(sim: str, short: bool, events: Path, console: Console):
@@ -88,9 +91,11 @@ def run(sim: str, short: bool, events: Path, console: Console):
     with Progress(*cols, console=console) as prog:
         tasks = {name: prog.add_task(text, total=1, info="", start=False) for name, text in PHASES}
         build = prog.add_task(f"build the two-card model ({sim})", total=1, info="")
+        seen = 0                                # events already shown (only new ones are read)
         while th.is_alive():
-            evs = read_events(events)
-            if evs:
+            evs = read_events(events, skip=seen)
+            seen += len(evs)
+            if seen:
                 prog.update(build, completed=1)
             for e in evs:
                 if e["kind"] != "phase":

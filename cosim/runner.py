@@ -115,7 +115,7 @@ def sim_width_params(widths=(64, 128)) -> list:
     """
     import pytest
 
-    one = {p.values[0] for p in one_sim_params("verilator")}
+    one = _one_sim("verilator")
     return [pytest.param(s, w, id=f"{s}-{w}", marks=pytest.mark.sim)
             for w in widths for s in SIMS if w == widths[0] or s in one]
 
@@ -124,9 +124,13 @@ def one_sim_params(prefer: str) -> list:
     """Like :func:`sim_params`, for a variant that one simulator covers: ``prefer`` if it is
     selected, else the first selected; every selected one with ``OFFCARD_EVERY_SIM=1``. (The
     default configuration always runs in both; this is for the extra ones.)"""
+    return sim_params(_one_sim(prefer))
+
+
+def _one_sim(prefer: str) -> list[str]:
     if _env.get_bool("OFFCARD_EVERY_SIM", False):
-        return sim_params()
-    return sim_params([prefer if prefer in SIMS else SIMS[0]])
+        return list(SIMS)
+    return [prefer if prefer in SIMS else SIMS[0]]
 
 
 def waves_enabled(waves: bool | None = None) -> bool:

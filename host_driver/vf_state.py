@@ -21,7 +21,7 @@ import struct
 
 from hdl.params import MigRegs as MG, VirtioRegs as V, Bar0Map
 
-__all__ = ["CardVfState", "VfStateError", "STATE_VERSION", "RETIRED"]
+__all__ = ["CardVfState", "VfStateError", "STATE_VERSION"]
 
 MAGIC = b"VFST"
 STATE_VERSION = 2                           # 2: the MAC address joined the device fields
@@ -32,10 +32,6 @@ _QUEUE = struct.Struct("<HHHQQQHH")         # size, vector, enable, desc, driver
                                             # last_avail, used
 _TAIL = struct.Struct("<BB")                # tx pending, MSI-X vectors that follow
 _MSIX = struct.Struct("<IIII")              # address lo, hi, data, vector control
-
-
-#: A multicast address: a function holding it receives nothing by address (hdl.mac_table).
-RETIRED = b"\xff" * 6
 
 
 class VfStateError(Exception):
@@ -75,7 +71,7 @@ class CardVfState:
         return (lo | (hi & 0xFFFF) << 32).to_bytes(6, "little")
 
     async def set_mac(self, fn, mac: bytes):
-        """Give ``fn`` the address ``mac`` (``RETIRED`` takes its address away)."""
+        """Give ``fn`` the address ``mac`` (a multicast one retires its entry)."""
         if len(mac) != 6:
             raise VfStateError(f"a MAC address has 6 bytes, not {len(mac)}")
         await self._sel(fn)
@@ -167,10 +163,7 @@ class CardVfState:
         the message address and data of that host's own vectors (``fn.msix_vectors``, set up
         by the target hypervisor) and keep the saved mask bits, as interrupt remapping does."""
         st = self.parse(blob)
-        if rehome_msix and len(fn.msix_vectors) < len(st["msix"]):
-            raise VfStateError(f"{fn}: {len(st['msix'])} MSI-X vectors to re-home, the target "
-                               f"host set up {len(fn.msix_vectors)}")
-        if len(st["msix"]) > len(fn.msix_vectors) and fn.msix_vectors:
+        if (rehome_msix or fn.msix_vectors) and len(st["msix"]) > len(fn.msix_vectors):
             raise VfStateError(f"{fn}: state has {len(st['msix'])} MSI-X vectors, "
                                f"the function {len(fn.msix_vectors)}")
         await self.quiesce(fn)

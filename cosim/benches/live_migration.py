@@ -100,12 +100,8 @@ class Rig:
             assert d.mac == mac, d.mac
             vm = GuestVm(f"guest{n}", 0.1, self.clock, d, mem, loops=2)
             self.vms[vm.name] = self.vm_of[mac] = vm
-            a.assign_vf(vm.name, n)
-            a.running.add(n)
-            vm.vf = n
-            vm.host = a
-            a.vms[vm.name] = vm
-            self.network.route[vm.name] = a
+            a.place(vm, self.network)              # the first free VF: guest n gets VF n
+            assert vm.vf == n, (vm.name, vm.vf)
         self.vm = self.vms["guest1"]
         for sw in self.switches.values():
             cocotb.start_soon(sw.run())
