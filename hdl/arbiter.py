@@ -1,8 +1,19 @@
-"""Packet-granular round-robin arbiter for TLP streams.
+"""Packet-granular round-robin arbiter for TLP streams, with a registered grant and output.
 
-A grant is taken when a source first offers a beat and held until its ``eop`` beat has moved,
-so TLPs from different sources never interleave and a stalled beat never changes. The output is combinational from the granted
-input (no added latency); a source that is not granted sees ``ready`` low.
+Every source's ``valid`` and ``payload`` end at a register here, so no path runs from one
+source's logic through the arbiter into another's (the card's longest paths did, before):
+
+* **grant**: a register, chosen round robin (starting after the previous grant) from the
+  sources' ``valid`` and effective the next cycle. It is held from the first beat to the
+  ``eop`` beat, so TLPs from different sources never interleave. At the ``eop`` beat the next
+  grant is chosen in the same cycle, so packets stream back to back without a bubble.
+* **release**: a granted source that withdraws its beat before the first one moved (MSI-X does,
+  when the vector gets masked meanwhile) gives the grant up; inside a packet a source may pause
+  (``valid`` low) and keeps it.
+* **output**: one pipeline register (``o.valid``/``o.p`` are flip-flops). A source sees
+  ``ready`` when it holds the grant and the register is empty or moving; a held beat never
+  changes. Latency: two cycles from a source's first ``valid`` to ``o.valid`` when idle, then
+  one beat per cycle.
 """
 
 from amaranth import *
@@ -25,38 +36,37 @@ class TlpArbiter(wiring.Component):
         m = Module()
         n = self.n
         ins = [getattr(self, f"i{k}") for k in range(n)]
-        locked = Signal()
-        grant = Signal(range(max(n, 2)))
-        last = Signal(range(max(n, 2)))
+        grant = Signal(range(max(n, 2)))     # the granted source, or the last one when idle
+        active = Signal()                    # ``grant`` holds a source now
+        in_pkt = Signal()                    # the granted packet's first beat has moved
 
-        # round-robin choice among valid inputs, starting after the last winner
-        pick = Signal(range(max(n, 2)))
+        # round-robin choice among valid inputs, starting after the current/last grant
+        pick = Signal.like(grant)
         any_valid = Signal()
         for off in reversed(range(n)):
             for k in range(n):
-                cond = (last == k) & ins[(k + 1 + off) % n].valid
-                with m.If(cond):
+                with m.If((grant == k) & ins[(k + 1 + off) % n].valid):
                     m.d.comb += [pick.eq((k + 1 + off) % n), any_valid.eq(1)]
 
-        cur = Mux(locked, grant, pick)
-        with m.Switch(cur):
+        cur_valid = Signal()
+        cur_p = Signal.like(self.o.p)
+        out_free = Signal()
+        take = Signal()
+        m.d.comb += [out_free.eq(~self.o.valid | self.o.ready),
+                     take.eq(active & cur_valid & out_free)]
+        with m.Switch(grant):
             for k in range(n):
                 with m.Case(k):
-                    m.d.comb += [
-                        self.o.p.eq(ins[k].p),
-                        self.o.valid.eq(ins[k].valid),
-                        ins[k].ready.eq(self.o.ready),
-                    ]
+                    m.d.comb += [cur_valid.eq(ins[k].valid), cur_p.eq(ins[k].p),
+                                 ins[k].ready.eq(active & out_free)]
 
-        # The grant holds inside a packet (sop moved, eop not yet) and while an offered beat
-        # is stalled, so TLPs never interleave and a stalled beat never changes. A source that
-        # withdraws a beat before it moved (MSI-X does, when the vector gets masked meanwhile)
-        # releases the grant.
-        in_pkt = Signal()
-        xfer = self.o.valid & self.o.ready
-        in_pkt_next = Mux(xfer, ~self.o.p.eop, in_pkt)
-        m.d.sync += [in_pkt.eq(in_pkt_next), locked.eq(in_pkt_next | (self.o.valid & ~self.o.ready)),
-                     grant.eq(cur)]
-        with m.If(xfer & self.o.p.eop):
-            m.d.sync += last.eq(cur)
+        with m.If(take):
+            m.d.sync += [self.o.p.eq(cur_p), self.o.valid.eq(1),
+                         in_pkt.eq(~cur_p.eop)]
+        with m.Elif(self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+
+        rearb = ~active | (take & cur_p.eop) | (~in_pkt & ~cur_valid)
+        with m.If(rearb):
+            m.d.sync += [grant.eq(pick), active.eq(any_valid)]
         return m

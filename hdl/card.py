@@ -30,6 +30,7 @@ from .func_regs import FuncRegisters
 from .msix import MsixController
 from .mgmt_regs import MgmtRegisters
 from .arbiter import TlpArbiter
+from .regbus import RegBusSlice
 from .rx_router import RxRouter
 from .dma_common import CardMemory
 from .dma_read import DmaReadChannel
@@ -209,22 +210,26 @@ class Card(wiring.Component):
         ]
 
         # register bus: two masters, the completer (the host) and the management UART's frame
-        # engine (the firmware), which gets the bus in cycles the completer leaves free; the
-        # request is broadcast and the targets' read data ORed (each drives 0 unless addressed)
+        # engine (the firmware), which gets the bus in cycles the completer leaves free. The
+        # chosen request goes through one register stage (RegBusSlice) and is broadcast to the
+        # targets; their read data is ORed (each drives 0 unless addressed) back to both.
         targets = [fr.bus, mx.bus, mg.bus, dq.bus, xl.bus, fu.bus, vio.bus, vn.bus,
                    mb.bus, tel.bus, qos.bus]
+        m.submodules.regslice = rs = RegBusSlice()
         uart_turn = Signal()
         m.d.comb += [mu.gnt.eq(~cp.regs.we & ~cp.regs.re),
                      uart_turn.eq(mu.gnt & (mu.bus.we | mu.bus.re)),
-                     mb.src_uart.eq(uart_turn)]
-        for t in targets:
-            for name in ("fidx", "bar", "addr", "wdata", "be", "we", "re"):
-                m.d.comb += getattr(t, name).eq(Mux(uart_turn, getattr(mu.bus, name),
-                                                    getattr(cp.regs, name)))
+                     rs.tag_i.eq(uart_turn), mb.src_uart.eq(rs.tag_o)]
+        for name in ("fidx", "bar", "addr", "wdata", "be", "we", "re"):
+            m.d.comb += getattr(rs.i, name).eq(Mux(uart_turn, getattr(mu.bus, name),
+                                                   getattr(cp.regs, name)))
+            for t in targets:
+                m.d.comb += getattr(t, name).eq(getattr(rs.o, name))
         rdata = 0
         for t in targets:
             rdata = rdata | t.rdata
-        m.d.comb += [cp.regs.rdata.eq(rdata), mu.bus.rdata.eq(rdata)]
+        m.d.comb += [rs.o.rdata.eq(rdata), cp.regs.rdata.eq(rs.i.rdata),
+                     mu.bus.rdata.eq(rs.i.rdata)]
         m.d.comb += [mu.rxd.eq(self.uart_rxd), self.uart_txd.eq(mu.txd),
                      mb.util.eq(self.util), mb.uart_ok.eq(mu.ok), mb.uart_err.eq(mu.err)]
         # QoS on the virtio transmit path, and the telemetry taps

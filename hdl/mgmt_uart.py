@@ -16,7 +16,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .params import CardConfig, UartProto as P
-from .regbus import RegBusSignature
+from .regbus import READ_LATENCY, RegBusSignature
 from .uart import UartRx, UartTx
 
 __all__ = ["MgmtUart", "crc8_next"]
@@ -64,6 +64,7 @@ class MgmtUart(wiring.Component):
         crc = Signal(8)
         status = Signal(8)
         rdata = Signal(32)
+        rwait = Signal(range(READ_LATENCY))
         addr = Cat(pay[0], pay[1])
         wdata = Cat(pay[2], pay[3], pay[4], pay[5])
         quiet = urx.idle_bits >= P.GAP_BITS
@@ -178,11 +179,15 @@ class MgmtUart(wiring.Component):
             with m.State("READ"):
                 m.d.comb += b.re.eq(1)
                 with m.If(self.gnt):
+                    m.d.sync += rwait.eq(0)
                     m.next = "READ_DATA"
             with m.State("READ_DATA"):
-                m.d.sync += rdata.eq(b.rdata)
-                m.d.comb += self.ok.eq(1)
-                m.next = "REPLY"
+                # the data is on the bus READ_LATENCY cycles after the granted strobe
+                m.d.sync += rwait.eq(rwait + 1)
+                with m.If(rwait == READ_LATENCY - 1):
+                    m.d.sync += rdata.eq(b.rdata)
+                    m.d.comb += self.ok.eq(1)
+                    m.next = "REPLY"
             with m.State("WRITE"):
                 m.d.comb += b.we.eq(1)
                 with m.If(self.gnt):

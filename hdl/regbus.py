@@ -1,16 +1,27 @@
-"""The DW register bus from the completer to the BAR targets.
+"""The DW register bus from the bus masters (completer, management UART) to the BAR targets.
 
-One access at a time: ``we`` or ``re`` is a one-cycle strobe; read data is valid on ``rdata``
-the cycle after ``re``. Every target decodes its own window (``fidx``, ``bar``, ``addr``) and
-drives zero on ``rdata`` when it was not addressed, so the completer ORs the targets' data.
+One access at a time: ``we`` or ``re`` is a one-cycle strobe. Every target decodes its own
+window (``fidx``, ``bar``, ``addr``), drives zero on ``rdata`` when it was not addressed, and
+returns read data the cycle after the ``re`` it sees, so the card ORs the targets' data.
+
+Between the masters and the targets the card puts a :class:`RegBusSlice`: the request
+fields are registered once after the master mux, so no path runs from a master's state
+machine through the mux into every target's address decode. A master therefore sees its read
+data :data:`READ_LATENCY` cycles after its ``re`` strobe.
 """
 
+from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .bar_decode import OFFSET_DW_BITS
 
-__all__ = ["RegBusSignature"]
+__all__ = ["RegBusSignature", "RegBusSlice", "READ_LATENCY"]
+
+#: Cycles from a master's ``re`` to its ``rdata``: one in the slice, one in the target.
+READ_LATENCY = 2
+
+_REQUEST = ("fidx", "bar", "addr", "wdata", "be", "we", "re")
 
 
 def RegBusSignature():
@@ -24,3 +35,32 @@ def RegBusSignature():
         "re":    Out(1),
         "rdata": In(32),
     })
+
+
+class RegBusSlice(wiring.Component):
+    """One register stage on the request path of the register bus (``rdata`` passes through).
+
+    ``tag_i`` is a sideband bit that travels with the request (the card's "made by the UART"
+    flag) and comes out on ``tag_o`` in the cycle the targets see the request. Only the
+    strobes and the tag are reset; the request fields are data and mean nothing without a
+    strobe.
+    """
+
+    def __init__(self):
+        super().__init__({
+            "i": In(RegBusSignature()),
+            "o": Out(RegBusSignature()),
+            "tag_i": In(1),
+            "tag_o": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        for name in ("fidx", "bar", "addr", "wdata", "be"):
+            q = Signal.like(getattr(self.o, name), name=f"{name}_q", reset_less=True)
+            m.d.sync += q.eq(getattr(self.i, name))
+            m.d.comb += getattr(self.o, name).eq(q)
+        m.d.sync += [self.o.we.eq(self.i.we), self.o.re.eq(self.i.re),
+                     self.tag_o.eq(self.tag_i & (self.i.we | self.i.re))]
+        m.d.comb += self.i.rdata.eq(self.o.rdata)
+        return m

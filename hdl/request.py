@@ -40,7 +40,7 @@ from .params import CardConfig
 from .tlp import tlp_stream, TlpKind, Dw0, ReqDw1, CfgDw2, hdr_dw, make_hdr, CplStatus
 from .config_space import CfgPortSignature
 from .bar_decode import BarLookupSignature
-from .regbus import RegBusSignature
+from .regbus import READ_LATENCY, RegBusSignature
 from .mgmt_regs import CounterEvents
 
 __all__ = ["Completer"]
@@ -175,7 +175,7 @@ class Completer(wiring.Component):
         fidx = Signal(8)
         bar_id = Signal(3)
         offset = Signal(len(self.bar.offset))
-        i = Signal(range(MAXDW + 2))
+        i = Signal(range(MAXDW + READ_LATENCY + 1))
         is_read = Signal()
 
         # config port
@@ -308,15 +308,15 @@ class Completer(wiring.Component):
                 m.next = "CPL"
 
             with m.State("MMIO"):
-                # one DW per cycle; read data arrives one cycle after its strobe
+                # one DW per cycle; read data arrives READ_LATENCY cycles after its strobe
                 with m.If(i < len_dw):
                     m.d.comb += [self.regs.re.eq(is_read), self.regs.we.eq(~is_read)]
-                with m.If(is_read & (i != 0)):
+                with m.If(is_read & (i >= READ_LATENCY)):
                     for s in range(MAXDW):
-                        with m.If(i == s + 1):
+                        with m.If(i == s + READ_LATENCY):
                             m.d.sync += buf[s].eq(self.regs.rdata)
                 m.d.sync += i.eq(i + 1)
-                with m.If(Mux(is_read, i == len_dw, i == len_dw - 1)):
+                with m.If(Mux(is_read, i == len_dw + READ_LATENCY - 1, i == len_dw - 1)):
                     with m.If(is_read):
                         complete(CplStatus.SC, len_dw, mrd_bc, Cat(la_lo, addr[2:7]),
                                  Cat(fidx, self.bus_num))

@@ -5,6 +5,10 @@ host memory one request at a time each own a fixed tag (``tags``: descriptor fet
 walk, completion-queue fetch); a completion with one of those tags goes to ``cpl<n>``, every
 other completion to the read channel (``cpl_r``, which counts the ones that match no
 outstanding request of its own).
+
+The router is one pipeline register: the beat and its destination are registered, so every
+consumer's logic starts at a flip-flop instead of at the header decode (one cycle of latency;
+a full register moves on when its consumer is ready, so the stream runs at one beat a cycle).
 """
 
 from amaranth import *
@@ -39,12 +43,20 @@ class RxRouter(wiring.Component):
             by_tag = Mux(tag == t, n + 1, by_tag)
         dest_now = Signal(range(len(outs)))
         m.d.comb += dest_now.eq(Mux(is_cpl & self.i.p.sop, by_tag, 0))
+        # the output register: one beat and its destination (inside a packet, the packet's)
+        o_p = Signal.like(self.i.p, reset_less=True)
+        o_valid = Signal()
+        o_dest = Signal(range(len(outs)))
         in_pkt = Signal()
-        dest_q = Signal(range(len(outs)))
-        dest = Mux(in_pkt & ~self.i.p.sop, dest_q, dest_now)
+        dest = Mux(in_pkt & ~self.i.p.sop, o_dest, dest_now)
+        o_ready = Signal()
+        m.d.comb += o_ready.eq(Array(o.ready for o in outs)[o_dest])
         for k, o in enumerate(outs):
-            m.d.comb += [o.p.eq(self.i.p), o.valid.eq(self.i.valid & (dest == k))]
-        m.d.comb += self.i.ready.eq(Array(o.ready for o in outs)[dest])
+            m.d.comb += [o.p.eq(o_p), o.valid.eq(o_valid & (o_dest == k))]
+        m.d.comb += self.i.ready.eq(~o_valid | o_ready)
         with m.If(self.i.valid & self.i.ready):
-            m.d.sync += [in_pkt.eq(~self.i.p.eop), dest_q.eq(dest)]
+            m.d.sync += [in_pkt.eq(~self.i.p.eop), o_p.eq(self.i.p), o_valid.eq(1),
+                         o_dest.eq(dest)]
+        with m.Elif(o_ready):
+            m.d.sync += o_valid.eq(0)
         return m

@@ -36,6 +36,9 @@ def test_quick_synth_report(quick):
     assert 0 < r["fmax_mhz"] < 1000
     assert r["met"] == (r["fmax_mhz"] >= 125)
     assert r["routed"] is False
+    assert r["constraint_mhz"] == synth.CONSTRAINT_MHZ
+    # two global buffers: the clock's, and the DCCA the harness puts on the card's reset
+    assert r["utilisation"]["DCCA"]["used"] == 2
     md = (quick / "synth.md").read_text()
     assert "| vf4_w64 | 4 | 64 |" in md and "pre-route estimate" in md
 
@@ -49,7 +52,7 @@ def test_synthesis_keeps_the_card(quick):
 
 
 @pytest.mark.parametrize("argv", [["--config", "vf3_w64"], ["--quick", "--config", "vf4_w64"],
-                                  ["--bogus"]])
+                                  ["--bogus"], ["--freq", "0"], ["--freq", "fast"]])
 def test_synth_bad_args(argv):
     proc = subprocess.run([sys.executable, "-m", "hdl.synth", *argv], capture_output=True,
                           text=True, timeout=60)
@@ -67,8 +70,12 @@ def test_report_parser_finds_clk_and_path():
             {"from": "<async>", "to": "posedge $glbnet$clk$TRELLIS_IO_IN",
              "path": [{"delay": 1, "from": {"cell": "rst$tr_io"}, "to": {"cell": "x"}}]},
             {"from": "posedge $glbnet$clk$TRELLIS_IO_IN", "to": "posedge $glbnet$clk$TRELLIS_IO_IN",
-             "path": [{"delay": 0.3, "from": {"cell": "card.a.q"}, "to": {"cell": "card.a.q"}},
-                      {"delay": 5.0, "from": {"cell": "card.a.q"}, "to": {"cell": "card.b.d"}}]},
+             "path": [{"delay": 0.3, "from": {"cell": "card.a.q"}, "to": {"cell": "card.a.q"},
+                       "type": "clk-to-q"},
+                      {"delay": 4.0, "from": {"cell": "card.a.q"}, "to": {"cell": "card.b.d"},
+                       "type": "routing"},
+                      {"delay": 1.0, "from": {"cell": "card.b.d"}, "to": {"cell": "card.b.d"},
+                       "type": "logic"}]},
         ],
     }
     r = synth.parse_report(report)
@@ -76,6 +83,7 @@ def test_report_parser_finds_clk_and_path():
     assert r["fmax_mhz"] == 90.5
     assert (r["critical_from"], r["critical_to"]) == ("card.a.q", "card.b.d")
     assert r["critical_via"] == ["card.a", "card.b"]
+    assert r["critical_ns"] == 5.3 and r["critical_routing_ns"] == 4.0
 
 
 def test_preroute_estimate_from_the_log():

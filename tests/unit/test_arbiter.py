@@ -1,4 +1,4 @@
-"""Unit tests of hdl.arbiter.TlpArbiter (2 sources, packet-granular round robin).
+"""Unit tests of hdl.arbiter.TlpArbiter (packet-granular round robin, registered grant and output).
 
 One testbench models both sources and the sink cycle by cycle (no races between
 testbenches): values are set, the combinational response is read, then the clock ticks."""
@@ -47,39 +47,48 @@ class Source:
         return self.pos == len(self.beats)
 
 
-def simulate(src_packets, p_valid=(1.0, 1.0), p_ready=1.0, seed=0, max_cycles=5000):
-    """Run the arbiter; returns the list of (source, beat) that came out, in order."""
-    dut = TlpArbiter(2, DW)
+def simulate(src_packets, p_valid=(1.0, 1.0), p_ready=1.0, seed=0, max_cycles=5000,
+             withdraw=0.0):
+    """Run the arbiter; returns the list of (source, beat) that came out, in order.
+
+    Checked every cycle: at most one source moves, and only into a free output register; a
+    stalled output beat holds; nothing appears on the output that no source sent. With
+    ``withdraw`` > 0 a source drops an unmoved first beat now and then (as MSI-X may)."""
+    n = len(src_packets)
+    dut = TlpArbiter(n, DW)
     rng = random.Random(seed)
     out = []
+    fields = ("hdr", "data", "strb", "sop", "eop", "func", "bar")
 
     async def tb(ctx):
         srcs = [Source(getattr(dut, f"i{k}"), pk, p_valid[k], rng) for k, pk in enumerate(src_packets)]
+        in_flight = []                              # beats taken by the arbiter, not yet out
+        held = None
         for _ in range(max_cycles):
-            if all(s.done for s in srcs):
+            if all(s.done for s in srcs) and not in_flight and not ctx.get(dut.o.valid):
                 break
             for s in srcs:
+                if (s.presenting and s.current()["sop"] and withdraw
+                        and rng.random() < withdraw):
+                    s.presenting = False            # withdraw before it moved
                 s.drive(ctx)
             ready = int(rng.random() < p_ready)
             ctx.set(dut.o.ready, ready)
             ov = ctx.get(dut.o.valid)
-            op = {k: int(getattr(ctx.get(dut.o.p), k)) for k in srcs[0].beats[0]} if ov else None
+            op = {k: int(getattr(ctx.get(dut.o.p), k)) for k in fields} if ov else None
+            if held is not None:
+                assert ov and op == held, "a stalled output beat changed or vanished"
             moved = [k for k, s in enumerate(srcs) if s.presenting and ctx.get(s.port.ready)]
-            if not ready:
-                assert ctx.get(dut.i0.ready) == 0 and ctx.get(dut.i1.ready) == 0, \
-                    "a source sees ready while the sink is not ready"
+            assert len(moved) <= 1, f"sources {moved} moved in one cycle"
+            if moved and ov and not ready:
+                raise AssertionError("a source moved into a full, stalled output register")
             if ov and ready:
-                assert len(moved) == 1, f"output beat moved but sources {moved} saw ready"
-                k = moved[0]
-                assert op == srcs[k].current(), "output is not the granted source's beat"
-                out.append((k, op))
-            else:
-                assert moved == [], f"sources {moved} transferred without an output transfer"
-            mid_packet = any(not s.done and not s.current()["sop"] for s in srcs)
-            if not ov and not mid_packet:
-                assert not any(s.presenting for s in srcs), "sources valid but no output valid"
+                assert in_flight and in_flight[0][1] == op, "output beat was never sent"
+                out.append(in_flight.pop(0))
+            held = op if ov and not ready else None
             await ctx.tick()
             for k in moved:
+                in_flight.append((k, srcs[k].current()))
                 srcs[k].pos += 1
                 srcs[k].presenting = False
         else:
@@ -110,11 +119,23 @@ def test_random_traffic_no_interleave_no_loss(seed):
     rng = random.Random(1000 + seed)
     sent = [make_packets(k, [rng.randint(1, 5) for _ in range(25)]) for k in range(2)]
     out = simulate(sent, p_valid=(rng.uniform(0.3, 1), rng.uniform(0.3, 1)),
-                   p_ready=rng.uniform(0.3, 1), seed=seed)
+                   p_ready=rng.uniform(0.3, 1), seed=seed, withdraw=0.2 * (seed % 2))
     pkts = split_packets(out)
     for k in range(2):
         got = [p for s, p in pkts if s == k]
         assert got == sent[k], f"source {k}: beats lost, duplicated or reordered"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eight_sources(seed):
+    """The card's configuration: eight sources, random valid and ready."""
+    rng = random.Random(2000 + seed)
+    sent = [make_packets(k, [rng.randint(1, 4) for _ in range(8)]) for k in range(8)]
+    out = simulate(sent, p_valid=[rng.uniform(0.2, 1) for _ in range(8)],
+                   p_ready=rng.uniform(0.4, 1), seed=seed, withdraw=0.1)
+    pkts = split_packets(out)
+    for k in range(8):
+        assert [p for s, p in pkts if s == k] == sent[k]
 
 
 def test_round_robin_single_beat_packets():
@@ -132,25 +153,63 @@ def test_round_robin_multi_beat_packets_under_backpressure():
     assert order in ([0, 1] * 6, [1, 0] * 6), f"packet grants not round robin: {order}"
 
 
-def test_single_source_streams_back_to_back():
-    sent = [make_packets(0, [2, 1, 3]), []]
+def test_back_to_back_full_rate():
+    """One source, three packets back to back, sink always ready: after two cycles of
+    latency one beat per cycle leaves, with no bubble inside or between packets; then two
+    sources alternate packets, still without a bubble."""
     dut = TlpArbiter(2, DW)
-    beats = [b for p in sent[0] for b in p]
+    beats = [b for p in make_packets(0, [2, 1, 3]) for b in p]
+    other = [b for p in make_packets(1, [2, 2]) for b in p]
 
     async def tb(ctx):
         ctx.set(dut.o.ready, 1)
-        for b in beats:                                  # one beat per cycle, no bubbles
-            ctx.set(dut.i0.p, b)
-            ctx.set(dut.i0.valid, 1)
-            assert ctx.get(dut.o.valid) == 1 and ctx.get(dut.i0.ready) == 1
-            assert ctx.get(dut.o.p.data) == b["data"]
+        cyc, pos, seen = 0, 0, []
+        while len(seen) < len(beats):
+            ctx.set(dut.i0.valid, int(pos < len(beats)))
+            if pos < len(beats):
+                ctx.set(dut.i0.p, beats[pos])
+            if ctx.get(dut.o.valid):
+                seen.append((cyc, ctx.get(dut.o.p.data)))
+            moved = pos < len(beats) and ctx.get(dut.i0.ready)
             await ctx.tick()
+            pos += int(moved)
+            cyc += 1
+        assert [d for _, d in seen] == [b["data"] for b in beats]
+        first = seen[0][0]
+        assert first == 2, f"idle latency {first} cycles, expected 2"
+        assert [c for c, _ in seen] == list(range(first, first + len(beats))), \
+            f"bubble in the stream: {[c for c, _ in seen]}"
         ctx.set(dut.i0.valid, 0)
+        await ctx.tick()
+        await ctx.tick()
         assert ctx.get(dut.o.valid) == 0
+        # two sources with packets pending all the time: grants alternate, no idle cycle
+        srcs = [[b for p in make_packets(0, [2, 2]) for b in p], other]
+        pos = [0, 0]
+        valid_cycles, cyc = 0, 0
+        got = []
+        while len(got) < 8:
+            for k, port in enumerate((dut.i0, dut.i1)):
+                ctx.set(port.valid, int(pos[k] < 4))
+                if pos[k] < 4:
+                    ctx.set(port.p, srcs[k][pos[k]])
+            if ctx.get(dut.o.valid):
+                got.append(ctx.get(dut.o.p.func))
+                valid_cycles += 1
+            moved = [k for k, port in enumerate((dut.i0, dut.i1))
+                     if pos[k] < 4 and ctx.get(port.ready)]
+            await ctx.tick()
+            for k in moved:
+                pos[k] += 1
+            cyc += 1
+        assert got in ([1, 1, 0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 1, 1]), got
+        assert cyc == 2 + 8, f"{cyc} cycles for 8 beats: bubbles between packets"
     run_sim(dut, tb)
 
 
 def test_backpressure_holds_everything():
+    """A full, stalled output register holds its beat; no source sees ready meanwhile; the
+    grant stays with the packet's source across a stall in mid-packet."""
     dut = TlpArbiter(2, DW)
     b0 = make_packets(0, [2])[0]
     b1 = make_packets(1, [1])[0]
@@ -161,51 +220,54 @@ def test_backpressure_holds_everything():
         ctx.set(dut.i0.valid, 1)
         ctx.set(dut.i1.p, b1[0])
         ctx.set(dut.i1.valid, 1)
-        for _ in range(5):
-            assert ctx.get(dut.o.valid) == 1
+        await ctx.tick()                        # grant: source 1 (round robin after 0)
+        assert ctx.get(dut.i1.ready) == 1 and ctx.get(dut.i0.ready) == 0
+        await ctx.tick()                        # source 1's beat is in the output register
+        ctx.set(dut.i1.valid, 0)
+        for _ in range(4):
+            assert ctx.get(dut.o.valid) == 1 and ctx.get(dut.o.p.func) == 1
             assert ctx.get(dut.i0.ready) == 0 and ctx.get(dut.i1.ready) == 0
             await ctx.tick()
-        # first beat of source 1 (round robin starts after source 0) moves, then source 0's
-        ctx.set(dut.o.ready, 1)
-        assert ctx.get(dut.o.p.func) == 1 and ctx.get(dut.i1.ready) == 1
+        ctx.set(dut.o.ready, 1)                 # it leaves; source 0 was granted meanwhile
+        assert ctx.get(dut.i0.ready) == 1
         await ctx.tick()
-        ctx.set(dut.i1.valid, 0)
-        assert ctx.get(dut.o.p.data) == b0[0]["data"] and ctx.get(dut.i0.ready) == 1
-        await ctx.tick()
-        ctx.set(dut.o.ready, 0)                    # stall mid-packet: source 1 comes back
+        assert ctx.get(dut.o.p.data) == b0[0]["data"]
+        ctx.set(dut.o.ready, 0)                 # stall mid-packet: source 1 comes back
         ctx.set(dut.i0.p, b0[1])
         ctx.set(dut.i1.valid, 1)
         for _ in range(3):
-            assert ctx.get(dut.o.p.func) == 0, "grant lost mid-packet"
+            assert ctx.get(dut.o.p.data) == b0[0]["data"], "stalled beat changed"
+            assert ctx.get(dut.i1.ready) == 0, "grant lost mid-packet"
             await ctx.tick()
         ctx.set(dut.o.ready, 1)
-        assert ctx.get(dut.o.p.data) == b0[1]["data"] and ctx.get(dut.o.p.eop) == 1
+        assert ctx.get(dut.i0.ready) == 1
         await ctx.tick()
         ctx.set(dut.i0.valid, 0)
+        assert ctx.get(dut.o.p.data) == b0[1]["data"] and ctx.get(dut.o.p.eop) == 1
+        assert ctx.get(dut.i1.ready) == 1, "next grant not taken at the eop beat"
+        await ctx.tick()
         assert ctx.get(dut.o.p.func) == 1
     run_sim(dut, tb)
 
 
-def test_output_payload_stable_while_stalled():
-    """lib.stream rule (tlp.py docstring): once o.valid is high, o.p holds until it moves.
-
-    Source 0 is valid alone while the sink stalls; then source 1 (next in round-robin order)
-    becomes valid. The presented beat must not change under the sink's feet."""
+def test_withdrawn_beat_releases_grant():
+    """A granted source that drops its first beat before it moved gives the grant up."""
     dut = TlpArbiter(2, DW)
     b0 = make_packets(0, [1])[0][0]
     b1 = make_packets(1, [1])[0][0]
 
     async def tb(ctx):
-        ctx.set(dut.o.ready, 0)
-        ctx.set(dut.i0.p, b0)
-        ctx.set(dut.i0.valid, 1)
-        assert ctx.get(dut.o.valid) == 1
-        shown = ctx.get(dut.o.p.data)
-        assert shown == b0["data"]
-        await ctx.tick()
+        ctx.set(dut.o.ready, 1)
         ctx.set(dut.i1.p, b1)
         ctx.set(dut.i1.valid, 1)
-        assert ctx.get(dut.o.valid) == 1
-        assert ctx.get(dut.o.p.data) == shown, \
-            "arbiter switched the presented beat from source 0 to source 1 while stalled"
+        await ctx.tick()                        # source 1 granted
+        ctx.set(dut.i1.valid, 0)                # ... and withdraws
+        ctx.set(dut.i0.p, b0)
+        ctx.set(dut.i0.valid, 1)
+        assert ctx.get(dut.o.valid) == 0
+        await ctx.tick()                        # released: source 0 granted
+        assert ctx.get(dut.i0.ready) == 1
+        await ctx.tick()
+        ctx.set(dut.i0.valid, 0)
+        assert ctx.get(dut.o.valid) == 1 and ctx.get(dut.o.p.func) == 0
     run_sim(dut, tb)

@@ -14,6 +14,7 @@ from hdl.mgmt_block import MgmtBlock
 from hdl.mgmt_uart import MgmtUart, crc8_next
 from hdl.params import CardConfig, MgmtBlockRegs as R, MgmtRegs, Owner, UartProto as P
 from hdl.qos import RateLimiter
+from hdl.regbus import READ_LATENCY
 from hdl.telemetry import CounterBank, Telemetry
 
 from helpers import run_cached, run_sim, RegBus
@@ -733,7 +734,7 @@ def test_mb_requests_exactly_once_with_ownership_moves():
 
 UCFG = CardConfig(uart_divisor=4)
 D = UCFG.uart_divisor
-GARBAGE = 0xDEAD_BEEF           # rdata in cycles that are not the one after a granted read
+GARBAGE = 0xDEAD_BEEF           # rdata in cycles that do not answer a granted read
 
 
 def line(data, idle_bits=0):
@@ -803,7 +804,8 @@ class UartResult:
 
 def uart_session(requests, mem=None, hold=0, gap_after=4):
     """Run the engine (``CardConfig(uart_divisor=4)``) against a dict-backed register target
-    (DW address -> value) that answers a granted ``re`` the next cycle: each request (bytes, or
+    (DW address -> value) that answers a granted ``re`` ``READ_LATENCY`` cycles later, as the
+    card's register slice and target do: each request (bytes, or
     a list of line levels) is sent once the previous reply is complete. ``hold``: cycles
     ``gnt`` stays low for every access the engine requests."""
     mem = {} if mem is None else mem
@@ -824,7 +826,7 @@ def uart_session(requests, mem=None, hold=0, gap_after=4):
                     last[sig.name] = value
 
             wave, pos, k = waves[0], 0, 0
-            pending = None
+            pending = [None] * READ_LATENCY   # reads in flight, oldest first
             denied = 0
             idle_until = None
             done_at = None
@@ -841,9 +843,10 @@ def uart_session(requests, mem=None, hold=0, gap_after=4):
                     drive(dut.rxd, 1)
                     if idle_until is not None and cyc >= idle_until:
                         idle_until, wave, pos = None, waves[k], 0
-                # the register target: read data for the access granted in the last cycle
-                drive(b.rdata, GARBAGE if pending is None else mem.get(pending, 0))
-                pending = None
+                # the register target: read data for the access granted READ_LATENCY ago
+                due = pending.pop(0)
+                drive(b.rdata, GARBAGE if due is None else mem.get(due, 0))
+                pending.append(None)
                 re, we = ctx.get(b.re), ctx.get(b.we)
                 if re or we:
                     res.req_cycles.append(cyc)
@@ -857,7 +860,7 @@ def uart_session(requests, mem=None, hold=0, gap_after=4):
                             acc["wdata"] = ctx.get(b.wdata)
                             mem[acc["addr"]] = acc["wdata"]
                         if re:
-                            pending = acc["addr"]
+                            pending[-1] = acc["addr"]
                         res.accesses.append(acc)
                 else:
                     drive(dut.gnt, 1)
