@@ -105,6 +105,25 @@ def add_table(console, md, title, cols, rows):
     console.print(table)
 
 
+def synthesis_rows(path: Path = REPO / "synth_out" / "synth.json"):
+    """The figures of the last ``make synth``, gathered, not re-run (routing the three
+    configurations takes the better part of an hour); none when there is no report."""
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    rows = []
+    for r in doc["results"]:
+        rows.append({
+            "tool": "yosys + nextpnr-ecp5", "config": r["config"], "device": doc["device"],
+            "luts": r["luts"], "ffs": r["ffs"], "brams": r["brams"], "dsps": r["dsps"],
+            "fmax_mhz": r["fmax_mhz"], "routed": r["routed"],
+            "constraint_mhz": r.get("constraint_mhz"), "target_mhz": r["target_mhz"],
+            "critical_ns": r.get("critical_ns"), "critical_routing_ns": r.get("critical_routing_ns"),
+            "report_generated": doc.get("generated", ""),
+        })
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m cosim.bench")
     ap.add_argument("--rounds", type=int, default=50, help="MMIO rounds over PF + 16 VFs")
@@ -141,7 +160,7 @@ def main(argv=None):
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
               "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows,
               "virtio_net": virtio_rows, "placement_latency": placement_rows,
-              "qos": qos_rows, "migration": migration_rows}
+              "qos": qos_rows, "migration": migration_rows, "synthesis": synthesis_rows()}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     md = []
     add_table(console, md, "enumeration + SR-IOV + MMIO",
@@ -167,6 +186,14 @@ def main(argv=None):
               "(simulated us; target: blackout under 1000)",
               ["sim", "config", "blackout_us", "paused_us", "save_us", "restore_us",
                "memory_bytes", "forwarded", "frames"], migration_rows)
+    if report["synthesis"]:
+        add_table(console, md, "synthesis (gathered from synth_out/synth.json, the last "
+                  "`make synth`)",
+                  ["tool", "config", "luts", "ffs", "brams", "dsps", "fmax_mhz", "routed",
+                   "constraint_mhz", "critical_ns", "critical_routing_ns", "report_generated"],
+                  report["synthesis"])
+    else:
+        md += ["", "**synthesis**: no `synth_out/synth.json`; run `make synth` first."]
     Path(args.output).with_suffix(".md").write_text("\n".join(md).lstrip() + "\n")
     console.print(f"wrote {args.output} and {Path(args.output).with_suffix('.md')}")
     return 0

@@ -3,7 +3,7 @@
 ::
 
     rx ─► RxRouter ─┬─ requests ─► Completer ─┬─► ConfigSpace (PF + VFs), BarDecoder
-                    │                         └─► register bus ─┬─ FuncRegisters ─ irq ─┐
+                    │     MgmtUart (firmware) ─┴─► RegBusSlice ─┬─ FuncRegisters ─ irq ─┐
                     │                                           ├─ MsixController ◄─────┤
                     │                                           ├─ MgmtRegisters (BAR2) │
                     │                                           ├─ DmaQueues            │
@@ -14,7 +14,11 @@
                     ├─ cpl tag 2 ─► FaultUnit ◄─┘ (staging, FBQ/IOPF/CQ) ──────┘
                     └─ other cpl ─► DmaReadChannel
     tx ◄─ TlpArbiter ◄─ Completer, MsixController, read/write channels, DmaQueues,
-                        Translator, FaultUnit
+                        Translator, FaultUnit, VirtioNetEngine
+
+The RX router, the TX arbiter and the register bus's RegBusSlice are each one register stage,
+so the blocks' logic starts and ends at flip-flops at those three crossings (the synthesis
+report in ``hdl/synth.py`` names the path that limits the clock now).
 """
 
 from amaranth import *

@@ -4,7 +4,9 @@ A command (function, host address, card address, length) becomes MemRd requests 
 function's requester ID, each no longer than Max Read Request Size and never crossing an MRRS
 (hence never a 4 KiB) boundary, each with its own tag from a pool of ``NT`` tags
 (``TAG_BASE`` .. ``TAG_BASE + NT - 1``). Requests keep issuing while tags are free, so
-completions stream back while later requests go out.
+completions stream back while later requests go out; each request's header is built into a
+register the cycle before it is offered (at most one request every other cycle, far above
+what the completions' data can keep up with).
 
 Completions are matched by tag; each tag remembers where in card memory its next DW goes, so
 split completions (in address order per request, as PCIe guarantees) and completions of
@@ -73,17 +75,23 @@ class DmaReadChannel(wiring.Component):
         error = Signal()
 
         # ---- request issue ----------------------------------------------------------------
+        # The next request is worked out in PREP (size, byte enables, tag, header) into
+        # registers and offered from those in REQ, so the header the transmit arbiter takes
+        # comes from flip-flops.
         fidx = Signal(8)
         host = Signal(64)
         card = Signal(CARD_ADDR_BITS)
         rem = Signal(18)
         chunk, ndw = next_chunk(m, host, rem, self.mrrs)
         first_be, last_be = be_first_last(host[:2], (host[:2] + chunk)[:2], ndw)
+        rid = Cat(fidx, self.bus_num)
         tag = Signal(8)
         m.d.comb += tag.eq(TAG_BASE + free_tag)
-        rid = Cat(fidx, self.bus_num)
+        hdr_q = Signal(128, reset_less=True)
+        chunk_q = Signal.like(chunk, reset_less=True)
+        tag_q = Signal(range(NT), reset_less=True)
         m.d.comb += [
-            self.tx.p.hdr.eq(mem_hdr(m, False, host, ndw, rid, tag, first_be, last_be)),
+            self.tx.p.hdr.eq(hdr_q),
             self.tx.p.sop.eq(1), self.tx.p.eop.eq(1), self.tx.p.func.eq(fidx),
         ]
 
@@ -95,18 +103,25 @@ class DmaReadChannel(wiring.Component):
                     m.d.sync += [fidx.eq(self.cmd.p.fidx), host.eq(self.cmd.p.host),
                                  card.eq(self.cmd.p.card), rem.eq(self.cmd.p.length),
                                  error.eq(0)]
-                    m.next = "REQ"
-            with m.State("REQ"):
+                    m.next = "PREP"
+            with m.State("PREP"):
                 with m.If(rem == 0):
                     m.next = "WAIT"
                 with m.Elif(error):
                     m.next = "WAIT"          # stop issuing after a failed completion
                 with m.Elif(any_free):
-                    m.d.comb += self.tx.valid.eq(1)
-                    with m.If(self.tx.ready):
-                        m.d.comb += t_set.eq(C(1, NT) << free_tag)
-                        m.d.sync += [t_next[free_tag].eq(card[2:]), host.eq(host + chunk),
-                                     card.eq(card + chunk), rem.eq(rem - chunk)]
+                    # the tag stays free until REQ takes it: only REQ sets t_valid bits
+                    m.d.sync += [hdr_q.eq(mem_hdr(m, False, host, ndw, rid, tag, first_be,
+                                                  last_be)),
+                                 chunk_q.eq(chunk), tag_q.eq(free_tag)]
+                    m.next = "REQ"
+            with m.State("REQ"):
+                m.d.comb += self.tx.valid.eq(1)
+                with m.If(self.tx.ready):
+                    m.d.comb += t_set.eq(C(1, NT) << tag_q)
+                    m.d.sync += [t_next[tag_q].eq(card[2:]), host.eq(host + chunk_q),
+                                 card.eq(card + chunk_q), rem.eq(rem - chunk_q)]
+                    m.next = "PREP"
             with m.State("WAIT"):
                 # every tag answered, and the last completion's data is in card memory (a tag
                 # is freed at its last completion's header, before its data beats)

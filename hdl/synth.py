@@ -329,7 +329,8 @@ def _versions() -> dict:
 
 def write_reports(results: list[SynthResult], out_dir: Path = OUT_DIR):
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"device": DEVICE_NAME, "target_mhz": TARGET_MHZ, "seed": SEED,
+    doc = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": DEVICE_NAME,
+           "target_mhz": TARGET_MHZ, "seed": SEED,
            "versions": _versions(), "results": [r.as_dict() for r in results]}
     (out_dir / "synth.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [

@@ -114,3 +114,22 @@ def test_lint_fails_on_unwaived_warnings(tmp_path):
     assert not res.ok and res.returncode != 0
     assert any(line.startswith("%Warning-WIDTHEXPAND") for line in res.unexplained)
     assert res.waived["DECLFILENAME"] == 1
+
+
+def test_bench_gathers_the_synthesis_report(tmp_path):
+    """``make bench`` takes the synthesis figures from the last ``make synth`` report."""
+    from cosim.bench import synthesis_rows
+    rep = synth.parse_report({
+        "utilization": {"TRELLIS_COMB": {"used": 700, "available": 83640},
+                        "TRELLIS_FF": {"used": 400, "available": 83640}},
+        "fmax": {"$glbnet$clk$TRELLIS_IO_IN": {"achieved": 55.5, "constraint": 60}},
+        "critical_paths": []})
+    r = synth.SynthResult(config="vf4_w64", total_vfs=4, data_width=64, target_mhz=125.0,
+                          constraint_mhz=60.0, met=False, harness_ffs=296, routed=True,
+                          elab_s=1.0, yosys_s=2.0, nextpnr_s=3.0, **rep)
+    synth.write_reports([r], tmp_path)
+    assert synthesis_rows(tmp_path / "nothing.json") == []
+    (row,) = synthesis_rows(tmp_path / "synth.json")
+    assert row["config"] == "vf4_w64" and row["luts"] == 700 and row["fmax_mhz"] == 55.5
+    assert row["routed"] is True and row["constraint_mhz"] == 60.0 and row["report_generated"]
+    assert "| vf4_w64 | 4 | 64 | 700 | 400 |" in (tmp_path / "synth.md").read_text()
