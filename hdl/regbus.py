@@ -21,9 +21,6 @@ __all__ = ["RegBusSignature", "RegBusSlice", "READ_LATENCY"]
 #: Cycles from a master's ``re`` to its ``rdata``: one in the slice, one in the target.
 READ_LATENCY = 2
 
-_REQUEST = ("fidx", "bar", "addr", "wdata", "be", "we", "re")
-
-
 def RegBusSignature():
     return wiring.Signature({
         "fidx":  Out(8),

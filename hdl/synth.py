@@ -169,10 +169,12 @@ def run_yosys(work: Path, timeout_s: float = 3600):
               work, work / "yosys.stdout", timeout_s)
 
 
-def run_nextpnr(work: Path, timeout_s: float = 3600, route: bool = True,
+def run_nextpnr(work: Path, timeout_s: float = 3 * 3600, route: bool = True,
                 freq_mhz: float = CONSTRAINT_MHZ):
     # The default router (router1); router2 did not converge on this design (overuse rising
-    # again after 40 iterations). The flow is deterministic for a given netlist (seed fixed).
+    # again after 40 iterations). Routing PF + 16 VFs takes the better part of an hour on a
+    # busy 2-core machine, hence the long timeout. The flow is deterministic for a given
+    # netlist (seed fixed).
     # With ``route=False`` nextpnr stops after placement and the Fmax is its pre-route estimate.
     args = [*DEVICE, "--json", "out.json", "--freq", f"{freq_mhz:g}", "--timing-allow-fail",
             "--seed", str(SEED), "--report", "report.json", "--log", "nextpnr.log", "-q"]
