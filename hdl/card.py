@@ -34,7 +34,7 @@ from .func_regs import FuncRegisters
 from .msix import MsixController
 from .mgmt_regs import MgmtRegisters
 from .arbiter import TlpArbiter
-from .regbus import RegBusSlice
+from .regbus import REQUEST_FIELDS, RegBusSlice
 from .rx_router import RxRouter
 from .dma_common import CardMemory
 from .dma_read import DmaReadChannel
@@ -224,7 +224,7 @@ class Card(wiring.Component):
         m.d.comb += [mu.gnt.eq(~cp.regs.we & ~cp.regs.re),
                      uart_turn.eq(mu.gnt & (mu.bus.we | mu.bus.re)),
                      rs.tag_i.eq(uart_turn), mb.src_uart.eq(rs.tag_o)]
-        for name in ("fidx", "bar", "addr", "wdata", "be", "we", "re"):
+        for name in REQUEST_FIELDS:
             m.d.comb += getattr(rs.i, name).eq(Mux(uart_turn, getattr(mu.bus, name),
                                                    getattr(cp.regs, name)))
             for t in targets:

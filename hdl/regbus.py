@@ -16,10 +16,13 @@ from amaranth.lib.wiring import In, Out
 
 from .bar_decode import OFFSET_DW_BITS
 
-__all__ = ["RegBusSignature", "RegBusSlice", "READ_LATENCY"]
+__all__ = ["RegBusSignature", "RegBusSlice", "READ_LATENCY", "REQUEST_FIELDS"]
 
 #: Cycles from a master's ``re`` to its ``rdata``: one in the slice, one in the target.
 READ_LATENCY = 2
+
+#: The members a master drives (all but ``rdata``); strobes last.
+REQUEST_FIELDS = ("fidx", "bar", "addr", "wdata", "be", "we", "re")
 
 def RegBusSignature():
     return wiring.Signature({
@@ -53,7 +56,7 @@ class RegBusSlice(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        for name in ("fidx", "bar", "addr", "wdata", "be"):
+        for name in REQUEST_FIELDS[:-2]:            # the data fields; the strobes below
             q = Signal.like(getattr(self.o, name), name=f"{name}_q", reset_less=True)
             m.d.sync += q.eq(getattr(self.i, name))
             m.d.comb += getattr(self.o, name).eq(q)

@@ -56,8 +56,8 @@ OUT_DIR = REPO / "synth_out"
 TARGET_MHZ = 125.0
 #: The clock constraint nextpnr's timing-driven placer and router work to. Not the target:
 #: with the card at ~50 MHz, a 125 MHz constraint makes every path critical and router1 chases
-#: delay instead of resolving congestion (vf4_w64 did not finish routing in 24 min; at 50 MHz it
-#: routes in about 15). The achieved Fmax is reported either way and judged against TARGET_MHZ.
+#: delay instead of resolving congestion (vf4_w64 did not finish routing in 24 min; at 60 MHz it
+#: routed in 21 on a busy machine). The achieved Fmax is reported either way and judged against TARGET_MHZ.
 CONSTRAINT_MHZ = 60.0
 DEVICE = ("--um5g-85k", "--package", "CABGA381", "--speed", "8")
 DEVICE_NAME = "LFE5UM5G-85F-8BG381"
@@ -174,8 +174,8 @@ def run_nextpnr(work: Path, timeout_s: float = 3 * 3600, route: bool = True,
     # The default router (router1); router2 did not converge on this design (overuse rising
     # again after 40 iterations). Routing PF + 16 VFs takes the better part of an hour on a
     # busy 2-core machine, hence the long timeout. The flow is deterministic for a given
-    # netlist (seed fixed).
-    # With ``route=False`` nextpnr stops after placement and the Fmax is its pre-route estimate.
+    # netlist (seed fixed). With ``route=False`` nextpnr stops after placement and the Fmax is
+    # its pre-route estimate.
     args = [*DEVICE, "--json", "out.json", "--freq", f"{freq_mhz:g}", "--timing-allow-fail",
             "--seed", str(SEED), "--report", "report.json", "--log", "nextpnr.log", "-q"]
     if not route:

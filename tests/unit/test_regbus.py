@@ -2,16 +2,16 @@
 
 import random
 
-from hdl.regbus import RegBusSlice
+from hdl.regbus import REQUEST_FIELDS, RegBusSlice
 
 from helpers import run_sim
 
-FIELDS = {"fidx": 8, "bar": 3, "addr": 20, "wdata": 32, "be": 4, "we": 1, "re": 1}
 
 
 def test_request_one_cycle_late_rdata_through():
     dut = RegBusSlice()
     rng = random.Random(5)
+    FIELDS = {n: len(getattr(dut.i, n)) for n in REQUEST_FIELDS}
 
     async def tb(ctx):
         prev = None
