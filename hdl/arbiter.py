@@ -65,8 +65,11 @@ class TlpArbiter(wiring.Component):
                     m.d.comb += [cur_valid.eq(ins[k].valid), cur_p.eq(ins[k].p),
                                  ins[k].ready.eq(out_free)]
 
+        # the held beat is data: only o.valid is reset
+        p_q = Signal.like(self.o.p, name="p_q", reset_less=True)
+        m.d.comb += self.o.p.eq(p_q)
         with m.If(take):
-            m.d.sync += [self.o.p.eq(cur_p), self.o.valid.eq(1),
+            m.d.sync += [p_q.eq(cur_p), self.o.valid.eq(1),
                          in_pkt.eq(~cur_p.eop)]
         with m.Elif(self.o.ready):
             m.d.sync += self.o.valid.eq(0)

@@ -4,6 +4,7 @@
 
     rx ─► RxRouter ─┬─ requests ─► Completer ─┬─► ConfigSpace (PF + VFs), BarDecoder
                     │     MgmtUart (firmware) ─┴─► RegBusSlice ─┬─ FuncRegisters ─ irq ─┐
+                    │                   (then one RegBusSlice per target)
                     │                                           ├─ MsixController ◄─────┤
                     │                                           ├─ MgmtRegisters (BAR2) │
                     │                                           ├─ DmaQueues            │
@@ -16,8 +17,9 @@
     tx ◄─ TlpArbiter ◄─ Completer, MsixController, read/write channels, DmaQueues,
                         Translator, FaultUnit, VirtioNetEngine
 
-The RX router, the TX arbiter and the register bus's RegBusSlice are each one register stage,
-so the blocks' logic starts and ends at flip-flops at those three crossings (the synthesis
+The RX router and the TX arbiter are each one register stage and the register bus two (one
+after the master mux, one in front of each target), so the blocks' logic starts and ends at
+flip-flops at those crossings (the synthesis
 report in ``hdl/synth.py`` names the path that limits the clock now).
 """
 
@@ -215,25 +217,34 @@ class Card(wiring.Component):
 
         # register bus: two masters, the completer (the host) and the management UART's frame
         # engine (the firmware), which gets the bus in cycles the completer leaves free. The
-        # chosen request goes through one register stage (RegBusSlice) and is broadcast to the
-        # targets; their read data is ORed (each drives 0 unless addressed) back to both.
-        targets = [fr.bus, mx.bus, mg.bus, dq.bus, xl.bus, fu.bus, vio.bus, vn.bus,
-                   mb.bus, tel.bus, qos.bus]
+        # chosen request goes through one register stage (RegBusSlice ``regslice``) and then
+        # through one more per target (``regslice_<target>``, placed next to it), so neither
+        # the master mux nor the broadcast to eleven targets shares a cycle with a target's
+        # address decode. The targets' read data is ORed (each drives 0 unless addressed)
+        # back to both masters.
+        targets = {"funcregs": fr, "msix": mx, "mgmt": mg, "dma_q": dq, "xlate": xl,
+                   "fault": fu, "virtio": vio, "vnet": vn, "mboard": mb, "telemetry": tel,
+                   "qos": qos}
         m.submodules.regslice = rs = RegBusSlice()
         uart_turn = Signal()
         m.d.comb += [mu.gnt.eq(~cp.regs.we & ~cp.regs.re),
-                     uart_turn.eq(mu.gnt & (mu.bus.we | mu.bus.re)),
-                     rs.tag_i.eq(uart_turn), mb.src_uart.eq(rs.tag_o)]
+                     uart_turn.eq(mu.gnt & (mu.bus.we | mu.bus.re))]
         for name in REQUEST_FIELDS:
             m.d.comb += getattr(rs.i, name).eq(Mux(uart_turn, getattr(mu.bus, name),
                                                    getattr(cp.regs, name)))
-            for t in targets:
-                m.d.comb += getattr(t, name).eq(getattr(rs.o, name))
         rdata = 0
-        for t in targets:
-            rdata = rdata | t.rdata
-        m.d.comb += [rs.o.rdata.eq(rdata), cp.regs.rdata.eq(rs.i.rdata),
-                     mu.bus.rdata.eq(rs.i.rdata)]
+        for tname, t in targets.items():
+            m.submodules[f"regslice_{tname}"] = ts = RegBusSlice()
+            for name in REQUEST_FIELDS:
+                m.d.comb += [getattr(ts.i, name).eq(getattr(rs.o, name)),
+                             getattr(t.bus, name).eq(getattr(ts.o, name))]
+            m.d.comb += ts.o.rdata.eq(t.bus.rdata)
+            rdata = rdata | ts.i.rdata
+        # the management block's "made by the UART" flag travels with the request
+        m.d.comb += [rs.tag_i.eq(uart_turn), rs.o.rdata.eq(rdata),
+                     m.submodules.regslice_mboard.tag_i.eq(rs.tag_o),
+                     mb.src_uart.eq(m.submodules.regslice_mboard.tag_o),
+                     cp.regs.rdata.eq(rs.i.rdata), mu.bus.rdata.eq(rs.i.rdata)]
         m.d.comb += [mu.rxd.eq(self.uart_rxd), self.uart_txd.eq(mu.txd),
                      mb.util.eq(self.util), mb.uart_ok.eq(mu.ok), mb.uart_err.eq(mu.err)]
         # QoS on the virtio transmit path, and the telemetry taps

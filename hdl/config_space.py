@@ -122,9 +122,11 @@ class ConfigSpace(wiring.Component):
             "bme":         Out(nf),    # Bus Master Enable per function index
             "msix_en":     Out(nf),
             "msix_fmask":  Out(nf),
+            # reset strobes, registered: the engines that act on them sit all over the die
             "vf_reset":    Out(1),     # strobe: VF Enable was cleared, every VF resets
             "err_events":  In(wiring.Signature({n: Out(1) for n in ERROR_EVENTS})),
-            "flr":         Out(1),     # strobe: function level reset of VF ``flr_fidx``
+            "flr":         Out(1),     # strobe: function level reset of VF ``flr_fidx``,
+                                       # the cycle after the config write that asked for it
             "flr_fidx":    Out(8),
         })
 
@@ -400,6 +402,7 @@ class ConfigSpace(wiring.Component):
                     wr(vf_bar0[32:], 0)
 
         # ---- VF writes --------------------------------------------------------------------
+        m.d.sync += self.flr.eq(0)
         with m.If(p.we & is_vf):
             with m.Switch(p.reg):
                 with m.Case(PCIE + 2):
@@ -408,7 +411,7 @@ class ConfigSpace(wiring.Component):
                         m.d.sync += [vf_bme.bit_select(vfi, 1).eq(0),
                                      vf_msix_en.bit_select(vfi, 1).eq(0),
                                      vf_msix_fm.bit_select(vfi, 1).eq(0)]
-                        m.d.comb += [self.flr.eq(1), self.flr_fidx.eq(p.fidx)]
+                        m.d.sync += [self.flr.eq(1), self.flr_fidx.eq(p.fidx)]
                 with m.Case(0x01):
                     with m.If(p.be[0]):
                         m.d.sync += vf_bme.bit_select(vfi, 1).eq(p.wdata[2])
@@ -429,10 +432,9 @@ class ConfigSpace(wiring.Component):
 
         # clearing VF Enable resets every VF (their config state goes back to reset values)
         vf_en_q = Signal()
-        m.d.sync += vf_en_q.eq(vf_en)
+        m.d.sync += [vf_en_q.eq(vf_en), self.vf_reset.eq(vf_en_q & ~vf_en)]
         with m.If(vf_en_q & ~vf_en):
             m.d.sync += [vf_bme.eq(0), vf_msix_en.eq(0), vf_msix_fm.eq(0)]
-            m.d.comb += self.vf_reset.eq(1)
 
         # ---- state outputs ----------------------------------------------------------------
         vf_alive = Signal(nvf)

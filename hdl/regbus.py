@@ -4,10 +4,11 @@ One access at a time: ``we`` or ``re`` is a one-cycle strobe. Every target decod
 window (``fidx``, ``bar``, ``addr``), drives zero on ``rdata`` when it was not addressed, and
 returns read data the cycle after the ``re`` it sees, so the card ORs the targets' data.
 
-Between the masters and the targets the card puts a :class:`RegBusSlice`: the request
-fields are registered once after the master mux, so no path runs from a master's state
-machine through the mux into every target's address decode. A master therefore sees its read
-data :data:`READ_LATENCY` cycles after its ``re`` strobe.
+Between the masters and the targets the card puts two :class:`RegBusSlice` stages: one after
+the master mux, and one in front of each target (eleven copies of the request, each placed
+next to its target), so no path runs from a master's state machine through the mux into a
+target's address decode, and none from the broadcast across the die into one. A master
+therefore sees its read data :data:`READ_LATENCY` cycles after its ``re`` strobe.
 """
 
 from amaranth import *
@@ -18,8 +19,8 @@ from .bar_decode import OFFSET_DW_BITS
 
 __all__ = ["RegBusSignature", "RegBusSlice", "READ_LATENCY", "REQUEST_FIELDS"]
 
-#: Cycles from a master's ``re`` to its ``rdata``: one in the slice, one in the target.
-READ_LATENCY = 2
+#: Cycles from a master's ``re`` to its ``rdata``: two slices, then one in the target.
+READ_LATENCY = 3
 
 #: The members a master drives (all but ``rdata``); strobes last.
 REQUEST_FIELDS = ("fidx", "bar", "addr", "wdata", "be", "we", "re")

@@ -93,6 +93,9 @@ class VirtioPci(wiring.Component):
         gf_bad = Signal(nf * 3)
         cfgvec = Array(Signal(16, name=f"cfgvec{i}", init=V.NO_VECTOR) for i in range(nf))
         qsel = Array(Signal(16, name=f"qsel{i}") for i in range(nf))
+        # per function: queue_select names an existing queue (kept with qsel, so the write
+        # path decodes one bit per function instead of comparing a selected 16-bit value)
+        qok = Signal(nf, init=(1 << nf) - 1)
         isr = Signal(nf * 2)         # bit 0 queue, bit 1 config change, per function
         qsize = Array(Signal(9, name=f"qsize{i}", init=V.QUEUE_SIZE_MAX) for i in range(nqt))
         qvec = Array(Signal(16, name=f"qvec{i}", init=V.NO_VECTOR) for i in range(nqt))
@@ -135,7 +138,8 @@ class VirtioPci(wiring.Component):
 
         def reset_function(g):
             stm = [status[g].eq(0), gf[g].eq(0), gf_bad.word_select(g, 3).eq(0),
-                   cfgvec[g].eq(V.NO_VECTOR), qsel[g].eq(0), dfsel[g].eq(0), gfsel[g].eq(0),
+                   cfgvec[g].eq(V.NO_VECTOR), qsel[g].eq(0), qok.bit_select(g, 1).eq(1),
+                   dfsel[g].eq(0), gfsel[g].eq(0),
                    isr.word_select(g, 2).eq(0)]
             for q in range(NQ):
                 stm += [qsize[g * NQ + q].eq(V.QUEUE_SIZE_MAX), qvec[g * NQ + q].eq(V.NO_VECTOR),
@@ -153,9 +157,15 @@ class VirtioPci(wiring.Component):
         fok = f < nf
         cur_q = Signal(range(nqt))
         m.d.comb += cur_q.eq(f * NQ + qsel[f][:exact_log2(NQ)] if NQ > 1 else f)
-        q_ok = qsel[f] < NQ
+        q_ok = qok.bit_select(f, 1)
         wd = b.wdata
         be = b.be
+
+        def size_ok(v):
+            """``v`` is a power of two no larger than QUEUE_SIZE_MAX: one bit set, compared
+            bit by bit (no carry chain on the register write path)."""
+            nb = exact_log2(V.QUEUE_SIZE_MAX) + 1
+            return (v[nb:] == 0) & Cat(*(v[:nb] == (1 << i) for i in range(nb))).any()
 
         def lanes(old, lo_byte, nbytes):
             """``old`` (a field of ``nbytes`` at byte ``lo_byte`` of the DW) with the written
@@ -201,11 +211,12 @@ class VirtioPci(wiring.Component):
                             m.d.sync += status[f].eq(Cat(wd[:3], fo, wd[4:6],
                                                          status[f][6] | wd[6], wd[7]))
                     with m.If(be[2] | be[3]):
-                        m.d.sync += qsel[f].eq(lanes(qsel[f], 2, 2))
+                        v = lanes(qsel[f], 2, 2)
+                        m.d.sync += [qsel[f].eq(v), qok.bit_select(f, 1).eq(v < NQ)]
                 with m.Case(_dw(V.Q_SIZE)):
                     with m.If(q_ok & (be[0] | be[1])):
                         v = lanes(qsize[cur_q], 0, 2)
-                        pow2 = (v != 0) & ((v & (v - 1)) == 0) & (v <= V.QUEUE_SIZE_MAX)
+                        pow2 = size_ok(v)
                         with m.If(pow2 & ~qen.bit_select(cur_q, 1)):
                             m.d.sync += qsize[cur_q].eq(v)
                     with m.If(q_ok & (be[2] | be[3])):

@@ -307,6 +307,40 @@ def test_clearing_vf_enable_resets_vf_state():
     run(tb)
 
 
+def test_reset_strobes_are_registered_one_cycle_pulses():
+    """A VF's Initiate FLR and the clearing of VF Enable each give one strobe, the cycle after
+    the config write (registered: the engines it reaches sit all over the die)."""
+    async def tb(ctx, dut, port):
+        p = dut.port
+
+        async def write_and_watch(fidx, off, value, be):
+            ctx.set(p.fidx, fidx)
+            ctx.set(p.reg, off >> 2)
+            ctx.set(p.wdata, value)
+            ctx.set(p.be, be)
+            ctx.set(p.we, 1)
+            seen = []
+            for cyc in range(5):
+                # sampled before the edge: cycle 0 is the write's own cycle
+                seen.append((ctx.get(dut.flr), ctx.get(dut.flr_fidx), ctx.get(dut.vf_reset)))
+                await ctx.tick()
+                ctx.set(p.we, 0)
+            return seen
+
+        await port.enable_vfs(3)
+        seen = await write_and_watch(2, DEVCTL, 1 << 15, 0b0010)     # VF 2: Initiate FLR
+        assert [s[0] for s in seen] == [0, 1, 0, 0, 0]
+        assert seen[1][1] == 2 and not any(s[2] for s in seen)
+        seen = await write_and_watch(3, DEVCTL, 1 << 15, 0b0001)     # wrong byte: no FLR
+        assert not any(s[0] for s in seen)
+        seen = await write_and_watch(0, DEVCTL, 1 << 15, 0b0010)     # the PF: no VF strobe
+        assert not any(s[0] for s in seen)
+        seen = await write_and_watch(0, SRIOV_CTL, 0b11000, 0b0001)  # VF Enable off
+        assert [s[2] for s in seen] == [0, 0, 1, 0, 0]               # after the enable's edge
+        assert not any(s[0] for s in seen)
+    run(tb)
+
+
 def test_sriov_control_and_pf_state_outputs():
     async def tb(ctx, dut, port):
         await port.wr(0, SRIOV_CTL, 0xFFFF_FFFF)

@@ -367,6 +367,14 @@ def test_queue_size_rules():
         assert await v.qsize(f) == 32 and await v.qvec(f) == NOV, "queue 2 write aliased"
         assert v.qr(f, 0) == (32, NOV, 0)
         assert v.qr(0, 0)[0] == 256 and v.qr(2, 0)[0] == 256
+        await v.bus.wr(f, STATUS, 1 << 24, be=0b1000)           # select 0x100: high byte only
+        assert await v.bus.rd(f, QSIZE) == 0
+        await v.set_qsize(f, 16)
+        await v.bus.wr(f, STATUS, 0, be=0b1000)                 # back to queue 0
+        assert await v.qsize(f) == 32
+        await v.select(f, 3)
+        await v.set_status(f, 0)                                # reset: queue_select is 0 again
+        assert (await v.bus.rd(f, STATUS)) >> 16 == 0 and await v.qsize(f) == 256
     run_v(tb)
 
 
