@@ -5,8 +5,8 @@ window (``fidx``, ``bar``, ``addr``), drives zero on ``rdata`` when it was not a
 returns read data the cycle after the ``re`` it sees, so the card ORs the targets' data.
 
 Between the masters and the targets the card puts two :class:`RegBusSlice` stages: one after
-the master mux, and one in front of each target (eleven copies of the request, each placed
-next to its target), so no path runs from a master's state machine through the mux into a
+the master mux, and one in front of each target (a copy of the request per target, placed
+next to it), so no path runs from a master's state machine through the mux into a
 target's address decode, and none from the broadcast across the die into one. A master
 therefore sees its read data :data:`READ_LATENCY` cycles after its ``re`` strobe.
 """

@@ -138,8 +138,8 @@ class Translator(wiring.Component):
         m.d.comb += [
             atc.inv_en.eq(inv_reg | self.flr),
             atc.inv_fidx.eq(Mux(inv_reg, inv_reg_fidx, self.flr_fidx)),
-            # (both at once cannot happen -- both come from the completer one request at a
-            # time -- but if they did, dropping everything would still be safe)
+            # (both in one cycle: a register invalidation made by the management UART can meet
+            # a host's FLR; then every entry goes, which is safe)
             atc.inv_all.eq(inv_reg & (inv_reg_all | self.flr)),
         ]
 

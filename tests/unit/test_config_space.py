@@ -308,8 +308,9 @@ def test_clearing_vf_enable_resets_vf_state():
 
 
 def test_reset_strobes_are_registered_one_cycle_pulses():
-    """A VF's Initiate FLR and the clearing of VF Enable each give one strobe, the cycle after
-    the config write (registered: the engines it reaches sit all over the die)."""
+    """A VF's Initiate FLR gives one ``flr`` strobe the cycle after the config write, and the
+    clearing of VF Enable one ``vf_reset`` strobe the cycle after VF Enable falls (both
+    registered: the engines they reach sit all over the die)."""
     async def tb(ctx, dut, port):
         p = dut.port
 
