@@ -186,8 +186,10 @@ class Card(wiring.Component):
             drd.mrrs.eq(cs.mrrs), drd.bus_num.eq(cs.bus_num),
             dwr.mps.eq(cs.mps), dwr.bus_num.eq(cs.bus_num),
             dq.bus_num.eq(cs.bus_num), dq.bme.eq(cs.bme),
-            dq.flr.eq(cs.flr), dq.flr_fidx.eq(cs.flr_fidx),
+            dq.flr.eq(cs.flr), dq.flr_fidx.eq(cs.flr_fidx), dq.vf_reset.eq(cs.vf_reset),
+            vn.vf_reset.eq(cs.vf_reset),
             xl.bus_num.eq(cs.bus_num), xl.flr.eq(cs.flr), xl.flr_fidx.eq(cs.flr_fidx),
+            xl.vf_reset.eq(cs.vf_reset),
             fu.bus_num.eq(cs.bus_num),
             vio.flr.eq(cs.flr), vio.flr_fidx.eq(cs.flr_fidx), vio.vf_reset.eq(cs.vf_reset),
         ]

@@ -69,6 +69,7 @@ class DmaQueues(wiring.Component):
             "unexp":   Out(1),
             "flr":     In(1),          # function level reset of ``flr_fidx``: its queue stops
             "flr_fidx": In(8),
+            "vf_reset": In(1),         # VF Enable was cleared: every VF's queue stops
             "xreq":    Out(stream.Signature(XlateReq)),
             "xresp":   In(stream.Signature(XlateResp)),
             "fault":   Out(FaultReqSignature()),
@@ -131,6 +132,10 @@ class DmaQueues(wiring.Component):
             m.d.comb += [reset_f.eq(1), reset_g.eq(self.flr_fidx)]
             m.d.sync += en.bit_select(self.flr_fidx, 1).eq(0)
         m.d.comb += [self.release.stb.eq(reset_f), self.release.fidx.eq(reset_g)]
+        vf_mask = ((1 << nf) - 1) & ~1
+        with m.If(self.vf_reset):
+            m.d.sync += en.eq(en & ~vf_mask)
+            m.d.comb += self.release.vfs.eq(1)
         rdata = Signal(32)
         busy = Signal()
         cur = Signal(8)
@@ -362,6 +367,10 @@ class DmaQueues(wiring.Component):
         with m.If(reset_f):
             m.d.sync += [prod[reset_g].eq(0), cons[reset_g].eq(0), err.bit_select(reset_g, 1).eq(0)]
             m.d.sync += clear_fault_state(reset_g)
+        with m.If(self.vf_reset):
+            for g in range(1, nf):
+                m.d.sync += [prod[g].eq(0), cons[g].eq(0), err.bit_select(g, 1).eq(0)]
+                m.d.sync += clear_fault_state(g)
 
         # a completion for tag 0 that arrives when no fetch is outstanding
         with m.If(~waiting & c.valid):

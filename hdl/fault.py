@@ -67,8 +67,9 @@ def SlotFreeSignature():
 
 
 def ReleaseSignature():
-    """A function was reset (FLR, queue disabled): its open fault and staging buffer go."""
-    return wiring.Signature({"stb": Out(1), "fidx": Out(8)})
+    """A function was reset (FLR, queue disabled: ``stb`` with ``fidx``) or every VF was (VF
+    Enable cleared: ``vfs``): the open faults and staging buffers of those functions go."""
+    return wiring.Signature({"stb": Out(1), "fidx": Out(8), "vfs": Out(1)})
 
 
 class FaultUnit(wiring.Component):
@@ -207,6 +208,7 @@ class FaultUnit(wiring.Component):
         for i in range(NS):
             with m.If((self.slot_free.stb & (self.slot_free.slot == i))
                       | (self.release.stb & (owner[i] == self.release.fidx))
+                      | (self.release.vfs & (owner[i] != 0))
                       | free_by_cq.bit_select(owner[i], 1)):
                 m.d.sync += busy[i].eq(0)
 
@@ -260,6 +262,8 @@ class FaultUnit(wiring.Component):
 
         with m.If(self.release.stb):
             m.d.sync += open_.bit_select(self.release.fidx, 1).eq(0)
+        with m.If(self.release.vfs):
+            m.d.sync += open_.eq(open_ & 1)          # the PF's (bit 0) stays
 
         with m.FSM():
             with m.State("IDLE"):

@@ -63,6 +63,7 @@ class Translator(wiring.Component):
             "bus_num":  In(8),
             "flr":      In(1),                  # the function's domain stays, its TLB goes
             "flr_fidx": In(8),
+            "vf_reset": In(1),                  # VF Enable cleared: the whole TLB goes
             "unexp":    Out(1),
             "blocked":  Out(1),                 # one-cycle strobe per blocked request
         })
@@ -134,13 +135,14 @@ class Translator(wiring.Component):
                         m.d.sync += rdata.eq(blocked)
         m.d.comb += b.rdata.eq(rdata)
 
-        # invalidations: the host's (register) and FLR's
+        # invalidations: the host's (register), FLR's and VF Enable's (every VF: the whole
+        # TLB goes, the PF's entries are walked again)
         m.d.comb += [
-            atc.inv_en.eq(inv_reg | self.flr),
+            atc.inv_en.eq(inv_reg | self.flr | self.vf_reset),
             atc.inv_fidx.eq(Mux(inv_reg, inv_reg_fidx, self.flr_fidx)),
-            # (both in one cycle: a register invalidation made by the management UART can meet
+            # (two in one cycle: a register invalidation made by the management UART can meet
             # a host's FLR; then every entry goes, which is safe)
-            atc.inv_all.eq(inv_reg & (inv_reg_all | self.flr)),
+            atc.inv_all.eq((inv_reg & (inv_reg_all | self.flr)) | self.vf_reset),
         ]
 
         # ---- lookup / walk ------------------------------------------------------------------

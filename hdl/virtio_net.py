@@ -117,6 +117,8 @@ class VirtioNetEngine(wiring.Component):
             "nr_fidx":  Out(8),
             "vreset":   In(1),
             "vreset_fidx": In(8),
+            "vf_reset": In(1),                        # VF Enable cleared: every VF's state
+
             "mac_fidx": In(8),                        # the device config's mac field
             "mac":      Out(48),
             # frame buffers
@@ -394,6 +396,11 @@ class VirtioNetEngine(wiring.Component):
             m.d.sync += txpend.bit_select(g, 1).eq(0)
             for q in range(NQ):
                 m.d.sync += [last_avail[g * NQ + q].eq(0), used_idx[g * NQ + q].eq(0)]
+        with m.If(self.vf_reset):
+            m.d.sync += txpend.eq(txpend & 1)
+            for g in range(1, nf):
+                for q in range(NQ):
+                    m.d.sync += [last_avail[g * NQ + q].eq(0), used_idx[g * NQ + q].eq(0)]
         # restoring a stopped, idle function's indices (the engine does not touch them then)
         with m.If(mig_we & mig_idle & (mig_sel < nf)):
             for off, (kind, q) in mig_regs.items():

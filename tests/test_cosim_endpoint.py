@@ -17,13 +17,13 @@ ENUM = "cosim.benches.enumeration"
 def test_enumeration_sriov_msix_errors(sim):
     """Default card (16 VFs, 64-bit stream): enumeration, SR-IOV, MSI-X, bad requests."""
     res = run_card_bench(sim, ENUM)
-    assert res.num_tests == 7 and res.num_failed == 0
+    assert res.num_tests == 8 and res.num_failed == 0
 
 
 @pytest.mark.parametrize("sim", one_sim_params("verilator"))
 def test_128bit_stream(sim):
     res = run_card_bench(sim, ENUM, CardConfig(data_width=128))
-    assert res.num_tests == 7 and res.num_failed == 0
+    assert res.num_tests == 8 and res.num_failed == 0
 
 
 @pytest.mark.parametrize("sim", one_sim_params("icarus"))

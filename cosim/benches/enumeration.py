@@ -5,7 +5,7 @@ from cocotb.triggers import ClockCycles
 
 from cocotbext.pcie.core.utils import PcieId
 
-from hdl.params import CardConfig, FuncRegs, MgmtRegs, DmaRegs
+from hdl.params import CardConfig, FuncRegs, MgmtRegs, DmaRegs, MigRegs as MG
 from host_driver.pci import CAP_PCIE, CAP_MSIX, ECAP_ARI, ECAP_SRIOV
 from host_driver.transport import CplError
 from cosim.harness import CardHarness
@@ -153,6 +153,39 @@ async def test_vf_flr_and_pf_d3hot(dut):
         assert e.status == "UR"
     await pf.write16(pm + 4, 0)
     assert await pf.func_id() == FuncRegs.ID_MAGIC << 16
+
+
+@cocotb.test()
+async def test_vf_enable_off_resets_every_vf_engine_state(dut):
+    """Clearing VF Enable resets what the engines keep per VF (DMA queue, virtio-net indices),
+    so VFs enabled again start clean; the PF keeps its own."""
+    h, pf = await _probe(dut)
+    vfs = await h.drv.enable_sriov(3)
+    for fn, prod in ((pf, 3), (vfs[1], 5)):           # no Bus Master Enable: nothing is served
+        await fn.reg_write(DmaRegs.RING_LO, 0x1000)
+        await fn.reg_write(DmaRegs.CTRL, 1)
+        await fn.reg_write(DmaRegs.PROD, prod)
+    # the virtio-net engine's indices of VF 2, set through the restore path (stopped, idle)
+    await h.drv.mgmt_write(MG.SEL, vfs[1].index)
+    await h.drv.mgmt_write(MG.CTRL, 1)
+    for _ in range(100):
+        if (await h.drv.mgmt_read(MG.STATUS)) & 2:
+            break
+    else:
+        raise AssertionError("VF 2 never idle after the stop")
+    for reg, v in ((MG.RX_AVAIL, 7), (MG.TX_USED, 9), (MG.TX_PEND, 1)):
+        await h.drv.mgmt_write(reg, v)
+        assert await h.drv.mgmt_read(reg) == v
+    await h.drv.mgmt_write(MG.CTRL, 0)
+    await h.drv.disable_sriov()
+    vfs = await h.drv.enable_sriov(3)
+    assert await vfs[1].reg_read(DmaRegs.CTRL) & 1 == 0
+    assert await vfs[1].reg_read(DmaRegs.PROD) == 0
+    await h.drv.mgmt_write(MG.SEL, vfs[1].index)
+    for reg in (MG.RX_AVAIL, MG.TX_USED, MG.TX_PEND):
+        assert await h.drv.mgmt_read(reg) == 0, f"VF 2's {hex(reg)} survived VF Enable off"
+    # the PF's queue is untouched
+    assert await pf.reg_read(DmaRegs.CTRL) & 1 == 1 and await pf.reg_read(DmaRegs.PROD) == 3
 
 
 @cocotb.test()

@@ -542,6 +542,27 @@ def test_translate_flr_drops_tlb_keeps_domain():
     run_xlate(tb)
 
 
+def test_translate_vf_reset_drops_whole_tlb_keeps_domains():
+    async def tb(ctx, t, h):
+        await h.domain(0, 0x1000_0000, 4, vm=5)
+        await h.domain(2, 0x2000_0000, 4, vm=6)
+        h.ptes[0x1000_0000] = 0x11_0000_0001
+        h.ptes[0x2000_0000] = 0x22_0000_0001
+        for f in (0, 2, 0, 2):
+            await h.xlate(f, 0x8)
+        assert await h.rd(IR.ATC_MISSES) == 2
+        ctx.set(t.vf_reset, 1)                          # VF Enable was cleared
+        await ctx.tick()
+        ctx.set(t.vf_reset, 0)
+        for f, phys in ((0, 0x11_0000_0008), (2, 0x22_0000_0008)):
+            r, walks = await h.xlate(f, 0x8)
+            assert (r["status"], r["phys"]) == (XlateStatus.OK, phys)
+            assert len(walks) == 1, f"function {f}: its TLB entry survived"
+        await h.wr(IR.DOM_SEL, 2)
+        assert await h.rd(IR.DOM_PAGES) == 4            # the host's domain stays
+    run_xlate(tb)
+
+
 def test_translate_invalidation_during_walk_does_not_fill():
     async def tb(ctx, t, h):
         pt = 0x3000_0000
@@ -1040,6 +1061,21 @@ def test_fault_cq_bad_entry_and_release(width):
         assert [e for e in evs if e[0] == "resume"] == []
         assert await h.rd(FR.CQ_BAD) == 4
         assert await h.rd(FR.CQ_CONS) == 5
+        # VF Enable cleared: every VF's slot and open fault go, the PF's stay
+        await h.fault(0, 0x5000, 1, card=0x10, length=8)            # slot 1 (the PF)
+        await h.fault(3, 0x6000, 1, card=0x18, length=8)            # slot 2 (VF 3)
+        await h.fault(5, 0x7000, 0)                                 # read: no slot (VF 5)
+        assert await h.rd(FR.STAGE_BUSY) == 0b111                   # slot 0: VF 1's replay
+        ctx.set(u.release.vfs, 1)
+        await ctx.tick()
+        ctx.set(u.release.vfs, 0)
+        assert await h.rd(FR.STAGE_BUSY) == 0b010
+        for i, f in enumerate((3, 5, 0)):
+            await h.cq_post(5 + i, f, FR.ST_MAPPED)
+            req, evs = await h.cq_serve()
+            resumed = [e[2:] for e in evs if e[0] == "resume"]
+            assert resumed == ([(0, 1)] if f == 0 else []), (f, resumed)
+        assert await h.rd(FR.CQ_BAD) == 6 and await h.rd(FR.CQ_CONS) == 8
     run_fault(tb, width)
 
 
