@@ -519,15 +519,21 @@ def test_translate_domain_change_invalidates():
     run_xlate(tb)
 
 
+async def _two_cached_domains(h, fa, fb):
+    """Domains for functions ``fa`` (VM 5) and ``fb`` (VM 6), each with page 0 translated
+    and in the TLB."""
+    await h.domain(fa, 0x1000_0000, 4, vm=5)
+    await h.domain(fb, 0x2000_0000, 4, vm=6)
+    h.ptes[0x1000_0000] = 0x11_0000_0001
+    h.ptes[0x2000_0000] = 0x22_0000_0001
+    for f in (fa, fb, fa, fb):
+        await h.xlate(f, 0x8)
+    assert await h.rd(IR.ATC_MISSES) == 2
+
+
 def test_translate_flr_drops_tlb_keeps_domain():
     async def tb(ctx, t, h):
-        await h.domain(1, 0x1000_0000, 4, vm=5)
-        await h.domain(2, 0x2000_0000, 4, vm=6)
-        h.ptes[0x1000_0000] = 0x11_0000_0001
-        h.ptes[0x2000_0000] = 0x22_0000_0001
-        for f in (1, 2, 1, 2):
-            await h.xlate(f, 0x8)
-        assert await h.rd(IR.ATC_MISSES) == 2
+        await _two_cached_domains(h, 1, 2)
         ctx.set(t.flr_fidx, 1)
         ctx.set(t.flr, 1)
         await ctx.tick()
@@ -544,13 +550,7 @@ def test_translate_flr_drops_tlb_keeps_domain():
 
 def test_translate_vf_reset_drops_whole_tlb_keeps_domains():
     async def tb(ctx, t, h):
-        await h.domain(0, 0x1000_0000, 4, vm=5)
-        await h.domain(2, 0x2000_0000, 4, vm=6)
-        h.ptes[0x1000_0000] = 0x11_0000_0001
-        h.ptes[0x2000_0000] = 0x22_0000_0001
-        for f in (0, 2, 0, 2):
-            await h.xlate(f, 0x8)
-        assert await h.rd(IR.ATC_MISSES) == 2
+        await _two_cached_domains(h, 0, 2)
         ctx.set(t.vf_reset, 1)                          # VF Enable was cleared
         await ctx.tick()
         ctx.set(t.vf_reset, 0)
