@@ -404,9 +404,14 @@ def _parse(argv):
     ap.add_argument("--freq", type=float, default=CONSTRAINT_MHZ, metavar="MHZ",
                     help=f"clock constraint for nextpnr's timing-driven place and route "
                          f"(default {CONSTRAINT_MHZ:g}; the target stays {TARGET_MHZ:g} MHz)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="SYNTH_JSON",
+                    help="run nothing: combine the reports of runs made separately (one "
+                         "configuration per core or machine) into one report in --out")
     ap.add_argument("-o", "--out", type=Path, default=OUT_DIR,
                     help="output folder (default: synth_out/)")
     args = ap.parse_args(argv)
+    if args.merge and (args.config or args.quick or args.place_only):
+        ap.error("--merge runs nothing: it takes no --config, --quick or --place-only")
     if not 1 <= args.freq <= 500:
         ap.error(f"--freq {args.freq:g}: a clock constraint between 1 and 500 MHz")
     if args.quick and args.config:
@@ -425,8 +430,41 @@ def _parse(argv):
     return args, names
 
 
+def merge_reports(paths: list[Path]) -> list[SynthResult]:
+    """The results of several ``synth.json`` reports, in :data:`CONFIGS` order; a
+    configuration may appear in one report only."""
+    fields = set(SynthResult.__dataclass_fields__)
+    by_config: dict[str, tuple[Path, SynthResult]] = {}
+    for path in paths:
+        try:
+            doc = json.loads(path.read_text())
+            rows = doc["results"]
+            results = [SynthResult(**{k: v for k, v in row.items() if k in fields})
+                       for row in rows]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ToolError(f"{path}: not a synthesis report ({type(e).__name__}: {e})") from None
+        for r in results:
+            if r.config in by_config:
+                raise ToolError(f"{path}: configuration {r.config} is also in "
+                                f"{by_config[r.config][0]}")
+            by_config[r.config] = (path, r)
+    order = {name: i for i, name in enumerate(CONFIGS)}
+    return [r for _, (_, r) in sorted(by_config.items(),
+                                      key=lambda kv: (order.get(kv[0], len(order)), kv[0]))]
+
+
 def main(argv=None) -> int:
     args, names = _parse(argv)
+    if args.merge:
+        try:
+            results = merge_reports(args.merge)
+        except ToolError as e:
+            print(f"python -m hdl.synth: error: {e}", file=sys.stderr)
+            return 1
+        write_reports(results, args.out)
+        print(f"merged {len(results)} configuration(s) ({', '.join(r.config for r in results)}) "
+              f"into {args.out / 'synth.json'} and {args.out / 'synth.md'}")
+        return 0
     from rich.console import Console
     console = Console()
     if not console.is_terminal:      # a log or a pipe: wide enough for the table's paths

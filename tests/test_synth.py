@@ -52,7 +52,8 @@ def test_synthesis_keeps_the_card(quick):
 
 
 @pytest.mark.parametrize("argv", [["--config", "vf3_w64"], ["--quick", "--config", "vf4_w64"],
-                                  ["--bogus"], ["--freq", "0"], ["--freq", "fast"]])
+                                  ["--bogus"], ["--freq", "0"], ["--freq", "fast"],
+                                  ["--merge", "a.json", "--config", "vf4_w64"], ["--merge"]])
 def test_synth_bad_args(argv):
     proc = subprocess.run([sys.executable, "-m", "hdl.synth", *argv], capture_output=True,
                           text=True, timeout=60)
@@ -116,18 +117,48 @@ def test_lint_fails_on_unwaived_warnings(tmp_path):
     assert res.waived["DECLFILENAME"] == 1
 
 
+def _result(config, luts, fmax):
+    """A routed SynthResult from a made-up nextpnr report."""
+    rep = synth.parse_report({
+        "utilization": {"TRELLIS_COMB": {"used": luts, "available": 83640},
+                        "TRELLIS_FF": {"used": 400, "available": 83640}},
+        "fmax": {"$glbnet$clk$TRELLIS_IO_IN": {"achieved": fmax, "constraint": 60}},
+        "critical_paths": []})
+    cfg = synth.CONFIGS[config]
+    return synth.SynthResult(config=config, total_vfs=cfg.total_vfs, data_width=cfg.data_width,
+                             target_mhz=125.0, constraint_mhz=60.0, met=False, harness_ffs=296,
+                             routed=True, elab_s=1.0, yosys_s=2.0, nextpnr_s=3.0, **rep)
+
+
+def test_merge_reports_of_separate_runs(tmp_path):
+    """``--merge``: reports of runs made one configuration per core, into one, in CONFIGS order."""
+    for name, luts, fmax in (("vf16_w128", 900, 50.5), ("vf4_w64", 700, 61.0)):
+        synth.write_reports([_result(name, luts, fmax)], tmp_path / name)
+    out = tmp_path / "all"
+    proc = subprocess.run([sys.executable, "-m", "hdl.synth", "--merge",
+                           str(tmp_path / "vf16_w128" / "synth.json"),
+                           str(tmp_path / "vf4_w64" / "synth.json"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "synth.json").read_text())["results"]
+    assert [(r["config"], r["luts"], r["fmax_mhz"]) for r in rows] == \
+        [("vf4_w64", 700, 61.0), ("vf16_w128", 900, 50.5)]
+    # the same configuration twice, and a file that is no report: one-line errors
+    (tmp_path / "junk.json").write_text("{}")
+    for paths, why in (([tmp_path / "vf4_w64" / "synth.json"] * 2, "also in"),
+                       ([tmp_path / "junk.json"], "not a synthesis report"),
+                       ([tmp_path / "missing.json"], "not a synthesis report")):
+        proc = subprocess.run([sys.executable, "-m", "hdl.synth", "--merge", *map(str, paths),
+                               "-o", str(tmp_path / "x")], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1 and why in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_bench_gathers_the_synthesis_report(tmp_path):
     """``make bench`` takes the synthesis figures from the last ``make synth`` report."""
     from cosim.bench import synthesis_rows
-    rep = synth.parse_report({
-        "utilization": {"TRELLIS_COMB": {"used": 700, "available": 83640},
-                        "TRELLIS_FF": {"used": 400, "available": 83640}},
-        "fmax": {"$glbnet$clk$TRELLIS_IO_IN": {"achieved": 55.5, "constraint": 60}},
-        "critical_paths": []})
-    r = synth.SynthResult(config="vf4_w64", total_vfs=4, data_width=64, target_mhz=125.0,
-                          constraint_mhz=60.0, met=False, harness_ffs=296, routed=True,
-                          elab_s=1.0, yosys_s=2.0, nextpnr_s=3.0, **rep)
-    synth.write_reports([r], tmp_path)
+    synth.write_reports([_result("vf4_w64", 700, 55.5)], tmp_path)
     assert synthesis_rows(tmp_path / "nothing.json") == []
     (row,) = synthesis_rows(tmp_path / "synth.json")
     assert row["config"] == "vf4_w64" and row["luts"] == 700 and row["fmax_mhz"] == 55.5
