@@ -1,7 +1,12 @@
 """DMA write channel: card memory -> host memory.
 
 A command becomes MemWr TLPs with the function's requester ID, each at most Max Payload Size
-and never crossing an MPS (hence a 4 KiB) boundary, sent back to back. All card memory words of
+and never crossing an MPS (hence a 4 KiB) boundary, sent back to back. The next TLP's size is
+computed into a register (``n_chunk``, ready a cycle after the previous TLP was set up), so the
+MPS field, the boundary arithmetic and the header never share a clock. A command's first TLP
+waits one cycle for it; after that it is always ready when a TLP ends (the first TLP spends a
+cycle loading its word, every later one but the last is a full MPS of 8 beats or more), and
+the end-of-TLP check that waits for it is a guard, not a path the data takes. All card memory words of
 the command stream through a small FIFO (the block RAM has one cycle of read latency); a DW
 pointer runs through them, and each payload beat takes its DWs from the current word and, when
 the pointer is not word aligned, from the next one.
@@ -50,6 +55,11 @@ class DmaWriteChannel(wiring.Component):
         card = Signal(CARD_ADDR_BITS)
         rem = Signal(18)
         chunk, ndw = next_chunk(m, host, rem, self.mps)
+        # the next TLP's size, registered; n_ok: it belongs to the current host / rem
+        n_chunk = Signal.like(chunk)
+        n_ndw = Signal.like(ndw)
+        n_ok = Signal()
+        m.d.sync += [n_chunk.eq(chunk), n_ndw.eq(ndw), n_ok.eq(1)]
 
         # per-TLP registers
         t_host = Signal(64)
@@ -107,12 +117,14 @@ class DmaWriteChannel(wiring.Component):
         m.d.comb += self.busy.eq(rem != 0)
 
         def setup_tlp():
-            """Take the next chunk: its header fields, and advance host/card/rem past it."""
-            fbe, lbe = be_first_last(host[:2], (host[:2] + chunk)[:2], ndw)
+            """Take the next chunk (``n_ok`` must be set): its header fields, and advance
+            host/card/rem past it."""
+            fbe, lbe = be_first_last(host[:2], (host[:2] + n_chunk)[:2], n_ndw)
             m.d.sync += [
-                t_host.eq(host), t_ndw.eq(ndw), t_fbe.eq(fbe), t_lbe.eq(lbe),
-                nbeats.eq((ndw + DPB - 1) >> LB), k.eq(0),
-                host.eq(host + chunk), card.eq(card + chunk), rem.eq(rem - chunk),
+                t_host.eq(host), t_ndw.eq(n_ndw), t_fbe.eq(fbe), t_lbe.eq(lbe),
+                nbeats.eq((n_ndw + DPB - 1) >> LB), k.eq(0),
+                host.eq(host + n_chunk), card.eq(card + n_chunk), rem.eq(rem - n_chunk),
+                n_ok.eq(0),
             ]
 
         with m.FSM():
@@ -126,11 +138,13 @@ class DmaWriteChannel(wiring.Component):
                                  rem.eq(p.length), cur_ok.eq(0),
                                  rot.eq(first_dw[:LB] if LB else 0),
                                  rd_addr.eq(first_dw[LB:]),
-                                 rd_left.eq(last_dw[LB:] - first_dw[LB:] + 1)]
+                                 rd_left.eq(last_dw[LB:] - first_dw[LB:] + 1),
+                                 n_ok.eq(0)]
                     m.next = "SETUP"
             with m.State("SETUP"):
-                setup_tlp()
-                m.next = "BEAT"
+                with m.If(n_ok):
+                    setup_tlp()
+                    m.next = "BEAT"
             with m.State("BEAT"):
                 # the current word must be loaded, and the next one too if the beat spills
                 with m.If(~cur_ok):
@@ -149,8 +163,10 @@ class DmaWriteChannel(wiring.Component):
                         with m.If(tx.p.eop):
                             with m.If(rem == 0):
                                 m.next = "DONE"
-                            with m.Else():
+                            with m.Elif(n_ok):
                                 setup_tlp()     # back to back: the next TLP starts next cycle
+                            with m.Else():
+                                m.next = "SETUP"
             with m.State("DONE"):
                 m.d.comb += [self.done.valid.eq(1), self.done.p.status.eq(DmaStatus.OK)]
                 with m.If(self.done.ready):

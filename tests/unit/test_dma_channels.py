@@ -104,6 +104,8 @@ def test_write_channel_any_alignment(w, mps):
     rnd = random.Random(w + mps)
     cases = [(rnd.randrange(0, 4096), rnd.randrange(1, 700)) for _ in range(12)]
     cases += [(84, 4096), (1, 1), (2, 2), (3, 4)]
+    # a first TLP of one beat (a few bytes before an MPS boundary), then more
+    cases += [(mps - 4, 200), (mps - 6, 200), (mps - 16, 100), (2 * mps - 12, 500)]
 
     async def tb(ctx, b):
         image = bytes(rnd.getrandbits(8) for _ in range(CARD_MEM_BYTES // 8))
