@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "synth_out"
 TARGET_MHZ = 125.0
 #: The clock constraint nextpnr's timing-driven placer and router work to. Not the target:
-#: with the card at ~50 MHz, a 125 MHz constraint makes every path critical and router1 chases
+#: with the card at 55-72 MHz, a 125 MHz constraint makes every path critical and router1 chases
 #: delay instead of resolving congestion (vf4_w64 did not finish routing in 24 min; at 60 MHz it
 #: routed in 21 on a busy machine). The achieved Fmax is reported either way and judged against TARGET_MHZ.
 CONSTRAINT_MHZ = 60.0
