@@ -235,8 +235,9 @@ class Card(wiring.Component):
             m.d.comb += getattr(rs.i, name).eq(Mux(uart_turn, getattr(mu.bus, name),
                                                    getattr(cp.regs, name)))
         rdata = 0
+        slices = {}
         for tname, t in targets.items():
-            m.submodules[f"regslice_{tname}"] = ts = RegBusSlice()
+            m.submodules[f"regslice_{tname}"] = ts = slices[tname] = RegBusSlice()
             for name in REQUEST_FIELDS:
                 m.d.comb += [getattr(ts.i, name).eq(getattr(rs.o, name)),
                              getattr(t.bus, name).eq(getattr(ts.o, name))]
@@ -244,8 +245,7 @@ class Card(wiring.Component):
             rdata = rdata | ts.i.rdata
         # the management block's "made by the UART" flag travels with the request
         m.d.comb += [rs.tag_i.eq(uart_turn), rs.o.rdata.eq(rdata),
-                     m.submodules.regslice_mboard.tag_i.eq(rs.tag_o),
-                     mb.src_uart.eq(m.submodules.regslice_mboard.tag_o),
+                     slices["mboard"].tag_i.eq(rs.tag_o), mb.src_uart.eq(slices["mboard"].tag_o),
                      cp.regs.rdata.eq(rs.i.rdata), mu.bus.rdata.eq(rs.i.rdata)]
         m.d.comb += [mu.rxd.eq(self.uart_rxd), self.uart_txd.eq(mu.txd),
                      mb.util.eq(self.util), mb.uart_ok.eq(mu.ok), mb.uart_err.eq(mu.err)]

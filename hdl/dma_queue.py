@@ -364,13 +364,16 @@ class DmaQueues(wiring.Component):
                 m.d.sync += [refused.bit_select(rs.fidx, 1).eq(1),
                              replay.bit_select(rs.fidx, 1).eq(0)]
         # a reset function forgets its queue and its faults (the fault unit frees its buffer)
+        def clear_queue(g):
+            """Function ``g``'s queue back to its reset state (indices, error, fault state)."""
+            return [prod[g].eq(0), cons[g].eq(0), err.bit_select(g, 1).eq(0),
+                    *clear_fault_state(g)]
+
         with m.If(reset_f):
-            m.d.sync += [prod[reset_g].eq(0), cons[reset_g].eq(0), err.bit_select(reset_g, 1).eq(0)]
-            m.d.sync += clear_fault_state(reset_g)
+            m.d.sync += clear_queue(reset_g)
         with m.If(self.vf_reset):
             for g in range(1, nf):
-                m.d.sync += [prod[g].eq(0), cons[g].eq(0), err.bit_select(g, 1).eq(0)]
-                m.d.sync += clear_fault_state(g)
+                m.d.sync += clear_queue(g)
 
         # a completion for tag 0 that arrives when no fetch is outstanding
         with m.If(~waiting & c.valid):

@@ -19,8 +19,8 @@ flush cycle at the end of the completion) writes.
 A completion with a status other than SC ends its request and marks the command failed; so
 does the completion timeout (``CPL_TIMEOUT`` cycles without progress while requests are
 outstanding), after which late completions count as unexpected. No new request starts after a
-failure; one already offered to the arbiter still goes out (a stream beat is never withdrawn). A completion cut short by the
-next TLP's ``sop`` ends where it was cut.
+failure; one already offered to the arbiter still goes out (a stream beat is never
+withdrawn). A completion cut short by the next TLP's ``sop`` ends where it was cut.
 """
 
 from amaranth import *

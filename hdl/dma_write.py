@@ -6,10 +6,11 @@ computed into a register (``n_chunk``, ready a cycle after the previous TLP was 
 MPS field, the boundary arithmetic and the header never share a clock. A command's first TLP
 waits one cycle for it; after that it is always ready when a TLP ends (the first TLP spends a
 cycle loading its word, every later one but the last is a full MPS of 8 beats or more), and
-the end-of-TLP check that waits for it is a guard, not a path the data takes. All card memory words of
-the command stream through a small FIFO (the block RAM has one cycle of read latency); a DW
-pointer runs through them, and each payload beat takes its DWs from the current word and, when
-the pointer is not word aligned, from the next one.
+the end-of-TLP check that waits for it is a guard, not a path the data takes.
+
+All card memory words of the command stream through a small FIFO (the block RAM has one cycle
+of read latency); a DW pointer runs through them, and each payload beat takes its DWs from the
+current word and, when the pointer is not word aligned, from the next one.
 """
 
 from amaranth import *

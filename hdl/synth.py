@@ -57,7 +57,8 @@ TARGET_MHZ = 125.0
 #: The clock constraint nextpnr's timing-driven placer and router work to. Not the target:
 #: with the card at 55-72 MHz, a 125 MHz constraint makes every path critical and router1 chases
 #: delay instead of resolving congestion (vf4_w64 did not finish routing in 24 min; at 60 MHz it
-#: routed in 21 on a busy machine). The achieved Fmax is reported either way and judged against TARGET_MHZ.
+#: routed in 21 on a busy machine). The achieved Fmax is reported either way and judged
+#: against TARGET_MHZ.
 CONSTRAINT_MHZ = 60.0
 DEVICE = ("--um5g-85k", "--package", "CABGA381", "--speed", "8")
 DEVICE_NAME = "LFE5UM5G-85F-8BG381"

@@ -118,7 +118,6 @@ class VirtioNetEngine(wiring.Component):
             "vreset":   In(1),
             "vreset_fidx": In(8),
             "vf_reset": In(1),                        # VF Enable cleared: every VF's state
-
             "mac_fidx": In(8),                        # the device config's mac field
             "mac":      Out(48),
             # frame buffers
@@ -391,16 +390,18 @@ class VirtioNetEngine(wiring.Component):
         m.d.comb += mt.dst.eq(dst)
         is_ours = mt.hit
 
+        def clear_indices(g):
+            """Function ``g``'s ring indices back to 0."""
+            return [s.eq(0) for q in range(NQ)
+                    for s in (last_avail[g * NQ + q], used_idx[g * NQ + q])]
+
         with m.If(self.vreset):
             g = self.vreset_fidx
-            m.d.sync += txpend.bit_select(g, 1).eq(0)
-            for q in range(NQ):
-                m.d.sync += [last_avail[g * NQ + q].eq(0), used_idx[g * NQ + q].eq(0)]
+            m.d.sync += [txpend.bit_select(g, 1).eq(0), *clear_indices(g)]
         with m.If(self.vf_reset):
             m.d.sync += txpend.eq(txpend & 1)
             for g in range(1, nf):
-                for q in range(NQ):
-                    m.d.sync += [last_avail[g * NQ + q].eq(0), used_idx[g * NQ + q].eq(0)]
+                m.d.sync += clear_indices(g)
         # restoring a stopped, idle function's indices (the engine does not touch them then)
         with m.If(mig_we & mig_idle & (mig_sel < nf)):
             for off, (kind, q) in mig_regs.items():
