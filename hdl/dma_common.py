@@ -19,7 +19,7 @@ CARD_ADDR_BITS = 17
 DmaCmd = data.StructLayout({
     "fidx":   8,       # function the transfer is done for (its requester ID is used)
     "host":   64,      # host (bus) address
-    "card":   CARD_ADDR_BITS,   # card memory byte address; card[1:0] == host[1:0]
+    "card":   CARD_ADDR_BITS,   # card memory byte address (any byte offset, like ``host``)
     "length": 17,      # bytes, 1..65536
 })
 
@@ -27,6 +27,7 @@ DmaCmd = data.StructLayout({
 class DmaStatus:
     OK = 0
     CPL_ERROR = 1      # a completion came back UR / CA, or with a bad size
+    RANGE = 2          # host + length passes 2**64: refused before anything moved
 
 
 DmaDone = data.StructLayout({"status": 2})
@@ -56,11 +57,12 @@ class CardMemory(wiring.Component):
     def __init__(self, data_width):
         self.data_width = data_width
         super().__init__({"wr": In(MemWritePort(data_width)), "rd": In(MemReadPort(data_width))})
+        # (an attribute, so that a test bench can look at what it holds)
+        self.storage = Memory(shape=data_width, depth=CARD_MEM_TOTAL * 8 // data_width, init=[])
 
     def elaborate(self, platform):
         m = Module()
-        W = self.data_width
-        m.submodules.mem = mem = Memory(shape=W, depth=CARD_MEM_TOTAL * 8 // W, init=[])
+        m.submodules.mem = mem = self.storage
         wp = mem.write_port(granularity=8)
         rp = mem.read_port()
         m.d.comb += [wp.addr.eq(self.wr.addr), wp.data.eq(self.wr.data), wp.en.eq(self.wr.en),

@@ -8,13 +8,16 @@ completions stream back while later requests go out; each request's header is bu
 register the cycle before it is offered (at most one request every other cycle, far above
 what the completions' data can keep up with).
 
-Completions are matched by tag; each tag remembers where in card memory its next DW goes, so
-split completions (in address order per request, as PCIe guarantees) and completions of
-different tags in any order land in the right place. Each completion's DWs are rotated into the
-card memory's word lanes (the card address has the host address's byte offset within a DW:
-``card[1:0] == host[1:0]``) with byte enables that drop the bytes outside the request; a beat
-that straddles two memory words leaves its tail in a carry register that the next beat (or a
-flush cycle at the end of the completion) writes.
+Completions are matched by tag; each tag remembers the card byte address its next byte goes
+to, so split completions (in address order per request, as PCIe guarantees) and completions of
+different tags in any order land in the right place. Host and card addresses are independent
+byte addresses: each completion's payload is rotated by bytes into the card memory's word
+lanes (a barrel shift by the difference of the two byte offsets), with byte enables that drop
+the bytes outside the request; a beat that straddles two memory words leaves its tail in a
+carry register that the next beat (or a flush cycle at the end of the completion) writes.
+
+A command whose host range passes the top of the 64-bit space (host + length > 2**64) is
+refused whole (``DmaStatus.RANGE``): no request goes out, nothing moves.
 
 A completion with a status other than SC ends its request and marks the command failed; so
 does the completion timeout (``CPL_TIMEOUT`` cycles without progress while requests are
@@ -59,12 +62,13 @@ class DmaReadChannel(wiring.Component):
         m = Module()
         W = self.data_width
         DPB = W // 32
-        LB = exact_log2(DPB) if DPB > 1 else 0
-        DWB = CARD_ADDR_BITS - 2
+        WB = W // 8
+        BLB = exact_log2(WB)                     # byte-lane bits of a card memory word
+        WAB = CARD_ADDR_BITS - BLB               # card memory word-address bits
 
         # ---- per-tag state ----------------------------------------------------------------
         t_valid = Signal(NT)
-        t_next = Array(Signal(DWB, name=f"t_next{i}") for i in range(NT))   # next card DW
+        t_next = Array(Signal(CARD_ADDR_BITS, name=f"t_next{i}") for i in range(NT))  # card byte
         t_set = Signal(NT)
         t_clr = Signal(NT)
         m.d.sync += t_valid.eq((t_valid | t_set) & ~t_clr)
@@ -97,16 +101,21 @@ class DmaReadChannel(wiring.Component):
         ]
 
         cpl_busy = Signal()          # a completion's data is still being written
+        past_top = Signal()          # the command's host range passes 2**64: refused whole
+        end65 = Signal(65)
+        m.d.comb += end65.eq(self.cmd.p.host + self.cmd.p.length)
         with m.FSM():
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
                     m.d.sync += [fidx.eq(self.cmd.p.fidx), host.eq(self.cmd.p.host),
                                  card.eq(self.cmd.p.card), rem.eq(self.cmd.p.length),
-                                 error.eq(0)]
+                                 error.eq(0), past_top.eq(end65[64] & (end65[:64] != 0))]
                     m.next = "PREP"
             with m.State("PREP"):
-                with m.If(rem == 0):
+                with m.If(past_top):
+                    m.next = "DONE"
+                with m.Elif(rem == 0):
                     m.next = "WAIT"
                 with m.Elif(error):
                     m.next = "WAIT"          # stop issuing after a failed completion
@@ -120,7 +129,7 @@ class DmaReadChannel(wiring.Component):
                 m.d.comb += self.tx.valid.eq(1)
                 with m.If(self.tx.ready):
                     m.d.comb += t_set.eq(C(1, NT) << tag_q)
-                    m.d.sync += [t_next[tag_q].eq(card[2:]), host.eq(host + chunk_q),
+                    m.d.sync += [t_next[tag_q].eq(card), host.eq(host + chunk_q),
                                  card.eq(card + chunk_q), rem.eq(rem - chunk_q)]
                     m.next = "PREP"
             with m.State("WAIT"):
@@ -130,7 +139,9 @@ class DmaReadChannel(wiring.Component):
                     m.next = "DONE"
             with m.State("DONE"):
                 m.d.comb += [self.done.valid.eq(1),
-                             self.done.p.status.eq(Mux(error, DmaStatus.CPL_ERROR, DmaStatus.OK))]
+                             self.done.p.status.eq(Mux(past_top, DmaStatus.RANGE,
+                                                       Mux(error, DmaStatus.CPL_ERROR,
+                                                           DmaStatus.OK)))]
                 with m.If(self.done.ready):
                     m.next = "IDLE"
         m.d.comb += [self.busy.eq(t_valid != 0), self.outstanding.eq(t_valid)]
@@ -151,74 +162,68 @@ class DmaReadChannel(wiring.Component):
         # (a Byte Count field of 0 means 4096, which never fits)
         c_last = (cd1.byte_count != 0) & (cd1.byte_count <= c_bytes_here)
 
-        # header-beat values (from the completion header and the tag state)
+        # header-beat values (from the completion header and the tag state). The completion's
+        # payload byte 0 is the first byte of its first DW; its first valid byte (at lower
+        # address [1:0]) goes to the tag's next card byte, so payload byte 0 belongs at card
+        # byte ``base`` (which may lie before the buffer: those bytes are never enabled).
         hdr_phase = Signal()
-        d0 = Signal(DWB)
-        m.d.comb += d0.eq(t_next[c_idx])
         la2 = cd2.lower_addr[:2]
+        base = Signal(CARD_ADDR_BITS)
+        m.d.comb += base.eq(t_next[c_idx] - la2)
         end2 = Signal(2)
         m.d.comb += end2.eq(la2 + cd1.byte_count[:2])
         fmask_h = Mux(la2 == 0, 0xF, Mux(la2 == 1, 0xE, Mux(la2 == 2, 0xC, 0x8)))
         emask_h = Mux(end2 == 0, 0xF, Mux(end2 == 1, 0x1, Mux(end2 == 2, 0x3, 0x7)))
 
         # registered per-completion values for the following beats
-        rot_q = Signal(max(LB, 1))
-        wbase_q = Signal(DWB - LB)
+        rot_q = Signal(BLB)
+        wbase_q = Signal(WAB)
         k_q = Signal(range(1024 // DPB + 2))
         ndw_q = Signal(11)
         fmask_q = Signal(4)
         emask_q = Signal(4)
         last_q = Signal()
         carry_d = Signal(W)
-        carry_e = Signal(W // 8)
+        carry_e = Signal(WB)
 
-        rot = Signal(max(LB, 1))
+        rot = Signal(BLB)                      # byte rotation into the memory word
         k = Signal(range(1024 // DPB + 2))
         ndw_c = Signal(11)
         fmask = Signal(4)
         emask = Signal(4)
         last = Signal()
-        carry_ee = Signal(W // 8)
         m.d.comb += [
-            rot.eq(Mux(hdr_phase, d0[:LB] if LB else 0, rot_q)),
+            rot.eq(Mux(hdr_phase, base[:BLB], rot_q)),
             k.eq(Mux(hdr_phase, 0, k_q)),
             ndw_c.eq(Mux(hdr_phase, c_len, ndw_q)),
             fmask.eq(Mux(hdr_phase, fmask_h, fmask_q)),
             emask.eq(Mux(hdr_phase, emask_h, emask_q)),
             last.eq(Mux(hdr_phase, c_last, last_q)),
-            carry_ee.eq(Mux(hdr_phase, 0, carry_e)),
         ]
 
         # byte enables of the DWs of this beat
-        lane_d = [Signal(32, name=f"lane_d{i}") for i in range(DPB)]
         lane_e = [Signal(4, name=f"lane_e{i}") for i in range(DPB)]
         for i in range(DPB):
             j = k * DPB + i
-            m.d.comb += lane_d[i].eq(c.p.data[32 * i:32 * i + 32])
             e = Mux(j == 0, fmask, 0xF) & Mux(last & (j == ndw_c - 1), emask, 0xF)
             m.d.comb += lane_e[i].eq(Mux(c.p.strb[i] & (j < ndw_c), e, 0))
-        # rotate into memory lanes: lane L <- beat lane L-rot, or the carry for L < rot
-        out_d = [Signal(32, name=f"out_d{i}") for i in range(DPB)]
-        out_e = [Signal(4, name=f"out_e{i}") for i in range(DPB)]
-        nxt_d = [Signal(32, name=f"nxt_d{i}") for i in range(DPB)]
-        nxt_e = [Signal(4, name=f"nxt_e{i}") for i in range(DPB)]
-        with m.Switch(rot):
-            for r in range(DPB):
-                with m.Case(r):
-                    for L in range(DPB):
-                        if L >= r:
-                            m.d.comb += [out_d[L].eq(lane_d[L - r]), out_e[L].eq(lane_e[L - r])]
-                        else:
-                            m.d.comb += [out_d[L].eq(carry_d[32 * L:32 * L + 32]),
-                                         out_e[L].eq(carry_ee[4 * L:4 * L + 4])]
-                            # the beat's tail goes to the next word, lanes below rot
-                            m.d.comb += [nxt_d[L].eq(lane_d[L + DPB - r]),
-                                         nxt_e[L].eq(lane_e[L + DPB - r])]
+        # rotate into memory lanes: byte lane L <- beat byte L - rot; the beat's top ``rot``
+        # bytes go to the next word (the carry), the carry of the beat before fills lanes < rot
+        sh_d = Signal(2 * W)
+        sh_e = Signal(2 * WB)
+        m.d.comb += [sh_d.eq(Cat(c.p.data, C(0, W)) << Cat(C(0, 3), rot)),
+                     sh_e.eq(Cat(*lane_e, C(0, WB)) << rot)]
+        out_d = Signal(W)
+        out_e = Signal(WB)
+        # (lanes >= rot of the carry are empty within a completion; a new one starts clean)
+        m.d.comb += [out_d.eq(sh_d[:W] | Mux(hdr_phase, 0, carry_d)),
+                     out_e.eq(sh_e[:WB] | Mux(hdr_phase, 0, carry_e))]
+        nxt_e = sh_e[WB:]
 
         def write_beat(word):
-            m.d.comb += [self.mem.addr.eq(word), self.mem.data.eq(Cat(*out_d)),
-                         self.mem.en.eq(Cat(*out_e))]
-            m.d.sync += [carry_d.eq(Cat(*nxt_d)), carry_e.eq(Cat(*nxt_e)), k_q.eq(k + 1)]
+            m.d.comb += [self.mem.addr.eq(word), self.mem.data.eq(out_d),
+                         self.mem.en.eq(out_e)]
+            m.d.sync += [carry_d.eq(sh_d[W:]), carry_e.eq(nxt_e), k_q.eq(k + 1)]
 
         with m.FSM() as cpl_fsm:
             m.d.comb += cpl_busy.eq(~cpl_fsm.ongoing("HDR"))
@@ -240,14 +245,14 @@ class DmaReadChannel(wiring.Component):
                         with m.If(~c.p.eop):
                             m.next = "DROP"
                     with m.Else():
-                        m.d.sync += [rot_q.eq(rot), wbase_q.eq(d0[LB:]), ndw_q.eq(c_len),
+                        m.d.sync += [rot_q.eq(rot), wbase_q.eq(base[BLB:]), ndw_q.eq(c_len),
                                      last_q.eq(c_last), fmask_q.eq(fmask_h), emask_q.eq(emask_h),
-                                     t_next[c_idx].eq(d0 + c_len)]
-                        write_beat(d0[LB:])
+                                     t_next[c_idx].eq(t_next[c_idx] + c_bytes_here)]
+                        write_beat(base[BLB:])
                         with m.If(c_last):
                             m.d.comb += t_clr.eq(C(1, NT) << c_idx)
                         with m.If(c.p.eop):
-                            with m.If(Cat(*nxt_e).any()):
+                            with m.If(nxt_e.any()):
                                 m.next = "FLUSH"
                         with m.Else():
                             m.next = "DATA"
@@ -258,7 +263,7 @@ class DmaReadChannel(wiring.Component):
                 with m.Elif(c.valid):
                     write_beat(wbase_q + k)
                     with m.If(c.p.eop):
-                        with m.If(Cat(*nxt_e).any()):
+                        with m.If(nxt_e.any()):
                             m.next = "FLUSH"
                         with m.Else():
                             m.next = "HDR"
