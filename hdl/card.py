@@ -172,6 +172,7 @@ class Card(wiring.Component):
             vio.qa_fidx.eq(vn.qa_fidx), vio.qa_q.eq(vn.qa_q), vio.qa_sel.eq(vn.qa_sel),
             vn.qa_data.eq(vio.qa_data),
             vn.live.eq(vio.live), vn.ev_idx.eq(vio.ev_idx), vn.indirect.eq(vio.indirect),
+            vn.mrg.eq(vio.mrg),
             vn.kick.eq(vio.kick), vio.kick_ack.eq(vn.kick_ack), vio.kick_idx.eq(vn.kick_idx),
             vio.isr_set.eq(vn.isr_set), vio.isr_fidx.eq(vn.isr_fidx),
             vio.nr_set.eq(vn.nr_set), vio.nr_fidx.eq(vn.nr_fidx),

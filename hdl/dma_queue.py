@@ -6,11 +6,13 @@ only), status. A descriptor is 32 bytes, little-endian:
 
 ====== ===== ================================================================================
 0x00   u64   host (bus) address
-0x08   u32   card memory address (its low two bits equal the host address's)
+0x08   u32   card memory address (any byte, like the host address)
 0x0C   u32   length in bytes, 1..65536
 0x10   u32   flags: bit 0 direction (0 host->card, 1 card->host), bit 1 interrupt when done
 0x14   u32   status, written by the card (:class:`hdl.params.DescStatus`): 1 done,
-             0x8000_0001 bad descriptor, 0x8000_0002 completion error (UR/CA from the host),
+             0x8000_0001 bad descriptor (a length of 0 or over 64 KiB, card range beyond
+             card memory, host range past 2**64), 0x8000_0002 completion error (UR/CA from
+             the host),
              0x8000_0003 page fault refused, 0x8000_0004 blocked (outside the domain)
 ====== ===== ================================================================================
 
@@ -180,8 +182,11 @@ class DmaQueues(wiring.Component):
         d_card = desc[64:96]
         d_len = desc[96:128]
         d_flags = desc[128:160]
+        # (host + length past 2**64 would wrap to bus address 0: refused before anything moves)
+        d_end = Signal(65)
+        m.d.comb += d_end.eq(d_host + d_len)
         bad = ((d_len == 0) | (d_len > CARD_MEM_BYTES) | (d_card >= CARD_MEM_BYTES)
-               | ((d_card + d_len) > CARD_MEM_BYTES) | (d_card[:2] != d_host[:2]))
+               | ((d_card + d_len) > CARD_MEM_BYTES) | (d_end[64] & (d_end[:64] != 0)))
         m.d.comb += iova.eq(d_host + off)
         card_at = Signal(CARD_ADDR_BITS)
         m.d.comb += card_at.eq(d_card + off)

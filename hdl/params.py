@@ -55,12 +55,13 @@ class VirtioRegs:
     NO_VECTOR = 0xFFFF
     # features offered
     F_NET_MAC = 5
+    F_NET_MRG_RXBUF = 15
     F_NET_STATUS = 16
     F_RING_INDIRECT_DESC = 28
     F_RING_EVENT_IDX = 29
     F_VERSION_1 = 32
-    FEATURES = ((1 << F_NET_MAC) | (1 << F_NET_STATUS) | (1 << F_RING_INDIRECT_DESC)
-                | (1 << F_RING_EVENT_IDX) | (1 << F_VERSION_1))
+    FEATURES = ((1 << F_NET_MAC) | (1 << F_NET_MRG_RXBUF) | (1 << F_NET_STATUS)
+                | (1 << F_RING_INDIRECT_DESC) | (1 << F_RING_EVENT_IDX) | (1 << F_VERSION_1))
     NUM_QUEUES_VALUE = 2     # receiveq1, transmitq1 (the layout leaves room for more pairs)
     QUEUE_SIZE_MAX = 256
     # virtio_net_config

@@ -108,6 +108,7 @@ class VirtioNetEngine(wiring.Component):
             "live":     In(nf),
             "ev_idx":   In(nf),
             "indirect": In(nf),
+            "mrg":      In(nf),                       # VIRTIO_NET_F_MRG_RXBUF negotiated
             "kick":     In(nf * NQ),
             "kick_ack": Out(1),
             "kick_idx": Out(range(nf * NQ)),
@@ -367,6 +368,13 @@ class VirtioNetEngine(wiring.Component):
         space_host = Signal(64)
         space = Signal(32)
         used_len = Signal(32)
+        nb = Signal(16)                    # used elements written for this frame so far
+        more = Signal()                    # the frame goes on in another receive buffer
+        buf_start = Signal(17)             # ``total`` where the current receive buffer began
+        first_addr = Signal(64)            # the frame's first receive buffer (its header)
+        nbuf_q = Signal(16)                # num_buffers of a frame that spans buffers
+        aidx_q = Signal(16)                # the available index last read
+        ab = Signal(16)                    # used elements taken back so far (RX_AB)
         ret_rx = Signal()                  # LOADQ returns to the receive path
         ret_used = Signal()                # ... to the transmit completion
         ptr = Signal(range(nf))
@@ -412,6 +420,43 @@ class VirtioNetEngine(wiring.Component):
                 m.d.sync += txpend.bit_select(mig_sel, 1).eq(b.wdata[0])
 
         limit = Mux(ind, ind_n, qsize)
+
+        # the available ring's entry for the next buffer (``nb`` of this frame already taken)
+        ring_at = Signal(64)
+        m.d.comb += ring_at.eq(drv_base + 4 + (((last_avail[qi] + nb)[:16] & qmask) << 1))
+
+        def used_len_at(i):
+            """The length field of this frame's used element ``i``."""
+            return dev_base + 4 + (((used_idx[qi] + i)[:16] & qmask) << 3) + 4
+
+        # num_buffers: bytes 10..11 of the frame's header, in its first buffer
+        nb_at = Signal(64)
+        m.d.comb += nb_at.eq(first_addr + 10)
+
+        def publish(n):
+            """Issue the used index write for ``n`` new elements (the caller's state waits for
+            no more host-port results) and go on to avail_event / the interrupt."""
+            m.d.comb += h_go.eq(1)
+            m.d.sync += [hwrite(dev_base, 1, Cat(C(0, 16), (used_idx[qi] + n)[:16]), fbe=0xC),
+                         used_idx[qi].eq(used_idx[qi] + n),
+                         last_avail[qi].eq(last_avail[qi] + n)]
+            m.next = "AVAIL_EVT"
+
+        # the words of a slot that a fresh virtio_net_hdr (num_buffers 1) takes: (word, data,
+        # byte enables), the header being the NET_HDR bytes before the frame
+        hdr_words = []
+        for word in range(HDR_OFF // WB, (FRAME_OFF - 1) // WB + 1):
+            val = en = 0
+            for lane in range(WB):
+                at = word * WB + lane - HDR_OFF
+                if 0 <= at < P.NET_HDR:
+                    en |= 1 << lane
+                    val |= (1 if at == 10 else 0) << (8 * lane)
+            hdr_words.append((word, val, en))
+        # a buffer whose end passes the top of the 64-bit space (it would wrap to address 0)
+        cur_end = Signal(65)
+        m.d.comb += cur_end.eq(cur_addr + cur_len)
+        past_top = cur_end[64] & (cur_end[:64] != 0)
         WTOP = P.SLOT // WB
 
         # translation of buffer pieces (the host port translates its own accesses)
@@ -446,7 +491,7 @@ class VirtioNetEngine(wiring.Component):
             self.rd_cmd.p.card.eq(card_addr(0, total)),
             self.rd_cmd.p.length.eq(seg),
             self.wr_cmd.p.host.eq(phys),
-            self.wr_cmd.p.card.eq(P.BASE + slot * P.SLOT + FRAME_OFF + (total - P.NET_HDR)),
+            self.wr_cmd.p.card.eq(card_addr(slot, total)),
             self.wr_cmd.p.length.eq(seg),
         ]
 
@@ -469,7 +514,8 @@ class VirtioNetEngine(wiring.Component):
                     with m.Elif(txpend.bit_select(ptr, 1) & self.live.bit_select(ptr, 1)
                                 & self.bme.bit_select(ptr, 1) & ~mig_stop.bit_select(ptr, 1)
                                 & self.tx_allow.bit_select(ptr, 1)):
-                        m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0)]
+                        m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0),
+                                     nb.eq(0)]
                         m.next = "LOADQ0"
                     with m.Else():
                         m.d.comb += [self.qos_wait.fidx.eq(ptr),
@@ -514,20 +560,21 @@ class VirtioNetEngine(wiring.Component):
             with m.State("AVAIL_IDX"):
                 with m.If(h_done):
                     aidx = h_rdata[16:32]
-                    ahead = Signal(16)
+                    ahead = Signal(16)                   # entries made available, not taken
                     m.d.comb += ahead.eq(aidx - last_avail[qi])
-                    with m.If(h_err | (ahead > qsize)):
+                    m.d.sync += aidx_q.eq(aidx)
+                    with m.If(h_err | (ahead > qsize) | (ahead < nb)):
                         m.next = "BAD"
-                    with m.Elif(ahead == 0):
+                    with m.Elif(ahead == nb):
                         with m.If(cq == TXQ):
                             m.d.sync += txpend.bit_select(cf, 1).eq(0)
                             m.next = "NEXT"
-                        with m.Else():
+                        with m.Elif(nb == 0):
                             m.d.comb += inc["DROP_NOBUF"].eq(1)
                             m.next = "RX_DONE"
+                        with m.Else():
+                            m.next = "RX_ABORT"          # out of buffers in mid-frame
                     with m.Else():
-                        ring_at = Signal(64)
-                        m.d.comb += ring_at.eq(drv_base + 4 + ((last_avail[qi] & qmask) << 1))
                         m.d.sync += hread16(ring_at)
                         m.d.comb += h_go.eq(1)
                         m.next = "AVAIL_HEAD"
@@ -537,8 +584,11 @@ class VirtioNetEngine(wiring.Component):
                     with m.If(h_err | (hd >= qsize)):
                         m.next = "BAD"
                     with m.Else():
+                        # (a receive buffer after the first goes on where the frame stands)
                         m.d.sync += [head.eq(hd), di.eq(hd), ind.eq(0), count.eq(0),
-                                     total.eq(0), first.eq(1), used_len.eq(0)]
+                                     total.eq(Mux(cq == TXQ, 0, total)),
+                                     buf_start.eq(Mux(cq == TXQ, 0, total)),
+                                     first.eq(1), used_len.eq(0)]
                         m.next = "DESC"
 
             # -- walk the chain --
@@ -584,7 +634,9 @@ class VirtioNetEngine(wiring.Component):
             with m.State("TX_DATA"):
                 with m.If((cur_len == 0) | drop):
                     m.next = "CHAIN_NEXT"
-                with m.Elif((total + cur_len > PKT_MAX) | (cur_addr[:2] != 0) | (total[:2] != 0)):
+                with m.Elif(past_top):
+                    m.next = "BAD"
+                with m.Elif(total + cur_len > PKT_MAX):
                     m.d.sync += drop.eq(1)
                     m.next = "CHAIN_NEXT"
                 with m.Else():
@@ -695,31 +747,40 @@ class VirtioNetEngine(wiring.Component):
                 # the host holds them and forwards them to where the guest goes)
                 g = Mux(net_ctrl & mig_stop.bit_select(owner, 1), 0, owner)
                 m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0)]
+                m.d.sync += [nb.eq(0), total.eq(0), k.eq(0)]
                 with m.If(self.live.bit_select(g, 1) & self.bme.bit_select(g, 1)
                           & ~mig_stop.bit_select(g, 1)):
-                    m.next = "LOADQ0"
+                    m.next = "RX_HDRW"
                 with m.Else():
                     m.d.comb += inc["DROP_NOBUF"].eq(1)
                     m.next = "RX_DONE"
+            with m.State("RX_HDRW"):
+                # a fresh virtio_net_hdr in the slot before the frame (num_buffers 1): the
+                # receive buffers get the slot's header and frame as one byte string
+                m.d.comb += self.pm_own.eq(1)
+                with m.Switch(k):
+                    for i, (word, val, en) in enumerate(hdr_words):
+                        with m.Case(i):
+                            m.d.comb += [self.pm_wr.addr.eq(slot * (P.SLOT // WB) + word),
+                                         self.pm_wr.data.eq(val), self.pm_wr.en.eq(en)]
+                m.d.sync += k.eq(k + 1)
+                with m.If(k == len(hdr_words) - 1):
+                    m.next = "LOADQ0"
             with m.State("RX_DATA"):
-                # the first buffer starts with the header: DW aligned and at least 12 bytes
-                with m.If(first & ((cur_len < P.NET_HDR) | (cur_addr[:2] != 0))):
+                # with MRG_RXBUF the header must fit the first descriptor of the frame's first
+                # buffer (each buffer holds a header: virtio 5.1.6.3.1); without it the chain's
+                # buffers take header and frame in any layout
+                with m.If(first & (nb == 0) & self.mrg.bit_select(cf, 1)
+                          & (cur_len < P.NET_HDR)):
                     m.d.sync += drop.eq(1)
                     m.next = "RX_END"
-                with m.Elif(first):
-                    m.d.comb += h_go.eq(1)
-                    m.d.sync += [hwrite(cur_addr, 3, C(1 << 80, 128)), first.eq(0),
-                                 total.eq(P.NET_HDR), space_host.eq(cur_addr + P.NET_HDR),
-                                 space.eq(cur_len - P.NET_HDR)]
-                    m.next = "RX_HDR"
+                with m.Elif(past_top):
+                    m.next = "BAD"
                 with m.Else():
-                    m.d.sync += [space_host.eq(cur_addr), space.eq(cur_len)]
+                    with m.If(first & (nb == 0)):
+                        m.d.sync += first_addr.eq(cur_addr)
+                    m.d.sync += [first.eq(0), space_host.eq(cur_addr), space.eq(cur_len)]
                     m.next = "RX_COPY"
-            with m.State("RX_HDR"):
-                with m.If(h_done):
-                    m.next = "RX_COPY"
-                    with m.If(h_err):
-                        m.next = "BAD"
             with m.State("RX_COPY"):
                 rem = Signal(17)
                 m.d.comb += rem.eq(frame_len + P.NET_HDR - total)
@@ -727,9 +788,6 @@ class VirtioNetEngine(wiring.Component):
                     m.next = "RX_END"
                 with m.Elif(space == 0):
                     m.next = "CHAIN_NEXT"
-                with m.Elif((space_host[:2] != 0) | (total[:2] != 0)):
-                    m.d.sync += drop.eq(1)
-                    m.next = "RX_END"
                 with m.Else():
                     m.d.sync += cur_len.eq(Mux(rem < space, rem, space))   # this buffer's share
                     m.next = "RX_XL"
@@ -761,31 +819,83 @@ class VirtioNetEngine(wiring.Component):
                                      space_host.eq(space_host + seg)]
                         m.next = "RX_COPY"
             with m.State("RX_END"):
+                # the end of a receive buffer (its chain), or of the frame
                 rem = frame_len + P.NET_HDR - total
-                with m.If(drop | (rem != 0)):
-                    m.d.comb += inc["DROP_SIZE"].eq(1)     # the buffer was too small
-                with m.Else():
+                m.d.sync += more.eq(0)
+                with m.If(drop):
+                    m.d.comb += inc["DROP_SIZE"].eq(1)
+                    m.d.sync += used_len.eq(0)           # returned with nothing in it
+                with m.Elif(rem == 0):
                     m.d.comb += [inc["RX_FRAMES"].eq(1), self.rx_ev.stb.eq(1),
                                  self.rx_ev.fidx.eq(cf), self.rx_ev.amount.eq(frame_len)]
-                # a dropped frame returns its buffer with nothing in it
-                m.d.sync += used_len.eq(Mux(drop | (rem != 0), 0, total))
+                    m.d.sync += used_len.eq(total - buf_start)
+                with m.Elif(self.mrg.bit_select(cf, 1)):
+                    m.d.sync += [used_len.eq(total - buf_start), more.eq(1)]
+                with m.Else():
+                    m.d.comb += inc["DROP_SIZE"].eq(1)     # the buffer was too small
+                    m.d.sync += used_len.eq(0)
                 m.next = "USED_ELEM"
+            with m.State("RX_MORE"):
+                # the next buffer of a frame that spans several (MRG_RXBUF); at most a queue's
+                # worth (a driver posting empty buffers cannot hold the engine)
+                with m.If(nb >= qsize):
+                    m.next = "BAD"
+                with m.Elif(aidx_q != (last_avail[qi] + nb)[:16]):
+                    m.d.comb += h_go.eq(1)
+                    m.d.sync += hread16(ring_at)
+                    m.next = "AVAIL_HEAD"
+                with m.Else():
+                    m.d.comb += h_go.eq(1)
+                    m.d.sync += hread(drv_base, 1)       # more may have been made available
+                    m.next = "AVAIL_IDX"
+            with m.State("RX_ABORT"):
+                # out of buffers in mid-frame: the buffers taken go back with length 0 (the
+                # driver frees them as runts), the frame is dropped
+                m.d.comb += [inc["DROP_NOBUF"].eq(1), h_go.eq(1)]
+                m.d.sync += [hwrite(used_len_at(0), 1, 0), ab.eq(1)]
+                m.next = "RX_AB"
+            with m.State("RX_AB"):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done & (ab == nb)):
+                    publish(nb)
+                with m.Elif(h_done):
+                    m.d.comb += h_go.eq(1)
+                    m.d.sync += [hwrite(used_len_at(ab), 1, 0), ab.eq(ab + 1)]
 
-            # -- used element, used index, avail_event, interrupt --
+            # -- used element(s), used index, avail_event, interrupt --
             with m.State("USED_ELEM"):
                 m.d.comb += h_go.eq(1)
-                m.d.sync += hwrite(dev_base + 4 + ((used_idx[qi] & qmask) << 3), 2,
+                m.d.sync += hwrite(dev_base + 4 + (((used_idx[qi] + nb)[:16] & qmask) << 3), 2,
                                    Cat(head, C(0, 16), used_len))
-                m.next = "USED_IDX"
-            with m.State("USED_IDX"):
+                m.next = "ELEM_SENT"
+            with m.State("ELEM_SENT"):
                 with m.If(h_done & h_err):
                     m.next = "BAD"
                 with m.Elif(h_done):
+                    m.d.sync += [nb.eq(nb + 1), nbuf_q.eq(nb + 1)]
+                    with m.If(more):
+                        m.next = "RX_MORE"
+                    with m.Elif((cq == RXQ) & (nb != 0)):
+                        # the frame spans nb + 1 buffers: its header says so
+                        m.d.comb += h_go.eq(1)
+                        m.d.sync += hwrite(nb_at & ~3, 1, (nb + 1) << Cat(C(0, 3), nb_at[:2]),
+                                           fbe=Mux(nb_at[:2] == 3, 0x8,
+                                                   (C(0x3, 4) << nb_at[:2])[:4]))
+                        m.d.sync += ab.eq(0)
+                        m.next = "NB_SENT"
+                    with m.Else():
+                        publish(nb + 1)
+            with m.State("NB_SENT"):
+                # num_buffers' second byte is in the next DW when the field straddles two
+                # (written on its own: the two DWs may be in different pages)
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done & (nb_at[:2] == 3) & (ab == 0)):
                     m.d.comb += h_go.eq(1)
-                    m.d.sync += [hwrite(dev_base, 1, Cat(C(0, 16), used_idx[qi] + 1), fbe=0xC),
-                                 used_idx[qi].eq(used_idx[qi] + 1),
-                                 last_avail[qi].eq(last_avail[qi] + 1)]
-                    m.next = "AVAIL_EVT"
+                    m.d.sync += [hwrite(nb_at + 1, 1, nbuf_q[8:], fbe=0x1), ab.eq(1)]
+                with m.Elif(h_done):
+                    publish(nb)
             with m.State("AVAIL_EVT"):
                 with m.If(h_done & h_err):
                     m.next = "BAD"
@@ -847,6 +957,7 @@ class VirtioNetEngine(wiring.Component):
                     m.next = "NEXT"
             with m.State("TX_USED"):
                 m.d.sync += [cf.eq(tx_f), cq.eq(TXQ), head.eq(tx_head), used_len.eq(0),
+                             nb.eq(0), more.eq(0),
                              ret_used.eq(1), ret_rx.eq(0), phase.eq(0)]
                 m.next = "LOADQ0"
 

@@ -32,7 +32,8 @@ __all__ = ["VirtioPci", "NQ", "OFFERED"]
 
 NQ = V.NUM_QUEUES_VALUE
 # the feature bits the device offers; each function keeps one accepted-flag per offer
-OFFERED = (V.F_NET_MAC, V.F_NET_STATUS, V.F_RING_INDIRECT_DESC, V.F_RING_EVENT_IDX, V.F_VERSION_1)
+OFFERED = (V.F_NET_MAC, V.F_NET_MRG_RXBUF, V.F_NET_STATUS, V.F_RING_INDIRECT_DESC,
+           V.F_RING_EVENT_IDX, V.F_VERSION_1)
 
 
 def _dw(off):
@@ -61,6 +62,7 @@ class VirtioPci(wiring.Component):
             "live":     Out(nf),        # DRIVER_OK and FEATURES_OK, no NEEDS_RESET / FAILED
             "ev_idx":   Out(nf),        # VIRTIO_F_EVENT_IDX negotiated
             "indirect": Out(nf),        # VIRTIO_F_INDIRECT_DESC negotiated
+            "mrg":      Out(nf),        # VIRTIO_NET_F_MRG_RXBUF negotiated
             "kick":     Out(nf * NQ),   # notified, not yet acknowledged; bit = fidx * NQ + q
             "kick_ack": In(1),
             "kick_idx": In(range(nf * NQ)),
@@ -297,6 +299,7 @@ class VirtioPci(wiring.Component):
                 self.live[g].eq(base_st[2] & base_st[3] & ~base_st[6] & ~base_st[7]),
                 self.ev_idx[g].eq(gf[g][OFFERED.index(V.F_RING_EVENT_IDX)]),
                 self.indirect[g].eq(gf[g][OFFERED.index(V.F_RING_INDIRECT_DESC)]),
+                self.mrg[g].eq(gf[g][OFFERED.index(V.F_NET_MRG_RXBUF)]),
             ]
         with m.If(self.kick_ack):
             m.d.sync += kick.bit_select(self.kick_idx, 1).eq(0)

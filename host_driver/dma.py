@@ -52,6 +52,21 @@ class DmaQueue:
         await self.fn.reg_write(DmaRegs.PROD, self.prod)
         return idx
 
+    async def post_batch(self, descs):
+        """Write descriptors ``(host, card, length, to_host)`` (at most the ring's size), then
+        ring the doorbell once; returns their indices."""
+        if len(descs) > self.entries:
+            raise ValueError(f"{len(descs)} descriptors for a ring of {self.entries}")
+        idxs = []
+        for host, card, length, to_host in descs:
+            idxs.append(self.prod)
+            await self.t.host_write(self.desc_addr(self.prod),
+                                    struct.pack("<QIIII8x", host, card, length,
+                                                1 if to_host else 0, 0))
+            self.prod = (self.prod + 1) & 0xFFFF
+        await self.fn.reg_write(DmaRegs.PROD, self.prod)
+        return idxs
+
     async def status(self, index):
         raw = await self.t.host_read(self.desc_addr(index) + 0x14, 4)
         return int.from_bytes(raw, "little")

@@ -64,6 +64,7 @@ QUEUE_VECTORS = {RX_QUEUE: RX_VECTOR, TX_QUEUE: TX_VECTOR}
 
 FEATURE_NAMES = {
     "MAC": V.F_NET_MAC,
+    "MRG_RXBUF": V.F_NET_MRG_RXBUF,
     "STATUS": V.F_NET_STATUS,
     "INDIRECT_DESC": V.F_RING_INDIRECT_DESC,
     "EVENT_IDX": V.F_RING_EVENT_IDX,
@@ -463,14 +464,23 @@ class VirtioNetDriver:
     2 the transmit queue; transmit interrupts are suppressed, :meth:`send` and :meth:`reap_tx`
     collect finished frames. Every buffer is a ``BUF_SIZE`` slot: a receive buffer holds the
     virtio-net header and the frame, a transmit slot the header and, at ``TX_FRAME_OFF``, the
-    frame. ``poll_ns`` paces every wait; ``tx_timeout_ns`` bounds a wait for transmit room.
+    frame. ``rx_buf_size`` (default ``BUF_SIZE``) is the length the receive buffers are posted
+    with; with MRG_RXBUF negotiated a frame may span several, as the header's num_buffers
+    says (a buffer used with length 0 carried nothing: the device dropped that frame).
+    ``poll_ns`` paces every wait; ``tx_timeout_ns`` bounds a wait for transmit room.
     """
 
     def __init__(self, access: RegisterAccess, fn: OffcardFunction, mem: DmaMemory,
-                 queue_size: int = 64, poll_ns: int = 1_000, tx_timeout_ns: int = 1_000_000):
+                 queue_size: int = 64, poll_ns: int = 1_000, tx_timeout_ns: int = 1_000_000,
+                 rx_buf_size: int = BUF_SIZE):
         if not _pow2(queue_size) or queue_size > MAX_QUEUE_SIZE:
             raise ValueError(f"queue_size must be a power of two up to {MAX_QUEUE_SIZE}, "
                              f"got {queue_size}")
+        if not NET_HDR_LEN <= rx_buf_size <= BUF_SIZE:
+            raise ValueError(f"rx_buf_size must be {NET_HDR_LEN}..{BUF_SIZE}, got {rx_buf_size}")
+        self.rx_buf_size = rx_buf_size
+        self._partial: list[bytes] = []           # buffers of a merged frame so far
+        self._partial_want = 0
         self.access = access
         self.fn = fn
         self.t = fn.t
@@ -482,7 +492,8 @@ class VirtioNetDriver:
         self.features = 0
         self.mac: bytes | None = None
         self.queues: dict[int, Virtqueue] = {}
-        self.stats = {"sent": 0, "received": 0, "notifies": 0, "interrupts": 0}
+        self.stats = {"sent": 0, "received": 0, "notifies": 0, "interrupts": 0,
+                      "rx_empty": 0, "merged": 0}
         self._up = False
         self._notify_reg: dict[int, int] = {}
         self._slots: dict[int, list[int]] = {}        # queue -> every buffer slot
@@ -768,7 +779,7 @@ class VirtioNetDriver:
         return len(done)
 
     async def _post_slot(self, slot: int) -> None:
-        head = await self.rx.add_buffer(in_bufs=[(slot, BUF_SIZE)])
+        head = await self.rx.add_buffer(in_bufs=[(slot, self.rx_buf_size)])
         self._owner[RX_QUEUE][head] = slot
 
     async def post_rx(self, n: int) -> None:
@@ -785,12 +796,30 @@ class VirtioNetDriver:
     async def _harvest_rx(self) -> list[bytes]:
         frames = []
         used = await self.rx.get_used()
+        mrg = self.has_feature(V.F_NET_MRG_RXBUF)
         for head, length in used:
             slot = self._owner[RX_QUEUE].pop(head)
-            if not NET_HDR_LEN <= length <= BUF_SIZE:
+            if mrg and length == 0 and not self._partial:
+                self.stats["rx_empty"] += 1            # a frame the device dropped
+                await self._post_slot(slot)
+                continue
+            low = 0 if self._partial else NET_HDR_LEN
+            if not low <= length <= self.rx_buf_size:
                 raise VirtioError(f"{self.fn}: receive buffer {head} used with length {length}")
-            frames.append((await self.mem.read(slot, length))[NET_HDR_LEN:])
+            data = await self.mem.read(slot, length)
             await self._post_slot(slot)
+            if not self._partial:
+                nbuf = int.from_bytes(data[10:12], "little")
+                if nbuf != 1 and not (mrg and nbuf > 1):
+                    raise VirtioError(f"{self.fn}: receive buffer {head}: num_buffers {nbuf}")
+                self._partial_want = nbuf
+                data = data[NET_HDR_LEN:]
+            self._partial.append(data)
+            if len(self._partial) == self._partial_want:
+                frames.append(b"".join(self._partial))
+                if self._partial_want > 1:
+                    self.stats["merged"] += 1
+                self._partial = []
         if used:
             self.stats["received"] += len(used)
             await self._kick(RX_QUEUE)

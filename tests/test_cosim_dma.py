@@ -10,4 +10,4 @@ from cosim.runner import sim_width_params
 @pytest.mark.parametrize("sim,width", sim_width_params())
 def test_dma(sim, width):
     res = run_card_bench(sim, "cosim.benches.dma", CardConfig(data_width=width))
-    assert res.num_tests == 4 and res.num_failed == 0
+    assert res.num_tests == 5 and res.num_failed == 0

@@ -163,7 +163,7 @@ class Vq:
 
 
 class World:
-    def __init__(self, W=64, ev_idx=0, indirect=0, xlate_limit=None, xoff=0):
+    def __init__(self, W=64, ev_idx=0, indirect=0, xlate_limit=None, xoff=0, mrg=0):
         self.cfg = CardConfig(total_vfs=2, data_width=W)
         assert self.cfg.num_functions == NF
         self.W, self.WB = W, W // 8
@@ -173,7 +173,7 @@ class World:
         self.regions = []
         self.brk = 0x1000
         self.live = self.bme = (1 << NF) - 1
-        self.ev_idx, self.indirect = ev_idx, indirect
+        self.ev_idx, self.indirect, self.mrg = ev_idx, indirect, mrg
         self.kick = 0
         self.xlate_limit = xlate_limit
         self.xoff = xoff          # a domain: bus address = IOVA + xoff (0: bypass)
@@ -456,6 +456,7 @@ class World:
             drive(e.bme, self.bme)
             drive(e.ev_idx, self.ev_idx)
             drive(e.indirect, self.indirect)
+            drive(e.mrg, self.mrg)
 
     def _host_tlp(self, hdr, dws, cpl_q):
         d0, d1, d2, d3 = hdr_dws(hdr)
@@ -544,11 +545,12 @@ def test_vf_to_vf_frame(W):
         assert w.isrs == [2, 1] and w.nrs == []
         assert w.kick_acks == [1 * NQ + TXQ]
         # the header and the frame were gathered by the DMA read channel for function 1 into
-        # slot 0, and written out by the write channel for function 2
+        # slot 0, and written out (a fresh header before the frame) in one piece by the write
+        # channel for function 2
         assert [c["fidx"] for c in w.rd_cmds] == [1, 1]
         assert sum(c["length"] for c in w.rd_cmds) == P.NET_HDR + len(frame)
         assert [(c["fidx"], c["host"], c["length"]) for c in w.wr_cmds] == \
-            [(2, rx_addr + P.NET_HDR, len(frame))]
+            [(2, rx_addr, P.NET_HDR + len(frame))]
     w.run(body)
 
 
@@ -759,7 +761,7 @@ def test_rx_chain_header_only_first_buffer():
         w.check_rx(0, rx_addr, frame, 0, rx_head)            # contiguous buffers
         assert w.vq[0, RXQ].used_idx == 1
         assert [(c["host"], c["length"]) for c in w.wr_cmds] == \
-            [(rx_addr + 12, 64), (rx_addr + 76, 36)]
+            [(rx_addr, 12), (rx_addr + 12, 64), (rx_addr + 76, 36)]
         assert [c["length"] for c in w.rd_cmds] == [P.NET_HDR + len(frame)]   # one piece
         assert w.vq[1, TXQ].used_elem(0) == (tx_head, 0)
         ctr = await w.counters(ctx)
@@ -793,7 +795,7 @@ def test_domain_pieces_cut_at_pages():
     w = World(xoff=XOFF)
     frame = make_frame(mac(2), mac(1), 100, seed=17)
     tx_head = w.send(1, frame, at=0x2FD0)                   # 48 bytes, then 52 on the next page
-    rx_head, rx_addr = w.post_rx(2, at=0x4FF0)               # header 12, then 4 + 96
+    rx_head, rx_addr = w.post_rx(2, at=0x4FF0)               # header 12 + 4, then 96
 
     async def body(ctx):
         w.notify(1, TXQ)
@@ -806,12 +808,152 @@ def test_domain_pieces_cut_at_pages():
         card0 = w.rd_cmds[1]["card"]
         assert w.rd_cmds[2]["card"] == card0 + 48
         assert [(c["host"], c["length"]) for c in w.wr_cmds] == \
-            [(XOFF + 0x4FFC, 4), (XOFF + 0x5000, 96)]
+            [(XOFF + 0x4FF0, 16), (XOFF + 0x5000, 96)]
         iovas = [r["iova"] for r in w.xreqs]
-        for a in (0x2FD0, 0x3000, 0x4FFC, 0x5000):
+        for a in (0x2FD0, 0x3000, 0x4FF0, 0x5000):
             assert a in iovas
         assert all(r["fidx"] in (1, 2) for r in w.xreqs)
         assert all(t[1] >= XOFF for t in w.tlps)                # bus addresses only
         ctr = await w.counters(ctx)
         expect(ctr, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=2)
+    w.run(body)
+
+
+# ---- 9. buffers at any byte address, MRG_RXBUF, the top of the address space -----------
+
+@pytest.mark.parametrize("W", [64, 128])
+def test_buffers_at_any_byte_address(W):
+    """Linux's layout: one transmit descriptor holding header and frame at an address = 2 mod
+    4 with a length no multiple of 4; receive buffers at odd addresses. Byte exact both ways,
+    nothing dropped."""
+    w = World(W)
+    frames = [make_frame(mac(2), mac(1), n, seed=n) for n in (42, 85, 1514, 61, 97)]
+    heads = [w.send(1, f, single=True, at=w.brk + 2 + 16 * i) for i, f in enumerate(frames)]
+    rx = [w.post_rx(2, size=1530, at=w.brk + off) for off in (1, 3, 64, 2, 7)]
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx, limit=60000)
+        for i, f in enumerate(frames):
+            w.check_rx(2, rx[i][1], f, i, rx[i][0])
+            assert w.vq[1, TXQ].used_elem(i) == (heads[i], 0)
+        assert w.vq[2, RXQ].used_idx == len(frames)
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=5, RX_FRAMES=5, QUEUE_IRQS=10)
+    w.run(body)
+
+
+def check_merged(w, f, bufs, frame, first_elem=0):
+    """A frame spread over receive buffers ``bufs`` [(head, addr, size)] as MRG_RXBUF says:
+    the header (num_buffers = buffers used) at the start of the first, then the frame filling
+    each buffer in turn, one used element per buffer with what it holds."""
+    data = bytes(10) + len(bufs).to_bytes(2, "little") + frame
+    vq = w.vq[f, RXQ]
+    at = 0
+    for i, (head, addr, size) in enumerate(bufs):
+        n = min(size, len(data) - at)
+        got = bytes(w.mem[addr + w.xoff:addr + w.xoff + n])
+        assert got == data[at:at + n], f"buffer {i}"
+        assert vq.used_elem(first_elem + i) == (head, n), f"used element {i}"
+        at += n
+    assert at == len(data)
+
+
+@pytest.mark.parametrize("W", [64, 128])
+def test_mrg_rxbuf_frame_spans_buffers(W):
+    """With MRG_RXBUF a 1000-byte frame fills 300-byte buffers in turn: num_buffers 4 in the
+    first one's header, four used elements, one used index update and one interrupt; then a
+    60-byte frame takes one buffer (num_buffers 1)."""
+    w = World(W, mrg=0b100)
+    big = make_frame(mac(2), mac(1), 1000, seed=21)
+    small = make_frame(mac(2), mac(1), 60, seed=22)
+    w.send(1, big)
+    w.send(1, small)
+    bufs = []
+    for off in (0, 5, 2, 64, 3):
+        head, addr = w.post_rx(2, size=300, at=w.brk + off)
+        bufs.append((head, addr, 300))
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        check_merged(w, 2, bufs[:4], big)
+        check_merged(w, 2, bufs[4:], small, first_elem=4)
+        assert w.vq[2, RXQ].used_idx == 5
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=2, RX_FRAMES=2, QUEUE_IRQS=4)
+        assert [i for i in w.irqs if i[0] == 2] == [(2, vec_of(2, RXQ))] * 2
+    w.run(body)
+
+
+def test_mrg_rxbuf_out_of_buffers_gives_them_back_empty():
+    """A frame that needs three buffers where two are posted: both come back with length 0
+    (the driver frees them as runts), the frame counts as DROP_NOBUF; the next frame, with
+    buffers posted, arrives."""
+    w = World(mrg=0b100)
+    big = make_frame(mac(2), mac(1), 700, seed=23)
+    w.send(1, big)
+    bufs = [w.post_rx(2, size=300) for _ in range(2)]
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        rx = w.vq[2, RXQ]
+        assert rx.used_idx == 2
+        assert [rx.used_elem(i) for i in range(2)] == [(bufs[0][0], 0), (bufs[1][0], 0)]
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, DROP_NOBUF=1, QUEUE_IRQS=2)
+        more = [w.post_rx(2, size=2048)]
+        w.send(1, big)
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        check_merged(w, 2, [(more[0][0], more[0][1], 2048)], big, first_elem=2)
+    w.run(body)
+
+
+def test_mrg_rxbuf_first_buffer_smaller_than_header_dropped():
+    """With MRG_RXBUF every buffer holds a whole header: a first buffer of 8 bytes drops the
+    frame (DROP_SIZE) and is given back empty; nothing is written into it."""
+    w = World(mrg=0b100)
+    frame = make_frame(mac(2), mac(1), 100, seed=24)
+    w.send(1, frame)
+    head, addr = w.post_rx_chain(2, [8, 2048])
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert w.vq[2, RXQ].used_elem(0) == (head, 0)
+        assert bytes(w.mem[addr:addr + 8]) == bytes([RX_FILL]) * 8
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, DROP_SIZE=1, QUEUE_IRQS=2)
+    w.run(body)
+
+
+@pytest.mark.parametrize("direction", ["rx", "tx"])
+def test_buffer_past_top_of_address_space(direction):
+    """A buffer at 2**64 - 16 of 2048 bytes would wrap to bus address 0: the function is set
+    NEEDS_RESET before any byte moves (no DMA command at all), and the other function's
+    traffic goes on."""
+    w = World()
+    top = 2**64 - 16
+    frame = make_frame(mac(2), mac(1), 100, seed=25)
+    if direction == "rx":
+        w.send(1, frame)
+        w.vq[2, RXQ].chain([(top, 2048, D_WRITE)])
+    else:
+        w.vq[1, TXQ].chain([(top, 2048, 0)])
+    bad = 2 if direction == "rx" else 1
+    good = 3 - bad
+    ok_frame = make_frame(mac(good), mac(0), 80, seed=26)
+    w.send(0, ok_frame)
+    rx_head, rx_addr = w.post_rx(good)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert w.nrs == [bad]
+        assert all(c["host"] < MEM_SIZE for c in w.rd_cmds + w.wr_cmds)
+        w.notify(0, TXQ)
+        await w.settle(ctx)
+        w.check_rx(good, rx_addr, ok_frame, 0, rx_head)
     w.run(body)
