@@ -89,10 +89,12 @@ class NetRegs:
     RX_FRAMES    = 0x304   # frames delivered into receive queues
     UPLINK_OUT   = 0x308   # frames sent to the uplink port (broadcast, multicast, unknown)
     UPLINK_IN    = 0x30C   # frames taken from the uplink port
-    DROP_NOBUF   = 0x310   # no receive buffer (or the receiving function not live)
+    DROP_NOBUF   = 0x310   # no receive buffer (or the receiving function not live; or the
+                           # ring ran dry in mid-frame with MRG_RXBUF)
     DROP_BAD     = 0x314   # a malformed queue: the function was set NEEDS_RESET
     DROP_UNKNOWN = 0x318   # an uplink frame for no function (CTRL.DEFAULT_PF clear), or sent to itself
-    DROP_SIZE    = 0x31C   # runt, oversized, unaligned buffers, or a receive buffer too small
+    DROP_SIZE    = 0x31C   # runt, oversized, or a receive buffer too small (with MRG_RXBUF:
+                           # a first buffer smaller than the header)
     QUEUE_IRQS   = 0x320   # used-buffer notifications sent (MSI-X, or ISR only without a vector)
     IRQ_SUPPRESSED = 0x324 # used buffers the driver asked not to be interrupted for
     XLATE_ERRORS = 0x328   # queue or buffer addresses outside the function's domain (or absent)

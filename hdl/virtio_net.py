@@ -8,11 +8,17 @@ robin (one transmitted frame per visit):
   device-readable buffer into frame buffer slot 0 through the DMA read channel;
 * **switch**: the destination MAC (captured as the frame lands in the buffer) is looked up in
   the station table (:mod:`hdl.mac_table`, a programmable address per function, reset value
-  ``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; broadcast,
-  multicast and unknown destinations go to the uplink port (``uplink_tx``);
-* **receive** (queue 0): take the function's next available chain, write a fresh
-  ``virtio_net_hdr`` (num_buffers 1) and the frame into its device-writable buffers through the
-  DMA write channel, then the used element and index;
+  ``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; unknown
+  destinations go to the uplink port (``uplink_tx``); broadcast and multicast ones go to the
+  uplink and then to every other function that is up (live, bus master, not stopped), one
+  after the other (a function that is down is passed over);
+* **receive** (queue 0): a fresh ``virtio_net_hdr`` goes into the frame buffer before the
+  frame, and header and frame, one byte string, into the function's next available chain
+  through the DMA write channel (any byte address, any layout of the chain), then the used
+  element and index. With ``VIRTIO_NET_F_MRG_RXBUF`` a frame that does not fit one buffer fills
+  the next ones in turn (one used element each, published together) and the first header's
+  ``num_buffers`` is written last; a ring that runs dry in mid-frame gets the buffers it gave
+  back empty (length 0) and the frame is counted in ``DROP_NOBUF``;
 * **completion**: the used element (id, length) and index of each queue, ``avail_event`` when
   VIRTIO_F_EVENT_IDX is negotiated, and the queue's MSI-X vector unless suppressed
   (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag);
@@ -26,13 +32,13 @@ Small structures (indices, ring entries, descriptors) are read and written with 
 own MemRd/MemWr (tag :data:`VQ_TAG`, the function's requester ID). Bad input never hangs the
 engine: a descriptor loop (more descriptors than the queue holds), an index beyond the queue,
 a descriptor of the wrong direction, a bad indirect table or an available index running ahead
-by more than the queue size sets the function's NEEDS_RESET and stops its queues; runts,
-oversized frames, buffers not on DW boundaries and receive buffers too small drop the frame
-and count it. Every address the driver gives (rings, descriptors, buffers) is an I/O virtual
-address of the function's domain when the PF gave it one (:mod:`hdl.translate`): each small
-access and each buffer piece (cut at 4 KiB pages) is translated first, and an address outside
-the domain, or not present, sets NEEDS_RESET before anything moves there (counted in
-``XLATE_ERRORS``).
+by more than the queue size sets the function's NEEDS_RESET and stops its queues, and so does
+a buffer whose end passes the top of the 64-bit space (before any byte of it moves); runts,
+oversized frames and receive buffers too small drop the frame and count it. Every address the
+driver gives (rings, descriptors, buffers) is an I/O virtual address of the function's domain
+when the PF gave it one (:mod:`hdl.translate`): each small access and each buffer piece (cut
+at 4 KiB pages) is translated first, and an address outside the domain, or not present, sets
+NEEDS_RESET before anything moves there (counted in ``XLATE_ERRORS``).
 """
 
 from amaranth import *
@@ -375,6 +381,8 @@ class VirtioNetEngine(wiring.Component):
         nbuf_q = Signal(16)                # num_buffers of a frame that spans buffers
         aidx_q = Signal(16)                # the available index last read
         ab = Signal(16)                    # used elements taken back so far (RX_AB)
+        flood = Signal()                   # a broadcast / multicast frame: to every function
+        fl_g = Signal(range(nf + 1))       # the next function to flood to
         ret_rx = Signal()                  # LOADQ returns to the receive path
         ret_used = Signal()                # ... to the transmit completion
         ptr = Signal(range(nf))
@@ -499,7 +507,7 @@ class VirtioNetEngine(wiring.Component):
             m.d.comb += mig_busy.eq(~engine.ongoing("SCAN")
                                     & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
             with m.State("SCAN"):
-                m.d.sync += [phase.eq(0), drop.eq(0)]
+                m.d.sync += [phase.eq(0), drop.eq(0), flood.eq(0), fl_g.eq(0)]
                 with m.If(self.uplink_rx.valid):
                     m.d.sync += [k.eq(0), total.eq(0), dst.eq(0)]
                     m.next = "UPIN"
@@ -680,7 +688,9 @@ class VirtioNetEngine(wiring.Component):
                     m.d.comb += inc["DROP_SIZE"].eq(1)
                     m.next = "TX_USED"
                 with m.Elif(dst[0] | ~is_ours):
-                    m.d.sync += [k.eq(0), nwords.eq((total - P.NET_HDR + WB - 1) >> LB)]
+                    # (a broadcast or multicast frame goes to the other functions too, after)
+                    m.d.sync += [k.eq(0), nwords.eq((total - P.NET_HDR + WB - 1) >> LB),
+                                 flood.eq(dst[0]), phase.eq(1)]
                     m.next = "UP_RD"
                 with m.Elif(mt.hit_fidx == cf):
                     m.d.comb += inc["DROP_UNKNOWN"].eq(1)
@@ -708,6 +718,8 @@ class VirtioNetEngine(wiring.Component):
                     with m.If(lastw):
                         m.d.comb += inc["UPLINK_OUT"].eq(1)
                         m.next = "TX_USED"
+                        with m.If(flood):
+                            m.next = "FLOOD"
                     with m.Else():
                         m.next = "UP_RD"
 
@@ -733,7 +745,10 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(drop | (total < P.MIN_FRAME) | (total > PKT_MAX - P.NET_HDR)):
                     m.d.comb += inc["DROP_SIZE"].eq(1)
                     m.next = "NEXT"
-                with m.Elif(dst[0] | ~(is_ours | net_ctrl)):
+                with m.Elif(dst[0]):
+                    m.d.sync += flood.eq(1)            # broadcast / multicast: every function
+                    m.next = "FLOOD"
+                with m.Elif(~(is_ours | net_ctrl)):
                     m.d.comb += inc["DROP_UNKNOWN"].eq(1)
                     m.next = "NEXT"
                 with m.Else():
@@ -741,19 +756,38 @@ class VirtioNetEngine(wiring.Component):
 
             # -- receive: deliver the frame in ``slot`` to the function owning its destination
             #    (an uplink frame for none reaches here only with DEFAULT_PF: to the PF) --
+            def receiver_up(g):
+                return (self.live.bit_select(g, 1) & self.bme.bit_select(g, 1)
+                        & ~mig_stop.bit_select(g, 1))
+
+            def deliver_to(g):
+                m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0),
+                             nb.eq(0), total.eq(0), k.eq(0)]
+
             with m.State("RX_START"):
                 owner = Mux(is_ours, mt.hit_fidx, 0)
                 # DEFAULT_PF also takes the frames of a stopped function (a guest in migration:
                 # the host holds them and forwards them to where the guest goes)
                 g = Mux(net_ctrl & mig_stop.bit_select(owner, 1), 0, owner)
-                m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0)]
-                m.d.sync += [nb.eq(0), total.eq(0), k.eq(0)]
-                with m.If(self.live.bit_select(g, 1) & self.bme.bit_select(g, 1)
-                          & ~mig_stop.bit_select(g, 1)):
+                deliver_to(g)
+                with m.If(receiver_up(g)):
                     m.next = "RX_HDRW"
                 with m.Else():
                     m.d.comb += inc["DROP_NOBUF"].eq(1)
                     m.next = "RX_DONE"
+            with m.State("FLOOD"):
+                # a broadcast or multicast frame, to each function that is up but its sender
+                # (one a cycle; a function that is down is passed over, not counted)
+                with m.If(fl_g == nf):
+                    m.d.sync += flood.eq(0)
+                    m.next = "NEXT"
+                    with m.If(phase == 1):
+                        m.next = "TX_USED"
+                with m.Else():
+                    m.d.sync += fl_g.eq(fl_g + 1)
+                    with m.If(receiver_up(fl_g) & ~((phase == 1) & (fl_g == tx_f))):
+                        deliver_to(fl_g)
+                        m.next = "RX_HDRW"
             with m.State("RX_HDRW"):
                 # a fresh virtio_net_hdr in the slot before the frame (num_buffers 1): the
                 # receive buffers get the slot's header and frame as one byte string
@@ -950,8 +984,11 @@ class VirtioNetEngine(wiring.Component):
                 with m.Else():
                     m.next = "NEXT"
             with m.State("RX_DONE"):
-                # back to the sender to complete its transmit buffer
-                with m.If(phase == 1):
+                # on to the next function of a flood, or back to the sender to complete its
+                # transmit buffer
+                with m.If(flood):
+                    m.next = "FLOOD"
+                with m.Elif(phase == 1):
                     m.next = "TX_USED"
                 with m.Else():
                     m.next = "NEXT"
@@ -965,7 +1002,9 @@ class VirtioNetEngine(wiring.Component):
                 m.d.comb += [self.nr_set.eq(1), self.nr_fidx.eq(cf), inc["DROP_BAD"].eq(1),
                              inc["XLATE_ERRORS"].eq(h_xerr)]
                 m.d.sync += txpend.bit_select(cf, 1).eq(0)
-                with m.If(phase == 1):
+                with m.If(flood):
+                    m.next = "FLOOD"              # a receiver of a flood broke: the others next
+                with m.Elif(phase == 1):
                     m.next = "TX_USED"            # the receiver broke; the sender's frame is done
                 with m.Else():
                     m.next = "NEXT"

@@ -683,10 +683,14 @@ def test_no_interrupt_flag_suppresses():
 # ---- 5. uplink ---------------------------------------------------------------------------
 
 def test_uplink_out_and_in():
+    """A broadcast goes out on the uplink (byte exact, keep and last right) and to the other
+    functions that are up (function 2 takes it into its first buffer; the PF has none:
+    DROP_NOBUF); a unicast frame from the uplink reaches its function."""
     w = World()
     bcast = make_frame(b"\xff" * 6, mac(1), 100, seed=9)
     tx_head = w.send(1, bcast)
     inbound = make_frame(mac(2), b"\x00\x11\x22\x33\x44\x55", 90, seed=11)
+    b_head, b_addr = w.post_rx(2)
     rx_head, rx_addr = w.post_rx(2)
 
     async def body(ctx):
@@ -704,16 +708,46 @@ def test_uplink_out_and_in():
                        for b in beats)
         assert got == bcast
         assert w.vq[1, TXQ].used_elem(0) == (tx_head, 0) and w.vq[1, TXQ].used_idx == 1
-        assert w.wr_cmds == []
+        w.check_rx(2, b_addr, bcast, 0, b_head)
         # and a frame from the uplink to function 2
         w.inject_uplink(inbound)
         await w.settle(ctx)
-        w.check_rx(2, rx_addr, inbound, 0, rx_head)
-        assert w.vq[2, RXQ].used_idx == 1
+        w.check_rx(2, rx_addr, inbound, 1, rx_head)
+        assert w.vq[2, RXQ].used_idx == 2
         ctr = await w.counters(ctx)
-        expect(ctr, TX_FRAMES=1, UPLINK_OUT=1, UPLINK_IN=1, RX_FRAMES=1, QUEUE_IRQS=2)
-        assert w.irqs == [(1, vec_of(1, TXQ)), (2, vec_of(2, RXQ))]
+        expect(ctr, TX_FRAMES=1, UPLINK_OUT=1, UPLINK_IN=1, RX_FRAMES=2, DROP_NOBUF=1,
+               QUEUE_IRQS=3)
+        assert w.irqs == [(2, vec_of(2, RXQ)), (1, vec_of(1, TXQ)), (2, vec_of(2, RXQ))]
         assert len(w.uplink_frames) == 1
+    w.run(body)
+
+
+def test_broadcast_from_uplink_floods_every_function_up():
+    """A broadcast from the uplink reaches every function that is up, each in its own receive
+    buffer; a function that is down is passed over without a count; a multicast frame from
+    a function goes to the uplink and the other functions, never back to the sender."""
+    w = World()
+    arp = make_frame(b"\xff" * 6, b"\x00\x11\x22\x33\x44\x55", 60, seed=30)
+    mcast = make_frame(b"\x01\x00\x5e\x00\x00\x01", mac(0), 70, seed=31)
+    bufs = {f: [w.post_rx(f) for _ in range(2)] for f in (0, 1, 2)}
+    w.send(0, mcast)
+
+    async def body(ctx):
+        w.live &= ~(1 << 1)                    # function 1 is down
+        w.inject_uplink(arp)
+        await w.settle(ctx)
+        for f in (0, 2):
+            w.check_rx(f, bufs[f][0][1], arp, 0, bufs[f][0][0])
+        assert w.vq[1, RXQ].used_idx == 0
+        w.live |= 1 << 1
+        w.notify(0, TXQ)
+        await w.settle(ctx)
+        assert len(w.uplink_frames) == 1
+        w.check_rx(1, bufs[1][0][1], mcast, 0, bufs[1][0][0])
+        w.check_rx(2, bufs[2][1][1], mcast, 1, bufs[2][1][0])
+        assert w.vq[0, RXQ].used_idx == 1                 # not back to the sender
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, UPLINK_OUT=1, UPLINK_IN=1, RX_FRAMES=4, QUEUE_IRQS=5)
     w.run(body)
 
 
