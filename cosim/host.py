@@ -29,6 +29,7 @@ class RootComplexTransport(Transport):
         self.timeout_ns = timeout_ns
         self._msi_count = {}
         self._msi_event = {}
+        self._msi_vec = {}
 
     # ---- non-posted helper ----------------------------------------------------------------
     async def _nonposted(self, req, what):
@@ -145,6 +146,7 @@ class RootComplexTransport(Transport):
         for v in self.rc.msi_alloc_vectors(n):
             self._msi_count[v.data] = 0
             self._msi_event[v.data] = Event()
+            self._msi_vec[v.data] = v
 
             async def on_msi(d=v.data):
                 self._msi_count[d] += 1
@@ -152,6 +154,12 @@ class RootComplexTransport(Transport):
             v.cb.append(on_msi)
             out.append(MsiVector(v.addr, v.data))
         return out
+
+    def add_msi_callback(self, vector, fn):
+        """Call ``fn()`` (plain, not a coroutine) on every message of MSI ``vector``."""
+        async def cb():
+            fn()
+        self._msi_vec[vector.data].cb.append(cb)
 
     def msi_count(self, vector):
         return self._msi_count.get(vector.data, 0)

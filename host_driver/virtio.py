@@ -654,6 +654,60 @@ class VirtioNetDriver:
         self._up = True
         return want
 
+    # ---- rings the caller owns (vhost / vDPA: the guest's own rings) ----
+    async def negotiate(self, features: int) -> int:
+        """Reset, ACKNOWLEDGE, DRIVER, write ``features`` (less what the device does not
+        offer), FEATURES_OK (checked) and the configuration-change vector: the first half of
+        :meth:`bring_up` for a caller that hands the device rings of its own with
+        :meth:`attach_ring`, then calls :meth:`driver_ok`. Returns the features written."""
+        await self.reset()
+        status = V.S_ACKNOWLEDGE | V.S_DRIVER
+        await self._set_status(V.S_ACKNOWLEDGE)
+        await self._set_status(status)
+        want = features & await self.device_features()
+        try:
+            await self._write_driver_features(want)
+            await self._set_status(status | V.S_FEATURES_OK)
+            if not await self.read_status() & V.S_FEATURES_OK:
+                raise VirtioError(f"{self.fn}: device refused features {want:#x}")
+            self.features = want
+            await self._setup_msix()
+        except VirtioError:
+            await self._set_status(await self.read_status() | V.S_FAILED)
+            raise
+        return want
+
+    async def attach_ring(self, q: int, size: int, desc: int, avail: int, used: int) -> None:
+        """Queue ``q`` on rings the caller laid out (device addresses of the descriptor table,
+        available and used rings), ``size`` entries, MSI-X vector ``QUEUE_VECTORS[q]``."""
+        await self._cwrite(V.Q_SELECT, q, 2)
+        max_size = await self._cread(V.Q_SIZE, 2)
+        if not _pow2(size) or not 0 < size <= max_size:
+            raise VirtioError(f"{self.fn}: queue {q}: size {size} (the device takes up to "
+                              f"{max_size}, a power of two)")
+        await self._cwrite(V.Q_SIZE, size, 2)
+        vector = QUEUE_VECTORS[q]
+        await self._cwrite(V.Q_MSIX, vector, 2)
+        if await self._cread(V.Q_MSIX, 2) == V.NO_VECTOR:
+            raise VirtioError(f"{self.fn}: queue {q}: device refused MSI-X vector {vector}")
+        await self._use_vector(vector)
+        notify = self.structures[VirtioCaps.CFG_TYPE_NOTIFY]
+        self._notify_reg[q] = (notify.offset
+                               + await self._cread(V.Q_NOTIFY_OFF, 2) * notify.notify_mult)
+        for field, addr in ((V.Q_DESC, desc), (V.Q_DRIVER, avail), (V.Q_DEVICE, used)):
+            await self._cwrite(field, addr & 0xFFFF_FFFF, 4)
+            await self._cwrite(field + 4, addr >> 32, 4)
+        await self._cwrite(V.Q_ENABLE, 1, 2)
+
+    async def driver_ok(self) -> None:
+        """DRIVER_OK after :meth:`negotiate` and :meth:`attach_ring`; checks the status."""
+        await self._set_status(await self.read_status() | V.S_DRIVER_OK)
+        await self.check_status()
+
+    def vector_of(self, q: int):
+        """The MSI-X vector (a :class:`host_driver.transport.MsiVector`) of queue ``q``."""
+        return self.fn.msix_vectors[QUEUE_VECTORS[q]]
+
     def rehome(self, fn: OffcardFunction, access: RegisterAccess | None = None) -> None:
         """Go on, with the same queues and buffers, on function ``fn``: a live migration moved
         the device state there (and the memory to ``fn``'s host), and that host set up ``fn``'s

@@ -1,0 +1,148 @@
+"""A simulated card serving Linux guests: the set-up that the guest benches, ``make demo`` and
+``python -m cosim.vhost_serve`` share.
+
+:class:`CardRig` brings the card up through the ``RootComplex`` (enumeration, SR-IOV), puts a
+network peer (:class:`cosim.netpeer.NetPeer`: ARP and ICMP echo) on the card's uplink port,
+and serves chosen VFs over vhost-user (:class:`cosim.vhost_card.VhostCard`), all file
+descriptors in one :class:`cosim.vhost_user.Reactor` run by a :class:`cosim.vhost_card.FdPump`.
+:meth:`CardRig.boot` starts a QEMU guest on a VF's socket and registers its console there too;
+:meth:`CardRig.run` runs a command in a guest while the simulation goes on.
+"""
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import cocotb
+
+from hdl.params import VirtioRegs as V
+from .harness import CardHarness
+from .uplink import Uplink
+from .netpeer import NetPeer
+from .vhost_user import Reactor
+from .vhost_card import VhostCard, FdPump
+
+__all__ = ["CardRig", "PEER_IP", "PEER_MAC", "vf_mac", "vf_ip"]
+
+log = logging.getLogger("cosim.guest_rig")
+
+PEER_IP = "10.0.0.254"
+PEER_MAC = bytes.fromhex("020000fe00fe")
+NET = "10.0.0"
+
+
+def vf_mac(n: int) -> str:
+    """The MAC address VF ``n`` has in the card's switch (and its guest is given)."""
+    return ":".join(f"{b:02x}" for b in V.MAC_PREFIX + bytes([n]))
+
+
+def vf_ip(n: int) -> str:
+    return f"{NET}.{n}"
+
+
+class CardRig:
+    def __init__(self, dut, vfs, *, num_vfs=None, sock_dir=None, on_event=None, harness=None):
+        self.dut = dut
+        self.vf_numbers = list(vfs)
+        self.num_vfs = num_vfs or max(self.vf_numbers)
+        self.h = harness or CardHarness(dut)
+        self.reactor = Reactor()
+        self.sock_dir = Path(sock_dir or tempfile.mkdtemp(prefix="offcard_vhost_"))
+        self.events = []
+        self._on_event = on_event
+        self.guests = {}
+        self.peer = NetPeer(PEER_MAC, PEER_IP)
+        self._last = None
+
+    def event(self, text):
+        self.events.append((time.monotonic(), text))
+        if self._on_event:
+            self._on_event(text)
+        else:
+            log.info("%s", text)
+
+    def socket_path(self, n):
+        return self.sock_dir / f"vf{n}.sock"
+
+    async def start(self, *, reset=True):
+        """Card up (unless ``harness`` came started), VFs enabled, peer on the uplink,
+        sockets open."""
+        h = self.h
+        if reset:
+            await h.start()
+            await h.drv.probe()
+        self.vfs = await h.drv.enable_sriov(self.num_vfs)
+        self.uplink = Uplink(self.dut, h.data_width, prefix=h.prefix)
+        cocotb.start_soon(self._peer())
+        chosen = [self.vfs[n - 1] for n in self.vf_numbers]
+        self.card = await VhostCard(h, chosen, [str(self.socket_path(n))
+                                                for n in self.vf_numbers],
+                                    self.reactor, self.event).start()
+        self.pump = FdPump(self.reactor, self._idle).start()
+        return self
+
+    async def _peer(self):
+        while True:
+            frame = await self.uplink.arrived.get()
+            for reply in self.peer.handle(frame):
+                self.uplink.send(reply)
+
+    def _idle(self):
+        """Nothing moved on the link or the uplink since the last look, and no card job is
+        queued: the simulation can wait for the outside world."""
+        b, u = self.h.bridge, self.uplink
+        now = (b.tlps_in, b.tlps_out, len(u.received), u._to_card.qsize())
+        quiet = now == self._last and b.idle.is_set() and self.card.idle and now[3] == 0
+        self._last = now
+        return quiet
+
+    # ---- guests -----------------------------------------------------------------------------
+    def qemu_options(self, n):
+        """The QEMU options that attach a guest to VF ``n``'s socket."""
+        from .guest.qemu import vhost_user_net
+        return [*vhost_user_net(self.socket_path(n)), "-device",
+                f"virtio-net-pci,netdev=net0,disable-legacy=on,vectors=0,mac={vf_mac(n)}"]
+
+    async def boot(self, n, *, timeout_s=120, **kw):
+        """Start a guest on VF ``n`` (IP 10.0.0.<n>/24) and wait until its eth0 is up."""
+        from .guest.image import ensure_image
+        from .guest.qemu import Guest, vhost_user_net
+        image = ensure_image()
+        g = Guest.start(image, netdev_args=vhost_user_net(self.socket_path(n)),
+                        mac=vf_mac(n), ip=f"{vf_ip(n)}/24", peer=PEER_IP,
+                        boot_timeout=timeout_s, **kw)
+        self.guests[n] = g
+        self.reactor.register(g.fileno(), g.on_readable)
+        t0 = time.monotonic()
+
+        def up():
+            if g.errors or not g.alive:
+                raise g.error(f"guest on VF{n} failed to come up")
+            return g.ready is not None
+        await self.pump.until(up, timeout_s, f"guest on VF{n}: eth0 up")
+        g.boot_s = time.monotonic() - t0
+        self.event(f"VF{n}: guest up, eth0 {g.ready.mac} {g.ready.ip} after {g.boot_s:.1f} s")
+        return g
+
+    async def run(self, n, cmd, timeout_s=60):
+        """Run ``cmd`` in VF ``n``'s guest; ``(rc, output)``."""
+        g = self.guests[n]
+        token = g.send(cmd, timeout_s)
+
+        def done():
+            if not g.alive:
+                raise g.error(f"guest on VF{n} died while running {cmd!r}")
+            return g.poll(token) is not None
+        await self.pump.until(done, timeout_s + 15, f"guest on VF{n}: {cmd!r}")
+        return g.poll(token)
+
+    def kill(self, n):
+        g = self.guests.pop(n)
+        self.reactor.unregister(g.fileno())
+        g.kill()
+
+    def close(self):
+        for n in list(self.guests):
+            self.kill(n)
+        self.card.close()

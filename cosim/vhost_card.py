@@ -1,0 +1,400 @@
+"""The simulated card as a vhost-user back-end: a QEMU guest's virtio-net rings on a card VF.
+
+This is what the host kernel's vhost-vdpa does for vDPA hardware, done inside the simulation:
+QEMU keeps the device's PCI side, its configuration and the control queue; for each chosen VF a
+:class:`cosim.vhost_user.VhostUserServer` takes QEMU's memory table and data rings, and
+:class:`VfBackend` hands them to the VF:
+
+* **memory**: each region of the guest's RAM (QEMU's shared memfd, mapped by the server) is
+  registered in the ``RootComplex``'s host memory at a bus window of the VF's own
+  (:func:`guest_window`: ``GUEST_WINDOW_BASE + fidx * GUEST_WINDOW_SIZE`` plus the
+  guest-physical address), and the VF's IOMMU domain (PF BAR2, :class:`host_driver.iommu.Iommu`)
+  maps each guest-physical page to it, as vhost-vdpa programs the platform IOMMU: the card
+  walks Linux's rings and moves Linux's buffers by the guest-physical addresses Linux wrote,
+  its DMA landing in the guest's RAM with no copy. The RootComplex's own memory pool stays at
+  0..2 GiB (rings and page tables of the host driver live there);
+* **rings**: ``SET_FEATURES`` / ``SET_VRING_NUM`` / ``ADDR`` / ``BASE`` / ``ENABLE`` become a
+  virtio bring-up of the VF through config and MMIO requests, as a driver does
+  (:meth:`host_driver.virtio.VirtioNetDriver.negotiate` / ``attach_ring`` / ``driver_ok``); a
+  non-zero ring base is restored through PF BAR2 (:class:`host_driver.vf_state.CardVfState`);
+* **notifications**: a kick eventfd becomes a write of the VF's notify register; the VF's MSI-X
+  message for a queue becomes a write of that queue's call eventfd (QEMU raises the guest's
+  interrupt); NEEDS_RESET is reported on the rings' error eventfds;
+* **stop**: ``GET_VRING_BASE`` stops the VF (``MigRegs`` stop, wait until idle) and answers
+  with the device's own ``last_avail`` index; a closed socket resets that VF's virtio state
+  only (device status 0) and takes its guest memory away (the domain's pages unmapped, the
+  windows unregistered).
+
+Nothing here runs per cycle: :class:`FdPump` polls the file descriptors between simulated
+intervals while the card works, and blocks in ``select`` while the card is idle and the bench
+waits for the outside world (a guest booting, a ping in flight on the guest's side).
+"""
+
+import logging
+import time
+
+import cocotb
+from cocotb.queue import Queue
+from cocotb.triggers import Timer
+from cocotbext.axi.address_space import MemoryRegion as RcRegion
+
+from hdl.params import MigRegs as MG
+from host_driver.iommu import Iommu
+from host_driver.vf_state import CardVfState
+from host_driver.virtio import VirtioNetDriver, DirectAccess, VirtioError, RX_QUEUE, TX_QUEUE
+
+from .vhost_user import VhostUserDevice, VhostUserServer, Reactor, Deferred, ProtocolError
+
+__all__ = ["FdPump", "VfBackend", "VhostCard", "guest_window", "GUEST_WINDOW_BASE",
+           "GUEST_WINDOW_SIZE"]
+
+log = logging.getLogger("cosim.vhost_card")
+
+GUEST_WINDOW_BASE = 0x40_0000_0000      # 256 GiB: above everything the RootComplex decodes
+GUEST_WINDOW_SIZE = 0x1_0000_0000       # 4 GiB of guest-physical space per function
+PAGE = 4096
+
+
+def guest_window(fidx: int) -> int:
+    """Bus address of guest-physical address 0 of the guest served by function ``fidx``."""
+    return GUEST_WINDOW_BASE + fidx * GUEST_WINDOW_SIZE
+
+
+class FdPump:
+    """Runs a :class:`cosim.vhost_user.Reactor` from inside the simulation.
+
+    Every ``poll_ns`` of simulated time it serves the file descriptors that are ready, without
+    waiting. While :meth:`until` waits for the outside world and ``idle()`` says the card has
+    nothing to do, it waits in ``select`` (up to ``idle_wait_s`` of wall time at a stretch)
+    instead of spinning the simulator."""
+
+    def __init__(self, reactor: Reactor, idle, poll_ns=1_000, idle_wait_s=0.02):
+        self.reactor = reactor
+        self.idle = idle
+        self.poll_ns = poll_ns
+        self.idle_wait_s = idle_wait_s
+        self.waiting = 0                 # callers of until() (and serve-forever users)
+        self.blocked_s = 0.0             # wall time spent waiting in select
+        self._task = None
+
+    def start(self):
+        if self._task is None:
+            self._task = cocotb.start_soon(self._run())
+        return self
+
+    async def _run(self):
+        while True:
+            self.reactor.poll(0)
+            if self.waiting and self.idle():
+                t0 = time.monotonic()
+                self.reactor.poll(self.idle_wait_s)
+                self.blocked_s += time.monotonic() - t0
+            await Timer(self.poll_ns, "ns")
+
+    async def until(self, pred, timeout_s, what):
+        """Wait (wall time) until ``pred()`` is true; raises ``TimeoutError`` naming ``what``."""
+        deadline = time.monotonic() + timeout_s
+        self.waiting += 1
+        try:
+            while not pred():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what}: not after {timeout_s} s of wall time")
+                await Timer(self.poll_ns, "ns")
+        finally:
+            self.waiting -= 1
+
+    async def serve_forever(self):
+        """Serve until cancelled (``python -m cosim.vhost_serve``): always idle-blocking."""
+        self.waiting += 1
+        while True:
+            await Timer(100 * self.poll_ns, "ns")
+
+
+class _Jobs:
+    """One worker that runs a card's management operations in order (they share PF BAR2's
+    select registers); callbacks that must not block queue coroutines here."""
+
+    def __init__(self):
+        self.q = Queue()
+        self.busy = False
+        cocotb.start_soon(self._run())
+
+    def put(self, name, coro_fn):
+        self.q.put_nowait((name, coro_fn))
+
+    @property
+    def idle(self):
+        return not self.busy and self.q.empty()
+
+    async def _run(self):
+        while True:
+            name, fn = await self.q.get()
+            self.busy = True
+            try:
+                await fn()
+            except Exception:
+                log.exception("card job %s failed", name)
+            finally:
+                self.busy = False
+
+
+class VfBackend(VhostUserDevice):
+    """One VF of the card behind one vhost-user socket. ``card`` is the :class:`VhostCard`,
+    ``vf`` the :class:`host_driver.offcard.OffcardFunction`; ``on_event(text)`` gets a line
+    per guest event (connect, memory, rings up, stop, disconnect, NEEDS_RESET)."""
+
+    def __init__(self, card, vf, features, on_event=None):
+        self.card = card
+        self.vf = vf
+        self.fidx = vf.index
+        self._features = features
+        self.on_event = on_event or (lambda text: None)
+        self.drv = VirtioNetDriver(DirectAccess(vf), vf, mem=None)
+        self.acked = 0
+        self.memory = None
+        self.regions = []                # (bus base, RootComplex region) registered for it
+        self.mapped = []                 # (gpa, size) mapped in the domain
+        self.vrings = {}
+        self.live = False                # the VF runs the guest's rings
+        self.stopped = False             # GET_VRING_BASE stopped it
+        self.generation = 0              # bumped per connection: stale jobs do nothing
+        self.kicks = {RX_QUEUE: 0, TX_QUEUE: 0}
+        self.calls = {RX_QUEUE: 0, TX_QUEUE: 0}
+        self._kick_pending = set()
+        self.server = None
+
+    def __repr__(self):
+        return f"<VfBackend VF{self.fidx}>"
+
+    # ---- vhost-user callbacks (never block; card work goes to the job worker) --------------
+    def features(self):
+        return self._features
+
+    def num_queues(self):
+        return 2
+
+    def set_features(self, features):
+        self.acked = features
+
+    def set_mem_table(self, memory):
+        """Register the guest's RAM in the RootComplex's host memory at the VF's window (the
+        old table's windows go first), and queue the domain update."""
+        self._unregister()
+        self.memory = memory
+        base = guest_window(self.fidx)
+        space = self.card.h.rc.mem_address_space
+        top = 0
+        for r in memory.regions:
+            if r.gpa + r.size > GUEST_WINDOW_SIZE:
+                raise ProtocolError(f"guest memory region at {r.gpa:#x}+{r.size:#x} is beyond "
+                                    f"the {GUEST_WINDOW_SIZE >> 30} GiB a VF's window holds")
+            region = RcRegion(r.size, mem=memory.view(r.gpa, r.size))
+            space.register_region(region, base + r.gpa)
+            self.regions.append((base + r.gpa, region))
+            top = max(top, r.gpa + r.size)
+        spans = [(r.gpa, r.size) for r in memory.regions]
+        gen = self.generation
+        self.card.jobs.put(f"VF{self.fidx} memory", lambda: self._map(gen, spans, top))
+        self.on_event(f"VF{self.fidx}: guest memory {top >> 20} MiB in {len(spans)} regions at "
+                      f"bus {base:#x}")
+
+    def vring_ready(self, index, vring):
+        self.vrings[index] = vring
+        if all(i in self.vrings and self.vrings[i].started for i in (RX_QUEUE, TX_QUEUE)):
+            gen = self.generation
+            self.card.jobs.put(f"VF{self.fidx} start", lambda: self._start(gen))
+
+    def get_vring_base(self, index):
+        d = Deferred()
+        gen = self.generation
+        self.card.jobs.put(f"VF{self.fidx} stop ring {index}", lambda: self._stop(gen, index, d))
+        return d
+
+    def kick(self, index):
+        self.kicks[index] += 1
+        if self.live and index not in self._kick_pending:
+            self._kick_pending.add(index)
+            cocotb.start_soon(self._notify(index))
+
+    def disconnected(self):
+        """The front-end went away: the VF's windows go now (the server unmaps the memory
+        after this returns); its reset and the domain's pages go through the job worker."""
+        self._unregister()
+        self.memory = None
+        self.live = False
+        self.vrings = {}
+        self.generation += 1
+        gen = self.generation
+        self.card.jobs.put(f"VF{self.fidx} reset", lambda: self._reset(gen))
+        self.on_event(f"VF{self.fidx}: front-end disconnected; the VF's virtio state is reset")
+
+    # ---- card work ---------------------------------------------------------------------------
+    def _unregister(self):
+        space = self.card.h.rc.mem_address_space
+        for base, region in self.regions:
+            space.regions = [e for e in space.regions if e[3] is not region]
+        self.regions = []
+
+    async def _map(self, gen, spans, top):
+        if gen != self.generation:
+            return
+        await self.card.map_guest(self, spans, top)
+
+    async def _notify(self, index):
+        self._kick_pending.discard(index)
+        if self.live:
+            await self.drv.notify(index)
+
+    async def _start(self, gen):
+        """Bring the VF up on the guest's rings: features, both queues at the guest-physical
+        addresses QEMU gave, the device's indices restored when the rings do not start at 0,
+        DRIVER_OK, one look at each queue (kicks before now are not repeated)."""
+        if gen != self.generation:
+            return
+        rings = {i: self.vrings[i] for i in (RX_QUEUE, TX_QUEUE)}
+        self.live = False
+        if not self.drv.structures:
+            await self.drv.probe()
+        await self.drv.negotiate(self.acked & self._features)
+        for i, v in rings.items():
+            await self.drv.attach_ring(i, v.num, v.desc, v.avail, v.used)
+        st = self.card.vf_state
+        used = {i: int.from_bytes(self.memory.read(v.used + 2, 2), "little")
+                for i, v in rings.items()}
+        if any(v.base for v in rings.values()) or any(used.values()) or self.stopped:
+            await st.quiesce(self.vf)
+            for i, (avail_reg, used_reg) in ((RX_QUEUE, (MG.RX_AVAIL, MG.RX_USED)),
+                                             (TX_QUEUE, (MG.TX_AVAIL, MG.TX_USED))):
+                await self.card.h.drv.mgmt_write(avail_reg, rings[i].base)
+                await self.card.h.drv.mgmt_write(used_reg, used[i])
+        await self.drv.driver_ok()
+        if self.stopped or any(v.base for v in rings.values()) or any(used.values()):
+            await st.resume(self.vf)
+        self.stopped = False
+        self.live = True
+        for i in rings:
+            await self.drv.notify(i)
+        self.on_event(f"VF{self.fidx}: rings up (RX {rings[0].num} at {rings[0].desc:#x}, "
+                      f"TX {rings[1].num} at {rings[1].desc:#x}, features "
+                      f"{self.drv.features:#x})")
+
+    async def _stop(self, gen, index, d):
+        """Stop the VF (both rings: they stop together on the card) and answer with ring
+        ``index``'s ``last_avail``."""
+        if gen != self.generation or not self.live and not self.stopped:
+            d.resolve(self.vrings[index].base if index in self.vrings else 0)
+            return
+        st = self.card.vf_state
+        if not self.stopped:
+            await st.quiesce(self.vf)
+            self.stopped = True
+            self.live = False
+        await self.card.h.drv.mgmt_write(MG.SEL, self.fidx)
+        value = await self.card.h.drv.mgmt_read(MG.RX_AVAIL if index == RX_QUEUE
+                                                else MG.TX_AVAIL)
+        self.on_event(f"VF{self.fidx}: ring {index} stopped at avail index {value}")
+        d.resolve(value)
+
+    async def _reset(self, gen):
+        if gen != self.generation:
+            return
+        self.live = False
+        self.stopped = False
+        await self.drv.reset()
+        await self.card.vf_state._sel(self.vf)
+        await self.card.h.drv.mgmt_write(MG.CTRL, 0)
+        await self.card.unmap_guest(self)
+
+    # ---- interrupts from the card --------------------------------------------------------------
+    def msi(self, q):
+        """The VF's MSI-X for queue ``q`` arrived at the root complex."""
+        self.calls[q] += 1
+        v = self.vrings.get(q)
+        if v is not None and self.live:
+            v.call()
+
+    def needs_reset(self):
+        self.on_event(f"VF{self.fidx}: the card set NEEDS_RESET (a bad ring)")
+        for v in self.vrings.values():
+            if v.err_fd is not None:
+                try:
+                    import os
+                    os.write(v.err_fd, (1).to_bytes(8, "little"))
+                except OSError:
+                    pass
+
+
+class VhostCard:
+    """The card of harness ``h`` serving VFs ``vfs`` (enabled, with MSI-X set up by this
+    class) on vhost-user sockets ``paths`` (one per VF), in ``reactor``."""
+
+    def __init__(self, h, vfs, paths, reactor, on_event=None):
+        self.h = h
+        self.reactor = reactor
+        self.jobs = _Jobs()
+        self.vf_state = CardVfState(h.drv)
+        self.iommu = Iommu(h.drv)
+        self.domains = {}
+        self.backends = {}
+        self.servers = {}
+        self.on_event = on_event or (lambda text: log.info("%s", text))
+        self._paths = dict(zip((vf.index for vf in vfs), paths))
+        self._vfs = vfs
+
+    async def start(self):
+        """Read each VF's device features, set up its MSI-X, open its socket."""
+        for vf in self._vfs:
+            probe = VirtioNetDriver(DirectAccess(vf), vf, mem=None)
+            await probe.probe()
+            features = await probe.device_features()
+            be = VfBackend(self, vf, features, self.on_event)
+            be.drv.structures = probe.structures
+            if not vf.msix_vectors:
+                await vf.setup_msix()
+            for q in (RX_QUEUE, TX_QUEUE):
+                self.h.t.add_msi_callback(be.drv.vector_of(q), lambda be=be, q=q: be.msi(q))
+            self.h.t.add_msi_callback(vf.msix_vectors[0], lambda be=be: self._config_irq(be))
+            server = VhostUserServer(self._paths[vf.index], be)
+            server.attach(self.reactor)
+            be.server = server
+            self.backends[vf.index] = be
+            self.servers[vf.index] = server
+            self.on_event(f"VF{vf.index}: serving vhost-user on {self._paths[vf.index]}")
+        return self
+
+    def _config_irq(self, be):
+        self.jobs.put(f"VF{be.fidx} status", lambda: self._check(be))
+
+    async def _check(self, be):
+        try:
+            await be.drv.check_status()
+        except VirtioError:
+            be.needs_reset()
+
+    @property
+    def idle(self):
+        return self.jobs.idle
+
+    async def map_guest(self, be, spans, top):
+        """The VF's domain maps every guest-physical page of ``spans`` to its window."""
+        pages = (top + PAGE - 1) // PAGE
+        dom = self.domains.get(be.fidx)
+        if dom is not None and dom.pages < pages:
+            await self.iommu.detach(be.fidx)
+            dom = None
+        if dom is None:
+            dom = self.domains[be.fidx] = await self.iommu.attach(be.fidx, be.fidx, pages)
+        await self.unmap_guest(be)
+        for gpa, size in spans:
+            await dom.map(gpa, size, bus=guest_window(be.fidx) + gpa)
+        be.mapped = list(spans)
+
+    async def unmap_guest(self, be):
+        """The VF's domain keeps no page of a guest that is gone (every DMA of it faults)."""
+        for gpa, size in be.mapped:
+            await self.iommu.unmap(be.fidx, gpa, size)
+        be.mapped = []
+
+    def close(self):
+        for s in self.servers.values():
+            s.close()
