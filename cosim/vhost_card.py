@@ -31,11 +31,13 @@ waits for the outside world (a guest booting, a ping in flight on the guest's si
 """
 
 import logging
+import os
 import time
 
 import cocotb
 from cocotb.queue import Queue
 from cocotb.triggers import Timer
+from cocotb.utils import get_sim_time
 from cocotbext.axi.address_space import MemoryRegion as RcRegion
 
 from hdl.params import MigRegs as MG
@@ -162,6 +164,7 @@ class VfBackend(VhostUserDevice):
         self.calls = {RX_QUEUE: 0, TX_QUEUE: 0}
         self._kick_pending = set()
         self.server = None
+        self.trace = []                  # (simulated ns, "kick" | "irq", queue): for latencies
 
     def __repr__(self):
         return f"<VfBackend VF{self.fidx}>"
@@ -243,6 +246,7 @@ class VfBackend(VhostUserDevice):
     async def _notify(self, index):
         self._kick_pending.discard(index)
         if self.live:
+            self.trace.append((get_sim_time("ns"), "kick", index))
             await self.drv.notify(index)
 
     async def _start(self, gen):
@@ -296,12 +300,17 @@ class VfBackend(VhostUserDevice):
         d.resolve(value)
 
     async def _reset(self, gen):
+        """Stop the VF and wait until the engine holds none of its work (what was under way
+        when the memory went away ends there, possibly in NEEDS_RESET), then reset its virtio
+        state (device status 0: NEEDS_RESET goes too), let it run, drop its pages."""
         if gen != self.generation:
             return
         self.live = False
         self.stopped = False
+        st = self.card.vf_state
+        await st.quiesce(self.vf)
         await self.drv.reset()
-        await self.card.vf_state._sel(self.vf)
+        await st._sel(self.vf)
         await self.card.h.drv.mgmt_write(MG.CTRL, 0)
         await self.card.unmap_guest(self)
 
@@ -309,6 +318,7 @@ class VfBackend(VhostUserDevice):
     def msi(self, q):
         """The VF's MSI-X for queue ``q`` arrived at the root complex."""
         self.calls[q] += 1
+        self.trace.append((get_sim_time("ns"), "irq", q))
         v = self.vrings.get(q)
         if v is not None and self.live:
             v.call()
@@ -318,7 +328,6 @@ class VfBackend(VhostUserDevice):
         for v in self.vrings.values():
             if v.err_fd is not None:
                 try:
-                    import os
                     os.write(v.err_fd, (1).to_bytes(8, "little"))
                 except OSError:
                     pass

@@ -119,14 +119,15 @@ def qemu_args(image: GuestImage, *, mem_mb: int = DEFAULT_MEM_MB, memfd: bool = 
               qmp_path: str | os.PathLike | None = None, console: str = "stdio",
               shell: bool = False, printk: int | None = None, ipv6: bool = False,
               append: Sequence[str] = (), extra_args: Sequence[str] = (),
-              qemu: str = QEMU) -> list[str]:
+              nic_opts: Sequence[str] = (), qemu: str = QEMU) -> list[str]:
     """The QEMU command line for ``image`` (q35, TCG, no default devices, no reboot).
 
     ``netdev_args`` comes from :func:`user_net` or :func:`vhost_user_net` (``None``: no NIC);
     the NIC is ``virtio-net-pci,disable-legacy=on,vectors=0`` with ``mac`` and no option ROM.
     ``console="stdio"`` puts ttyS0 on QEMU's stdin/stdout (for :class:`Guest`), ``"terminal"``
     the same multiplexed with the monitor (``Ctrl-A x`` quits; for a human). ``memfd=False``
-    gives plain RAM (no vhost-user then). ``qmp_path``: a QMP server socket.
+    gives plain RAM (no vhost-user then). ``qmp_path``: a QMP server socket. ``nic_opts`` are
+    more properties of the NIC (``"mrg_rxbuf=off"``...).
     """
     if console not in ("stdio", "terminal"):
         raise ValueError(f"console must be 'stdio' or 'terminal', not {console!r}")
@@ -146,8 +147,9 @@ def qemu_args(image: GuestImage, *, mem_mb: int = DEFAULT_MEM_MB, memfd: bool = 
     if console == "stdio":
         args += ["-monitor", "none"]
     if netdev:
-        args += [*netdev, "-device", f"virtio-net-pci,netdev={NETDEV_ID},disable-legacy=on,"
-                                     f"vectors=0,mac={mac},romfile="]
+        args += [*netdev, "-device", ",".join([f"virtio-net-pci,netdev={NETDEV_ID}",
+                                               "disable-legacy=on", "vectors=0", f"mac={mac}",
+                                               "romfile=", *nic_opts])]
     if qmp_path is not None:
         args += ["-qmp", f"unix:{os.fspath(qmp_path)},server=on,wait=off"]
     return [*args, *extra_args]
