@@ -2,12 +2,16 @@
 by the RTL through our vhost-user back-end (cosim.vhost_card), the card's uplink answered by
 a network peer (ARP, ICMP echo)."""
 
+import logging
+import os
 import re
+import socket
 import time
 
 import cocotb
 
 from hdl.params import NetRegs, VirtioRegs as V
+from cosim import vhost_user as VU
 from cosim.guest_rig import CardRig, PEER_IP, vf_ip
 
 PING_SIZES = [1, 2, 3, 7, 8, 15, 16, 31, 56, 64, 100, 255, 256, 511, 512, 999, 1000, 1400,
@@ -35,11 +39,67 @@ async def counters(h):
              "DROP_UNKNOWN", "DROP_SIZE")}
 
 
+class LogCount(logging.Handler):
+    """Counts the ERROR records of a logger (the vhost-user server's one line per refusal)."""
+
+    def __init__(self, name):
+        super().__init__(logging.ERROR)
+        self.lines = []
+        logging.getLogger(name).addHandler(self)
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def malformed_cases():
+    """(name, messages [(bytes, fds)]) of front-ends that go wrong; each must close its
+    connection with one log line before the bad message changes anything."""
+    def msg(req, payload=b"", flags=VU.VERSION):
+        return VU.encode(req, payload, flags)
+    mfd = os.memfd_create("offcard-bad-guest")
+    os.ftruncate(mfd, 1 << 20)
+    table = VU.pack_mem_table([VU.MemRegionDesc(0, 1 << 20, 0x7F00_0000_0000, 0)])
+    return [
+        ("bad size", [(msg(VU.Req.SET_FEATURES, b"\0" * 4), [])]),
+        ("unknown request", [(msg(999, b""), [])]),
+        ("fd missing", [(msg(VU.Req.SET_OWNER), []),
+                        (msg(VU.Req.SET_VRING_KICK, (0).to_bytes(8, "little")), [])]),
+        ("ring outside the memory table",
+         [(msg(VU.Req.SET_OWNER), []), (msg(VU.Req.SET_MEM_TABLE, table), [mfd]),
+          (msg(VU.Req.SET_VRING_NUM, VU.VringState(0, 256).pack()), []),
+          (msg(VU.Req.SET_VRING_ADDR, VU.VringAddr(0, 0, 0x7F00_0020_0000, 0x7F00_0020_1000,
+                                                   0x7F00_0020_2000).pack()), [])]),
+    ], mfd
+
+
+async def front_end_goes_wrong(rig, n, name, messages):
+    """Play ``messages`` to VF ``n``'s socket and wait until the back-end hangs up."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(rig.socket_path(n)))
+    for data, fds in messages:
+        socket.send_fds(sock, [data], fds) if fds else sock.sendall(data)
+    sock.setblocking(False)
+    closed = []
+
+    def hung_up():
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return False
+        closed.append(data)
+        return data == b""
+    await rig.pump.until(hung_up, 30, f"the back-end closing a front-end with {name}")
+    sock.close()
+
+
 @cocotb.test()
 async def test_guest_pings_uplink_peer(dut):
     """One Linux guest on VF1: virtio_net probes on the card, eth0 comes up, 20 pings of 1 to
-    1472 bytes to the peer on the uplink get 20 replies."""
-    rig = await CardRig(dut, [1]).start()
+    1472 bytes to the peer on the uplink get 20 replies. Then front-ends that go wrong on VF2's
+    socket (a bad size, an unknown request, a missing fd, a ring outside the memory table):
+    each connection is closed with one log line, VF2 is never brought up, the guest on VF1
+    goes on pinging."""
+    rig = await CardRig(dut, [1, 2]).start()
     try:
         g = await rig.boot(1)
         rc, out = await rig.run(1, "cat /sys/class/net/eth0/device/driver/module/drivers/*"
@@ -55,6 +115,19 @@ async def test_guest_pings_uplink_peer(dut):
         dut._log.info("guest boot %.1f s; 20 pings in %d cycles; RTTs (guest, ms) %s; %s",
                       g.boot_s, rig.h.cycles() - t0, [p[2] for p in pings], ctr)
         assert rig.peer.stats.echo_replies >= 20
+        errors = LogCount("cosim.vhost_user")
+        cases, mfd = malformed_cases()
+        for name, messages in cases:
+            before = len(errors.lines)
+            await front_end_goes_wrong(rig, 2, name, messages)
+            assert len(errors.lines) == before + 1, (name, errors.lines[before:])
+            dut._log.info("front-end with %s: %s", name, errors.lines[-1])
+        os.close(mfd)
+        await rig.pump.until(lambda: rig.card.idle, 30, "the card's jobs done")
+        assert await rig.card.backends[2].drv.read_status() == 0
+        assert rig.card.backends[2].mapped == []
+        rc, out = await rig.run(1, f"ping -c 3 -W 5 {PEER_IP}", timeout_s=120)
+        assert " 0% packet loss" in out, out
     finally:
         rig.close()
 
