@@ -93,6 +93,17 @@ def bench_migration(sim, cfg):
     return rec
 
 
+def bench_linux(sim, cfg):
+    """Two Linux guests (QEMU) on VF1 and VF2 (:mod:`cosim.benches.perf_linux`)."""
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "linux.json"
+        run_card_bench(sim, "cosim.benches.perf_linux", cfg,
+                       extra_env={"OFFCARD_BENCH_OUT": str(out)}, timeout_s=1800)
+        rec = json.loads(out.read_text())
+    rec.update({"sim": sim, "config": config_key(cfg)})
+    return rec
+
+
 def add_table(console, md, title, cols, rows):
     table = Table(title=title)
     for c in cols:
@@ -140,6 +151,7 @@ def main(argv=None):
     placement_rows = []
     qos_rows = []
     migration_rows = []
+    linux_rows = []
     for sim in selected_sims():
         for cfg in CONFIGS:
             console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} ...")
@@ -157,10 +169,13 @@ def main(argv=None):
                 qos_rows += q
                 console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} live migration ...")
                 migration_rows.append(bench_migration(sim, cfg))
+                console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} Linux guests ...")
+                linux_rows.append(bench_linux(sim, cfg))
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
               "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows,
               "virtio_net": virtio_rows, "placement_latency": placement_rows,
-              "qos": qos_rows, "migration": migration_rows, "synthesis": synthesis_rows()}
+              "qos": qos_rows, "migration": migration_rows, "linux_guests": linux_rows,
+              "synthesis": synthesis_rows()}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     md = []
     add_table(console, md, "enumeration + SR-IOV + MMIO",
@@ -186,6 +201,11 @@ def main(argv=None):
               "(simulated us; target: blackout under 1000)",
               ["sim", "config", "blackout_us", "paused_us", "save_us", "restore_us",
                "memory_bytes", "forwarded", "frames"], migration_rows)
+    add_table(console, md, "Linux guests (QEMU, virtio_net) on VF1 and VF2: boot, ping to the "
+              "uplink peer, 256 KiB VF1 -> VF2 over TCP",
+              ["sim", "config", "guest_boot_s", "ping_replies", "ping_rtt_wall_ms",
+               "ping_rtt_sim_us_median", "ping_rtt_sim_us_max", "transfer_exact",
+               "transfer_wall_s", "frames_per_wall_s", "payload_bytes_per_clk"], linux_rows)
     if report["synthesis"]:
         add_table(console, md, "synthesis (gathered from synth_out/synth.json, the last "
                   "`make synth`)",

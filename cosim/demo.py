@@ -35,11 +35,13 @@ PHASES = [("enumerate", "enumerate both cards, enable VFs"),
           ("traffic", "guest and peer exchange frames"),
           ("page_fault", "I/O page fault raised and resolved"),
           ("firmware", "card load: management VM to the host and back"),
-          ("migration", "live migration of the guest to card B")]
-SECTIONS = ("enumeration", "traffic", "page_fault", "firmware", "migration", "simulation")
+          ("migration", "live migration of the guest to card B"),
+          ("linux", "two Linux guests (QEMU) on VF1 and VF2 ping")]
+SECTIONS = ("enumeration", "traffic", "page_fault", "firmware", "migration", "simulation",
+            "linux")
 TITLES = {"enumeration": "Enumeration", "traffic": "Guest traffic", "page_fault": "I/O page fault",
           "firmware": "Firmware placement", "migration": "Live migration",
-          "simulation": "Simulation"}
+          "simulation": "Simulation", "linux": "Linux guests on VF1 and VF2"}
 
 
 class _Args(argparse.ArgumentParser):
@@ -72,16 +74,19 @@ def read_events(path: Path, skip: int = 0) -> list[dict]:
 
 
 def run(sim: str, short: bool, events: Path, console: Console):
-    """The bench in a thread; the progress display follows its phase events."""
+    """The benches in a thread (the two-card story, then the Linux guests on one card: QEMU
+    attaches to a single card's sockets); the progress display follows their phase events."""
     from .twin import run_twin_bench
+    from .card_sim import run_card_bench
     box = {}
+    env = {"OFFCARD_DEMO_EVENTS": str(events), "OFFCARD_DEMO_SHORT": "1" if short else "0"}
 
     def body():
         try:
-            box["res"] = run_twin_bench(sim, "cosim.benches.demo", CardConfig(),
-                                        extra_env={"OFFCARD_DEMO_EVENTS": str(events),
-                                                   "OFFCARD_DEMO_SHORT": "1" if short else "0"},
+            box["res"] = run_twin_bench(sim, "cosim.benches.demo", CardConfig(), extra_env=env,
                                         timeout_s=900)
+            run_card_bench(sim, "cosim.benches.demo_linux", CardConfig(), extra_env=env,
+                           timeout_s=900)
         except BaseException as e:              # reported below, after the display stops
             box["err"] = e
     th = threading.Thread(target=body, daemon=True)
@@ -147,11 +152,17 @@ def summary(results: dict, sim: str, cfg_key: str, short: bool) -> str:
     lines = [f"# offcard demo ({sim}, {cfg_key}{', short' if short else ''})", ""]
     for sec in SECTIONS:
         lines += [f"## {TITLES[sec]}", "", "| quantity | value |", "|---|---|"]
+        blocks = []
         for k, v in results.get(sec, {}).items():
             if k in ("kind", "section", "t_us", "wall_s"):
                 continue
+            if isinstance(v, dict):                  # text outputs (the guests' pings)
+                blocks += [f"```\n{text}\n```" for text in v.values()]
+                continue
             lines.append(f"| {k.replace('_', ' ')} | {v} |")
         lines.append("")
+        if blocks:
+            lines += [*blocks, ""]
     lines += ["![timeline](timeline.png)", ""]
     return "\n".join(lines)
 
@@ -192,11 +203,13 @@ def main(argv=None) -> int:
             src = res.build_dir / name
             if src.exists():
                 shutil.copy(src, out / ("waves.fst" if name == "dump.fst" else name))
-    m, f = results["migration"], results["firmware"]
+    m, f, lx = results["migration"], results["firmware"], results["linux"]
     console.print(f"[bold]demo done[/bold] in {time.monotonic() - t0:.0f} s: migration blackout "
                   f"{m['blackout_us']} us, {m['frames_lost']} frames lost; management VM to the "
                   f"host in {f['to_host_us']} us, back in {f['back_to_card_us']} us; page fault "
-                  f"resolved in {results['page_fault']['resolve_us']} us")
+                  f"resolved in {results['page_fault']['resolve_us']} us; Linux guests on VF1 "
+                  f"and VF2: pings {lx['vf1_to_vf2_replies']} and {lx['vf1_to_peer_replies']} "
+                  f"answered")
     console.print(f"report: {out}/summary.md, timeline.png, demo.json")
     return 0
 

@@ -32,6 +32,10 @@ def test_demo_short(sim, tmp_path):
     assert rows["firmware"]["to_host_us"] > 0 and rows["firmware"]["back_to_card_us"] > 0
     assert rows["page_fault"]["payload_exact"] is True
     assert rows["enumeration"]["functions_per_card"] == 3
+    lx = rows["linux"]
+    assert all(lx[f"{k}_replies"] == "3/3"
+               for k in ("vf1_to_peer", "vf2_to_peer", "vf1_to_vf2", "vf2_to_vf1")), lx
+    assert "3 packets transmitted, 3 packets received" in md
     owners = {s["owner"] for s in doc["timeline"]}
     assert owners == {"card", "host"} and {s["guest_on"] for s in doc["timeline"]} == {"A", "B"}
 

@@ -106,7 +106,10 @@ async def test_guest_pings_uplink_peer(dut):
                                    " 2>/dev/null; ls /sys/bus/virtio/drivers/virtio_net")
         assert rc == 0, out
         t0 = rig.h.cycles()
+        mark = len(rig.card.backends[1].trace)
         rc, out = await rig.run(1, ping_loop(PEER_IP, PING_SIZES), timeout_s=300)
+        dut._log.info("simulated RTTs (us, notify to receive interrupt) %s",
+                      [round(x, 2) for x in sim_rtts_us(rig.card.backends[1].trace[mark:])])
         pings = parse_pings(out)
         assert [p[0] for p in pings] == PING_SIZES, out
         lost = [p for p in pings if p[1] != 0]
@@ -132,11 +135,11 @@ async def test_guest_pings_uplink_peer(dut):
         rig.close()
 
 
-def sim_rtts_us(be):
-    """Simulated round trips of VF ``be``'s pings: from each transmit notification to the next
-    receive interrupt (µs)."""
+def sim_rtts_us(trace):
+    """Simulated round trips of a VF's pings, from its back-end's ``trace`` (while it pings a
+    peer): from each transmit notification to the next receive interrupt (µs)."""
     out, t_kick = [], None
-    for t, what, q in be.trace:
+    for t, what, q in trace:
         if what == "kick" and q == 1:
             t_kick = t
         elif what == "irq" and q == 0 and t_kick is not None:
