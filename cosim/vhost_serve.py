@@ -17,6 +17,7 @@ TCG (MSI-X on the QEMU device crashes it when vhost-user starts).
 import argparse
 import os
 import sys
+import threading
 
 from hdl.params import CardConfig, VirtioRegs as V
 from .card_sim import run_card_bench
@@ -74,11 +75,36 @@ def main(argv=None):
         ap.error(f"--dir {args.dir}: {e.strerror}")
     for n in vfs:
         print(f"VF{n}: {qemu_command(os.path.join(sock_dir, f'vf{n}.sock'), n)}", flush=True)
+    events = os.path.join(sock_dir, "events.log")
+    open(events, "w").close()
     env = {"OFFCARD_VHOST_VFS": ",".join(map(str, vfs)), "OFFCARD_VHOST_DIR": sock_dir,
-           "OFFCARD_SERVE_S": str(args.seconds)}
-    res = run_card_bench(args.sim, "cosim.benches.vhost_serve", CardConfig(), extra_env=env,
-                         timeout_s=args.seconds + 900, waves=args.waves or None)
-    return 0 if res.num_failed == 0 else 1
+           "OFFCARD_SERVE_S": str(args.seconds), "OFFCARD_VHOST_EVENTS": events}
+    print(f"building / starting the simulated card ({args.sim}) ...", flush=True)
+    box = {}
+
+    def body():
+        try:
+            box["res"] = run_card_bench(args.sim, "cosim.benches.vhost_serve", CardConfig(),
+                                        extra_env=env, timeout_s=args.seconds + 900,
+                                        waves=args.waves or None)
+        except BaseException as e:         # the simulator's log tail, printed below
+            box["err"] = e
+    th = threading.Thread(target=body, daemon=True)
+    th.start()
+    # the simulation's event lines (its own output goes to its log file)
+    with open(events) as f:
+        while th.is_alive():
+            line = f.readline()
+            if line:
+                print(line, end="", flush=True)
+            else:
+                th.join(0.2)
+        sys.stdout.write(f.read())
+    if "err" in box:
+        print(f"offcard: the simulation ended: {str(box['err']).splitlines()[0]}",
+              file=sys.stderr)
+        return 1
+    return 0 if box["res"].num_failed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -685,19 +685,7 @@ class VirtioNetDriver:
         if not _pow2(size) or not 0 < size <= max_size:
             raise VirtioError(f"{self.fn}: queue {q}: size {size} (the device takes up to "
                               f"{max_size}, a power of two)")
-        await self._cwrite(V.Q_SIZE, size, 2)
-        vector = QUEUE_VECTORS[q]
-        await self._cwrite(V.Q_MSIX, vector, 2)
-        if await self._cread(V.Q_MSIX, 2) == V.NO_VECTOR:
-            raise VirtioError(f"{self.fn}: queue {q}: device refused MSI-X vector {vector}")
-        await self._use_vector(vector)
-        notify = self.structures[VirtioCaps.CFG_TYPE_NOTIFY]
-        self._notify_reg[q] = (notify.offset
-                               + await self._cread(V.Q_NOTIFY_OFF, 2) * notify.notify_mult)
-        for field, addr in ((V.Q_DESC, desc), (V.Q_DRIVER, avail), (V.Q_DEVICE, used)):
-            await self._cwrite(field, addr & 0xFFFF_FFFF, 4)
-            await self._cwrite(field + 4, addr >> 32, 4)
-        await self._cwrite(V.Q_ENABLE, 1, 2)
+        await self._program_queue(q, size, desc, avail, used)
 
     async def driver_ok(self) -> None:
         """DRIVER_OK after :meth:`negotiate` and :meth:`attach_ring`; checks the status."""
@@ -745,6 +733,11 @@ class VirtioNetDriver:
             self._slots[q] = [base + BUF_SIZE * k for k in range(self.queue_size)]
         self._pool[q] = list(self._slots[q])
         self._owner[q] = {}
+        await self._program_queue(q, size, vq.desc, vq.avail, vq.used)
+
+    async def _program_queue(self, q: int, size: int, desc: int, avail: int, used: int) -> None:
+        """The selected queue ``q``: size, MSI-X vector ``QUEUE_VECTORS[q]`` (checked), its
+        notify register, the three ring addresses, enable."""
         await self._cwrite(V.Q_SIZE, size, 2)
         vector = QUEUE_VECTORS[q]
         await self._cwrite(V.Q_MSIX, vector, 2)
@@ -757,7 +750,7 @@ class VirtioNetDriver:
             raise VirtioError(f"{self.fn}: queue {q}: notify offset {off:#x} outside the "
                               f"{notify.length:#x}-byte notify structure")
         self._notify_reg[q] = notify.offset + off
-        for field, addr in ((V.Q_DESC, vq.desc), (V.Q_DRIVER, vq.avail), (V.Q_DEVICE, vq.used)):
+        for field, addr in ((V.Q_DESC, desc), (V.Q_DRIVER, avail), (V.Q_DEVICE, used)):
             await self._cwrite(field, addr & 0xFFFF_FFFF, 4)
             await self._cwrite(field + 4, addr >> 32, 4)
         await self._cwrite(V.Q_ENABLE, 1, 2)
@@ -853,7 +846,7 @@ class VirtioNetDriver:
         mrg = self.has_feature(V.F_NET_MRG_RXBUF)
         for head, length in used:
             slot = self._owner[RX_QUEUE].pop(head)
-            if mrg and length == 0 and not self._partial:
+            if length == 0 and not self._partial:
                 self.stats["rx_empty"] += 1            # a frame the device dropped
                 await self._post_slot(slot)
                 continue

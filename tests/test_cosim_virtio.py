@@ -10,4 +10,4 @@ from cosim.runner import sim_width_params
 @pytest.mark.parametrize("sim,width", sim_width_params())
 def test_virtio_net(sim, width):
     res = run_card_bench(sim, "cosim.benches.virtio", CardConfig(data_width=width))
-    assert res.num_tests == 7 and res.num_failed == 0
+    assert res.num_tests == 8 and res.num_failed == 0

@@ -118,6 +118,21 @@ async def test_guest_pings_uplink_peer(dut):
         dut._log.info("guest boot %.1f s; 20 pings in %d cycles; RTTs (guest, ms) %s; %s",
                       g.boot_s, rig.h.cycles() - t0, [p[2] for p in pings], ctr)
         assert rig.peer.stats.echo_replies >= 20
+        # the guest's driver unbound and bound again: QEMU stops the rings (GET_VRING_BASE,
+        # answered by stopping the VF on the card and reading its indices) and starts them
+        # again on a reset device
+        be1 = rig.card.backends[1]
+        events = len(rig.events)
+        rc, out = await rig.run(1, "d=$(basename $(readlink /sys/class/net/eth0/device)); "
+                                   "echo -n $d > /sys/bus/virtio/drivers/virtio_net/unbind; "
+                                   "sleep 1; echo -n $d > /sys/bus/virtio/drivers/virtio_net/bind; "
+                                   "sleep 1; ip link set eth0 up; "
+                                   f"ip addr add {vf_ip(1)}/24 dev eth0; sleep 2; "
+                                   f"ping -c 3 -W 5 {PEER_IP}", timeout_s=120)
+        assert rc == 0 and " 0% packet loss" in out, out
+        new = [t for _, t in rig.events[events:]]
+        assert sum("stopped at avail index" in t for t in new) == 2, new
+        assert sum("rings up" in t for t in new) == 1 and be1.live, new
         errors = LogCount("cosim.vhost_user")
         cases, mfd = malformed_cases()
         for name, messages in cases:

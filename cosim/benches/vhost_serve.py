@@ -14,8 +14,14 @@ from cosim.guest_rig import CardRig, PEER_IP
 async def test_serve_vhost(dut):
     vfs = [int(x) for x in os.environ["OFFCARD_VHOST_VFS"].split(",")]
 
+    events = os.environ.get("OFFCARD_VHOST_EVENTS")
+
     def say(text):
-        print(f"offcard: {text}", flush=True)
+        line = f"offcard: {text}\n"
+        print(line, end="", flush=True)
+        if events:
+            with open(events, "a") as f:
+                f.write(line)
     rig = await CardRig(dut, vfs, sock_dir=os.environ["OFFCARD_VHOST_DIR"],
                         on_event=say).start()
     say(f"peer on the uplink: {PEER_IP}; serving until interrupted")

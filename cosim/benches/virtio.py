@@ -173,8 +173,10 @@ async def test_uplink(dut):
 async def test_bad_queues_and_isolation(dut):
     """A descriptor loop and an out-of-range head set NEEDS_RESET on the guilty function only;
     an oversized frame and a receive buffer too small are dropped and counted; the other guest's
-    traffic goes on, and the reset function comes back."""
-    h, pf, vfs = await bring_up(dut, 3)
+    traffic goes on, and the reset function comes back. A receive buffer at 2**64 - 16 of 2048
+    bytes (it would wrap to bus address 0) sets NEEDS_RESET with nothing written anywhere (no
+    MemWr with that function's requester ID)."""
+    h, pf, vfs = await bring_up(dut, 4)
     rnd = random.Random(4)
     a, b, c = [await net(h, vfs[k]) for k in range(3)]
     await b.post_rx(16)
@@ -225,6 +227,28 @@ async def test_bad_queues_and_isolation(dut):
     assert not await a.read_status() & V.S_NEEDS_RESET
     assert head in [i for i, _ in await a.tx.get_used()]     # the buffer is still returned
     assert (await counters(h))["DROP_BAD"] == 2
+    # 5. a receive buffer whose end passes the top of the 64-bit space
+    d = await net(h, vfs[3])
+    writes = []                # MemWr with d's requester ID from now on, but MSI-X messages
+    msi = {v.addr for v in vfs[3].msix_vectors}
+
+    def hook(hdr, payload, t0, t1):
+        if hdr[0] in (0x40, 0x60) and int.from_bytes(hdr[4:6], "big") == vfs[3].rid:
+            addr = int.from_bytes(hdr[8:16] if hdr[0] == 0x60 else hdr[8:12], "big") & ~3
+            if addr not in msi:
+                writes.append(hdr.hex())
+    h.bridge.tx_hook = hook
+    await d.rx.add_buffer(in_bufs=[(2**64 - 16, 2048)])
+    await a.send(frame(d.mac, a.mac, 200, rnd))
+    for _ in range(100):
+        if await d.read_status() & V.S_NEEDS_RESET:
+            break
+        await ClockCycles(dut.clk, 100)
+    assert await d.read_status() & V.S_NEEDS_RESET
+    h.bridge.tx_hook = None
+    assert writes == [], f"the card wrote for the function with the wrapping buffer: {writes}"
+    assert (await counters(h))["DROP_BAD"] == 3
+    assert await d.rx.get_used() == []                        # nothing claimed either
 
 
 @cocotb.test()
@@ -373,3 +397,38 @@ async def test_guests_behind_iommu(dut):
     f = frame(n2.mac, n1.mac, 300, rnd)
     await n1.send(f)
     assert await receive_n(n2, 1) == [f]
+
+
+@cocotb.test()
+async def test_mrg_rxbuf_frames_span_buffers(dut):
+    """With MRG_RXBUF and 256-byte receive buffers, frames of 60..1514 bytes arrive byte exact
+    over as many buffers as they need (num_buffers > 1 in the first header); without MRG_RXBUF
+    the same buffers are too small: a frame that does not fit is dropped (DROP_SIZE) and its
+    buffer comes back empty."""
+    h, pf, vfs = await bring_up(dut, 2)
+    rnd = random.Random(8)
+    a = await net(h, vfs[0])
+    acc = DirectAccess(vfs[1])
+    b = VirtioNetDriver(acc, vfs[1], HostMemory(h.t), rx_buf_size=256)
+    await b.probe()
+    await b.bring_up()
+    assert b.has_feature(V.F_NET_MRG_RXBUF)
+    await b.post_rx(48)
+    sizes = [60, 243, 244, 245, 500, 1000, 1514, 61, 1499]
+    sent = [frame(b.mac, a.mac, n, rnd) for n in sizes]
+    for f in sent:
+        await a.send(f)
+    got = await receive_n(b, len(sent))
+    assert got == sent, diff(got, sent)
+    assert b.stats["merged"] == sum(1 for n in sizes if n + 12 > 256), b.stats
+    c = await counters(h)
+    assert c["DROP_SIZE"] == 0 and c["DROP_NOBUF"] == 0, c
+    await b.bring_up(refuse=("MRG_RXBUF",))
+    assert not b.has_feature(V.F_NET_MRG_RXBUF)
+    await b.post_rx(8)
+    fits, too_big = frame(b.mac, a.mac, 200, rnd), frame(b.mac, a.mac, 600, rnd)
+    await a.send(too_big)
+    await a.send(fits)
+    assert await receive_n(b, 1) == [fits]
+    c = await counters(h)
+    assert c["DROP_SIZE"] == 1 and b.stats["rx_empty"] == 1, (c, b.stats)

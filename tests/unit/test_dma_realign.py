@@ -6,10 +6,9 @@ range passes 2**64 refused before anything moves."""
 import random
 
 import pytest
-from amaranth.sim import Simulator
 
 from hdl.dma_common import CARD_MEM_BYTES, DmaStatus
-from tests.unit.test_dma_channels import Bench, unpack, cpl_beats
+from tests.unit.test_dma_channels import unpack, cpl_beats, run
 
 SIZE = 128                       # MPS and MRRS: the smallest, so transfers cut most often
 HOST = 0x3_0000_1000 - 2 * SIZE  # the transfers cross a 4 KiB page (and so an MPS boundary)
@@ -32,15 +31,14 @@ def card_base(c, n, rnd):
     return (rnd.randrange(GUARD, CARD_MEM_BYTES - n - 2 * GUARD) & ~7) | c
 
 
-def run(w, tb):
-    b = Bench(w)
-    sim = Simulator(b)
-    sim.add_clock(1e-8)
-
-    async def bench(ctx):
-        await tb(ctx, b)
-    sim.add_testbench(bench)
-    sim.run()
+async def command(ctx, ch, host, card, n):
+    """Hand channel ``ch`` one command (taken in the cycle it is offered: the channel idles)."""
+    ctx.set(ch.cmd.p.host, host)
+    ctx.set(ch.cmd.p.card, card)
+    ctx.set(ch.cmd.p.length, n)
+    ctx.set(ch.cmd.valid, 1)
+    await ctx.tick()
+    ctx.set(ch.cmd.valid, 0)
 
 
 def mem_bytes(ctx, b, w, lo, hi):
@@ -76,12 +74,7 @@ def test_write_channel_every_offset_and_length(w):
         for h, c, n in cases(w):
             host = HOST + h
             card = card_base(c, n, rnd)
-            ctx.set(b.wr.cmd.p.host, host)
-            ctx.set(b.wr.cmd.p.card, card)
-            ctx.set(b.wr.cmd.p.length, n)
-            ctx.set(b.wr.cmd.valid, 1)
-            await ctx.tick()
-            ctx.set(b.wr.cmd.valid, 0)
+            await command(ctx, b.wr, host, card, n)
             got = {}
             hdr = None
             done = False
@@ -151,12 +144,7 @@ def test_read_channel_every_offset_and_length(w):
         for h, c, n in cases(w):
             host = HOST + h
             card = card_base(c, n, rnd)
-            ctx.set(b.rd.cmd.p.host, host)
-            ctx.set(b.rd.cmd.p.card, card)
-            ctx.set(b.rd.cmd.p.length, n)
-            ctx.set(b.rd.cmd.valid, 1)
-            await ctx.tick()
-            ctx.set(b.rd.cmd.valid, 0)
+            await command(ctx, b.rd, host, card, n)
             pending, beats, done = {}, [], False
             ctx.set(b.rd.tx.ready, 1)
             ctx.set(b.rd.done.ready, 1)
@@ -214,12 +202,7 @@ def test_range_past_top_refused(w):
         for ch in (b.rd, b.wr):
             for host, n, want in ((2**64 - 16, 2048, DmaStatus.RANGE),
                                   (2**64 - 1, 2, DmaStatus.RANGE)):
-                ctx.set(ch.cmd.p.host, host)
-                ctx.set(ch.cmd.p.card, 0x100)
-                ctx.set(ch.cmd.p.length, n)
-                ctx.set(ch.cmd.valid, 1)
-                await ctx.tick()
-                ctx.set(ch.cmd.valid, 0)
+                await command(ctx, ch, host, 0x100, n)
                 ctx.set(ch.done.ready, 1)
                 for _ in range(20):
                     assert not ctx.get(ch.tx.valid), "a TLP went out for a refused command"
@@ -230,11 +213,7 @@ def test_range_past_top_refused(w):
                 await ctx.tick()
                 ctx.set(ch.done.ready, 0)
         # exactly up to the top: 16 bytes at 2**64 - 16 go out as one MemWr
-        ctx.set(b.wr.cmd.p.host, 2**64 - 16)
-        ctx.set(b.wr.cmd.p.length, 16)
-        ctx.set(b.wr.cmd.valid, 1)
-        await ctx.tick()
-        ctx.set(b.wr.cmd.valid, 0)
+        await command(ctx, b.wr, 2**64 - 16, 0x100, 16)
         ctx.set(b.wr.tx.ready, 1)
         for _ in range(20):
             if ctx.get(b.wr.tx.valid):
