@@ -23,7 +23,9 @@ A completion with a status other than SC ends its request and marks the command 
 does the completion timeout (``CPL_TIMEOUT`` cycles without progress while requests are
 outstanding), after which late completions count as unexpected. No new request starts after a
 failure; one already offered to the arbiter still goes out (a stream beat is never
-withdrawn). A completion cut short by the next TLP's ``sop`` ends where it was cut.
+withdrawn). A completion cut short by the next TLP's ``sop`` ends where it was cut (the tail of
+its last beat that waited in the carry register is not written: the request's data is short
+either way).
 """
 
 from amaranth import *

@@ -61,7 +61,6 @@ class DmaWriteChannel(wiring.Component):
 
         fidx = Signal(8)
         host = Signal(64)
-        card = Signal(CARD_ADDR_BITS)
         rem = Signal(18)
         chunk, ndw = next_chunk(m, host, rem, self.mps)
         # the next TLP's size, registered; n_ok: it belongs to the current host / rem
@@ -131,12 +130,12 @@ class DmaWriteChannel(wiring.Component):
 
         def setup_tlp():
             """Take the next chunk (``n_ok`` must be set): its header fields, and advance
-            host/card/rem past it."""
+            host/rem past it (the card side is the byte pointer's)."""
             fbe, lbe = be_first_last(host[:2], (host[:2] + n_chunk)[:2], n_ndw)
             m.d.sync += [
                 t_host.eq(host), t_ndw.eq(n_ndw), t_fbe.eq(fbe), t_lbe.eq(lbe),
                 nbeats.eq((n_ndw + DPB - 1) >> LB), k.eq(0),
-                host.eq(host + n_chunk), card.eq(card + n_chunk), rem.eq(rem - n_chunk),
+                host.eq(host + n_chunk), rem.eq(rem - n_chunk),
                 n_ok.eq(0),
             ]
 
@@ -153,7 +152,7 @@ class DmaWriteChannel(wiring.Component):
                     end = Signal(CARD_ADDR_BITS)
                     m.d.comb += [start.eq(p.card - p.host[:2]), end.eq(p.card + p.length - 1)]
                     over = end65[64] & (end65[:64] != 0)
-                    m.d.sync += [fidx.eq(p.fidx), host.eq(p.host), card.eq(p.card),
+                    m.d.sync += [fidx.eq(p.fidx), host.eq(p.host),
                                  rem.eq(Mux(over, 0, p.length)), cur_ok.eq(0),
                                  rot.eq(start[:BLB]), cur_w.eq(start[BLB:]), last_w.eq(end[BLB:]),
                                  rd_addr.eq(start[BLB:]),

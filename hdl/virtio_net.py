@@ -16,17 +16,19 @@ robin (one transmitted frame per visit):
   frame, and header and frame, one byte string, into the function's next available chain
   through the DMA write channel (any byte address, any layout of the chain), then the used
   element and index. With ``VIRTIO_NET_F_MRG_RXBUF`` a frame that does not fit one buffer fills
-  the next ones in turn (one used element each, published together) and the first header's
-  ``num_buffers`` is written last; a ring that runs dry in mid-frame gets the buffers it gave
-  back empty (length 0) and the frame is counted in ``DROP_NOBUF``;
+  the next ones in turn (one used element each, published together by one used-index write)
+  and the first header's ``num_buffers`` is written before that index; a ring that runs dry
+  in mid-frame (or is too small for the frame) gets the buffers it gave back empty (length 0)
+  and the frame is counted in ``DROP_NOBUF``;
 * **completion**: the used element (id, length) and index of each queue, ``avail_event`` when
   VIRTIO_F_EVENT_IDX is negotiated, and the queue's MSI-X vector unless suppressed
   (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag);
 * frames from the uplink port (``uplink_rx``) are delivered by destination MAC likewise; one
   for no function is dropped, or with ``NetRegs.CTRL`` DEFAULT_PF delivered to the PF (the
-  host's own switch port). DEFAULT_PF also sends the PF the frames of a stopped function
-  (``MigRegs.CTRL``): during a live migration the host holds them and forwards them to the
-  server the guest moves to.
+  host's own switch port). DEFAULT_PF also sends the PF the unicast frames of a stopped
+  function (``MigRegs.CTRL``): during a live migration the host holds them and forwards them
+  to the server the guest moves to (a flood passes a stopped function over; the PF, when up,
+  gets it anyway).
 
 Small structures (indices, ring entries, descriptors) are read and written with the engine's
 own MemRd/MemWr (tag :data:`VQ_TAG`, the function's requester ID). Bad input never hangs the
@@ -377,7 +379,9 @@ class VirtioNetEngine(wiring.Component):
         nb = Signal(16)                    # used elements written for this frame so far
         more = Signal()                    # the frame goes on in another receive buffer
         buf_start = Signal(17)             # ``total`` where the current receive buffer began
-        first_addr = Signal(64)            # the frame's first receive buffer (its header)
+        nb_lo_at = Signal(64)              # where the header's num_buffers bytes went
+        nb_hi_at = Signal(64)
+        pub_n = Signal(16)                 # used elements the last used-index write added
         nbuf_q = Signal(16)                # num_buffers of a frame that spans buffers
         aidx_q = Signal(16)                # the available index last read
         ab = Signal(16)                    # used elements taken back so far (RX_AB)
@@ -437,9 +441,11 @@ class VirtioNetEngine(wiring.Component):
             """The length field of this frame's used element ``i``."""
             return dev_base + 4 + (((used_idx[qi] + i)[:16] & qmask) << 3) + 4
 
-        # num_buffers: bytes 10..11 of the frame's header, in its first buffer
-        nb_at = Signal(64)
-        m.d.comb += nb_at.eq(first_addr + 10)
+        def nb_byte(at, value):
+            """Write one byte of num_buffers at IOVA ``at``."""
+            m.d.comb += h_go.eq(1)
+            m.d.sync += hwrite(at & ~3, 1, value << Cat(C(0, 3), at[:2]),
+                               fbe=(C(1, 4) << at[:2])[:4])
 
         def publish(n):
             """Issue the used index write for ``n`` new elements (the caller's state waits for
@@ -447,7 +453,7 @@ class VirtioNetEngine(wiring.Component):
             m.d.comb += h_go.eq(1)
             m.d.sync += [hwrite(dev_base, 1, Cat(C(0, 16), (used_idx[qi] + n)[:16]), fbe=0xC),
                          used_idx[qi].eq(used_idx[qi] + n),
-                         last_avail[qi].eq(last_avail[qi] + n)]
+                         last_avail[qi].eq(last_avail[qi] + n), pub_n.eq(n)]
             m.next = "AVAIL_EVT"
 
         # the words of a slot that a fresh virtio_net_hdr (num_buffers 1) takes: (word, data,
@@ -640,10 +646,10 @@ class VirtioNetEngine(wiring.Component):
 
             # -- transmit: gather the chain into slot 0 --
             with m.State("TX_DATA"):
-                with m.If((cur_len == 0) | drop):
-                    m.next = "CHAIN_NEXT"
-                with m.Elif(past_top):
+                with m.If(past_top):
                     m.next = "BAD"
+                with m.Elif((cur_len == 0) | drop):
+                    m.next = "CHAIN_NEXT"
                 with m.Elif(total + cur_len > PKT_MAX):
                     m.d.sync += drop.eq(1)
                     m.next = "CHAIN_NEXT"
@@ -801,18 +807,10 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(k == len(hdr_words) - 1):
                     m.next = "LOADQ0"
             with m.State("RX_DATA"):
-                # with MRG_RXBUF the header must fit the first descriptor of the frame's first
-                # buffer (each buffer holds a header: virtio 5.1.6.3.1); without it the chain's
-                # buffers take header and frame in any layout
-                with m.If(first & (nb == 0) & self.mrg.bit_select(cf, 1)
-                          & (cur_len < P.NET_HDR)):
-                    m.d.sync += drop.eq(1)
-                    m.next = "RX_END"
-                with m.Elif(past_top):
+                # the chain's buffers take header and frame in any layout
+                with m.If(past_top):
                     m.next = "BAD"
                 with m.Else():
-                    with m.If(first & (nb == 0)):
-                        m.d.sync += first_addr.eq(cur_addr)
                     m.d.sync += [first.eq(0), space_host.eq(cur_addr), space.eq(cur_len)]
                     m.next = "RX_COPY"
             with m.State("RX_COPY"):
@@ -823,7 +821,13 @@ class VirtioNetEngine(wiring.Component):
                 with m.Elif(space == 0):
                     m.next = "CHAIN_NEXT"
                 with m.Else():
-                    m.d.sync += cur_len.eq(Mux(rem < space, rem, space))   # this buffer's share
+                    share = Mux(rem < space, rem, space)
+                    m.d.sync += cur_len.eq(share)                  # this buffer's share
+                    # where the header's num_buffers (string bytes 10 and 11) lands, for a
+                    # frame that turns out to span buffers
+                    for at, i in ((nb_lo_at, 10), (nb_hi_at, 11)):
+                        with m.If((total <= i) & (total + share > i)):
+                            m.d.sync += at.eq(space_host + (i - total))
                     m.next = "RX_XL"
             with m.State("RX_XL"):
                 m.d.comb += [mx_req.eq(1), mx_iova.eq(space_host),
@@ -863,6 +867,10 @@ class VirtioNetEngine(wiring.Component):
                     m.d.comb += [inc["RX_FRAMES"].eq(1), self.rx_ev.stb.eq(1),
                                  self.rx_ev.fidx.eq(cf), self.rx_ev.amount.eq(frame_len)]
                     m.d.sync += used_len.eq(total - buf_start)
+                with m.Elif(self.mrg.bit_select(cf, 1) & (total < P.NET_HDR)):
+                    # with MRG_RXBUF the first buffer must hold the whole header (5.1.6.3.1)
+                    m.d.comb += inc["DROP_SIZE"].eq(1)
+                    m.d.sync += used_len.eq(0)
                 with m.Elif(self.mrg.bit_select(cf, 1)):
                     m.d.sync += [used_len.eq(total - buf_start), more.eq(1)]
                 with m.Else():
@@ -871,10 +879,9 @@ class VirtioNetEngine(wiring.Component):
                 m.next = "USED_ELEM"
             with m.State("RX_MORE"):
                 # the next buffer of a frame that spans several (MRG_RXBUF); at most a queue's
-                # worth (a driver posting empty buffers cannot hold the engine)
-                with m.If(nb >= qsize):
-                    m.next = "BAD"
-                with m.Elif(aidx_q != (last_avail[qi] + nb)[:16]):
+                # worth: AVAIL_IDX never lets ``nb`` pass what the driver made available, so a
+                # ring too small for the frame ends in RX_ABORT
+                with m.If(aidx_q != (last_avail[qi] + nb)[:16]):
                     m.d.comb += h_go.eq(1)
                     m.d.sync += hread16(ring_at)
                     m.next = "AVAIL_HEAD"
@@ -911,23 +918,19 @@ class VirtioNetEngine(wiring.Component):
                     with m.If(more):
                         m.next = "RX_MORE"
                     with m.Elif((cq == RXQ) & (nb != 0)):
-                        # the frame spans nb + 1 buffers: its header says so
-                        m.d.comb += h_go.eq(1)
-                        m.d.sync += hwrite(nb_at & ~3, 1, (nb + 1) << Cat(C(0, 3), nb_at[:2]),
-                                           fbe=Mux(nb_at[:2] == 3, 0x8,
-                                                   (C(0x3, 4) << nb_at[:2])[:4]))
+                        # the frame spans nb + 1 buffers: its header says so (a byte at a time:
+                        # the two bytes may lie in different DWs, descriptors or pages)
+                        nb_byte(nb_lo_at, (nb + 1)[:8])
                         m.d.sync += ab.eq(0)
                         m.next = "NB_SENT"
                     with m.Else():
                         publish(nb + 1)
             with m.State("NB_SENT"):
-                # num_buffers' second byte is in the next DW when the field straddles two
-                # (written on its own: the two DWs may be in different pages)
                 with m.If(h_done & h_err):
                     m.next = "BAD"
-                with m.Elif(h_done & (nb_at[:2] == 3) & (ab == 0)):
-                    m.d.comb += h_go.eq(1)
-                    m.d.sync += [hwrite(nb_at + 1, 1, nbuf_q[8:], fbe=0x1), ab.eq(1)]
+                with m.Elif(h_done & (ab == 0)):
+                    nb_byte(nb_hi_at, nbuf_q[8:16])
+                    m.d.sync += ab.eq(1)
                 with m.Elif(h_done):
                     publish(nb)
             with m.State("AVAIL_EVT"):
@@ -965,7 +968,7 @@ class VirtioNetEngine(wiring.Component):
                     ue = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
                     new = used_idx[qi]
                     old = Signal(16)
-                    m.d.comb += old.eq(new - 1)
+                    m.d.comb += old.eq(new - pub_n)          # (a frame may use several)
                     # vring_need_event(used_event, new, old)
                     need = ((new - ue - 1)[:16] < (new - old)[:16])
                     with m.If(~h_err & need):

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from hdl.dma_common import CARD_MEM_BYTES, DmaStatus
+from hdl.dma_common import CARD_MEM_BYTES, CARD_MEM_TOTAL, DmaStatus
 from tests.unit.test_dma_channels import unpack, cpl_beats, run
 
 SIZE = 128                       # MPS and MRRS: the smallest, so transfers cut most often
@@ -139,7 +139,7 @@ def test_read_channel_every_offset_and_length(w):
         return out
 
     async def tb(ctx, b):
-        model = bytearray(CARD_MEM_BYTES)        # the block RAM starts as zeros
+        model = bytearray(CARD_MEM_TOTAL)        # the block RAM starts as zeros
         ctx.set(b.rd.mrrs, 0)
         for h, c, n in cases(w):
             host = HOST + h
@@ -223,3 +223,21 @@ def test_range_past_top_refused(w):
         assert unpack(ctx.get(b.wr.tx.p.hdr))[5] == 2**64 - 16
 
     run(w, tb)
+
+
+@pytest.mark.parametrize("w", [64, 128])
+@pytest.mark.parametrize("where", ["bottom", "top"])
+def test_channels_at_the_ends_of_card_memory(w, where, monkeypatch):
+    """Card addresses 0..3 against every host offset (payload byte 0 of the first TLP then lies
+    below card address 0) and transfers that end at the top of the 64 KiB: both channels."""
+    import tests.unit.test_dma_realign as me
+    if where == "bottom":
+        few = [(h, c, n) for h in range(8) for c in range(4) for n in (1, 2, 3, 5, 9, 130, 200)]
+        monkeypatch.setattr(me, "card_base", lambda c, n, rnd: c)
+        monkeypatch.setattr(me, "GUARD", 0)
+    else:
+        few = [(h, c, n) for h in range(8) for c in range(8) for n in (1, 3, 7, 129)]
+        monkeypatch.setattr(me, "card_base", lambda c, n, rnd: CARD_MEM_BYTES - n - c)
+    monkeypatch.setattr(me, "cases", lambda width: few)
+    me.test_write_channel_every_offset_and_length(w)
+    me.test_read_channel_every_offset_and_length(w)

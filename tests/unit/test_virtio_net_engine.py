@@ -946,20 +946,109 @@ def test_mrg_rxbuf_out_of_buffers_gives_them_back_empty():
 
 
 def test_mrg_rxbuf_first_buffer_smaller_than_header_dropped():
-    """With MRG_RXBUF every buffer holds a whole header: a first buffer of 8 bytes drops the
-    frame (DROP_SIZE) and is given back empty; nothing is written into it."""
+    """With MRG_RXBUF the first buffer must hold the whole header: a first buffer of 8 bytes
+    drops the frame (DROP_SIZE) and comes back empty; a chain of 8 + 2048 bytes is one buffer
+    big enough, the header split across its descriptors."""
     w = World(mrg=0b100)
     frame = make_frame(mac(2), mac(1), 100, seed=24)
     w.send(1, frame)
+    w.send(1, frame)
+    small = w.post_rx(2, size=8)
     head, addr = w.post_rx_chain(2, [8, 2048])
 
     async def body(ctx):
         w.notify(1, TXQ)
         await w.settle(ctx)
-        assert w.vq[2, RXQ].used_elem(0) == (head, 0)
-        assert bytes(w.mem[addr:addr + 8]) == bytes([RX_FILL]) * 8
+        assert w.vq[2, RXQ].used_elem(0) == (small[0], 0)
+        check_merged(w, 2, [(head, addr, 2056)], frame, first_elem=1)
         ctr = await w.counters(ctx)
-        expect(ctr, TX_FRAMES=1, DROP_SIZE=1, QUEUE_IRQS=2)
+        expect(ctr, TX_FRAMES=2, RX_FRAMES=1, DROP_SIZE=1, QUEUE_IRQS=4)
+    w.run(body)
+
+
+def test_mrg_rxbuf_event_idx_interrupts_for_a_merged_frame():
+    """EVENT_IDX with used_event 0: a frame over 4 buffers moves the used index 0 -> 4, which
+    passes used_event: the receive interrupt fires (vring_need_event counts all 4)."""
+    w = World(ev_idx=0b100, mrg=0b100)
+    big = make_frame(mac(2), mac(1), 1000, seed=21)
+    w.send(1, big)
+    bufs = []
+    for _ in range(4):
+        head, addr = w.post_rx(2, size=300)
+        bufs.append((head, addr, 300))
+    w.vq[2, RXQ].set_used_event(0)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        check_merged(w, 2, bufs, big)
+        assert [i for i in w.irqs if i[0] == 2] == [(2, vec_of(2, RXQ))], w.irqs
+    w.run(body)
+
+
+def test_mrg_rxbuf_frame_larger_than_the_whole_ring():
+    """Eight 100-byte buffers (the whole ring) for a 1000-byte frame: a legal ring too small
+    for it; the buffers come back empty (DROP_NOBUF), no NEEDS_RESET."""
+    w = World(mrg=0b100)
+    w.send(1, make_frame(mac(2), mac(1), 1000, seed=21))
+    for _ in range(QSIZE):
+        w.post_rx(2, size=100)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert w.nrs == []
+        rx = w.vq[2, RXQ]
+        assert rx.used_idx == QSIZE and all(rx.used_elem(i)[1] == 0 for i in range(QSIZE))
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=1, DROP_NOBUF=1, QUEUE_IRQS=2)
+    w.run(body)
+
+
+@pytest.mark.parametrize("W", [64, 128])
+@pytest.mark.parametrize("off", [0, 1, 2, 3])
+def test_mrg_rxbuf_num_buffers_at_every_offset(W, off):
+    """num_buffers (header bytes 10, 11) at every byte position of a DW (at offset 1 the field
+    straddles two DWs), and split across two descriptors of the first buffer."""
+    w = World(W, mrg=0b100)
+    big = make_frame(mac(2), mac(1), 700, seed=21)
+    w.send(1, big)
+    w.send(1, big)
+    bufs = []
+    for i in range(3):
+        head, addr = w.post_rx(2, size=300, at=w.brk + (off if i == 0 else 7))
+        bufs.append((head, addr, 300))
+    head, addr = w.post_rx_chain(2, [11, 289])            # byte 10 in one, byte 11 in the next
+    more = [w.post_rx(2, size=300) for _ in range(2)]
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        check_merged(w, 2, bufs, big)
+        check_merged(w, 2, [(head, addr, 300)] + [(h, a, 300) for h, a in more], big,
+                     first_elem=3)
+        assert w.vq[2, RXQ].used_idx == 6
+    w.run(body)
+
+
+def test_flood_with_one_receiver_running_dry():
+    """A 700-byte broadcast from the uplink: function 0's one 300-byte buffer runs dry (given
+    back empty), function 1 takes it over three buffers, function 2 in one; nobody is reset."""
+    w = World(mrg=0b111)
+    bc = make_frame(b"\xff" * 6, b"\x00\x11\x22\x33\x44\x55", 700, seed=3)
+    b0 = [w.post_rx(0, size=300)]
+    b1 = [w.post_rx(1, size=300) for _ in range(3)]
+    b2 = [w.post_rx(2, size=2048)]
+
+    async def body(ctx):
+        w.inject_uplink(bc)
+        await w.settle(ctx)
+        assert w.vq[0, RXQ].used_idx == 1 and w.vq[0, RXQ].used_elem(0) == (b0[0][0], 0)
+        check_merged(w, 1, [(h, a, 300) for h, a in b1], bc)
+        check_merged(w, 2, [(b2[0][0], b2[0][1], 2048)], bc)
+        assert w.nrs == []
+        ctr = await w.counters(ctx)
+        expect(ctr, UPLINK_IN=1, RX_FRAMES=2, DROP_NOBUF=1, QUEUE_IRQS=3)
     w.run(body)
 
 
