@@ -174,7 +174,10 @@ class _TimeoutMixin:
     def _get_sim_cmd_prefix(self) -> list[str]:
         prefix = super()._get_sim_cmd_prefix()  # type: ignore[misc]
         if self.timeout_s:
-            prefix = ["timeout", "--kill-after=10", f"{self.timeout_s:g}", *prefix]
+            # --foreground: timeout stays in its caller's process group (by default it makes a
+            # group of its own), so a caller that kills its group also kills the simulator
+            prefix = ["timeout", "--foreground", "--kill-after=10", f"{self.timeout_s:g}",
+                      *prefix]
         return prefix
 
 
