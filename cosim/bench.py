@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 from .card_sim import run_card_bench
 from .runner import SIM_BUILD, selected_sims
 from .verilog import REPO, config_key

@@ -8,7 +8,7 @@ ports public (the bench touches nothing else).
 
 from pathlib import Path
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 
 from .runner import run_cocotb, SIM_BUILD
 from .verilog import verilog_for, config_key

@@ -28,7 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 from .verilog import REPO, config_key
 
 PHASES = [("enumerate", "enumerate both cards, enable VFs"),

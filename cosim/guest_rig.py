@@ -16,7 +16,7 @@ from pathlib import Path
 
 import cocotb
 
-from hdl.params import VirtioRegs as V
+from regmap import VirtioRegs as V
 from .harness import CardHarness
 from .uplink import Uplink
 from .netpeer import NetPeer

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 
 __all__ = ["VLT", "Waiver", "LintResult", "read_waivers", "lint", "main"]
 

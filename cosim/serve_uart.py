@@ -11,7 +11,7 @@ The card is brought up (PF and VFs) by the host model in the same simulation; th
 import argparse
 import sys
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 from .card_sim import run_card_bench
 
 

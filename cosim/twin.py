@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 
 from .runner import run_cocotb, SIM_BUILD
 from .verilog import REPO, verilog_for, config_key

@@ -4,19 +4,22 @@ import hashlib
 import json
 from pathlib import Path
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 
 __all__ = ["REPO", "verilog_for", "config_key"]
 
 REPO = Path(__file__).resolve().parent.parent
-HDL = REPO / "hdl"
+#: The packages the generated Verilog depends on: the gateware and the register map it reads.
+SOURCES = (REPO / "hdl", REPO / "regmap")
 
 
 def _hdl_digest():
+    """A hash of every Python file of the gateware's packages, sub-folders included."""
     h = hashlib.sha256()
-    for p in sorted(HDL.glob("*.py")):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
+    for root in SOURCES:
+        for p in sorted(root.rglob("*.py")):
+            h.update(str(p.relative_to(REPO)).encode())
+            h.update(p.read_bytes())
     return h.hexdigest()[:12]
 
 

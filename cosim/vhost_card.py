@@ -40,7 +40,7 @@ from cocotb.triggers import Timer
 from cocotb.utils import get_sim_time
 from cocotbext.axi.address_space import MemoryRegion as RcRegion
 
-from hdl.params import MigRegs as MG
+from regmap import MigRegs as MG
 from host_driver.iommu import Iommu
 from host_driver.vf_state import CardVfState
 from host_driver.virtio import VirtioNetDriver, DirectAccess, VirtioError, RX_QUEUE, TX_QUEUE

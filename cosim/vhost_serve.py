@@ -19,7 +19,8 @@ import os
 import sys
 import threading
 
-from hdl.params import CardConfig, VirtioRegs as V
+from hdl.config import CardConfig
+from regmap import VirtioRegs as V
 from .card_sim import run_card_bench
 
 MEM_MB = 128

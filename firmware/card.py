@@ -2,17 +2,17 @@
 
 :class:`Card` wraps any *port* with ``read(addr) -> int`` and ``write(addr, value)`` on PF BAR2
 byte offsets: the management UART (:class:`firmware.link.UartLink`, the card's side) or a BAR
-accessor (the host's side). The register map is :class:`hdl.params.MgmtBlockRegs`; the hardware
+accessor (the host's side). The register map is :class:`regmap.MgmtBlockRegs`; the hardware
 enforces task ownership (a pop by a non-owner returns 0), this class only packs and checks.
 
-The mailbox and request word formats are :class:`hdl.params.MboxMsg`.
+The mailbox and request word formats are :class:`regmap.MboxMsg`.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from hdl.params import MgmtBlockRegs as R, Owner, MboxMsg as M
+from regmap import MgmtBlockRegs as R, Owner, MboxMsg as M
 
 __all__ = ["Port", "Card", "CardError", "encode_msg", "decode_msg", "START", "STOP", "READY",
            "STOPPED", "REFUSED", "OP_NAMES", "REQ_QOS_SET", "RESOURCES", "qos_rate_units"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from hdl.params import MgmtBlockRegs, MgmtRegs, Owner
+from regmap import MgmtBlockRegs, MgmtRegs, Owner
 
 from .card import RESOURCES, REQ_QOS_SET, Card, CardError, decode_msg
 from .eventlog import EventLog

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hdl.params import Owner
+from regmap import Owner
 
 from .card import Card, OP_NAMES, READY, REFUSED, START, STOP, STOPPED, encode_msg
 from .eventlog import EventLog

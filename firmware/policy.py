@@ -43,7 +43,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from hdl.params import MgmtBlockRegs
+from regmap import MgmtBlockRegs
 
 from .card import RESOURCES, qos_rate_units
 

@@ -1,6 +1,6 @@
 """The management UART's frame format, firmware side (the card side is hdl.mgmt_uart).
 
-The format and the command set are defined once, in :class:`hdl.params.UartProto`::
+The format and the command set are defined once, in :class:`regmap.UartProto`::
 
     request  0xA5 LEN CMD SEQ PAYLOAD[LEN] CRC
     reply    0x5A LEN CMD|0x80 SEQ STATUS PAYLOAD[LEN-1] CRC     (CMD 0xFF: error)
@@ -9,7 +9,7 @@ The format and the command set are defined once, in :class:`hdl.params.UartProto
 import struct
 from dataclasses import dataclass
 
-from hdl.params import UartProto as P
+from regmap import UartProto as P
 
 __all__ = ["P", "crc8", "encode_request", "read_request", "write_request", "ping_request",
            "Reply", "parse_reply", "STATUS_NAMES", "FrameError"]

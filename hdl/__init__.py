@@ -3,7 +3,7 @@
 The design is split one component per concern:
 
 * :mod:`hdl.tlp`          -- the transaction-layer stream signature and header field helpers
-* :mod:`hdl.params`       -- :class:`CardConfig`, the elaboration parameters and address map
+* :mod:`regmap`       -- :class:`CardConfig`, the elaboration parameters and address map
 * :mod:`hdl.config_space` -- type-0 configuration space of the PF and every VF (PCIe, MSI-X,
   ARI and SR-IOV capabilities)
 * :mod:`hdl.bar_decode`   -- PF and VF BAR address decode
@@ -17,6 +17,6 @@ The design is split one component per concern:
 ``python -m hdl --help`` writes Verilog for a chosen configuration.
 """
 
-from .params import CardConfig
+from .config import CardConfig
 
 __all__ = ["CardConfig"]

@@ -5,7 +5,7 @@ import re
 import sys
 from pathlib import Path
 
-from .params import CardConfig
+from .config import CardConfig
 
 
 # Icarus Verilog 11 starts an ``always @*`` block only when one of its inputs changes, so a block

@@ -14,7 +14,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from .params import IommuRegs
+from regmap import IommuRegs
 
 __all__ = ["AddressTranslationCache", "VPN_BITS", "PPN_BITS"]
 

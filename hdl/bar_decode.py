@@ -11,7 +11,7 @@ from amaranth.utils import exact_log2
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig
+from .config import CardConfig
 
 __all__ = ["BarDecoder", "BarLookupSignature", "OFFSET_DW_BITS"]
 

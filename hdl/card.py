@@ -27,7 +27,7 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig
+from .config import CardConfig
 from .tlp import tlp_stream
 from .config_space import ConfigSpace
 from .bar_decode import BarDecoder
@@ -48,7 +48,7 @@ from .virtio_pci import VirtioPci
 from .virtio_net import VirtioNetEngine, UplinkBeat, VQ_TAG, PKT_WORDS
 from .dma_mux import DmaChannelMux, LockMux
 from .translate import XlateReq, XlateResp
-from .params import PacketBuf
+from .memmap import PacketBuf
 from .mgmt_block import MgmtBlock, UtilLayout
 from .mgmt_uart import MgmtUart
 from .telemetry import Telemetry

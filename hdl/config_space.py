@@ -38,7 +38,9 @@ from amaranth.utils import exact_log2
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, Bar0Map, VirtioRegs, VirtioCaps
+from regmap import Bar0Map, VirtioRegs, VirtioCaps
+
+from .config import CardConfig
 
 __all__ = ["CfgPortSignature", "ConfigSpace", "CapOffsets"]
 

@@ -5,7 +5,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .params import Staging, PacketBuf
+from .memmap import Staging, PacketBuf
 
 __all__ = ["CARD_MEM_BYTES", "CARD_MEM_TOTAL", "CARD_SPACE", "CARD_ADDR_BITS", "DmaCmd", "DmaDone", "DmaStatus",
            "MemWritePort", "MemReadPort", "CardMemory", "size_bytes", "be_first_last",

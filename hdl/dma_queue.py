@@ -1,6 +1,6 @@
 """DMA descriptor queues: one ring per function in host memory, fetched and run by the card.
 
-Per-function registers in BAR0 (byte offsets, :class:`hdl.params.DmaRegs`): ring base, ring
+Per-function registers in BAR0 (byte offsets, :class:`regmap.DmaRegs`): ring base, ring
 size, control (enable, MSI-X vector), producer index (the doorbell), consumer index (read
 only), status. A descriptor is 32 bytes, little-endian:
 
@@ -9,7 +9,7 @@ only), status. A descriptor is 32 bytes, little-endian:
 0x08   u32   card memory address (any byte, like the host address)
 0x0C   u32   length in bytes, 1..65536
 0x10   u32   flags: bit 0 direction (0 host->card, 1 card->host), bit 1 interrupt when done
-0x14   u32   status, written by the card (:class:`hdl.params.DescStatus`): 1 done,
+0x14   u32   status, written by the card (:class:`regmap.DescStatus`): 1 done,
              0x8000_0001 bad descriptor (a length of 0 or over 64 KiB, card range beyond
              card memory, host range past 2**64), 0x8000_0002 completion error (UR/CA from
              the host),
@@ -37,7 +37,10 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, DmaRegs, DescStatus, Staging, PAGE_SHIFT
+from regmap import DmaRegs, DescStatus, PAGE_SHIFT
+
+from .config import CardConfig
+from .memmap import Staging
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature
 from amaranth.utils import exact_log2

@@ -4,7 +4,7 @@ queue (IOPF) and the host's completion queue (CQ). One unit serves every functio
 A fault comes from the DMA queue engine (``fault`` port) when a page is not present:
 
 * a **write** (card -> host): the segment's payload is copied from card memory into a free
-  staging buffer (:class:`hdl.params.Staging`, keeping its byte lane), then an FBQ entry
+  staging buffer (:class:`hdl.memmap.Staging`, keeping its byte lane), then an FBQ entry
   (staging address, length, function, slot) and an IOPF entry (IOVA, function, VM, write flag,
   FBQ index) are written to host memory, in that order, then the PF's fault MSI-X vector;
 * a **read** (host -> card): only the IOPF entry (no FBQ entry, FBQ index 0xFFFF) and the MSI-X.
@@ -19,7 +19,7 @@ function (``resume``): status 0 -- retry (the engine replays the staged payload 
 device TLB and frees the staging buffer with ``slot_free``); status 1 -- refused (the staging
 buffer is freed here; the engine finishes the descriptor with a fault status). A CQ entry for a
 function without an open fault is counted in ``CQ_BAD`` and ignored. Formats and registers:
-:class:`hdl.params.FaultRegs`.
+:class:`regmap.FaultRegs`.
 """
 
 from amaranth import *
@@ -27,7 +27,10 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from .params import CardConfig, FaultRegs as R, Staging
+from regmap import FaultRegs as R
+
+from .config import CardConfig
+from .memmap import Staging
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature
 from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw

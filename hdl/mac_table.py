@@ -1,8 +1,8 @@
 """The switch's station table: one unicast MAC address per function.
 
 Each function (the PF and every VF) owns one MAC address. At reset function *n* has
-``02:0f:fc:00:00:<n>`` (:data:`hdl.params.VirtioRegs.MAC_PREFIX`); the PF's driver may give it
-another through PF BAR2 (:class:`hdl.params.MigRegs` ``MAC_LO`` / ``MAC_HI`` of the selected
+``02:0f:fc:00:00:<n>`` (:data:`regmap.VirtioRegs.MAC_PREFIX`); the PF's driver may give it
+another through PF BAR2 (:class:`regmap.MigRegs` ``MAC_LO`` / ``MAC_HI`` of the selected
 function), as ``ip link set <pf> vf <n> mac`` does on a real SR-IOV NIC. A live migration
 moves a guest's address with it: the source function's entry is retired, the target's set.
 
@@ -21,7 +21,7 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import VirtioRegs as V
+from regmap import VirtioRegs as V
 
 __all__ = ["MacTable", "default_mac"]
 

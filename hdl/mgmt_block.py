@@ -19,7 +19,9 @@ from amaranth.lib import data, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, MgmtBlockRegs as R, Owner
+from regmap import MgmtBlockRegs as R, Owner
+
+from .config import CardConfig
 from .regbus import RegBusSignature
 
 __all__ = ["MgmtBlock", "UtilLayout"]

@@ -1,13 +1,15 @@
 """PF BAR2: card identification and the completer's error / traffic counters.
 
-Counters are 32-bit and wrap. The byte offsets are in :class:`hdl.params.MgmtRegs`.
+Counters are 32-bit and wrap. The byte offsets are in :class:`regmap.MgmtRegs`.
 """
 
 from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, MgmtRegs as R
+from regmap import MgmtRegs as R
+
+from .config import CardConfig
 from .regbus import RegBusSignature
 
 __all__ = ["CounterEvents", "MgmtRegisters", "COUNTERS"]

@@ -15,7 +15,9 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, UartProto as P
+from regmap import UartProto as P
+
+from .config import CardConfig
 from .regbus import READ_LATENCY, RegBusSignature
 from .uart import UartRx, UartTx
 

@@ -18,7 +18,9 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, Bar0Map
+from regmap import Bar0Map
+
+from .config import CardConfig
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature
 from .tlp import tlp_stream, mem_hdr

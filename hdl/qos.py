@@ -16,7 +16,9 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, MgmtBlockRegs as R
+from regmap import MgmtBlockRegs as R
+
+from .config import CardConfig
 from .regbus import RegBusSignature
 from .telemetry import EventSignature
 

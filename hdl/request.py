@@ -36,7 +36,7 @@ from amaranth import *
 from amaranth.lib import wiring, data
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig
+from .config import CardConfig
 from .tlp import tlp_stream, TlpKind, Dw0, ReqDw1, CfgDw2, hdr_dw, make_hdr, CplStatus
 from .config_space import CfgPortSignature
 from .bar_decode import BarLookupSignature

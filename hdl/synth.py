@@ -47,7 +47,7 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig
+from .config import CardConfig
 
 __all__ = ["CONFIGS", "QUICK", "SynthTop", "SynthResult", "synthesize", "main"]
 

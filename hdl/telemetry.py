@@ -13,7 +13,9 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, MgmtBlockRegs as R
+from regmap import MgmtBlockRegs as R
+
+from .config import CardConfig
 from .regbus import RegBusSignature
 
 __all__ = ["CounterBank", "EventSignature", "Telemetry"]

@@ -1,7 +1,7 @@
 """Address translation: per-function domains, the device TLB and the page-table walker.
 
 The translation structure is owned by the host: for each function a flat table of u64
-page-table entries in host memory (see :class:`hdl.params.IommuRegs`), programmed only through
+page-table entries in host memory (see :class:`regmap.IommuRegs`), programmed only through
 PF BAR2. The card walks it itself -- one MemRd of 2 DW with the PF's requester ID and tag
 :data:`WALK_TAG` -- instead of sending ATS translation requests; the effect for the design is
 the same (the host decides every mapping, the card caches what it was told) and it needs no
@@ -25,7 +25,9 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .params import CardConfig, IommuRegs as R, PAGE_SHIFT
+from regmap import IommuRegs as R, PAGE_SHIFT
+
+from .config import CardConfig
 from .regbus import RegBusSignature
 from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
 from .atc import AddressTranslationCache, VPN_BITS, PPN_BITS

@@ -48,7 +48,10 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from .params import CardConfig, VirtioRegs as V, PacketBuf as P, NetRegs, MigRegs as MG
+from regmap import VirtioRegs as V, NetRegs, MigRegs as MG
+
+from .config import CardConfig
+from .memmap import PacketBuf as P
 from .mac_table import MacTable
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature

@@ -1,6 +1,6 @@
 """The virtio-pci modern transport of every function (PF and VFs): common configuration,
 notifications, ISR status and the virtio-net device configuration, in BAR0 at
-:class:`hdl.params.VirtioRegs` (the vendor capabilities that point there are in
+:class:`regmap.VirtioRegs` (the vendor capabilities that point there are in
 :mod:`hdl.config_space`).
 
 Per function: feature negotiation (the device offers ``VirtioRegs.FEATURES``; FEATURES_OK only
@@ -24,7 +24,9 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from .params import CardConfig, VirtioRegs as V
+from regmap import VirtioRegs as V
+
+from .config import CardConfig
 from .regbus import RegBusSignature
 from .func_regs import IrqRequestSignature
 

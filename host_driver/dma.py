@@ -2,7 +2,7 @@
 
 import struct
 
-from hdl.params import DmaRegs, DescStatus
+from regmap import DmaRegs, DescStatus
 
 from .offcard import OffcardFunction
 

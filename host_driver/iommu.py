@@ -2,18 +2,18 @@
 
 Each card function gets a *domain*: a flat table of little-endian u64 page-table entries in
 host memory, one per 4 KiB page of the function's I/O virtual address space, which the card
-walks itself (:class:`hdl.params.IommuRegs`). Only the PF driver programs domains, through PF
+walks itself (:class:`regmap.IommuRegs`). Only the PF driver programs domains, through PF
 BAR2.
 
 Domains can be *overcommitted*: the VM behind a function is allowed a set of pages, only some
 of which are backed by host memory (present). When the card touches an allowed page that is
-not present it raises an I/O page fault (:class:`hdl.params.FaultRegs`); :class:`FaultService`
+not present it raises an I/O page fault (:class:`regmap.FaultRegs`); :class:`FaultService`
 reads the fault from the IOPF ring, backs the page and tells the card to retry through the
 completion queue (CQ). A fault on a page outside the allowed set is refused, and the card
-finishes the descriptor with :attr:`hdl.params.DescStatus.FAULT`. IOVAs beyond the domain's
+finishes the descriptor with :attr:`regmap.DescStatus.FAULT`. IOVAs beyond the domain's
 size never fault: the card blocks them itself.
 
-Register offsets and entry formats come from :mod:`hdl.params`; nothing here imports the
+Register offsets and entry formats come from :mod:`regmap`; nothing here imports the
 gateware or cocotb.
 """
 
@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from hdl.params import FaultRegs, IommuRegs, MgmtRegs, PAGE_SHIFT, PTE_PRESENT
+from regmap import FaultRegs, IommuRegs, MgmtRegs, PAGE_SHIFT, PTE_PRESENT
 
 from .offcard import OffcardDriver
 from .transport import MsiVector, Transport

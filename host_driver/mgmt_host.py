@@ -1,7 +1,7 @@
 """The host side of management-task placement: host management VMs and the host agent.
 
 The card firmware decides where each management task's VM runs (:mod:`firmware`). Each task
-*t* has one owner in the card (``OWNER + 4*t``: :attr:`hdl.params.Owner.CARD` or ``HOST``);
+*t* has one owner in the card (``OWNER + 4*t``: :attr:`regmap.Owner.CARD` or ``HOST``);
 the task's requests wait in a card FIFO (``REQ_PUSH``/``REQ_POP``) and only the owner's side
 can pop them (the host's side is PF BAR2), so a request is served by the card or by the host
 and never by both, whatever the host software does.
@@ -26,7 +26,7 @@ while a pop is in flight is answered only after the popped request is recorded.
 
 from enum import IntEnum
 
-from hdl.params import MgmtBlockRegs as R, Owner, MboxMsg as M
+from regmap import MgmtBlockRegs as R, Owner, MboxMsg as M
 
 from .cgroup import CpuCgroup, HostCpu, WorkTask
 
@@ -39,7 +39,7 @@ MGMT_SLICE = "mgmt.slice"  # parent cgroup of the host management VMs
 
 
 class Op(IntEnum):
-    """Mailbox ops (:class:`hdl.params.MboxMsg`)."""
+    """Mailbox ops (:class:`regmap.MboxMsg`)."""
     START = M.START
     STOP = M.STOP
     READY = M.READY

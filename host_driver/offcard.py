@@ -1,12 +1,12 @@
 """The offcard driver: probe the PF, set up MSI-X, enable SR-IOV and find the VFs.
 
-Register offsets come from :mod:`hdl.params` (the one definition of the card's address map);
+Register offsets come from :mod:`regmap` (the one definition of the card's address map);
 the driver imports only those constants, never the gateware.
 """
 
 from dataclasses import dataclass
 
-from hdl.params import Bar0Map, FuncRegs, MgmtRegs
+from regmap import Bar0Map, FuncRegs, MgmtRegs
 
 from .pci import PciFunction, CAP_PCIE, CAP_MSIX, ECAP_ARI, ECAP_SRIOV
 from .transport import Transport, MsiVector

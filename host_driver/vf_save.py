@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum, IntFlag
 from typing import Callable, Mapping, Protocol
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 
 from .offcard import VENDOR_ID
 

@@ -7,7 +7,7 @@ The card keeps the state a virtio-net function needs to resume in two places:
   and written back by replaying the driver's bring-up in order (reset, ACKNOWLEDGE | DRIVER,
   features, FEATURES_OK, queues, then the saved status with DRIVER_OK);
 * what only the device knows (each queue's ``last_avail`` and ``used`` index, a pending
-  transmit notification): PF BAR2 :class:`hdl.params.MigRegs`, writable while the function is
+  transmit notification): PF BAR2 :class:`regmap.MigRegs`, writable while the function is
   stopped and idle;
 * what the PF driver gave it: its MAC address in the card's switch (``MigRegs.MAC_LO/HI``),
   which moves with the guest.
@@ -19,7 +19,7 @@ on a real card (through any :class:`host_driver.transport.Transport`). The blob 
 
 import struct
 
-from hdl.params import MigRegs as MG, VirtioRegs as V, Bar0Map
+from regmap import MigRegs as MG, VirtioRegs as V, Bar0Map
 
 __all__ = ["CardVfState", "VfStateError", "STATE_VERSION"]
 

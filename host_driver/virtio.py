@@ -17,7 +17,7 @@ The pieces, bottom up:
 
 The MSI-X table is programmed through :class:`host_driver.offcard.OffcardFunction` rather than
 :class:`RegisterAccess`: it belongs to the PCI function, which a hypervisor emulates apart
-from the virtio registers. Register offsets and feature bits come from :mod:`hdl.params`.
+from the virtio registers. Register offsets and feature bits come from :mod:`regmap`.
 """
 
 import struct
@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
-from hdl.params import PAGE_SHIFT, VirtioCaps, VirtioRegs as V
+from regmap import PAGE_SHIFT, VirtioCaps, VirtioRegs as V
 
 from .offcard import OffcardFunction
 

@@ -6,7 +6,7 @@ and a failed cocotb test fails the pytest test.
 
 import pytest
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 from cosim.card_sim import run_card_bench
 from cosim.runner import one_sim_params, sim_params
 

@@ -3,7 +3,7 @@ the firmware against the simulated card over pyserial, in both simulators."""
 
 import pytest
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 from cosim.card_sim import run_card_bench
 from cosim.runner import sim_params
 

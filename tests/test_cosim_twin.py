@@ -2,7 +2,7 @@
 
 import pytest
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 from cosim.twin import run_twin_bench
 from cosim.runner import sim_params
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 from cosim.card_sim import run_card_bench
 from cosim.runner import sim_width_params
 

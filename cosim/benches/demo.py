@@ -21,7 +21,8 @@ from pathlib import Path
 
 import cocotb
 
-from hdl.params import CardConfig, DescStatus, MgmtBlockRegs as R, Owner
+from hdl.config import CardConfig
+from regmap import DescStatus, MgmtBlockRegs as R, Owner
 from host_driver.dma import DmaQueue
 from host_driver.iommu import Iommu, FaultService, MAPPED, PAGE_SIZE as PAGE
 from cosim.benches.live_migration import Rig

@@ -5,7 +5,8 @@ from cocotb.triggers import ClockCycles
 
 from cocotbext.pcie.core.utils import PcieId
 
-from hdl.params import CardConfig, FuncRegs, MgmtRegs, DmaRegs, MigRegs as MG
+from hdl.config import CardConfig
+from regmap import FuncRegs, MgmtRegs, DmaRegs, MigRegs as MG
 from host_driver.pci import CAP_PCIE, CAP_MSIX, ECAP_ARI, ECAP_SRIOV
 from host_driver.transport import CplError
 from cosim.harness import CardHarness

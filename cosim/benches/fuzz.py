@@ -13,7 +13,7 @@ import cocotb
 from cocotb.queue import Queue
 from cocotb.triggers import ClockCycles, First, Timer
 
-from hdl.params import MgmtRegs
+from regmap import MgmtRegs
 from hdl.tlp import TlpKind
 from cosim.harness import CardHarness
 from cosim.tlpgen import generate_cases, case_beats

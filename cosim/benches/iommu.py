@@ -10,7 +10,8 @@ import random
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from hdl.params import DescStatus, DmaRegs, FaultRegs, Staging
+from regmap import DescStatus, DmaRegs, FaultRegs
+from hdl.memmap import Staging
 from host_driver.dma import DmaQueue
 from host_driver.iommu import Iommu, FaultService, PAGE_SIZE, MAPPED, REFUSED
 from cosim.harness import CardHarness, CLOCK_NS

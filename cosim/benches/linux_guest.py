@@ -10,7 +10,7 @@ import time
 
 import cocotb
 
-from hdl.params import NetRegs, VirtioRegs as V
+from regmap import NetRegs, VirtioRegs as V
 from cosim import vhost_user as VU
 from cosim.guest_rig import CardRig, PEER_IP, vf_ip
 

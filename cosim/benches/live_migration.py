@@ -17,7 +17,7 @@ from pathlib import Path
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from hdl.params import NetRegs
+from regmap import NetRegs
 from host_driver.live import (AnnouncingNetwork, CardServer, GuestMemory, GuestVm, HostSwitch,
                               TransportClock)
 from host_driver.migration import (MigrationCosts, MigrationOrchestrator, MigrationState,

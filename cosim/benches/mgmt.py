@@ -16,7 +16,8 @@ from pathlib import Path
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from hdl.params import CardConfig, MgmtBlockRegs as R, MgmtRegs, UartProto as P, Owner
+from hdl.config import CardConfig
+from regmap import MgmtBlockRegs as R, MgmtRegs, UartProto as P, Owner
 from firmware.card import Card
 from firmware.daemon import Firmware
 from firmware.link import UartLink

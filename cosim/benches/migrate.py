@@ -7,7 +7,7 @@ import random
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from hdl.params import VirtioRegs as V, MigRegs as MG, NetRegs
+from regmap import VirtioRegs as V, MigRegs as MG, NetRegs
 from host_driver.vf_state import CardVfState, VfStateError
 from cosim.benches.virtio import bring_up, net, frame, receive_n
 

@@ -10,7 +10,7 @@ import time
 
 import cocotb
 
-from hdl.params import FuncRegs
+from regmap import FuncRegs
 from cosim.harness import CardHarness
 
 MMIO_ROUNDS = int(os.environ.get("OFFCARD_BENCH_ROUNDS", "20"))

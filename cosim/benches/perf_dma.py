@@ -27,7 +27,7 @@ import time
 
 import cocotb
 
-from hdl.params import FaultRegs, DescStatus
+from regmap import FaultRegs, DescStatus
 from host_driver.dma import DmaQueue
 from host_driver.iommu import Iommu, FaultService, PAGE_SIZE
 from cosim.harness import CardHarness, CLOCK_NS

@@ -12,7 +12,7 @@ import time
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 from cosim.harness import CardHarness
 from cosim.uart_bridge import UartBridge, UartPhy
 

@@ -10,7 +10,7 @@ from cocotb.triggers import ClockCycles
 
 from cocotbext.pcie.core.utils import PcieId
 
-from hdl.params import MigRegs as MG, NetRegs
+from regmap import MigRegs as MG, NetRegs
 from host_driver.offcard import VENDOR_ID, DEVICE_ID
 from cosim.harness import CardHarness, start_twin
 from cosim.uplink import Uplink

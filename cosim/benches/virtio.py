@@ -6,7 +6,7 @@ import random
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from hdl.params import VirtioRegs as V, NetRegs
+from regmap import VirtioRegs as V, NetRegs
 from host_driver.virtio import (VirtioNetDriver, VirtioError, DirectAccess, TrappedAccess,
                                 HostMemory, RX_QUEUE, TX_QUEUE)
 from cosim.harness import CardHarness

@@ -1,4 +1,4 @@
-"""A Python model of the card's management block (hdl.params.MgmtBlockRegs) for firmware tests.
+"""A Python model of the card's management block (regmap.MgmtBlockRegs) for firmware tests.
 
 One :class:`FakeCard` serves two ports: ``card_port`` (the management UART, the card's side)
 and ``host_port`` (PF BAR2, the host's side). Semantics modelled:
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from typing import Callable
 
-from hdl.params import MgmtBlockRegs as R, Owner
+from regmap import MgmtBlockRegs as R, Owner
 
 RESOURCES = ("custom_hw", "processor", "memory", "network")
 VALID = 1 << 31

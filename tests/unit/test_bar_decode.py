@@ -6,7 +6,7 @@ The decoder is combinational, so the hypothesis test runs *inside* one simulatio
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from hdl.bar_decode import BarDecoder
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 
 from helpers import run_sim
 

@@ -6,7 +6,8 @@ Every test runs at data widths 64 and 128."""
 import pytest
 
 from hdl.card import Card
-from hdl.params import CardConfig, MgmtRegs, FuncRegs, Bar0Map
+from hdl.config import CardConfig
+from regmap import MgmtRegs, FuncRegs, Bar0Map
 from hdl.tlp import TlpKind, CplStatus
 
 from helpers import (run_cached, pack_beats, send_beats, recv_tlp, collect_beats, cfg_hdr, mem_hdr,

@@ -3,7 +3,7 @@
 import pytest
 
 from hdl.config_space import ConfigSpace, CapOffsets
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 
 from helpers import run_sim
 

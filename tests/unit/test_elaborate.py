@@ -7,7 +7,7 @@ import pytest
 from amaranth.back import rtlil
 
 from hdl.card import Card
-from hdl.params import CardConfig
+from hdl.config import CardConfig
 
 
 @pytest.mark.parametrize("cfg", [CardConfig(data_width=256), CardConfig(total_vfs=64),

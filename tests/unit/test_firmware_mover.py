@@ -24,7 +24,7 @@ from firmware.mover import recover
 from firmware.placement import CARD, HOST
 from firmware.policy import parse_policy
 from firmware.state import FirmwareState, MoveRecord, StateError, StateStore
-from hdl.params import MgmtBlockRegs as R, Owner
+from regmap import MgmtBlockRegs as R, Owner
 
 RES = ("custom_hw", "processor", "memory", "network")
 OWNER_NAME = {Owner.CARD: CARD, Owner.HOST: HOST}

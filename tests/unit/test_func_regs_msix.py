@@ -5,7 +5,8 @@ import pytest
 
 from hdl.func_regs import FuncRegisters
 from hdl.msix import MsixController
-from hdl.params import CardConfig, FuncRegs as R, Bar0Map
+from hdl.config import CardConfig
+from regmap import FuncRegs as R, Bar0Map
 from hdl.tlp import TlpKind
 
 from helpers import run_sim, RegBus, collect_beats, hdr_dws

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from hdl.params import FaultRegs, IommuRegs, MgmtRegs, PTE_PRESENT
+from regmap import FaultRegs, IommuRegs, MgmtRegs, PTE_PRESENT
 from host_driver.iommu import (Fault, FaultService, Iommu, MAPPED, PRESENT, REFUSED,
                                TranslationError)
 from host_driver.transport import MsiVector

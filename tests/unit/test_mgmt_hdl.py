@@ -12,7 +12,8 @@ from amaranth.hdl import _ast
 
 from hdl.mgmt_block import MgmtBlock
 from hdl.mgmt_uart import MgmtUart, crc8_next
-from hdl.params import CardConfig, MgmtBlockRegs as R, MgmtRegs, Owner, UartProto as P
+from hdl.config import CardConfig
+from regmap import MgmtBlockRegs as R, MgmtRegs, Owner, UartProto as P
 from hdl.qos import RateLimiter
 from hdl.regbus import READ_LATENCY
 from hdl.telemetry import CounterBank, Telemetry

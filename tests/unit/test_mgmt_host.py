@@ -7,7 +7,7 @@ from collections import deque
 
 import pytest
 
-from hdl.params import MgmtBlockRegs as R, Owner
+from regmap import MgmtBlockRegs as R, Owner
 from host_driver.cgroup import HostCpu, Task
 from host_driver.mgmt_host import (VALID, HostAgent, Op, RingFull, VhostRing, decode, encode)
 
@@ -16,7 +16,7 @@ HOST, CARD = "host", "card"
 
 class FakeMgmtCard:
     """The task and mailbox registers of the management block, as the card implements them
-    (hdl.params.MgmtBlockRegs). The host side is PF BAR2 (:attr:`host`), the card side the
+    (regmap.MgmtBlockRegs). The host side is PF BAR2 (:attr:`host`), the card side the
     firmware's UART (:attr:`fw`). Every access yields to the event loop first, so concurrent
     coroutines interleave; ``before(side, kind, off)`` runs just before an access takes
     effect; while :attr:`pop_gate` is set, host REQ_POP reads wait for that event."""

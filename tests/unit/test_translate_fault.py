@@ -14,7 +14,9 @@ from hdl.atc import AddressTranslationCache, PPN_BITS
 from hdl.translate import Translator, XlateStatus, WALK_TAG
 from hdl.fault import FaultUnit, CQ_TAG
 from hdl.dma_common import CARD_MEM_TOTAL
-from hdl.params import CardConfig, IommuRegs as IR, FaultRegs as FR, Staging
+from hdl.config import CardConfig
+from regmap import IommuRegs as IR, FaultRegs as FR
+from hdl.memmap import Staging
 from hdl.tlp import TlpKind, CplStatus
 
 from helpers import run_sim, RegBus, beat_dict, cpl_hdr, pack_beats, hdr_dws

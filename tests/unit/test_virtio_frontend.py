@@ -15,7 +15,7 @@ from collections import deque
 
 import pytest
 
-from hdl.params import PAGE_SHIFT, PTE_PRESENT, VirtioCaps, VirtioRegs as V
+from regmap import PAGE_SHIFT, PTE_PRESENT, VirtioCaps, VirtioRegs as V
 from host_driver.iommu import IommuDomain
 from host_driver.offcard import OffcardFunction
 from host_driver.transport import MsiVector, Transport

@@ -25,7 +25,9 @@ import pytest
 from amaranth import *
 from amaranth.sim import Simulator
 
-from hdl.params import CardConfig, PacketBuf as P, NetRegs, VirtioRegs as V
+from hdl.config import CardConfig
+from hdl.memmap import PacketBuf as P
+from regmap import NetRegs, VirtioRegs as V
 from hdl.virtio_net import VirtioNetEngine, VQ_TAG, UplinkBeat
 from hdl.virtio_pci import NQ
 from hdl.translate import XlateStatus, XlateReq

@@ -4,7 +4,8 @@ register bus, plus its engine-side ports (qr_*, qa_*, kick, isr_set, nr_set) and
 
 import pytest
 
-from hdl.params import CardConfig, VirtioRegs as V
+from hdl.config import CardConfig
+from regmap import VirtioRegs as V
 from hdl.virtio_pci import VirtioPci
 
 from helpers import run_cached, RegBus
