@@ -3,7 +3,7 @@
 cocotbext-pcie's own ``Device`` routes to at most eight Python functions and has no ARI, so this
 bridge forwards *every* TLP (configuration included) into the card's ``rx`` stream and lets the
 RTL decide which routing IDs exist. TLPs are converted with ``Tlp.pack`` / ``Tlp.unpack``; the
-beat layout comes from :func:`hdl.tlp.TlpBeat`, so the Python side and the RTL share one
+beat layout comes from :func:`hdl.pcie.tlp.TlpBeat`, so the Python side and the RTL share one
 definition of the stream.
 
 No coroutine here wakes on an idle bus: the driver sleeps on its queue, the monitor on a rising
@@ -20,7 +20,7 @@ from cocotb.utils import get_sim_time
 from cocotbext.pcie.core import Device
 from cocotbext.pcie.core.tlp import Tlp
 
-from hdl.tlp import TlpBeat
+from hdl.pcie.tlp import TlpBeat
 
 __all__ = ["CardBridge", "BeatCodec"]
 

@@ -23,7 +23,7 @@ CLOCK_NS = 4          # 250 MHz card clock
 
 
 def data_width_of(dut, prefix=""):
-    """Data width of the RTL, from the width of its rx payload (hdl.tlp.TlpBeat)."""
+    """Data width of the RTL, from the width of its rx payload (hdl.pcie.tlp.TlpBeat)."""
     n = len(getattr(dut, f"{prefix}rx__payload"))
     w = (n - 141) * 32 // 33
     assert 141 + w + w // 32 == n, f"unexpected rx payload width {n}"

@@ -10,7 +10,7 @@ import warnings
 
 from hypothesis import given, settings, seed as hyp_seed, strategies as st, HealthCheck, Phase
 
-from hdl.tlp import TlpKind
+from hdl.pcie.tlp import TlpKind
 
 __all__ = ["generate_cases", "case_beats", "tlp_cases"]
 

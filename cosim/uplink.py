@@ -1,7 +1,7 @@
 """The card's uplink port in a bench: Ethernet frames in and out of the virtio-net switch.
 
 ``uplink_tx`` (card -> network) is collected into :attr:`Uplink.received`; :meth:`Uplink.send`
-puts a frame on ``uplink_rx``. Beats follow :func:`hdl.virtio_net.UplinkBeat` (data, a keep
+puts a frame on ``uplink_rx``. Beats follow :func:`hdl.iface.UplinkBeat` (data, a keep
 bit per byte, last), whose field offsets are read from the Amaranth layout. ``prefix`` picks
 one card of a top level holding several (``cosim.twin``: ``a_``, ``b_``).
 """
@@ -11,7 +11,7 @@ from cocotb.utils import get_sim_time
 from cocotb.queue import Queue
 from cocotb.triggers import RisingEdge
 
-from hdl.virtio_net import UplinkBeat
+from hdl.iface import UplinkBeat
 
 __all__ = ["Uplink"]
 

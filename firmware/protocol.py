@@ -1,4 +1,4 @@
-"""The management UART's frame format, firmware side (the card side is hdl.mgmt_uart).
+"""The management UART's frame format, firmware side (the card side is hdl.mgmt.frames).
 
 The format and the command set are defined once, in :class:`regmap.UartProto`::
 

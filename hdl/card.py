@@ -24,37 +24,36 @@ report in ``hdl/synth.py`` names the path that limits the clock now).
 """
 
 from amaranth import *
-from amaranth.lib import wiring
+from amaranth.lib import wiring, stream
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .config import CardConfig
-from .tlp import tlp_stream
-from .config_space import ConfigSpace
-from .bar_decode import BarDecoder
-from .request import Completer
-from .func_regs import FuncRegisters
-from .msix import MsixController
-from .mgmt_regs import MgmtRegisters
-from .arbiter import TlpArbiter
-from .regbus import REQUEST_FIELDS, RegBusSlice
-from .rx_router import RxRouter
-from .dma_common import CardMemory
-from .dma_read import DmaReadChannel
-from .dma_write import DmaWriteChannel
-from .dma_queue import DmaQueues, DESC_TAG
-from .translate import Translator, WALK_TAG
-from .fault import FaultUnit, CQ_TAG
-from .virtio_pci import VirtioPci
-from .virtio_net import VirtioNetEngine, UplinkBeat, VQ_TAG, PKT_WORDS
-from .dma_mux import DmaChannelMux, LockMux
-from .translate import XlateReq, XlateResp
-from .memmap import PacketBuf
-from .mgmt_block import MgmtBlock, UtilLayout
-from .mgmt_uart import MgmtUart
-from .telemetry import Telemetry
-from .qos import RateLimiter
-from amaranth.lib import stream
-from amaranth.lib.memory import Memory
+from .dma.common import CardMemory
+from .dma.mux import DmaChannelMux, LockMux
+from .dma.queue import DmaQueues, DESC_TAG
+from .dma.read import DmaReadChannel
+from .dma.write import DmaWriteChannel
+from .iface import REQUEST_FIELDS, UplinkBeat, XlateReq, XlateResp
+from .iommu.fault import FaultUnit, CQ_TAG
+from .iommu.translate import Translator, WALK_TAG
+from .memmap import PKT_WORDS, PacketBuf
+from .mgmt.block import MgmtBlock, UtilLayout
+from .mgmt.card_regs import MgmtRegisters
+from .mgmt.frames import MgmtUart
+from .mgmt.qos import RateLimiter
+from .mgmt.telemetry import Telemetry
+from .pcie.bar_decode import BarDecoder
+from .pcie.completer import Completer
+from .pcie.config_space import ConfigSpace
+from .pcie.func_regs import FuncRegisters
+from .pcie.msix import MsixController
+from .pcie.regbus import RegBusSlice
+from .pcie.rx_router import RxRouter
+from .pcie.tlp import tlp_stream
+from .pcie.tx_arbiter import TlpArbiter
+from .virtio.net import VirtioNetEngine, VQ_TAG
+from .virtio.transport import VirtioPci
 
 __all__ = ["Card"]
 

@@ -12,7 +12,8 @@ None of this is visible to the host as registers; the host sees a staging addres
 number in a fault buffer queue entry.
 """
 
-__all__ = ["Staging", "PacketBuf"]
+__all__ = ["Staging", "PacketBuf", "CARD_MEM_BYTES", "CARD_MEM_TOTAL", "CARD_SPACE",
+           "CARD_ADDR_BITS", "PKT_BYTES", "PKT_WORDS"]
 
 
 class Staging:
@@ -36,3 +37,14 @@ class PacketBuf:
     MIN_FRAME = 14            # an Ethernet header
     MAX_FRAME = 1514 + 4      # without FCS; plus a VLAN tag
 
+
+CARD_MEM_BYTES = 64 * 1024            # what descriptors may name
+CARD_MEM_TOTAL = Staging.TOP           # plus the page-fault staging buffers above it
+CARD_SPACE = PacketBuf.BASE + PacketBuf.SLOT * PacketBuf.SLOTS   # and the frame buffers
+CARD_ADDR_BITS = 17
+
+PKT_BYTES = PacketBuf.SLOT * PacketBuf.SLOTS
+
+
+def PKT_WORDS(data_width):
+    return PKT_BYTES * 8 // data_width

@@ -129,7 +129,7 @@ class SynthTop(wiring.Component):
 
     @property
     def harness_ffs(self) -> int:
-        from .tlp import TlpBeat
+        from .pcie.tlp import TlpBeat
         width = TlpBeat(self.cfg.data_width).size + 2
         return _LFSR_WIDTH + width + _xor_groups(width) + 2   # + dout, + the reset register
 

@@ -1,4 +1,4 @@
-"""Host side of the card's DMA descriptor queues (see :mod:`hdl.dma_queue`)."""
+"""Host side of the card's DMA descriptor queues (see :mod:`hdl.dma.queue`)."""
 
 import struct
 

@@ -11,10 +11,12 @@ from regmap import Bar0Map, FuncRegs, MgmtRegs
 from .pci import PciFunction, CAP_PCIE, CAP_MSIX, ECAP_ARI, ECAP_SRIOV
 from .transport import Transport, MsiVector
 
-__all__ = ["OffcardFunction", "OffcardDriver", "ProbeError", "VENDOR_ID", "DEVICE_ID"]
+__all__ = ["OffcardFunction", "OffcardDriver", "ProbeError", "VENDOR_ID", "DEVICE_ID",
+           "VF_DEVICE_ID"]
 
 VENDOR_ID = 0x1AF4
 DEVICE_ID = 0x1041
+VF_DEVICE_ID = 0x1041       # SR-IOV VF Device ID: VFs are virtio-net devices too
 
 # SR-IOV capability register offsets
 SRIOV_CTRL = 0x08

@@ -53,9 +53,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum, IntFlag
 from typing import Callable, Mapping, Protocol
 
-from hdl.config import CardConfig
-
-from .offcard import VENDOR_ID
+from .offcard import VENDOR_ID, VF_DEVICE_ID
 
 __all__ = [
     "VfHandle", "VfRef", "VfStateAccess", "RestoreError", "SaveError", "BlockType", "SavedVf",
@@ -68,7 +66,6 @@ __all__ = [
 VDEV_VERSION = 1
 RECORD_MAGIC = b"OCVF"
 DEFAULT_CHUNK = 4096
-VF_DEVICE_ID = CardConfig.vf_device_id
 
 SAVE_STEPS = ("switch_to_synthetic", "quiesce_vf", "export_vf_state", "vsp_save",
               "vmswitch_save_synthetic")

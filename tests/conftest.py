@@ -2,9 +2,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
-
 import pytest
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,10 +1,9 @@
 """DMA engine through cocotbext-pcie's RootComplex, in both simulators."""
 
 import pytest
-
-from hdl.config import CardConfig
 from cosim.card_sim import run_card_bench
 from cosim.runner import sim_width_params
+from hdl.config import CardConfig
 
 
 @pytest.mark.parametrize("sim,width", sim_width_params())

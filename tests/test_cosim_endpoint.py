@@ -5,10 +5,9 @@ and a failed cocotb test fails the pytest test.
 """
 
 import pytest
-
-from hdl.config import CardConfig
 from cosim.card_sim import run_card_bench
 from cosim.runner import one_sim_params, sim_params
+from hdl.config import CardConfig
 
 ENUM = "cosim.benches.enumeration"
 

@@ -2,10 +2,9 @@
 the RTL walks virtio_net's own rings in the guest's RAM, in both simulators."""
 
 import pytest
-
-from hdl.config import CardConfig
 from cosim.card_sim import run_card_bench
 from cosim.runner import sim_params, one_sim_params
+from hdl.config import CardConfig
 
 
 @pytest.mark.parametrize("sim", sim_params())

@@ -2,7 +2,6 @@
 (cosim.benches.live_migration on the two-card top, cosim.twin), in both simulators."""
 
 import pytest
-
 from cosim.runner import sim_params
 from cosim.twin import run_twin_bench
 

@@ -2,10 +2,9 @@
 the firmware against the simulated card over pyserial, in both simulators."""
 
 import pytest
-
-from hdl.config import CardConfig
 from cosim.card_sim import run_card_bench
 from cosim.runner import sim_params
+from hdl.config import CardConfig
 
 
 @pytest.mark.parametrize("sim", sim_params())

@@ -1,10 +1,9 @@
 """VF state save / restore on the card through RootComplex, in both simulators."""
 
 import pytest
-
-from hdl.config import CardConfig
 from cosim.card_sim import run_card_bench
 from cosim.runner import sim_params
+from hdl.config import CardConfig
 
 
 @pytest.mark.parametrize("sim", sim_params())

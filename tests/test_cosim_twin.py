@@ -1,10 +1,9 @@
 """Two cards in one simulation, each on its own RootComplex and host memory, in both simulators."""
 
 import pytest
-
-from hdl.config import CardConfig
-from cosim.twin import run_twin_bench
 from cosim.runner import sim_params
+from cosim.twin import run_twin_bench
+from hdl.config import CardConfig
 
 
 @pytest.mark.parametrize("sim", sim_params())

@@ -6,9 +6,7 @@ import os
 import re
 import subprocess
 import sys
-
 import pytest
-
 from cosim.demo import SECTIONS, TITLES
 from cosim.runner import one_sim_params
 

@@ -13,16 +13,14 @@ import shutil
 import stat
 import subprocess
 import time
-from pathlib import Path
-
 import pytest
-
 from cosim.guest import image as guest_image
 from cosim.guest.image import (INIT_SCRIPT, MODULES, GuestImage, ImageError, NewcWriter,
                                build_initramfs, ensure_image, is_static_elf64, module_depends,
                                read_newc)
-from cosim.guest.qemu import (ConsoleParser, Guest, GuestError, kernel_cmdline, qemu_args,
-                              user_net, vhost_user_net)
+from cosim.guest.qemu import (ConsoleParser, Guest, GuestError, kernel_cmdline, qemu_args, user_net,
+                              vhost_user_net)
+from pathlib import Path
 
 BUSYBOX = shutil.which("busybox") or ("/bin/busybox" if os.path.exists("/bin/busybox") else None)
 MAC = "52:54:00:0f:ca:42"

@@ -1,10 +1,8 @@
 """Smoke test of cosim.runner: a tiny Amaranth counter under each selected simulator."""
 
-from pathlib import Path
-
 import pytest
-
 from cosim.runner import SIM_BUILD, SIMS, run_cocotb, sim_params
+from pathlib import Path
 
 BENCH = "cosim.benches.smoke_counter"
 TOP = "smoke_counter"

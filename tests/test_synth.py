@@ -9,9 +9,7 @@ minute for Yosys); later runs reuse it.
 import json
 import subprocess
 import sys
-
 import pytest
-
 from cosim import lint
 from hdl import synth
 

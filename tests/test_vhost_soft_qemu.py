@@ -19,15 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-
 import pytest
-
 from cosim.netpeer import NetPeer, arp_request, icmp_echo_request
 from cosim.vhost_soft import (RX, TX, VIRTIO_NET_HDR, SoftNetDevice, need_event,
-                              VIRTIO_RING_F_EVENT_IDX, VIRTIO_F_VERSION_1,
-                              VIRTIO_NET_F_MRG_RXBUF)
+                              VIRTIO_RING_F_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF)
 from cosim.vhost_user import GuestMemory, MemRegionDesc, VhostUserServer, Vring
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_MAC = bytes.fromhex("0200000000fe")

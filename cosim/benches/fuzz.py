@@ -14,7 +14,7 @@ from cocotb.queue import Queue
 from cocotb.triggers import ClockCycles, First, Timer
 
 from regmap import MgmtRegs
-from hdl.tlp import TlpKind
+from hdl.pcie.tlp import TlpKind
 from cosim.harness import CardHarness
 from cosim.tlpgen import generate_cases, case_beats
 

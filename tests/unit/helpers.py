@@ -1,9 +1,8 @@
 """Shared helpers for the amaranth.sim unit tests: simulation runner, TLP header builders,
-beat packing/unpacking for the ``hdl.tlp.TlpBeat`` stream, and a few driver coroutines."""
+beat packing/unpacking for the ``hdl.pcie.tlp.TlpBeat`` stream, and a few driver coroutines."""
 
 from amaranth.sim import Simulator
-
-from hdl.tlp import TlpKind
+from hdl.pcie.tlp import TlpKind
 
 CLK = 1e-8
 
@@ -226,7 +225,7 @@ async def collect_beats(ctx, stream, cycles, ready=True):
 
 
 class RegBus:
-    """Coroutine wrappers for a ``hdl.regbus.RegBusSignature`` target (byte offsets)."""
+    """Coroutine wrappers for a ``hdl.iface.RegBusSignature`` target (byte offsets)."""
 
     def __init__(self, ctx, bus):
         self.ctx, self.bus = ctx, bus

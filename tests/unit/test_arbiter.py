@@ -1,14 +1,11 @@
-"""Unit tests of hdl.arbiter.TlpArbiter (packet-granular round robin, registered grant and output).
+"""Unit tests of hdl.pcie.tx_arbiter.TlpArbiter (packet-granular round robin, registered grant and output).
 
 One testbench models both sources and the sink cycle by cycle (no races between
 testbenches): values are set, the combinational response is read, then the clock ticks."""
 
 import random
-
 import pytest
-
-from hdl.arbiter import TlpArbiter
-
+from hdl.pcie.tx_arbiter import TlpArbiter
 from helpers import beat_dict, run_sim
 
 DW = 64

@@ -1,14 +1,12 @@
-"""Unit tests of hdl.bar_decode.BarDecoder (combinational), with a pure-Python reference.
+"""Unit tests of hdl.pcie.bar_decode.BarDecoder (combinational), with a pure-Python reference.
 
 The decoder is combinational, so the hypothesis test runs *inside* one simulation: the
 ``@given`` function only uses ``ctx.set``/``ctx.get`` (no awaits), one example per call."""
 
-from hypothesis import given, settings, strategies as st, HealthCheck
-
-from hdl.bar_decode import BarDecoder
 from hdl.config import CardConfig
-
+from hdl.pcie.bar_decode import BarDecoder
 from helpers import run_sim
+from hypothesis import given, settings, strategies as st, HealthCheck
 
 CFG = CardConfig()                 # PF BAR0 16 KiB, BAR2 4 KiB, VF BAR0 16 KiB, 16 VFs
 M64 = (1 << 64) - 1

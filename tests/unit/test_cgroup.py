@@ -3,9 +3,7 @@ isolation it gives a host management VM from a noisy user VM."""
 
 import math
 import random
-
 import pytest
-
 from host_driver.cgroup import EPS, CpuCgroup, HostCpu, Task, WorkTask
 
 NCPUS = 2

@@ -4,14 +4,13 @@
 Every test runs at data widths 64 and 128."""
 
 import pytest
-
 from hdl.card import Card
 from hdl.config import CardConfig
-from regmap import MgmtRegs, FuncRegs, Bar0Map
-from hdl.tlp import TlpKind, CplStatus
-
+from hdl.pcie.tlp import TlpKind, CplStatus
 from helpers import (run_cached, pack_beats, send_beats, recv_tlp, collect_beats, cfg_hdr, mem_hdr,
                      cpl_hdr, parse_cpl, hdr_int, dw0, req_dw1, hdr_dws)
+
+from regmap import MgmtRegs, FuncRegs, Bar0Map
 
 BUS = 0x5A
 REQ = 0x0008                   # requester ID of the root port

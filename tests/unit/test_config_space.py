@@ -1,10 +1,8 @@
-"""Unit tests of hdl.config_space.ConfigSpace, driven through its DW access port."""
+"""Unit tests of hdl.pcie.config_space.ConfigSpace, driven through its DW access port."""
 
 import pytest
-
-from hdl.config_space import ConfigSpace, CapOffsets
 from hdl.config import CardConfig
-
+from hdl.pcie.config_space import ConfigSpace, CapOffsets
 from helpers import run_sim
 
 CFG = CardConfig()                  # total_vfs 16, msix_vectors 4

@@ -1,15 +1,14 @@
 """amaranth.sim tests of the DMA read and write channels against a model of host memory."""
 
 import random
-
 import pytest
 from amaranth import *
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
-
-from hdl.dma_common import CardMemory, CARD_MEM_BYTES
-from hdl.dma_read import DmaReadChannel, TAG_BASE
-from hdl.dma_write import DmaWriteChannel
+from hdl.dma.common import CardMemory
+from hdl.dma.read import DmaReadChannel, TAG_BASE
+from hdl.dma.write import DmaWriteChannel
+from hdl.memmap import CARD_MEM_BYTES
 
 
 class Bench(Elaboratable):

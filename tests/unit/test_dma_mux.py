@@ -1,7 +1,6 @@
 """DmaChannelMux: one DMA channel shared by two engines, each holding it until its done."""
 
-from hdl.dma_mux import DmaChannelMux
-
+from hdl.dma.mux import DmaChannelMux
 from helpers import run_sim
 
 

@@ -4,10 +4,9 @@ Byte exact, with the guard bytes around each transfer untouched, and a command w
 range passes 2**64 refused before anything moves."""
 
 import random
-
 import pytest
-
-from hdl.dma_common import CARD_MEM_BYTES, CARD_MEM_TOTAL, DmaStatus
+from hdl.iface import DmaStatus
+from hdl.memmap import CARD_MEM_BYTES, CARD_MEM_TOTAL
 from tests.unit.test_dma_channels import unpack, cpl_beats, run
 
 SIZE = 128                       # MPS and MRRS: the smallest, so transfers cut most often

@@ -2,10 +2,8 @@
 
 import subprocess
 import sys
-
 import pytest
 from amaranth.back import rtlil
-
 from hdl.card import Card
 from hdl.config import CardConfig
 

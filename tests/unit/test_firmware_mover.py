@@ -10,20 +10,18 @@ import dataclasses
 import json
 import os
 import tempfile
-from pathlib import Path
-
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from fakecard import CardCrash, FakeCard, FakeHostAgent, VALID
-from firmware.card import (READY, START, STOP, Card, CardError, decode_msg,
-                           encode_msg)
+from firmware.card import READY, START, STOP, Card, CardError, decode_msg, encode_msg
 from firmware.daemon import Firmware
 from firmware.eventlog import EventLog
 from firmware.mover import recover
 from firmware.placement import CARD, HOST
 from firmware.policy import parse_policy
 from firmware.state import FirmwareState, MoveRecord, StateError, StateStore
+from hypothesis import HealthCheck, given, settings, strategies as st
+from pathlib import Path
+
 from regmap import MgmtBlockRegs as R, Owner
 
 RES = ("custom_hw", "processor", "memory", "network")

@@ -1,7 +1,6 @@
 """The placement engine: the board-card condition, strategies, dwell/hysteresis."""
 
 import pytest
-
 from firmware.placement import CARD, HOST, Move, PlacementEngine
 from firmware.policy import RESOURCES, parse_policy
 

@@ -4,13 +4,11 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
-
 import pytest
-
 from fakecard import FakeCard
 from firmware import __main__ as cli
 from firmware.policy import Policy, PolicyError, load_policy, parse_policy
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "firmware" / "example_policy.toml"

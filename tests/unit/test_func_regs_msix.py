@@ -1,15 +1,14 @@
-"""Unit tests of hdl.func_regs.FuncRegisters and hdl.msix.MsixController (register bus +
+"""Unit tests of hdl.pcie.func_regs.FuncRegisters and hdl.pcie.msix.MsixController (register bus +
 interrupt request in, MSI-X memory writes out)."""
 
 import pytest
-
-from hdl.func_regs import FuncRegisters
-from hdl.msix import MsixController
 from hdl.config import CardConfig
-from regmap import FuncRegs as R, Bar0Map
-from hdl.tlp import TlpKind
-
+from hdl.pcie.func_regs import FuncRegisters
+from hdl.pcie.msix import MsixController
+from hdl.pcie.tlp import TlpKind
 from helpers import run_sim, RegBus, collect_beats, hdr_dws
+
+from regmap import FuncRegs as R, Bar0Map
 
 CFG = CardConfig(total_vfs=4, msix_vectors=4)
 NF = CFG.num_functions

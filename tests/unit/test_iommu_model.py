@@ -3,13 +3,11 @@ programming, page tables, host-side translation and the page fault service's rin
 
 import asyncio
 import struct
-
 import pytest
+from host_driver.iommu import Fault, FaultService, Iommu, MAPPED, PRESENT, REFUSED, TranslationError
+from host_driver.transport import MsiVector
 
 from regmap import FaultRegs, IommuRegs, MgmtRegs, PTE_PRESENT
-from host_driver.iommu import (Fault, FaultService, Iommu, MAPPED, PRESENT, REFUSED,
-                               TranslationError)
-from host_driver.transport import MsiVector
 
 HOST_BASE = 0x2_0000_0000 + 8        # above 4 GiB and unaligned: exercises *_HI and alignment
 BAR2 = 0xF000_0000

@@ -1,9 +1,7 @@
-"""Unit tests of hdl.mac_table.MacTable: reset addresses, programming, lookup, retirement."""
+"""Unit tests of hdl.virtio.mac_table.MacTable: reset addresses, programming, lookup, retirement."""
 
 import random
-
-from hdl.mac_table import MacTable, default_mac
-
+from hdl.virtio.mac_table import MacTable, default_mac
 from helpers import run_sim
 
 NF = 5

@@ -1,24 +1,21 @@
-"""Unit tests of the management hardware: hdl.telemetry (CounterBank, Telemetry), hdl.qos
-(RateLimiter), hdl.mgmt_block (MgmtBlock) on the register bus, and hdl.mgmt_uart (MgmtUart),
+"""Unit tests of the management hardware: hdl.mgmt.telemetry (CounterBank, Telemetry), hdl.mgmt.qos
+(RateLimiter), hdl.mgmt.block (MgmtBlock) on the register bus, and hdl.mgmt.frames (MgmtUart),
 the UART frame engine, driven bit by bit by a Python 8N1 model against a dict-backed register
 target in the testbench."""
 
 import random
-
 import pytest
 from amaranth import Signal
-from amaranth.hdl import Fragment
-from amaranth.hdl import _ast
-
-from hdl.mgmt_block import MgmtBlock
-from hdl.mgmt_uart import MgmtUart, crc8_next
+from amaranth.hdl import Fragment, _ast
 from hdl.config import CardConfig
-from regmap import MgmtBlockRegs as R, MgmtRegs, Owner, UartProto as P
-from hdl.qos import RateLimiter
-from hdl.regbus import READ_LATENCY
-from hdl.telemetry import CounterBank, Telemetry
-
+from hdl.iface import READ_LATENCY
+from hdl.mgmt.block import MgmtBlock
+from hdl.mgmt.frames import MgmtUart, crc8_next
+from hdl.mgmt.qos import RateLimiter
+from hdl.mgmt.telemetry import CounterBank, Telemetry
 from helpers import run_cached, run_sim, RegBus
+
+from regmap import MgmtBlockRegs as R, MgmtRegs, Owner, UartProto as P
 
 CFG = CardConfig(total_vfs=3)       # 4 functions
 NF = CFG.num_functions

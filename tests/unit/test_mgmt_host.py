@@ -3,13 +3,12 @@ registers: the START/READY/STOP/STOPPED protocol, request serving by owner, owne
 mid-stream, and the vhost back-end."""
 
 import asyncio
-from collections import deque
-
 import pytest
+from collections import deque
+from host_driver.cgroup import HostCpu, Task
+from host_driver.mgmt_host import VALID, HostAgent, Op, RingFull, VhostRing, decode, encode
 
 from regmap import MgmtBlockRegs as R, Owner
-from host_driver.cgroup import HostCpu, Task
-from host_driver.mgmt_host import (VALID, HostAgent, Op, RingFull, VhostRing, decode, encode)
 
 HOST, CARD = "host", "card"
 

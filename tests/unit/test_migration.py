@@ -4,14 +4,12 @@ under continuous traffic in both directions (network -> guest and guest -> netwo
 import asyncio
 import random
 import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
+from concurrent.futures import ThreadPoolExecutor
+from host_driver.migration import (Datapath, MigrationCosts, MigrationOrchestrator,
+                                   MigrationState as S, Network, NoFreeVf, Outcome, Server,
+                                   SlotState, VfBusy, VirtualClock, Vm)
 from hypothesis import given, settings, strategies as st
-
-from host_driver.migration import (
-    Datapath, MigrationCosts, MigrationOrchestrator, MigrationState as S, Network, NoFreeVf,
-    Outcome, Server, SlotState, VfBusy, VirtualClock, Vm)
 
 ALL = [s for s in S if s is not S.DONE]
 T1, T2 = 0.8, 0.5

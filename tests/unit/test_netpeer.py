@@ -5,11 +5,9 @@ end-around carry after every addition, written here) and against the RFC 1071 ex
 
 import socket
 import struct
-
 import pytest
-
-from cosim.netpeer import (NetPeer, arp_request, icmp_echo_request, inet_checksum,
-                           BROADCAST, ETH_P_ARP, ETH_P_IP)
+from cosim.netpeer import (NetPeer, arp_request, icmp_echo_request, inet_checksum, BROADCAST,
+                           ETH_P_ARP, ETH_P_IP)
 
 PEER_MAC = bytes.fromhex("02aabbccddee")
 PEER_IP = "10.0.0.254"

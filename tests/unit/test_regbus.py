@@ -1,9 +1,8 @@
-"""Unit tests of hdl.regbus.RegBusSlice: the register bus's one request register stage."""
+"""Unit tests of hdl.pcie.regbus.RegBusSlice: the register bus's one request register stage."""
 
 import random
-
-from hdl.regbus import REQUEST_FIELDS, RegBusSlice
-
+from hdl.iface import REQUEST_FIELDS
+from hdl.pcie.regbus import RegBusSlice
 from helpers import run_sim
 
 

@@ -3,12 +3,8 @@ and the host driver and firmware can use it without Amaranth."""
 
 import subprocess
 import sys
-
 import pytest
-
-from regmap import windows as W
-from regmap import records as R
-from regmap import Bar0Map, MgmtRegs
+from regmap import windows as W, records as R, Bar0Map, MgmtRegs
 
 
 def test_windows_do_not_overlap_and_fit_their_bars():

@@ -1,12 +1,10 @@
-"""Unit tests of hdl.rx_router.RxRouter: requests to ``req``, completions by tag, one pipeline
+"""Unit tests of hdl.pcie.rx_router.RxRouter: requests to ``req``, completions by tag, one pipeline
 register (random valid and ready on every port; nothing lost, duplicated, reordered or sent to
 the wrong port)."""
 
 import random
-
 import pytest
-
-from hdl.rx_router import RxRouter
+from hdl.pcie.rx_router import RxRouter
 from helpers import beat_dict, cpl_hdr, mem_hdr, run_sim
 
 DW = 64

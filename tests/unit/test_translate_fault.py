@@ -1,5 +1,5 @@
-"""amaranth.sim unit tests of the device TLB (hdl.atc), the translator / page-table walker
-(hdl.translate) and the I/O page fault unit (hdl.fault).
+"""amaranth.sim unit tests of the device TLB (hdl.iommu.atc), the translator / page-table walker
+(hdl.iommu.translate) and the I/O page fault unit (hdl.iommu.fault).
 
 The walker's and the fault unit's TLPs are recorded by a background process that samples
 ``valid & ready`` on every clock edge (``tx.ready`` is held high), host memory answers are
@@ -7,19 +7,17 @@ played back on ``cpl`` by the testbench, and card memory is a Python model behin
 unit's ``mem_rd`` / ``mem_wr`` ports."""
 
 import random
-
 import pytest
-
-from hdl.atc import AddressTranslationCache, PPN_BITS
-from hdl.translate import Translator, XlateStatus, WALK_TAG
-from hdl.fault import FaultUnit, CQ_TAG
-from hdl.dma_common import CARD_MEM_TOTAL
 from hdl.config import CardConfig
-from regmap import IommuRegs as IR, FaultRegs as FR
-from hdl.memmap import Staging
-from hdl.tlp import TlpKind, CplStatus
-
+from hdl.iface import XlateStatus
+from hdl.iommu.atc import AddressTranslationCache, PPN_BITS
+from hdl.iommu.fault import FaultUnit, CQ_TAG
+from hdl.iommu.translate import Translator, WALK_TAG
+from hdl.memmap import CARD_MEM_TOTAL, Staging
+from hdl.pcie.tlp import TlpKind, CplStatus
 from helpers import run_sim, RegBus, beat_dict, cpl_hdr, pack_beats, hdr_dws
+
+from regmap import IommuRegs as IR, FaultRegs as FR
 
 BUS = 0x3C
 PF_RID = BUS << 8

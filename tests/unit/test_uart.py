@@ -1,15 +1,12 @@
-"""Management UART (hdl.uart): 8N1 bit timing and order, Tx->Rx loopback, receiver errors."""
+"""Management UART (hdl.mgmt.uart): 8N1 bit timing and order, Tx->Rx loopback, receiver errors."""
 
 import gc
 import warnings
-
 import pytest
 from amaranth import *
-from amaranth.hdl import UnusedElaboratable
 from amaranth.back import verilog
-
-from hdl.uart import UartRx, UartTx
-
+from amaranth.hdl import UnusedElaboratable
+from hdl.mgmt.uart import UartRx, UartTx
 from helpers import run_sim
 
 

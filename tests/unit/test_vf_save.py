@@ -6,15 +6,13 @@ import itertools
 import random
 import struct
 import zlib
-
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from host_driver.vf_save import (
-    AssignedVm, FrameLedger, HostVf, RESTORE_STEPS, RECORD_MAGIC, RestoreError,
-    RuntimeRepository, SAVE_STEPS, SKIP_STEPS, SaveError, SavedVf, VDEV_VERSION, VF_DEVICE_ID,
-    VfAssignment, VfRef, VfSaveRestore, VmFlags, pack, unpack)
 from host_driver.offcard import VENDOR_ID
+from host_driver.vf_save import (AssignedVm, FrameLedger, HostVf, RESTORE_STEPS, RECORD_MAGIC,
+                                 RestoreError, RuntimeRepository, SAVE_STEPS, SKIP_STEPS, SaveError,
+                                 SavedVf, VDEV_VERSION, VF_DEVICE_ID, VfAssignment, VfRef,
+                                 VfSaveRestore, VmFlags, pack, unpack)
+from hypothesis import given, settings, strategies as st
 
 VF = VfRef(3, 0x0103)
 LUID = 0x5EED_0000_0003

@@ -11,9 +11,7 @@ import socket
 import struct
 import threading
 import time
-
 import pytest
-
 from cosim import vhost_user as vu
 from cosim.vhost_user import Req, VhostUserDevice, VhostUserServer, Reactor
 

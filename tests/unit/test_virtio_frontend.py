@@ -11,17 +11,16 @@ memory through an IOMMU page table. Register accesses must be exactly the field'
 
 import asyncio
 import struct
-from collections import deque
-
 import pytest
-
-from regmap import PAGE_SHIFT, PTE_PRESENT, VirtioCaps, VirtioRegs as V
+from collections import deque
 from host_driver.iommu import IommuDomain
 from host_driver.offcard import OffcardFunction
 from host_driver.transport import MsiVector, Transport
-from host_driver.virtio import (DirectAccess, DomainMemory, HostMemory, TrappedAccess,
-                                VirtioError, VirtioNetDriver, Virtqueue, vring_need_event,
-                                DRIVER_FEATURES, RX_QUEUE, TX_QUEUE)
+from host_driver.virtio import (DirectAccess, DomainMemory, HostMemory, TrappedAccess, VirtioError,
+                                VirtioNetDriver, Virtqueue, vring_need_event, DRIVER_FEATURES,
+                                RX_QUEUE, TX_QUEUE)
+
+from regmap import PAGE_SHIFT, PTE_PRESENT, VirtioCaps, VirtioRegs as V
 
 BAR0 = 0xE000_0000
 HOST_BASE = 0x1_0000_0000         # above 4 GiB: the *_HI halves of ring addresses matter

@@ -1,4 +1,4 @@
-"""amaranth.sim tests of hdl.virtio_net.VirtioNetEngine (PF + 2 VFs) inside a modelled world.
+"""amaranth.sim tests of hdl.virtio.net.VirtioNetEngine (PF + 2 VFs) inside a modelled world.
 
 The world is one background simulator process that, every clock edge, looks at what the engine
 did just before the edge (``ctx.tick().sample``) and answers for the next cycle:
@@ -19,22 +19,19 @@ did just before the edge (``ctx.tick().sample``) and answers for the next cycle:
 Split virtqueues follow virtio 1.x section 2.7 and are laid out in host memory by :class:`Vq`.
 """
 
-from collections import deque
-
 import pytest
 from amaranth import *
 from amaranth.sim import Simulator
-
+from collections import deque
 from hdl.config import CardConfig
+from hdl.iface import UplinkBeat, XlateStatus, XlateReq, DmaCmd
 from hdl.memmap import PacketBuf as P
-from regmap import NetRegs, VirtioRegs as V
-from hdl.virtio_net import VirtioNetEngine, VQ_TAG, UplinkBeat
-from hdl.virtio_pci import NQ
-from hdl.translate import XlateStatus, XlateReq
-from hdl.tlp import TlpBeat
-from hdl.dma_common import DmaCmd
-
+from hdl.pcie.tlp import TlpBeat
+from hdl.virtio.net import VirtioNetEngine, VQ_TAG
+from hdl.virtio.transport import NQ
 from helpers import CLK, cpl_hdr, hdr_dws, pack_beats, unpack_dws, RegBus
+
+from regmap import NetRegs, VirtioRegs as V
 
 RXQ, TXQ = 0, 1
 D_NEXT, D_WRITE, D_INDIRECT = 1, 2, 4

@@ -1,14 +1,13 @@
-"""Unit tests of hdl.virtio_pci.VirtioPci: the virtio-pci modern transport (common config,
+"""Unit tests of hdl.virtio.transport.VirtioPci: the virtio-pci modern transport (common config,
 notifications, ISR, virtio-net device config) of the PF and two VFs, driven through the
 register bus, plus its engine-side ports (qr_*, qa_*, kick, isr_set, nr_set) and resets."""
 
 import pytest
-
 from hdl.config import CardConfig
-from regmap import VirtioRegs as V
-from hdl.virtio_pci import VirtioPci
-
+from hdl.virtio.transport import VirtioPci
 from helpers import run_cached, RegBus
+
+from regmap import VirtioRegs as V
 
 CFG = CardConfig(total_vfs=2)
 NF = CFG.num_functions          # PF + 2 VFs
@@ -214,7 +213,7 @@ def test_device_features_select_and_num_queues():
 
 def test_device_config_mac_link_pairs():
     """The device config shows the station table's entry of the function read (the table,
-    hdl.mac_table, is outside: the bench plays it, a distinct address per function)."""
+    hdl.virtio.mac_table, is outside: the bench plays it, a distinct address per function)."""
     def table(f):
         return bytes([0x02, 0x5A, 0x10 + f, 0xC3, 0x77, f])
 

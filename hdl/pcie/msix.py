@@ -4,7 +4,7 @@ Every function (PF and VFs) has ``msix_vectors`` table entries at BAR0+0x2000 (1
 address low, address high, data, vector control) and its PBA at BAR0+0x3000. All tables live
 in one block RAM indexed by ``{function, vector, dword}``.
 
-An interrupt request (from :class:`hdl.func_regs.FuncRegisters` or, later, from the datapath)
+An interrupt request (from :class:`hdl.pcie.func_regs.FuncRegisters` or, later, from the datapath)
 sets the vector's pending bit if the function has MSI-X enabled. A scanner visits one
 function per cycle; when it finds a pending vector that is deliverable (MSI-X enabled, function
 not masked, vector not masked, Bus Master Enable set) it reads the entry and sends a one-DW
@@ -13,16 +13,15 @@ therefore keeps its PBA bit set until software unmasks it, and the message then 
 """
 
 from amaranth import *
-from amaranth.utils import exact_log2
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
 from regmap import Bar0Map
 
-from .config import CardConfig
-from .regbus import RegBusSignature
-from .func_regs import IrqRequestSignature
+from ..config import CardConfig
+from ..iface import RegBusSignature, IrqRequestSignature
 from .tlp import tlp_stream, mem_hdr
 
 __all__ = ["MsixController"]

@@ -21,14 +21,15 @@ refused whole (``DmaStatus.RANGE``): no TLP goes out.
 """
 
 from amaranth import *
-from amaranth.utils import exact_log2
 from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
-from .tlp import tlp_stream, mem_hdr
-from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemReadPort, next_chunk, be_first_last,
-                         CARD_ADDR_BITS)
+from ..memmap import CARD_ADDR_BITS
+from ..iface import DmaCmd, DmaDone, DmaStatus, MemReadPort
+from ..pcie.tlp import tlp_stream, mem_hdr
+from .common import next_chunk, be_first_last
 
 __all__ = ["DmaWriteChannel"]
 

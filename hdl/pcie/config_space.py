@@ -11,7 +11,7 @@ Layout (byte offsets, the same on the PF and on VFs unless noted):
 0x090  PCI Power Management capability (PF only): D0 and D3hot, No_Soft_Reset; in D3hot the
        PF decodes no memory and masters nothing
 0x0A0  virtio vendor-specific capabilities (PF and VFs): common cfg (0xA0), notify (0xB0,
-       notify_off_multiplier 4), ISR (0xC4), device cfg (0xD4), all in BAR0 (hdl.virtio_pci)
+       notify_off_multiplier 4), ISR (0xC4), device cfg (0xD4), all in BAR0 (hdl.virtio.transport)
 0x100  ARI extended capability (PF and VFs; Next Function Number 0)
 0x110  SR-IOV extended capability (PF only): TotalVFs/InitialVFs = ``total_vfs``,
        First VF Offset 1, VF Stride 1, VF BAR0 64-bit prefetchable of ``vf_bar0_size``, or of
@@ -34,13 +34,13 @@ Access port: one DW access at a time (``we``/``re`` pulses), read data one cycle
 """
 
 from amaranth import *
-from amaranth.utils import exact_log2
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
 from regmap import Bar0Map, VirtioRegs, VirtioCaps
 
-from .config import CardConfig
+from ..config import CardConfig
 
 __all__ = ["CfgPortSignature", "ConfigSpace", "CapOffsets"]
 

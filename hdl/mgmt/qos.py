@@ -18,9 +18,8 @@ from amaranth.lib.wiring import In, Out
 
 from regmap import MgmtBlockRegs as R
 
-from .config import CardConfig
-from .regbus import RegBusSignature
-from .telemetry import EventSignature
+from ..config import CardConfig
+from ..iface import RegBusSignature, EventSignature
 
 __all__ = ["RateLimiter", "TOKEN_BITS", "FRAC_BITS"]
 

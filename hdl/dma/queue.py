@@ -17,9 +17,9 @@ only), status. A descriptor is 32 bytes, little-endian:
 ====== ===== ================================================================================
 
 The host address is an I/O virtual address of the function's domain when the PF driver gave
-the function one (:mod:`hdl.translate`); the engine then cuts the transfer at 4 KiB pages and
+the function one (:mod:`hdl.iommu.translate`); the engine then cuts the transfer at 4 KiB pages and
 translates each piece. A descriptor that does not fit in the domain ends as blocked, before
-anything moves. A piece whose page is not present goes to the fault unit (:mod:`hdl.fault`):
+anything moves. A piece whose page is not present goes to the fault unit (:mod:`hdl.iommu.fault`):
 a write's payload is staged, the fault is queued to the host, and the function is parked while
 the engine serves the others. When the host resolves it the engine fetches the descriptor again
 and goes on at the piece that faulted: a staged write is replayed from the staging buffer, a
@@ -36,20 +36,16 @@ and raises the function's MSI-X vector if asked.
 from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
 from regmap import DmaRegs, DescStatus, PAGE_SHIFT
 
-from .config import CardConfig
-from .memmap import Staging
-from .regbus import RegBusSignature
-from .func_regs import IrqRequestSignature
-from amaranth.utils import exact_log2
-
-from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
-from .dma_common import DmaCmd, DmaDone, DmaStatus, CARD_MEM_BYTES, CARD_ADDR_BITS
-from .dma_read import CPL_TIMEOUT
-from .translate import XlateReq, XlateResp, XlateStatus
-from .fault import FaultReqSignature, ResumeSignature, SlotFreeSignature, ReleaseSignature
+from ..config import CardConfig
+from ..memmap import Staging, CARD_MEM_BYTES, CARD_ADDR_BITS
+from ..iface import (RegBusSignature, IrqRequestSignature, DmaCmd, DmaDone, DmaStatus, CPL_TIMEOUT,
+                     XlateReq, XlateResp, XlateStatus, FaultReqSignature, ResumeSignature,
+                     SlotFreeSignature, ReleaseSignature)
+from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
 
 __all__ = ["DmaQueues", "DESC_TAG", "DescStatus"]
 

@@ -16,7 +16,7 @@ A request (function, IOVA) gets one response:
 * ``NOT_PRESENT`` when the page-table entry's present bit is clear (a page fault);
 * ``ERROR`` when the walk's completion failed or timed out.
 
-Present translations go into the device TLB (:class:`hdl.atc.AddressTranslationCache`). A
+Present translations go into the device TLB (:class:`hdl.iommu.atc.AddressTranslationCache`). A
 domain change or the host's ``ATC_INV`` drops the function's entries, and a walk that was in
 flight across such an invalidation does not fill the cache with what it read.
 """
@@ -27,28 +27,14 @@ from amaranth.lib.wiring import In, Out
 
 from regmap import IommuRegs as R, PAGE_SHIFT
 
-from .config import CardConfig
-from .regbus import RegBusSignature
-from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
-from .atc import AddressTranslationCache, VPN_BITS, PPN_BITS
-from .dma_read import CPL_TIMEOUT
+from ..config import CardConfig
+from ..iface import RegBusSignature, CPL_TIMEOUT, XlateReq, XlateResp, XlateStatus
+from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
+from .atc import AddressTranslationCache, VPN_BITS
 
-__all__ = ["Translator", "XlateReq", "XlateResp", "XlateStatus", "WALK_TAG"]
+__all__ = ["Translator", "WALK_TAG"]
 
 WALK_TAG = 1
-
-
-class XlateStatus:
-    OK = 0
-    NOT_PRESENT = 1
-    BLOCKED = 2
-    ERROR = 3
-
-
-# ``last``: the last IOVA of the whole transfer the piece at ``iova`` belongs to; a transfer that
-# does not fit in the domain is blocked as a whole, before any of it moves
-XlateReq = data.StructLayout({"fidx": 8, "iova": 64, "last": 64})
-XlateResp = data.StructLayout({"status": 2, "bypass": 1, "phys": 64, "vm": 8})
 
 
 class Translator(wiring.Component):

@@ -1,52 +1,14 @@
-"""Shared pieces of the DMA engine: command / done streams, card memory ports, helpers."""
+"""Shared pieces of the DMA engine: the card memory and the helpers that size TLPs."""
 
 from amaranth import *
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
-from amaranth.lib.wiring import In, Out
+from amaranth.lib.wiring import In
 
-from .memmap import Staging, PacketBuf
+from ..memmap import CARD_MEM_TOTAL
+from ..iface import MemReadPort, MemWritePort
 
-__all__ = ["CARD_MEM_BYTES", "CARD_MEM_TOTAL", "CARD_SPACE", "CARD_ADDR_BITS", "DmaCmd", "DmaDone", "DmaStatus",
-           "MemWritePort", "MemReadPort", "CardMemory", "size_bytes", "be_first_last",
-           "next_chunk"]
-
-CARD_MEM_BYTES = 64 * 1024            # what descriptors may name
-CARD_MEM_TOTAL = Staging.TOP           # plus the page-fault staging buffers above it
-CARD_SPACE = PacketBuf.BASE + PacketBuf.SLOT * PacketBuf.SLOTS   # and the frame buffers
-CARD_ADDR_BITS = 17
-
-DmaCmd = data.StructLayout({
-    "fidx":   8,       # function the transfer is done for (its requester ID is used)
-    "host":   64,      # host (bus) address
-    "card":   CARD_ADDR_BITS,   # card memory byte address (any byte offset, like ``host``)
-    "length": 17,      # bytes, 1..65536
-})
-
-
-class DmaStatus:
-    OK = 0
-    CPL_ERROR = 1      # a completion came back UR / CA, or with a bad size
-    RANGE = 2          # host + length passes 2**64: refused before anything moved
-
-
-DmaDone = data.StructLayout({"status": 2})
-
-
-def MemWritePort(data_width):
-    return wiring.Signature({
-        "addr": Out(range(CARD_SPACE * 8 // data_width)),
-        "data": Out(data_width),
-        "en":   Out(data_width // 8),     # byte enables; zero = no write
-    })
-
-
-def MemReadPort(data_width):
-    return wiring.Signature({
-        "addr": Out(range(CARD_SPACE * 8 // data_width)),
-        "en":   Out(1),
-        "data": In(data_width),           # one cycle after en
-    })
+__all__ = ["CardMemory", "size_bytes", "be_first_last", "next_chunk"]
 
 
 class CardMemory(wiring.Component):

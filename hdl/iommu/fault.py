@@ -29,50 +29,15 @@ from amaranth.utils import exact_log2
 
 from regmap import FaultRegs as R
 
-from .config import CardConfig
-from .memmap import Staging
-from .regbus import RegBusSignature
-from .func_regs import IrqRequestSignature
-from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
-from .dma_common import MemReadPort, MemWritePort, CARD_ADDR_BITS
-from .dma_read import CPL_TIMEOUT
+from ..config import CardConfig
+from ..memmap import Staging, CARD_ADDR_BITS
+from ..iface import (RegBusSignature, IrqRequestSignature, MemReadPort, MemWritePort, CPL_TIMEOUT,
+                     FaultReqSignature, ReleaseSignature, ResumeSignature, SlotFreeSignature)
+from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
 
-__all__ = ["FaultUnit", "FaultReqSignature", "ResumeSignature", "CQ_TAG"]
+__all__ = ["FaultUnit", "CQ_TAG"]
 
 CQ_TAG = 2
-
-
-def FaultReqSignature():
-    """Engine -> fault unit. ``stb`` is a one-cycle request, allowed while ``ok_w`` (writes)
-    or ``ok_r`` (reads) is high; ``done`` (with the staging ``slot``) answers it."""
-    return wiring.Signature({
-        "stb":    Out(1),
-        "fidx":   Out(8),
-        "vm":     Out(8),
-        "iova":   Out(64),
-        "write":  Out(1),
-        "card":   Out(CARD_ADDR_BITS),
-        "length": Out(13),
-        "ok_w":   In(1),
-        "ok_r":   In(1),
-        "done":   In(1),
-        "slot":   In(range(Staging.SLOTS)),
-    })
-
-
-def ResumeSignature():
-    """Fault unit -> engine: the host resolved function ``fidx``'s fault (``ok``: retry)."""
-    return wiring.Signature({"stb": Out(1), "fidx": Out(8), "ok": Out(1)})
-
-
-def SlotFreeSignature():
-    return wiring.Signature({"stb": Out(1), "slot": Out(range(Staging.SLOTS))})
-
-
-def ReleaseSignature():
-    """A function was reset (FLR, queue disabled: ``stb`` with ``fidx``) or every VF was (VF
-    Enable cleared: ``vfs``): the open faults and staging buffers of those functions go."""
-    return wiring.Signature({"stb": Out(1), "fidx": Out(8), "vfs": Out(1)})
 
 
 class FaultUnit(wiring.Component):

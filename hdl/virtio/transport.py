@@ -1,7 +1,7 @@
 """The virtio-pci modern transport of every function (PF and VFs): common configuration,
 notifications, ISR status and the virtio-net device configuration, in BAR0 at
 :class:`regmap.VirtioRegs` (the vendor capabilities that point there are in
-:mod:`hdl.config_space`).
+:mod:`hdl.pcie.config_space`).
 
 Per function: feature negotiation (the device offers ``VirtioRegs.FEATURES``; FEATURES_OK only
 sticks when the driver's features are a subset that includes VERSION_1), the device status
@@ -26,9 +26,8 @@ from amaranth.utils import exact_log2
 
 from regmap import VirtioRegs as V
 
-from .config import CardConfig
-from .regbus import RegBusSignature
-from .func_regs import IrqRequestSignature
+from ..config import CardConfig
+from ..iface import RegBusSignature, IrqRequestSignature
 
 __all__ = ["VirtioPci", "NQ", "OFFERED"]
 
@@ -59,7 +58,7 @@ class VirtioPci(wiring.Component):
             "qa_q":     In(range(NQ)),
             "qa_sel":   In(2),          # 0 descriptor table, 1 driver (avail), 2 device (used)
             "qa_data":  Out(64),        # a cycle after the address
-            "mac_fidx": Out(8),         # the station table (hdl.mac_table): whose address ...
+            "mac_fidx": Out(8),         # the station table (hdl.virtio.mac_table): whose address ...
             "mac":      In(48),         # ... the device configuration shows
             "live":     Out(nf),        # DRIVER_OK and FEATURES_OK, no NEEDS_RESET / FAILED
             "ev_idx":   Out(nf),        # VIRTIO_F_EVENT_IDX negotiated

@@ -6,7 +6,7 @@ Per TLP, store-and-forward:
    payload DWs and count all of them.
 2. ``DECODE`` classifies the TLP and checks it (known Fmt/Type, payload length against the
    Length field, Length/byte-enable rules, 4 KiB crossing, poisoned bit); then picks one action.
-3. The action: a config read or write through :class:`hdl.config_space.ConfigSpace`, an MMIO
+3. The action: a config read or write through :class:`hdl.pcie.config_space.ConfigSpace`, an MMIO
    read or write on the register bus (one DW per cycle), or nothing.
 4. ``CPL`` sends the completion (SC with data, SC, UR or CA) for a non-posted request.
 
@@ -36,12 +36,11 @@ from amaranth import *
 from amaranth.lib import wiring, data
 from amaranth.lib.wiring import In, Out
 
-from .config import CardConfig
-from .tlp import tlp_stream, TlpKind, Dw0, ReqDw1, CfgDw2, hdr_dw, make_hdr, CplStatus
-from .config_space import CfgPortSignature
+from ..config import CardConfig
+from ..iface import READ_LATENCY, RegBusSignature, CounterEvents
 from .bar_decode import BarLookupSignature
-from .regbus import READ_LATENCY, RegBusSignature
-from .mgmt_regs import CounterEvents
+from .config_space import CfgPortSignature
+from .tlp import tlp_stream, TlpKind, Dw0, ReqDw1, CfgDw2, hdr_dw, make_hdr, CplStatus
 
 __all__ = ["Completer"]
 

@@ -15,27 +15,9 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .bar_decode import OFFSET_DW_BITS
+from ..iface import REQUEST_FIELDS, RegBusSignature
 
-__all__ = ["RegBusSignature", "RegBusSlice", "READ_LATENCY", "REQUEST_FIELDS"]
-
-#: Cycles from a master's ``re`` to its ``rdata``: two slices, then one in the target.
-READ_LATENCY = 3
-
-#: The members a master drives (all but ``rdata``); strobes last.
-REQUEST_FIELDS = ("fidx", "bar", "addr", "wdata", "be", "we", "re")
-
-def RegBusSignature():
-    return wiring.Signature({
-        "fidx":  Out(8),
-        "bar":   Out(3),
-        "addr":  Out(OFFSET_DW_BITS),   # DW offset inside the BAR
-        "wdata": Out(32),
-        "be":    Out(4),
-        "we":    Out(1),
-        "re":    Out(1),
-        "rdata": In(32),
-    })
+__all__ = ["RegBusSlice"]
 
 
 class RegBusSlice(wiring.Component):

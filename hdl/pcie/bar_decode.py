@@ -7,15 +7,14 @@ only with Memory Space Enable; VFs decode with VF Enable and VF MSE, VF *n* at
 """
 
 from amaranth import *
-from amaranth.utils import exact_log2
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
-from .config import CardConfig
+from ..config import CardConfig
+from ..iface import OFFSET_DW_BITS
 
-__all__ = ["BarDecoder", "BarLookupSignature", "OFFSET_DW_BITS"]
-
-OFFSET_DW_BITS = 20
+__all__ = ["BarDecoder", "BarLookupSignature"]
 
 
 def BarLookupSignature():

@@ -15,14 +15,10 @@ from amaranth.lib.wiring import In, Out
 
 from regmap import FuncRegs as R
 
-from .config import CardConfig
-from .regbus import RegBusSignature
+from ..config import CardConfig
+from ..iface import RegBusSignature, IrqRequestSignature
 
-__all__ = ["FuncRegisters", "IrqRequestSignature"]
-
-
-def IrqRequestSignature():
-    return wiring.Signature({"valid": Out(1), "fidx": Out(8), "vector": Out(5)})
+__all__ = ["FuncRegisters"]
 
 
 class FuncRegisters(wiring.Component):

@@ -15,15 +15,10 @@ from amaranth.lib.wiring import In, Out
 
 from regmap import MgmtBlockRegs as R
 
-from .config import CardConfig
-from .regbus import RegBusSignature
+from ..config import CardConfig
+from ..iface import RegBusSignature, EventSignature
 
-__all__ = ["CounterBank", "EventSignature", "Telemetry"]
-
-
-def EventSignature(amount_bits=1):
-    """A one-cycle event for function ``fidx`` that adds ``amount`` (1 when 1 bit wide)."""
-    return wiring.Signature({"stb": Out(1), "fidx": Out(8), "amount": Out(amount_bits)})
+__all__ = ["CounterBank", "Telemetry"]
 
 
 class CounterBank(wiring.Component):

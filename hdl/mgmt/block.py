@@ -21,8 +21,8 @@ from amaranth.lib.wiring import In, Out
 
 from regmap import MgmtBlockRegs as R, Owner
 
-from .config import CardConfig
-from .regbus import RegBusSignature
+from ..config import CardConfig
+from ..iface import RegBusSignature
 
 __all__ = ["MgmtBlock", "UtilLayout"]
 

@@ -9,10 +9,10 @@ from amaranth.lib.wiring import In, Out
 
 from regmap import MgmtRegs as R
 
-from .config import CardConfig
-from .regbus import RegBusSignature
+from ..config import CardConfig
+from ..iface import RegBusSignature, CounterEvents
 
-__all__ = ["CounterEvents", "MgmtRegisters", "COUNTERS"]
+__all__ = ["MgmtRegisters", "COUNTERS"]
 
 # event name -> register byte offset
 COUNTERS = {
@@ -24,11 +24,6 @@ COUNTERS = {
     "rx_tlp":      R.RX_TLPS,
     "tx_tlp":      R.TX_TLPS,
 }
-
-
-def CounterEvents():
-    """One-cycle increment strobes, driven by the completer."""
-    return wiring.Signature({name: Out(1) for name in COUNTERS})
 
 
 class MgmtRegisters(wiring.Component):

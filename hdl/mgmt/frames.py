@@ -17,8 +17,8 @@ from amaranth.lib.wiring import In, Out
 
 from regmap import UartProto as P
 
-from .config import CardConfig
-from .regbus import READ_LATENCY, RegBusSignature
+from ..config import CardConfig
+from ..iface import READ_LATENCY, RegBusSignature
 from .uart import UartRx, UartTx
 
 __all__ = ["MgmtUart", "crc8_next"]

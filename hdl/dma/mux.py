@@ -10,7 +10,7 @@ from amaranth import *
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .dma_common import DmaCmd, DmaDone
+from ..iface import DmaCmd, DmaDone
 
 __all__ = ["LockMux", "DmaChannelMux"]
 
@@ -59,7 +59,7 @@ class LockMux(wiring.Component):
 
 
 class DmaChannelMux(LockMux):
-    """A DMA channel (:class:`hdl.dma_common.DmaCmd` in, :class:`DmaDone` out) for two engines."""
+    """A DMA channel (:class:`hdl.iface.DmaCmd` in, :class:`DmaDone` out) for two engines."""
 
     def __init__(self):
         super().__init__(DmaCmd, DmaDone)

@@ -29,19 +29,19 @@ either way).
 """
 
 from amaranth import *
-from amaranth.utils import exact_log2
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
 
-from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, CplDw2, hdr_dw
-from .dma_common import (DmaCmd, DmaDone, DmaStatus, MemWritePort, next_chunk, be_first_last,
-                         CARD_ADDR_BITS)
+from ..memmap import CARD_ADDR_BITS
+from ..iface import DmaCmd, DmaDone, DmaStatus, MemWritePort, CPL_TIMEOUT
+from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, CplDw2, hdr_dw
+from .common import next_chunk, be_first_last
 
-__all__ = ["DmaReadChannel", "TAG_BASE", "NT", "CPL_TIMEOUT"]
+__all__ = ["DmaReadChannel", "TAG_BASE", "NT"]
 
 TAG_BASE = 32
 NT = 32
-CPL_TIMEOUT = 50_000     # cycles without any completion while requests are outstanding (200 us)
 
 
 class DmaReadChannel(wiring.Component):

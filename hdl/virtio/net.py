@@ -7,7 +7,7 @@ robin (one transmitted frame per visit):
   descriptor chain (chained and, when negotiated, indirect descriptors) and copy each
   device-readable buffer into frame buffer slot 0 through the DMA read channel;
 * **switch**: the destination MAC (captured as the frame lands in the buffer) is looked up in
-  the station table (:mod:`hdl.mac_table`, a programmable address per function, reset value
+  the station table (:mod:`hdl.virtio.mac_table`, a programmable address per function, reset value
   ``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; unknown
   destinations go to the uplink port (``uplink_tx``); broadcast and multicast ones go to the
   uplink and then to every other function that is up (live, bus master, not stopped), one
@@ -38,7 +38,7 @@ by more than the queue size sets the function's NEEDS_RESET and stops its queues
 a buffer whose end passes the top of the 64-bit space (before any byte of it moves); runts,
 oversized frames and receive buffers too small drop the frame and count it. Every address the
 driver gives (rings, descriptors, buffers) is an I/O virtual address of the function's domain
-when the PF gave it one (:mod:`hdl.translate`): each small access and each buffer piece (cut
+when the PF gave it one (:mod:`hdl.iommu.translate`): each small access and each buffer piece (cut
 at 4 KiB pages) is translated first, and an address outside the domain, or not present, sets
 NEEDS_RESET before anything moves there (counted in ``XLATE_ERRORS``).
 """
@@ -48,44 +48,22 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from regmap import VirtioRegs as V, NetRegs, MigRegs as MG
+from regmap import NetRegs, MigRegs as MG
 
-from .config import CardConfig
-from .memmap import PacketBuf as P
+from ..config import CardConfig
+from ..memmap import PacketBuf as P
+from ..iface import (RegBusSignature, IrqRequestSignature, DmaCmd, DmaDone, DmaStatus, CPL_TIMEOUT,
+                     XlateReq, XlateResp, XlateStatus, EventSignature, PktReadPort, PktWritePort,
+                     UplinkBeat)
+from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
 from .mac_table import MacTable
-from .regbus import RegBusSignature
-from .func_regs import IrqRequestSignature
-from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
-from .dma_common import DmaCmd, DmaDone, DmaStatus, MemReadPort, MemWritePort, CARD_ADDR_BITS
-from .dma_read import CPL_TIMEOUT
-from .virtio_pci import NQ
-from .translate import XlateReq, XlateResp, XlateStatus
-from .telemetry import EventSignature
+from .transport import NQ
 
-__all__ = ["VirtioNetEngine", "UplinkBeat", "VQ_TAG", "PKT_WORDS"]
+__all__ = ["VirtioNetEngine", "VQ_TAG"]
 
 VQ_TAG = 3
 RXQ, TXQ = 0, 1
 DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
-PKT_BYTES = P.SLOT * P.SLOTS
-
-
-def UplinkBeat(data_width):
-    return data.StructLayout({"data": data_width, "keep": data_width // 8, "last": 1})
-
-
-def PKT_WORDS(data_width):
-    return PKT_BYTES * 8 // data_width
-
-
-def PktReadPort(data_width):
-    return wiring.Signature({"addr": Out(range(PKT_WORDS(data_width))), "en": Out(1),
-                             "data": In(data_width)})
-
-
-def PktWritePort(data_width):
-    return wiring.Signature({"addr": Out(range(PKT_WORDS(data_width))),
-                             "data": Out(data_width), "en": Out(data_width // 8)})
 
 
 class VirtioNetEngine(wiring.Component):
@@ -106,7 +84,7 @@ class VirtioNetEngine(wiring.Component):
             "xresp":    In(stream.Signature(XlateResp)),
             "bus_num":  In(8),
             "bme":      In(nf),
-            # the transport (hdl.virtio_pci)
+            # the transport (hdl.virtio.transport)
             "qr_fidx":  Out(8),
             "qr_q":     Out(range(NQ)),
             "qr_size":  In(9),
