@@ -1,7 +1,6 @@
 """Host side of the card's DMA descriptor queues (see :mod:`hdl.dma.queue`)."""
 
 import struct
-
 from regmap import DmaRegs, DescStatus
 
 from .offcard import OffcardFunction

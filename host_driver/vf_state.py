@@ -18,7 +18,6 @@ on a real card (through any :class:`host_driver.transport.Transport`). The blob 
 """
 
 import struct
-
 from regmap import MigRegs as MG, VirtioRegs as V, Bar0Map
 
 __all__ = ["CardVfState", "VfStateError", "STATE_VERSION"]

@@ -4,8 +4,8 @@ RootComplex and host memory, their uplinks joined by a learning switch (``cosim.
 with an outside peer.
 
 The guest runs a real virtio-net driver on VF1 of card A; a peer outside the servers and the
-guest exchange numbered frames without pause. :class:`host_driver.migration.MigrationOrchestrator`
-moves the guest to card B on the real cards (``host_driver.live``): a dummy VM reserves B's VF,
+guest exchange numbered frames without pause. :class:`host_driver.system.migration.MigrationOrchestrator`
+moves the guest to card B on the real cards (``host_driver.system.live``): a dummy VM reserves B's VF,
 the VF state moves, the memory is copied while the guest is paused, the frames that still reach
 A are forwarded to B, the guest is commissioned on B's VF and A's VF freed.
 """
@@ -18,10 +18,10 @@ import cocotb
 from cocotb.triggers import ClockCycles
 
 from regmap import NetRegs
-from host_driver.live import (AnnouncingNetwork, CardServer, GuestMemory, GuestVm, HostSwitch,
-                              TransportClock)
-from host_driver.migration import (MigrationCosts, MigrationOrchestrator, MigrationState,
-                                   Outcome)
+from host_driver.system.live import (AnnouncingNetwork, CardServer, GuestMemory, GuestVm,
+                                     HostSwitch, TransportClock)
+from host_driver.system.migration import (MigrationCosts, MigrationOrchestrator, MigrationState,
+                                          Outcome)
 from host_driver.vf_state import CardVfState
 from host_driver.virtio import DirectAccess, VirtioNetDriver
 from cosim.fabric import Fabric, PEER
@@ -62,7 +62,7 @@ class Rig:
         ha, hb = CardHarness(dut, prefix="a_"), CardHarness(dut, prefix="b_")
         await start_twin(ha, hb)
         # the guests' memory: the same bus address on both hosts (module docstring of
-        # host_driver.live), taken before anything else allocates
+        # host_driver.system.live), taken before anything else allocates
         bases = [ha.t.alloc_host_mem(GUEST_MEM) for _ in range(guests)]
         assert [hb.t.alloc_host_mem(GUEST_MEM) for _ in range(guests)] == bases, \
             "guest memory at different addresses on the two hosts"

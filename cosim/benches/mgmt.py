@@ -29,7 +29,7 @@ from cosim.uart_bridge import UartBridge, UartPhy
 from cosim.uplink import Uplink
 from cosim.benches.virtio import net, frame, receive_n, diff
 from host_driver.dma import DmaQueue
-from host_driver.mgmt_host import HostAgent, Bar2Access, VhostRing
+from host_driver.system.mgmt_host import HostAgent, Bar2Access, VhostRing
 
 DIVISOR = CardConfig().uart_divisor
 READ_REPLY = 10         # 0x5A LEN CMD SEQ STATUS DATA*4 CRC

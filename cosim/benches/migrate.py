@@ -68,7 +68,7 @@ async def test_vf_save_restore(dut):
 def tampered(record):
     """A wrong VDEV version, a wrong block count and a missing VF-info block, each with the
     reason the restore must give."""
-    from host_driver.vf_save import BlockType, VDEV_VERSION, split, join, header_payload
+    from host_driver.system.vf_save import BlockType, VDEV_VERSION, split, join, header_payload
     blocks = split(record)
     (_, _head), body = blocks[0], blocks[1:]
     no_info = [b for b in body if b[0] != BlockType.VF_INFO]
@@ -85,7 +85,7 @@ def tampered(record):
 async def refused_untouched(h, fn, sr, vm):
     """Each bad record in the repository is refused, with a one-line reason, before anything
     reaches the card: the saved VF's state reads back the same after each attempt."""
-    from host_driver.vf_save import RestoreError
+    from host_driver.system.vf_save import RestoreError
     st = CardVfState(h.drv)
     before = await st.export_state(fn)              # (the saved VF stays quiesced)
     name = sr.record_names(vm.name)[0]
@@ -103,13 +103,13 @@ async def refused_untouched(h, fn, sr, vm):
 
 @cocotb.test()
 async def test_fast_save_restore_under_traffic(dut):
-    """The modified fast save and the fast restore (host_driver.vf_save) on the real card,
+    """The modified fast save and the fast restore (host_driver.system.vf_save) on the real card,
     while the guest keeps transmitting: frames go through the synthetic adapter while the VF is
     saved and restored, the VF never leaves the assigned state, every frame the VF path took
     reaches the receiving VF in order, none is lost or duplicated, and a second restore takes
     the skip path."""
-    from host_driver.vf_save import (AssignedVm, FrameLedger, HostVf, RuntimeRepository,
-                                     VfAssignment, VfSaveRestore)
+    from host_driver.system.vf_save import (AssignedVm, FrameLedger, HostVf, RuntimeRepository,
+                                            VfAssignment, VfSaveRestore)
     h, pf, vfs = await bring_up(dut, 2)
     a, b = await net(h, vfs[0]), await net(h, vfs[1])
     await b.post_rx(64)

@@ -13,7 +13,7 @@ import time
 
 import cocotb
 
-from host_driver.hypervisor import Hypervisor
+from host_driver.system.hypervisor import Hypervisor
 from cosim.harness import CardHarness, CLOCK_NS
 from cosim.benches.virtio import frame, receive_n
 

@@ -256,7 +256,7 @@ async def test_hypervisor_direct_trap_native(dut):
     """Guests in direct mode (0 traps) and trap mode (every access trapped, still working),
     one guest with two devices, the host's native path on the PF at the same time (it never
     touches the PF's virtio device); resetting one guest's device does not disturb the others."""
-    from host_driver.hypervisor import Hypervisor
+    from host_driver.system.hypervisor import Hypervisor
     h, pf, vfs = await bring_up(dut, 4)
     rnd = random.Random(5)
     hv = Hypervisor(h.drv, exit_ns=1_000)
@@ -334,7 +334,7 @@ async def test_guests_behind_iommu(dut):
     domain (frames byte exact, pieces cut at pages, the device TLB used). A transmit buffer or a
     receive buffer outside the domain sets NEEDS_RESET on that function and nothing is written
     there; the other guest keeps working."""
-    from host_driver.hypervisor import Hypervisor
+    from host_driver.system.hypervisor import Hypervisor
     from host_driver.iommu import Iommu
     from cosim.benches.iommu import WireLog
     h, pf, vfs = await bring_up(dut, 3)

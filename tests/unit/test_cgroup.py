@@ -1,10 +1,10 @@
-"""Unit tests of host_driver.cgroup: the cgroup v2 CPU model (cpu.weight, cpu.max) and the
+"""Unit tests of host_driver.system.cgroup: the cgroup v2 CPU model (cpu.weight, cpu.max) and the
 isolation it gives a host management VM from a noisy user VM."""
 
 import math
 import random
 import pytest
-from host_driver.cgroup import EPS, CpuCgroup, HostCpu, Task, WorkTask
+from host_driver.system.cgroup import EPS, CpuCgroup, HostCpu, Task, WorkTask
 
 NCPUS = 2
 TICK = 100                 # us

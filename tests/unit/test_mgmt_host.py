@@ -1,12 +1,12 @@
-"""Unit tests of host_driver.mgmt_host against an in-file fake of the card's management
+"""Unit tests of host_driver.system.mgmt_host against an in-file fake of the card's management
 registers: the START/READY/STOP/STOPPED protocol, request serving by owner, ownership moves
 mid-stream, and the vhost back-end."""
 
 import asyncio
 import pytest
 from collections import deque
-from host_driver.cgroup import HostCpu, Task
-from host_driver.mgmt_host import VALID, HostAgent, Op, RingFull, VhostRing, decode, encode
+from host_driver.system.cgroup import HostCpu, Task
+from host_driver.system.mgmt_host import VALID, HostAgent, Op, RingFull, VhostRing, decode, encode
 
 from regmap import MgmtBlockRegs as R, Owner
 

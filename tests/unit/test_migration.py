@@ -1,4 +1,4 @@
-"""host_driver.migration: the live-migration orchestrator between two servers with fake cards,
+"""host_driver.system.migration: the live-migration orchestrator between two servers with fake cards,
 under continuous traffic in both directions (network -> guest and guest -> network)."""
 
 import asyncio
@@ -6,9 +6,9 @@ import random
 import threading
 import pytest
 from concurrent.futures import ThreadPoolExecutor
-from host_driver.migration import (Datapath, MigrationCosts, MigrationOrchestrator,
-                                   MigrationState as S, Network, NoFreeVf, Outcome, Server,
-                                   SlotState, VfBusy, VirtualClock, Vm)
+from host_driver.system.migration import (Datapath, MigrationCosts, MigrationOrchestrator,
+                                          MigrationState as S, Network, NoFreeVf, Outcome, Server,
+                                          SlotState, VfBusy, VirtualClock, Vm)
 from hypothesis import given, settings, strategies as st
 
 ALL = [s for s in S if s is not S.DONE]

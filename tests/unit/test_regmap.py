@@ -75,7 +75,7 @@ def test_record_errors_name_the_field():
 def test_host_driver_and_firmware_do_not_import_amaranth():
     code = ("import sys, regmap, firmware.__main__, firmware.daemon, host_driver.offcard, "
             "host_driver.dma, host_driver.iommu, host_driver.virtio, host_driver.vf_state, "
-            "host_driver.vf_save, host_driver.mgmt_host, host_driver.migration, host_driver.live; "
+            "host_driver.system.vf_save, host_driver.system.mgmt_host, host_driver.system.migration, host_driver.system.live; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'amaranth'); "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

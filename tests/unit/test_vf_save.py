@@ -1,4 +1,4 @@
-"""host_driver.vf_save: the record format, the modified fast save and the fast restore, against a
+"""host_driver.system.vf_save: the record format, the modified fast save and the fast restore, against a
 fake card (the VfStateAccess contract, checked as it is used) with the guest sending throughout."""
 
 import asyncio
@@ -8,10 +8,10 @@ import struct
 import zlib
 import pytest
 from host_driver.offcard import VENDOR_ID
-from host_driver.vf_save import (AssignedVm, FrameLedger, HostVf, RESTORE_STEPS, RECORD_MAGIC,
-                                 RestoreError, RuntimeRepository, SAVE_STEPS, SKIP_STEPS, SaveError,
-                                 SavedVf, VDEV_VERSION, VF_DEVICE_ID, VfAssignment, VfRef,
-                                 VfSaveRestore, VmFlags, pack, unpack)
+from host_driver.system.vf_save import (AssignedVm, FrameLedger, HostVf, RESTORE_STEPS,
+                                        RECORD_MAGIC, RestoreError, RuntimeRepository, SAVE_STEPS,
+                                        SKIP_STEPS, SaveError, SavedVf, VDEV_VERSION, VF_DEVICE_ID,
+                                        VfAssignment, VfRef, VfSaveRestore, VmFlags, pack, unpack)
 from hypothesis import given, settings, strategies as st
 
 VF = VfRef(3, 0x0103)

@@ -13,7 +13,7 @@ RESERVE         a :class:`DummyVm` on the target reserves a replacement VF
 RECONFIGURE     the running VM's configuration names the replacement VF
 MOVE_MEMORY     pre-copy of the VM's memory while it runs on its source VF
 MOVE_VF_STATE   the guest's traffic goes to the synthetic adapter, the source VF is quiesced
-                and exported, the record (:func:`host_driver.vf_save.pack` format) is checked
+                and exported, the record (:func:`host_driver.system.vf_save.pack` format) is checked
                 on the target and imported into the replacement VF (which stays stopped)
 FORWARD         the VM pauses for the final copy (the blackout; frames for it are held) and
                 resumes on the target on the synthetic adapter; frames that still reach the
@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Awaitable, Callable, Iterable, Mapping, Protocol
 
-from .offcard import VENDOR_ID
-from .vf_save import (Delivery, FrameLedger, SavedVf, VfHandle, VfRef, VfStateAccess,
-                      VDEV_VERSION, VF_DEVICE_ID, pack, unpack)
+from ..offcard import VENDOR_ID
+from .vf_save import (Delivery, FrameLedger, SavedVf, VfHandle, VfRef, VfStateAccess, VDEV_VERSION,
+                      VF_DEVICE_ID, pack, unpack)
 
 __all__ = [
     "Clock", "VirtualClock", "SlotState", "VfSlot", "NoFreeVf", "VfBusy", "MigrationError",
@@ -319,7 +319,7 @@ class Vm:
     async def stop_and_copy(self, source: Server, target: Server, clock: Clock,
                             us: float) -> None:
         """The final copy of the paused VM's memory from ``source`` to ``target``: here only
-        its cost in time (a VM with real memory copies it; :mod:`host_driver.live`)."""
+        its cost in time (a VM with real memory copies it; :mod:`host_driver.system.live`)."""
         await clock.sleep_us(us)
 
     def resume(self) -> None:

@@ -1,4 +1,4 @@
-"""Live migration on real cards: what :class:`host_driver.migration.MigrationOrchestrator`
+"""Live migration on real cards: what :class:`host_driver.system.migration.MigrationOrchestrator`
 needs beyond its model when the servers hold cards and the VM a running guest.
 
 * :class:`CardServer`: a server whose VF slots are VFs of its card. The VF state moves through
@@ -26,8 +26,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .migration import Clock, Network, Server, Vm
-from .vf_state import CardVfState
-from .virtio import VirtioNetDriver
+from ..vf_state import CardVfState
+from ..virtio import VirtioNetDriver
 
 __all__ = ["FWD_ETHERTYPE", "TransportClock", "GuestMemory", "CardServer", "HostSwitch",
            "GuestVm", "AnnouncingNetwork"]
@@ -38,7 +38,7 @@ FWD_ETHERTYPE = 0x88B6
 
 
 class TransportClock:
-    """:class:`host_driver.migration.Clock` on a transport's time (the simulator's)."""
+    """:class:`host_driver.system.migration.Clock` on a transport's time (the simulator's)."""
 
     def __init__(self, t) -> None:
         self.t = t

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum, IntFlag
 from typing import Callable, Mapping, Protocol
 
-from .offcard import VENDOR_ID, VF_DEVICE_ID
+from ..offcard import VENDOR_ID, VF_DEVICE_ID
 
 __all__ = [
     "VfHandle", "VfRef", "VfStateAccess", "RestoreError", "SaveError", "BlockType", "SavedVf",

@@ -20,9 +20,9 @@ the card translates every address and cannot reach anything else.
 
 from dataclasses import dataclass, field
 
-from .dma import DmaQueue
-from .offcard import OffcardDriver, OffcardFunction
-from .virtio import VirtioNetDriver, DirectAccess, TrappedAccess, HostMemory, DomainMemory
+from ..dma import DmaQueue
+from ..offcard import OffcardDriver, OffcardFunction
+from ..virtio import VirtioNetDriver, DirectAccess, TrappedAccess, HostMemory, DomainMemory
 
 __all__ = ["Hypervisor", "Guest", "HostNative", "MODES"]
 

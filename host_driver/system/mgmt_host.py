@@ -163,7 +163,7 @@ class HostMgmtVM:
     :meth:`serve` pops and serves the task's requests while the card says the host owns the
     task; every served word is appended to :attr:`served`. A request popped is always served:
     the word is recorded as soon as the pop returns, even if :meth:`stop` was called meanwhile.
-    With a ``cpu``, the VM is a :class:`~host_driver.cgroup.WorkTask` in ``cgroup`` and each
+    With a ``cpu``, the VM is a :class:`~host_driver.system.cgroup.WorkTask` in ``cgroup`` and each
     served request is submitted to it as ``cost_us`` of work at ``cpu.now``.
     """
 
