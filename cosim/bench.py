@@ -1,7 +1,7 @@
 """``make bench``: measured figures, written to ``bench.json`` and ``bench.md``.
 
 Per simulator (``SIM`` selects, both by default) and configuration: a cold build of the card
-(build time), then the enumeration + SR-IOV + MMIO workload of :mod:`cosim.benches.perf`
+(build time), then the enumeration + SR-IOV + MMIO workload of :mod:`cosim.workloads.perf`
 (simulated cycles per wall second, counting the whole cocotb test). Nothing here is a pass/fail
 check; the numbers are for the report.
 """
@@ -32,7 +32,7 @@ def bench_one(sim, cfg, rounds):
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "rec.json"
         t0 = time.perf_counter()
-        res = run_card_bench(sim, "cosim.benches.perf", cfg, build_key=key,
+        res = run_card_bench(sim, "cosim.workloads.perf", cfg, build_key=key,
                              extra_env={"OFFCARD_BENCH_OUT": str(out),
                                         "OFFCARD_BENCH_ROUNDS": str(rounds)})
         total = time.perf_counter() - t0
@@ -44,10 +44,10 @@ def bench_one(sim, cfg, rounds):
 
 
 def bench_dma(sim, cfg):
-    """DMA throughput rows and page-fault latency rows (:mod:`cosim.benches.perf_dma`)."""
+    """DMA throughput rows and page-fault latency rows (:mod:`cosim.workloads.perf_dma`)."""
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "dma.json"
-        run_card_bench(sim, "cosim.benches.perf_dma", cfg, extra_env={"OFFCARD_BENCH_OUT": str(out)})
+        run_card_bench(sim, "cosim.workloads.perf_dma", cfg, extra_env={"OFFCARD_BENCH_OUT": str(out)})
         rec = json.loads(out.read_text())
     for r in rec["dma"] + rec["page_faults"]:
         r.update({"sim": sim, "config": config_key(cfg)})
@@ -55,10 +55,10 @@ def bench_dma(sim, cfg):
 
 
 def bench_virtio(sim, cfg):
-    """Guest-to-guest virtio-net rows (:mod:`cosim.benches.perf_virtio`)."""
+    """Guest-to-guest virtio-net rows (:mod:`cosim.workloads.perf_virtio`)."""
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "virtio.json"
-        run_card_bench(sim, "cosim.benches.perf_virtio", cfg,
+        run_card_bench(sim, "cosim.workloads.perf_virtio", cfg,
                        extra_env={"OFFCARD_BENCH_OUT": str(out)})
         rows = json.loads(out.read_text())
     for r in rows:
@@ -94,10 +94,10 @@ def bench_migration(sim, cfg):
 
 
 def bench_linux(sim, cfg):
-    """Two Linux guests (QEMU) on VF1 and VF2 (:mod:`cosim.benches.perf_linux`)."""
+    """Two Linux guests (QEMU) on VF1 and VF2 (:mod:`cosim.workloads.perf_linux`)."""
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "linux.json"
-        run_card_bench(sim, "cosim.benches.perf_linux", cfg,
+        run_card_bench(sim, "cosim.workloads.perf_linux", cfg,
                        extra_env={"OFFCARD_BENCH_OUT": str(out)}, timeout_s=1800)
         rec = json.loads(out.read_text())
     rec.update({"sim": sim, "config": config_key(cfg)})

@@ -1,6 +1,6 @@
 """``make demo`` (``python -m cosim.demo``): the card's whole story in one run, with a report.
 
-Runs :mod:`cosim.benches.demo` on the two-card top in one simulator (``SIM``, default
+Runs :mod:`cosim.workloads.demo` on the two-card top in one simulator (``SIM``, default
 Verilator) while a rich progress display follows its phases, then writes the report folder
 (``--out``, default ``demo_out/``):
 
@@ -83,9 +83,9 @@ def run(sim: str, short: bool, events: Path, console: Console):
 
     def body():
         try:
-            box["res"] = run_twin_bench(sim, "cosim.benches.demo", CardConfig(), extra_env=env,
+            box["res"] = run_twin_bench(sim, "cosim.workloads.demo", CardConfig(), extra_env=env,
                                         timeout_s=900)
-            run_card_bench(sim, "cosim.benches.demo_linux", CardConfig(), extra_env=env,
+            run_card_bench(sim, "cosim.workloads.demo_linux", CardConfig(), extra_env=env,
                            timeout_s=900)
         except BaseException as e:              # reported below, after the display stops
             box["err"] = e

@@ -36,7 +36,7 @@ def main(argv=None):
            "OFFCARD_SERVE_ONCE": "1" if args.once else "0"}
     if args.url_file:
         env["OFFCARD_URL_FILE"] = args.url_file
-    res = run_card_bench(args.sim, "cosim.benches.serve", CardConfig(), extra_env=env,
+    res = run_card_bench(args.sim, "cosim.workloads.serve", CardConfig(), extra_env=env,
                          timeout_s=args.seconds + 900)
     return 0 if res.num_failed == 0 else 1
 

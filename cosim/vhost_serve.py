@@ -85,7 +85,7 @@ def main(argv=None):
 
     def body():
         try:
-            box["res"] = run_card_bench(args.sim, "cosim.benches.vhost_serve", CardConfig(),
+            box["res"] = run_card_bench(args.sim, "cosim.workloads.vhost_serve", CardConfig(),
                                         extra_env=env, timeout_s=args.seconds + 900,
                                         waves=args.waves or None)
         except BaseException as e:         # the simulator's log tail, printed below

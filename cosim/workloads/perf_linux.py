@@ -13,7 +13,7 @@ import cocotb
 
 from cosim.guest_rig import CardRig, PEER_IP
 from cosim.benches.linux_guest import counters, sim_rtts_us, transfer, TRANSFER_KIB
-from cosim.benches.demo_linux import ping_summary
+from cosim.workloads.demo_linux import ping_summary
 
 
 @cocotb.test()

@@ -1,7 +1,7 @@
 """``make demo``'s Linux phase: two Debian guests (QEMU) on VF1 and VF2 of a card, their
 virtio_net rings served by the RTL through our vhost-user back-end; they ping each other and
 the peer on the card's uplink. Events go to ``OFFCARD_DEMO_EVENTS`` as in
-:mod:`cosim.benches.demo` (a ``phase`` event and one ``result`` event, section ``linux``)."""
+:mod:`cosim.workloads.demo` (a ``phase`` event and one ``result`` event, section ``linux``)."""
 
 import json
 import os
