@@ -17,7 +17,7 @@ def _write_if_changed(path: Path, text: str) -> Path:
 
 @pytest.fixture(scope="module")
 def counter_v() -> Path:
-    from cosim.benches.smoke_counter import smoke_counter_verilog
+    from cosim.scenarios.smoke import smoke_counter_verilog
 
     return _write_if_changed(SIM_BUILD / "verilog" / f"{TOP}.v", smoke_counter_verilog(TOP))
 

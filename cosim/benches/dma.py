@@ -7,17 +7,10 @@ import random
 import cocotb
 
 from host_driver.dma import DmaQueue, DescStatus
-from host_driver.pci import CAP_PCIE
 from cosim.harness import CardHarness
+from cosim.scenarios.dma import set_mps_mrrs
 
 GUARD = 16
-
-
-async def set_mps_mrrs(pf, mps, mrrs):
-    off = pf.caps[CAP_PCIE] + 8
-    v = await pf.read16(off)
-    v = (v & ~0x70E0) | ((mps.bit_length() - 8) << 5) | ((mrrs.bit_length() - 8) << 12)
-    await pf.write16(off, v)
 
 
 async def roundtrip(h, q, src, dst, length, hoff, card, doff, rnd):

@@ -6,13 +6,13 @@ import logging
 import os
 import re
 import socket
-import time
 
 import cocotb
 
-from regmap import NetRegs, VirtioRegs as V
+from regmap import VirtioRegs as V
 from cosim import vhost_user as VU
-from cosim.guest_rig import CardRig, PEER_IP, vf_ip
+from cosim.scenarios.guest_rig import CardRig, PEER_IP, vf_ip
+from cosim.scenarios.linux import counters, sim_rtts_us, transfer, TRANSFER_KIB
 
 PING_SIZES = [1, 2, 3, 7, 8, 15, 16, 31, 56, 64, 100, 255, 256, 511, 512, 999, 1000, 1400,
               1471, 1472]
@@ -31,12 +31,6 @@ def parse_pings(out):
     for m in re.finditer(r"^PING (\d+) (\d+) ?(?:time=([0-9.]+) ms)?", out, re.M):
         res.append((int(m[1]), int(m[2]), float(m[3]) if m[3] else None))
     return res
-
-
-async def counters(h):
-    return {n: await h.drv.mgmt_read(getattr(NetRegs, n)) for n in
-            ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
-             "DROP_UNKNOWN", "DROP_SIZE")}
 
 
 class LogCount(logging.Handler):
@@ -148,45 +142,6 @@ async def test_guest_pings_uplink_peer(dut):
         assert " 0% packet loss" in out, out
     finally:
         rig.close()
-
-
-def sim_rtts_us(trace):
-    """Simulated round trips of a VF's pings, from its back-end's ``trace`` (while it pings a
-    peer): from each transmit notification to the next receive interrupt (µs)."""
-    out, t_kick = [], None
-    for t, what, q in trace:
-        if what == "kick" and q == 1:
-            t_kick = t
-        elif what == "irq" and q == 0 and t_kick is not None:
-            out.append((t - t_kick) / 1000)
-            t_kick = None
-    return out
-
-
-TRANSFER_KIB = 256
-
-
-async def transfer(rig, src, dst, port=5000, kib=TRANSFER_KIB, timeout_s=600):
-    """``kib`` KiB of random bytes from guest ``src`` to guest ``dst`` over TCP (busybox nc);
-    returns (md5 in src, md5 in dst, bytes received, wall seconds, simulated cycles)."""
-    # (the listener's stdin stays open: at its end busybox nc would close its sending half and
-    # the sender, seeing that, would stop sending)
-    rc, out = await rig.run(dst, f"rm -f /tmp/rx; (sleep 900 | nc -l -p {port} > /tmp/rx "
-                                 f"2>/dev/null &) ; sleep 0.3; echo listening")
-    assert rc == 0, out
-    rc, out = await rig.run(src, f"dd if=/dev/urandom of=/tmp/tx bs=1024 count={kib} "
-                                 f"2>/dev/null; md5sum /tmp/tx")
-    assert rc == 0, out
-    md5_src = out.split()[0]
-    t0, c0 = time.monotonic(), rig.h.cycles()
-    rc, out = await rig.run(src, f"nc {vf_ip(dst)} {port} < /tmp/tx", timeout_s=timeout_s)
-    assert rc == 0, f"nc in the guest on VF{src}: {out}"
-    rc, out = await rig.run(dst, "for i in $(seq 100); do pidof nc >/dev/null || break; "
-                                 "sleep 0.2; done; md5sum /tmp/rx; wc -c < /tmp/rx",
-                            timeout_s=60)
-    assert rc == 0, out
-    md5_dst, size = out.split()[0], int(out.split()[-1])
-    return md5_src, md5_dst, size, time.monotonic() - t0, rig.h.cycles() - c0
 
 
 async def guest_features(rig, n):

@@ -9,7 +9,8 @@ from cocotb.triggers import ClockCycles
 
 from regmap import VirtioRegs as V, MigRegs as MG, NetRegs
 from host_driver.vf_state import CardVfState, VfStateError
-from cosim.benches.virtio import bring_up, net, frame, receive_n
+from cosim.scenarios.card import bring_up
+from cosim.scenarios.virtio import net, frame, receive_n
 
 
 @cocotb.test()

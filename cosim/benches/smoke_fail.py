@@ -3,12 +3,12 @@
 import cocotb
 from cocotb.triggers import FallingEdge
 
-from cosim.benches.smoke_counter import _reset
+from cosim.scenarios.smoke import reset
 
 
 @cocotb.test()
 async def deliberately_fails(dut):
     """The counter is 0 after reset; asserting 1 must fail, and the runner must say so."""
-    await _reset(dut)
+    await reset(dut)
     await FallingEdge(dut.clk)
     assert dut.count.value.to_unsigned() == 1, "this test fails on purpose"

@@ -14,7 +14,7 @@ from regmap import MigRegs as MG, NetRegs
 from host_driver.offcard import VENDOR_ID, DEVICE_ID
 from cosim.harness import CardHarness, start_twin
 from cosim.uplink import Uplink
-from cosim.benches.virtio import net, frame, receive_n, mac_of, diff
+from cosim.scenarios.virtio import net, frame, receive_n, mac_of, diff
 
 UNKNOWN = bytes.fromhex("020000000099")     # a unicast MAC no function of either card owns
 

@@ -6,63 +6,12 @@ import random
 import cocotb
 from cocotb.triggers import ClockCycles
 
-from regmap import VirtioRegs as V, NetRegs
-from host_driver.virtio import (VirtioNetDriver, VirtioError, DirectAccess, TrappedAccess,
-                                HostMemory, RX_QUEUE, TX_QUEUE)
-from cosim.harness import CardHarness
+from regmap import VirtioRegs as V
+from host_driver.virtio import (VirtioNetDriver, VirtioError, DirectAccess, HostMemory,
+                                RX_QUEUE, TX_QUEUE)
 from cosim.uplink import Uplink
-
-
-def diff(got, want):
-    """Where two frame lists first differ (for assertion messages)."""
-    out = [f"{len(got)} frames, {len(want)} expected"]
-    for k, (x, y) in enumerate(zip(got, want)):
-        if x != y:
-            first = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), None)
-            out.append(f"#{k}: {len(x)} B vs {len(y)} B, first difference at {first}: "
-                       f"got {x[first - 8:first + 16].hex()} want {y[first - 8:first + 16].hex()}")
-    return "; ".join(out)
-
-
-def mac_of(fidx):
-    return V.MAC_PREFIX + bytes([fidx])
-
-
-def frame(dst, src, n, rnd, ethertype=0x88B5):
-    """An Ethernet frame of ``n`` bytes (header included) with a random payload."""
-    return dst + src + ethertype.to_bytes(2, "big") + bytes(rnd.getrandbits(8) for _ in range(n - 14))
-
-
-async def bring_up(dut, num_vfs=2):
-    h = CardHarness(dut)
-    await h.start()
-    pf = await h.drv.probe()
-    vfs = await h.drv.enable_sriov(num_vfs) if num_vfs else []
-    return h, pf, vfs
-
-
-async def net(h, fn, trapped=False, queue_size=64, **kw):
-    acc = TrappedAccess(fn) if trapped else DirectAccess(fn)
-    d = VirtioNetDriver(acc, fn, HostMemory(h.t), queue_size=queue_size)
-    await d.probe()
-    await d.bring_up(**kw)
-    return d
-
-
-async def counters(h):
-    return {n: await h.drv.mgmt_read(getattr(NetRegs, n)) for n in
-            ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
-             "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED", "XLATE_ERRORS")}
-
-
-async def receive_n(d, n, timeout_ns=400_000):
-    got = []
-    while len(got) < n:
-        more = await d.receive(timeout_ns)
-        if not more:
-            break
-        got += more
-    return got
+from cosim.scenarios.card import bring_up
+from cosim.scenarios.virtio import diff, mac_of, frame, net, counters, receive_n
 
 
 @cocotb.test()
@@ -336,7 +285,7 @@ async def test_guests_behind_iommu(dut):
     there; the other guest keeps working."""
     from host_driver.system.hypervisor import Hypervisor
     from host_driver.iommu import Iommu
-    from cosim.benches.iommu import WireLog
+    from cosim.scenarios.wire import WireLog
     h, pf, vfs = await bring_up(dut, 3)
     h.pf = pf
     await pf.setup_msix()

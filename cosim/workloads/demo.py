@@ -25,9 +25,9 @@ from hdl.config import CardConfig
 from regmap import DescStatus, MgmtBlockRegs as R, Owner
 from host_driver.dma import DmaQueue
 from host_driver.iommu import Iommu, FaultService, MAPPED, PAGE_SIZE as PAGE
-from cosim.benches.live_migration import Rig
-from cosim.benches.mgmt import FirmwareThread, HostSide, THRESHOLD, write_policy
-from cosim.benches.virtio import counters
+from cosim.scenarios.migration import Rig
+from cosim.scenarios.mgmt import FirmwareThread, HostSide, THRESHOLD, write_policy
+from cosim.scenarios.virtio import counters
 from cosim.uart_bridge import UartBridge, UartPhy
 
 

@@ -9,8 +9,8 @@ import time
 
 import cocotb
 
-from cosim.guest_rig import CardRig, PEER_IP, vf_ip
-from cosim.benches.linux_guest import counters, sim_rtts_us
+from cosim.scenarios.guest_rig import CardRig, PEER_IP, vf_ip
+from cosim.scenarios.linux import counters, sim_rtts_us, ping_summary
 
 
 def emit(kind, **fields):
@@ -19,19 +19,6 @@ def emit(kind, **fields):
         with open(path, "a") as f:
             f.write(json.dumps({"kind": kind, "t_us": round(cocotb.utils.get_sim_time("ns")
                                                             / 1000, 3), **fields}) + "\n")
-
-
-def ping_summary(out):
-    """(transmitted, received, avg ms) from ping's last lines."""
-    tx = rx = 0
-    avg = None
-    for line in out.splitlines():
-        if "packets transmitted" in line:
-            parts = line.split()
-            tx, rx = int(parts[0]), int(parts[3])
-        if "round-trip" in line:
-            avg = float(line.split("=")[1].split("/")[1])
-    return tx, rx, avg
 
 
 @cocotb.test()

@@ -31,7 +31,7 @@ from regmap import FaultRegs, DescStatus
 from host_driver.dma import DmaQueue
 from host_driver.iommu import Iommu, FaultService, PAGE_SIZE
 from cosim.harness import CardHarness, CLOCK_NS
-from cosim.benches.dma import set_mps_mrrs
+from cosim.scenarios.dma import set_mps_mrrs
 
 SIZES = [64, 256, 4096, 65536]
 MPS, MRRS = 256, 512

@@ -11,9 +11,8 @@ import statistics
 
 import cocotb
 
-from cosim.guest_rig import CardRig, PEER_IP
-from cosim.benches.linux_guest import counters, sim_rtts_us, transfer, TRANSFER_KIB
-from cosim.workloads.demo_linux import ping_summary
+from cosim.scenarios.guest_rig import CardRig, PEER_IP
+from cosim.scenarios.linux import counters, sim_rtts_us, transfer, TRANSFER_KIB, ping_summary
 
 
 @cocotb.test()

@@ -15,7 +15,7 @@ import cocotb
 
 from host_driver.system.hypervisor import Hypervisor
 from cosim.harness import CardHarness, CLOCK_NS
-from cosim.benches.virtio import frame, receive_n
+from cosim.scenarios.virtio import frame, receive_n
 
 N = {64: 64, 1500: 32}
 

@@ -7,7 +7,7 @@ import time
 
 import cocotb
 
-from cosim.guest_rig import CardRig, PEER_IP
+from cosim.scenarios.guest_rig import CardRig, PEER_IP
 
 
 @cocotb.test()

@@ -17,15 +17,15 @@ from pathlib import Path
 import cocotb
 
 from regmap import VirtioRegs as V
-from .harness import CardHarness
-from .uplink import Uplink
-from .netpeer import NetPeer
-from .vhost_user import Reactor
-from .vhost_card import VhostCard, FdPump
+from ..harness import CardHarness
+from ..uplink import Uplink
+from ..netpeer import NetPeer
+from ..vhost_user import Reactor
+from ..vhost_card import VhostCard, FdPump
 
 __all__ = ["CardRig", "PEER_IP", "PEER_MAC", "vf_mac", "vf_ip"]
 
-log = logging.getLogger("cosim.guest_rig")
+log = logging.getLogger(__name__)
 
 PEER_IP = "10.0.0.254"
 PEER_MAC = bytes.fromhex("020000fe00fe")
@@ -100,14 +100,14 @@ class CardRig:
     # ---- guests -----------------------------------------------------------------------------
     def qemu_options(self, n):
         """The QEMU options that attach a guest to VF ``n``'s socket."""
-        from .guest.qemu import vhost_user_net
+        from ..guest.qemu import vhost_user_net
         return [*vhost_user_net(self.socket_path(n)), "-device",
                 f"virtio-net-pci,netdev=net0,disable-legacy=on,vectors=0,mac={vf_mac(n)}"]
 
     async def boot(self, n, *, timeout_s=120, **kw):
         """Start a guest on VF ``n`` (IP 10.0.0.<n>/24) and wait until its eth0 is up."""
-        from .guest.image import ensure_image
-        from .guest.qemu import Guest, vhost_user_net
+        from ..guest.image import ensure_image
+        from ..guest.qemu import Guest, vhost_user_net
         image = ensure_image()
         g = Guest.start(image, netdev_args=vhost_user_net(self.socket_path(n)),
                         mac=vf_mac(n), ip=f"{vf_ip(n)}/24", peer=PEER_IP,

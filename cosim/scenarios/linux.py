@@ -1,0 +1,65 @@
+"""Linux guests on the card (:class:`cosim.scenarios.guest_rig.CardRig`): the card's switch
+counters, round trips from a back-end's trace, a transfer between two guests, ping's summary."""
+
+import time
+
+from regmap import NetRegs
+from cosim.scenarios.guest_rig import vf_ip
+
+
+async def counters(h):
+    return {n: await h.drv.mgmt_read(getattr(NetRegs, n)) for n in
+            ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
+             "DROP_UNKNOWN", "DROP_SIZE")}
+
+
+def sim_rtts_us(trace):
+    """Simulated round trips of a VF's pings, from its back-end's ``trace`` (while it pings a
+    peer): from each transmit notification to the next receive interrupt (µs)."""
+    out, t_kick = [], None
+    for t, what, q in trace:
+        if what == "kick" and q == 1:
+            t_kick = t
+        elif what == "irq" and q == 0 and t_kick is not None:
+            out.append((t - t_kick) / 1000)
+            t_kick = None
+    return out
+
+
+TRANSFER_KIB = 256
+
+
+async def transfer(rig, src, dst, port=5000, kib=TRANSFER_KIB, timeout_s=600):
+    """``kib`` KiB of random bytes from guest ``src`` to guest ``dst`` over TCP (busybox nc);
+    returns (md5 in src, md5 in dst, bytes received, wall seconds, simulated cycles)."""
+    # (the listener's stdin stays open: at its end busybox nc would close its sending half and
+    # the sender, seeing that, would stop sending)
+    rc, out = await rig.run(dst, f"rm -f /tmp/rx; (sleep 900 | nc -l -p {port} > /tmp/rx "
+                                 f"2>/dev/null &) ; sleep 0.3; echo listening")
+    assert rc == 0, out
+    rc, out = await rig.run(src, f"dd if=/dev/urandom of=/tmp/tx bs=1024 count={kib} "
+                                 f"2>/dev/null; md5sum /tmp/tx")
+    assert rc == 0, out
+    md5_src = out.split()[0]
+    t0, c0 = time.monotonic(), rig.h.cycles()
+    rc, out = await rig.run(src, f"nc {vf_ip(dst)} {port} < /tmp/tx", timeout_s=timeout_s)
+    assert rc == 0, f"nc in the guest on VF{src}: {out}"
+    rc, out = await rig.run(dst, "for i in $(seq 100); do pidof nc >/dev/null || break; "
+                                 "sleep 0.2; done; md5sum /tmp/rx; wc -c < /tmp/rx",
+                            timeout_s=60)
+    assert rc == 0, out
+    md5_dst, size = out.split()[0], int(out.split()[-1])
+    return md5_src, md5_dst, size, time.monotonic() - t0, rig.h.cycles() - c0
+
+
+def ping_summary(out):
+    """(transmitted, received, avg ms) from ping's last lines."""
+    tx = rx = 0
+    avg = None
+    for line in out.splitlines():
+        if "packets transmitted" in line:
+            parts = line.split()
+            tx, rx = int(parts[0]), int(parts[3])
+        if "round-trip" in line:
+            avg = float(line.split("=")[1].split("/")[1])
+    return tx, rx, avg
