@@ -20,14 +20,19 @@ What it adds to cocotb's runner:
 * ``timescale=("1ns", "1ps")`` on build and test;
 * a wall-clock timeout for the simulation;
 * an ``AssertionError`` naming the failed cocotb tests (and the log tail) instead of
-  ``sys.exit``; zero tests run is a failure too.
+  ``sys.exit``; zero tests run is a failure too;
+* :func:`cocotb_tests`: the cocotb tests a module defines (from its source, nothing imported),
+  which a caller compares with :attr:`CocotbResult.testcases`.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -55,6 +60,7 @@ __all__ = [
     "waves_enabled",
     "CocotbResult",
     "run_cocotb",
+    "cocotb_tests",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -454,3 +460,80 @@ def _run_name(testcase: str | Sequence[str] | None) -> str:
     if len(safe) > 60:
         safe = safe[:40] + "_" + hashlib.sha1(base.encode()).hexdigest()[:8]
     return safe
+
+
+# --------------------------------------------------------------------------------------
+# The tests a module defines
+
+
+def _testcase_regex(testcase: str | Sequence[str]) -> str:
+    """The ``COCOTB_TEST_FILTER`` cocotb's runner makes of ``testcase`` (cocotb_tools.runner:
+    each name matches a test whose full name, ``<module>.<test>``, ends with it)."""
+    if isinstance(testcase, str):
+        names = [s.strip() for s in testcase.split(",") if s.strip()]
+    else:
+        names = list(testcase)
+    return r"\.(" + "|".join(rf".*{re.escape(name)}" for name in names) + ")$"
+
+
+def _cocotb_test_decorator(dec: ast.expr, modules: set[str],
+                           tests: set[str]) -> tuple[bool, str | None]:
+    """(whether ``dec`` is ``cocotb.test``, with or without arguments; the ``name=`` it gives)."""
+    call = dec if isinstance(dec, ast.Call) else None
+    f = call.func if call is not None else dec
+    is_test = (isinstance(f, ast.Attribute) and f.attr == "test" and isinstance(f.value, ast.Name)
+               and f.value.id in modules) or (isinstance(f, ast.Name) and f.id in tests)
+    name = None
+    if is_test and call is not None:
+        for kw in call.keywords:
+            if kw.arg == "name":
+                if not (isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)):
+                    raise ValueError(f"cocotb.test(name=...) is not a string literal "
+                                     f"(line {dec.lineno})")
+                name = kw.value.value
+    return is_test, name
+
+
+def cocotb_tests(module: str, testcase: str | Sequence[str] | None = None) -> list[str]:
+    """The names of the cocotb tests that ``module`` (a dotted name) defines, in source order:
+    its top-level functions decorated with ``cocotb.test`` (``@cocotb.test``,
+    ``@cocotb.test(...)``, or ``test`` imported from ``cocotb``), named as the decorator's
+    ``name=`` says or else as the function. Found by parsing the module's source with
+    :mod:`ast`: nothing is imported or run. With ``testcase`` (as for :func:`run_cocotb`), only
+    the tests cocotb's filter selects.
+
+    Raises ``ValueError`` when the module defines no cocotb test, uses ``cocotb.parametrize``
+    (whose generated names are not counted here), or when ``testcase`` selects none;
+    ``ModuleNotFoundError`` when there is no such module.
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ModuleNotFoundError(f"no Python source for module {module!r}", name=module)
+    tree = ast.parse(Path(spec.origin).read_text(), filename=spec.origin)
+    modules, tests = set(), set()                # local names of cocotb and of cocotb.test
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name == "cocotb"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "cocotb" and not node.level:
+            tests |= {a.asname or a.name for a in node.names if a.name == "test"}
+    names = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        found = [_cocotb_test_decorator(d, modules, tests) for d in node.decorator_list]
+        if not any(is_test for is_test, _ in found):
+            continue
+        if any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute)
+               and d.func.attr == "parametrize" for d in node.decorator_list):
+            raise ValueError(f"{module}.{node.name}: cocotb.parametrize makes tests whose "
+                             f"names are not counted here")
+        names.append(next((n for is_test, n in found if is_test and n), node.name))
+    if not names:
+        raise ValueError(f"{module} ({spec.origin}) defines no cocotb test")
+    if testcase is None:
+        return names
+    regex = re.compile(_testcase_regex(testcase))
+    chosen = [n for n in names if regex.search(f"{module}.{n}")]
+    if not chosen:
+        raise ValueError(f"{module}: no cocotb test matches {testcase!r} (it defines {names})")
+    return chosen

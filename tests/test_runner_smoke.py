@@ -1,7 +1,7 @@
 """Smoke test of cosim.runner: a tiny Amaranth counter under each selected simulator."""
 
 import pytest
-from cosim.runner import SIM_BUILD, SIMS, run_cocotb, sim_params
+from cosim.runner import SIM_BUILD, SIMS, cocotb_tests, run_cocotb, sim_params
 from pathlib import Path
 
 BENCH = "cosim.benches.smoke_counter"
@@ -25,7 +25,7 @@ def counter_v() -> Path:
 @pytest.mark.parametrize("sim", sim_params())
 def test_smoke_counter(sim, counter_v):
     res = run_cocotb(sim, TOP, [counter_v], BENCH, "smoke_counter", timeout_s=120)
-    assert res.num_tests == 2 and res.num_failed == 0
+    assert res.testcases == cocotb_tests(BENCH) and res.num_failed == 0
     # A second run reuses the build (the stamp matches).
     again = run_cocotb(sim, TOP, [counter_v], BENCH, "smoke_counter", testcase="holds_when_disabled")
     assert not again.rebuilt and again.testcases == ["holds_when_disabled"]
@@ -48,4 +48,4 @@ def test_verilator_vlt_instead_of_public_flat_rw(sim, counter_v, tmp_path):
                             f'public_flat_rw -module "{TOP}" -var "count"\n')
     res = run_cocotb("verilator", TOP, [counter_v], BENCH, "smoke_counter_vlt", vlt=vlt,
                      timeout_s=120)
-    assert res.num_tests == 2 and res.num_failed == 0
+    assert res.testcases == cocotb_tests(BENCH) and res.num_failed == 0
