@@ -24,5 +24,6 @@ By role:
 * :mod:`cosim.scenarios`: the helpers benches and workloads share, by topic;
 * :mod:`cosim.workloads`: the cocotb modules the commands run (``make bench``, ``make demo``,
   the serve commands);
+* :mod:`cosim.examples`: a bench to copy, the one the README's "Write your own bench" shows;
 * :mod:`cosim.guest`: the Linux guest (Debian's kernel and a busybox initramfs) under QEMU.
 """
