@@ -1,7 +1,6 @@
 """Host side of the card's DMA descriptor queues (see :mod:`hdl.dma.queue`)."""
 
-import struct
-from regmap import DmaRegs, DescStatus
+from regmap import DESCRIPTOR, DmaRegs, DescStatus
 
 from .offcard import OffcardFunction
 
@@ -12,8 +11,20 @@ class DmaError(Exception):
     pass
 
 
+_STATUS_OFFSET = DESCRIPTOR.byte_offset("status")
+_STATUS_BYTES = DESCRIPTOR["status"].width // 8
+
+
+def _descriptor(host, card, length, to_host, irq=False):
+    """A fresh descriptor's bytes: ``status`` 0, for the card to write back."""
+    return DESCRIPTOR.pack(host=host, card=card, length=length, to_host=bool(to_host),
+                           irq=bool(irq))
+
+
 class DmaQueue:
-    """One function's descriptor ring: host memory for the ring, doorbell by MMIO."""
+    """One function's descriptor ring: host memory for the ring, doorbell by MMIO.
+
+    The descriptors are :data:`regmap.DESCRIPTOR` records, packed and read through that table."""
 
     def __init__(self, fn: OffcardFunction, entries=64, irq_vector=None):
         if entries & (entries - 1) or not 1 <= entries <= 256:
@@ -26,9 +37,9 @@ class DmaQueue:
         self.ring = None
 
     async def setup(self):
-        raw = self.t.alloc_host_mem(self.entries * DmaRegs.DESC_SIZE + 64)
+        raw = self.t.alloc_host_mem(self.entries * DESCRIPTOR.size + 64)
         self.ring = (raw + 63) & ~63
-        await self.t.host_write(self.ring, bytes(self.entries * DmaRegs.DESC_SIZE))
+        await self.t.host_write(self.ring, bytes(self.entries * DESCRIPTOR.size))
         await self.fn.reg_write(DmaRegs.CTRL, 0)
         await self.fn.reg_write(DmaRegs.RING_LO, self.ring & 0xFFFF_FFFF)
         await self.fn.reg_write(DmaRegs.RING_HI, self.ring >> 32)
@@ -39,14 +50,12 @@ class DmaQueue:
         return self
 
     def desc_addr(self, index):
-        return self.ring + (index % self.entries) * DmaRegs.DESC_SIZE
+        return self.ring + (index % self.entries) * DESCRIPTOR.size
 
     async def post(self, host, card, length, to_host, irq=False):
         """Write a descriptor and ring the doorbell; returns its index."""
         idx = self.prod
-        flags = (1 if to_host else 0) | (2 if irq else 0)
-        await self.t.host_write(self.desc_addr(idx),
-                                struct.pack("<QIIII8x", host, card, length, flags, 0))
+        await self.t.host_write(self.desc_addr(idx), _descriptor(host, card, length, to_host, irq))
         self.prod = (self.prod + 1) & 0xFFFF
         await self.fn.reg_write(DmaRegs.PROD, self.prod)
         return idx
@@ -60,14 +69,14 @@ class DmaQueue:
         for host, card, length, to_host in descs:
             idxs.append(self.prod)
             await self.t.host_write(self.desc_addr(self.prod),
-                                    struct.pack("<QIIII8x", host, card, length,
-                                                1 if to_host else 0, 0))
+                                    _descriptor(host, card, length, to_host))
             self.prod = (self.prod + 1) & 0xFFFF
         await self.fn.reg_write(DmaRegs.PROD, self.prod)
         return idxs
 
     async def status(self, index):
-        raw = await self.t.host_read(self.desc_addr(index) + 0x14, 4)
+        """The descriptor's ``status`` field (0 until the card has finished it)."""
+        raw = await self.t.host_read(self.desc_addr(index) + _STATUS_OFFSET, _STATUS_BYTES)
         return int.from_bytes(raw, "little")
 
     async def wait(self, index, timeout_ns=2_000_000, poll_ns=500):

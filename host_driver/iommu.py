@@ -13,15 +13,16 @@ completion queue (CQ). A fault on a page outside the allowed set is refused, and
 finishes the descriptor with :attr:`regmap.DescStatus.FAULT`. IOVAs beyond the domain's
 size never fault: the card blocks them itself.
 
-Register offsets and entry formats come from :mod:`regmap`; nothing here imports the
-gateware or cocotb.
+Register offsets come from :mod:`regmap`, and the records in host memory (page-table
+entries, FBQ / IOPF / CQ entries) are packed and parsed through its field tables
+(:mod:`regmap.records`); nothing here imports the gateware or cocotb.
 """
 
-import struct
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from regmap import FaultRegs, IommuRegs, MgmtRegs, PAGE_SHIFT, PTE_PRESENT
+from regmap import (CQ_ENTRY, FBQ_ENTRY, IOPF_ENTRY, PTE, FaultRegs, IommuRegs, MgmtRegs,
+                    PAGE_SHIFT)
 
 from .offcard import OffcardDriver
 from .transport import MsiVector, Transport
@@ -93,7 +94,7 @@ class IommuDomain:
 
     def pte_addr(self, vpn: int) -> int:
         """Bus address of the page-table entry of IOVA page ``vpn``."""
-        return self.pt_base + 8 * vpn
+        return self.pt_base + PTE.size * vpn
 
     def allow(self, iova: int, length: int) -> None:
         """Let the VM use the pages under ``iova``..``iova + length``; they fault in on first use."""
@@ -118,8 +119,9 @@ class IommuDomain:
             await self.t.host_write(bus, bytes(size))
         elif bus < 0 or bus & (PAGE_SIZE - 1) or bus + size > 1 << 64:
             raise ValueError(f"bus address {bus:#x} must be 4 KiB aligned and fit in 64 bits")
-        ptes = [(bus + (k << PAGE_SHIFT)) | PTE_PRESENT for k in range(len(vpns))]
-        await self.t.host_write(self.pte_addr(vpns.start), struct.pack(f"<{len(ptes)}Q", *ptes))
+        first = bus >> PAGE_SHIFT
+        ptes = b"".join(PTE.pack(present=1, page=first + k) for k in range(len(vpns)))
+        await self.t.host_write(self.pte_addr(vpns.start), ptes)
         for k, v in enumerate(vpns):
             self.present[v] = bus + (k << PAGE_SHIFT)
         self.allowed.update(vpns)
@@ -130,7 +132,7 @@ class IommuDomain:
         back in on next use) and the caller must invalidate the card's ATC for this function.
         The backing host memory is not reused."""
         vpns = self._vpns(iova, length)
-        await self.t.host_write(self.pte_addr(vpns.start), bytes(8 * len(vpns)))
+        await self.t.host_write(self.pte_addr(vpns.start), bytes(PTE.size * len(vpns)))
         for v in vpns:
             self.present.pop(v, None)
 
@@ -208,7 +210,7 @@ class Iommu:
             raise ValueError(f"vm id must be 0..255, got {vm}")
         if not 0 < pages <= MAX_DOMAIN_PAGES:
             raise ValueError(f"pages must be 1..{MAX_DOMAIN_PAGES}, got {pages}")
-        pt_size = (8 * pages + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        pt_size = (PTE.size * pages + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         pt = _alloc_aligned(self.t, pt_size, PAGE_SIZE)
         await self.t.host_write(pt, bytes(pt_size))
         w = self.driver.mgmt_write
@@ -303,10 +305,6 @@ class FaultService:
     the host side, so calls of them must not overlap.
     """
 
-    FBQ_FMT = "<IIHHI"       # staging address, length, function, slot, 0
-    IOPF_FMT = "<QBBBBHH"    # IOVA, function, VM, flags, 0, FBQ index, sequence
-    CQ_FMT = "<BBHIQ"        # function, status, 0, IOPF index, 0
-
     def __init__(self, iommu: Iommu, entries: int = 16, fbq_entries: int | None = None,
                  iopf_entries: int | None = None, cq_entries: int | None = None):
         _check_ring_entries("entries", entries)
@@ -373,19 +371,19 @@ class FaultService:
         fbq_read = 0
         while self.iopf_cons != prod:
             idx = self.iopf_cons
-            raw = await self.t.host_read(self.iopf.addr(idx), FaultRegs.ENTRY_SIZE)
-            iova, fidx, vm, flags, _, fbq_index, seq = struct.unpack(self.IOPF_FMT, raw)
-            if seq != (idx + 1) & 0xFFFF:
+            e = IOPF_ENTRY.unpack(await self.t.host_read(self.iopf.addr(idx), IOPF_ENTRY.size))
+            if e["seq"] != (idx + 1) & 0xFFFF:
                 break                      # the entry has not landed yet: next poll
-            buffer = length = slot = None
-            if flags & FaultRegs.FLAG_FBQ and fbq_index != FaultRegs.NO_FBQ:
-                raw = await self.t.host_read(self.fbq.addr(fbq_index), FaultRegs.ENTRY_SIZE)
-                buffer, length, _, slot, _ = struct.unpack(self.FBQ_FMT, raw)
+            fbq_index = buffer = length = slot = None
+            if e["has_fbq"] and e["fbq_index"] != FaultRegs.NO_FBQ:
+                fbq_index = e["fbq_index"]
+                fbq = FBQ_ENTRY.unpack(await self.t.host_read(self.fbq.addr(fbq_index),
+                                                              FBQ_ENTRY.size))
+                buffer, length, slot = fbq["staging"], fbq["length"], fbq["slot"]
                 fbq_read += 1
-            else:
-                fbq_index = None
-            faults.append(Fault(idx, seq, fidx, vm, iova, bool(flags & FaultRegs.FLAG_WRITE),
-                                fbq_index, buffer, length, slot, self.t.now_ns()))
+            faults.append(Fault(idx, e["seq"], e["function"], e["vm"], e["iova"],
+                                bool(e["write"]), fbq_index, buffer, length, slot,
+                                self.t.now_ns()))
             self.iopf_cons = (idx + 1) & 0xFFFF
         if fbq_read:
             self.fbq_cons = (self.fbq_cons + fbq_read) & 0xFFFF
@@ -416,8 +414,8 @@ class FaultService:
         status = FaultRegs.ST_REFUSED if decision == REFUSED else FaultRegs.ST_MAPPED
         await self._wait_cq_room(timeout_ns, poll_ns)
         await self.t.host_write(self.cq.addr(self.cq_prod),
-                                struct.pack(self.CQ_FMT, fault.fidx, status, 0,
-                                            fault.index & 0xFFFF_FFFF, 0))
+                                CQ_ENTRY.pack(function=fault.fidx, status=status,
+                                              iopf_index=fault.index & 0xFFFF_FFFF))
         self.cq_prod = (self.cq_prod + 1) & 0xFFFF
         await self.driver.mgmt_write(FaultRegs.CQ_PROD, self.cq_prod)
         self.pending = [f for f in self.pending if f is not fault]
