@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import pytest
-from fakecard import CardCrash, FakeCard, FakeHostAgent, VALID
+from fakes import CardCrash, FakeHostAgent, FakeMgmtBlock, VALID
 from firmware.card import READY, START, STOP, Card, CardError, decode_msg, encode_msg
 from firmware.daemon import Firmware
 from firmware.eventlog import EventLog
@@ -31,7 +31,7 @@ NOOP_REQ = 0x20
 
 # -- Card ----------------------------------------------------------------------------------
 def test_card_util_and_block_id():
-    fc = FakeCard()
+    fc = FakeMgmtBlock()
     fc.set_util(custom_hw=1, processor=2, memory=3, network=100)
     card = Card(fc.card_port)
     assert card.block_id() == R.BLOCK_ID_VALUE
@@ -39,7 +39,7 @@ def test_card_util_and_block_id():
 
 
 def test_card_cycles_extend_across_wraps():
-    fc = FakeCard(cycles_per_access=0, cycles=(5 << 32) + 0xFFFF_FF00)
+    fc = FakeMgmtBlock(cycles_per_access=0, cycles=(5 << 32) + 0xFFFF_FF00)
     card = Card(fc.card_port)
     assert card.cycles() == (5 << 32) + 0xFFFF_FF00       # base from the latched HI
     seen = []
@@ -52,7 +52,7 @@ def test_card_cycles_extend_across_wraps():
 
 
 def test_card_owner_write_and_read_back():
-    fc = FakeCard()
+    fc = FakeMgmtBlock()
     card = Card(fc.card_port)
     card.set_owner(2, Owner.HOST)
     assert card.owner(2) == Owner.HOST and fc.owners == [1, 1, 2, 1]
@@ -75,7 +75,7 @@ def test_card_owner_mismatch_raises():
 
 
 def test_card_pop_only_by_owner():
-    fc = FakeCard()
+    fc = FakeMgmtBlock()
     card, host = Card(fc.card_port), Card(fc.host_port)
     assert fc.push(1, 0x1234) and fc.push(1, 0x7FFF_FFFF)
     assert card.req_level(1) == 2
@@ -87,7 +87,7 @@ def test_card_pop_only_by_owner():
 
 
 def test_card_mailbox():
-    fc = FakeCard()
+    fc = FakeMgmtBlock()
     card, host = Card(fc.card_port), Card(fc.host_port)
     assert card.mbox_recv() is None
     card.mbox_send(encode_msg(START, 3))
@@ -113,7 +113,7 @@ def test_msg_encoding():
 
 
 def test_card_qos_and_telemetry():
-    fc = FakeCard()
+    fc = FakeMgmtBlock()
     card = Card(fc.card_port)
     assert card.set_qos(5, 0.5, 4096) == 128
     assert fc.qos[5] == [128, 4096]
@@ -245,7 +245,7 @@ class Rig:
             state_path=os.path.join(dirname, "state.json"),
             log_path=os.path.join(dirname, "events.jsonl"))
         self.policy = policy
-        self.fc = FakeCard()
+        self.fc = FakeMgmtBlock()
         self.agent = FakeHostAgent(self.fc, **agent)
         self.model = model
         self.fw = self._firmware()
@@ -493,7 +493,7 @@ def test_restart_takes_placement_from_the_card(rig_dir):
     (CARD, "stopping_host", Owner.CARD, Owner.CARD, CARD, [STOP]),   # STOP again
 ])
 def test_recover_each_phase(tmp_path, to, phase, owner, after, placement, sent):
-    fc = FakeCard()
+    fc = FakeMgmtBlock()
     fc.owners[2] = owner
     store = StateStore(str(tmp_path / "s.json"))
     state = FirmwareState(placement={"t": HOST if to == CARD else CARD},

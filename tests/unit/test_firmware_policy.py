@@ -5,7 +5,7 @@ import subprocess
 import sys
 import types
 import pytest
-from fakecard import FakeCard
+from fakes import FakeMgmtBlock
 from firmware import __main__ as cli
 from firmware.policy import Policy, PolicyError, load_policy, parse_policy
 from pathlib import Path
@@ -179,9 +179,9 @@ class _LinkError(Exception):
 
 @pytest.fixture
 def fake_link(monkeypatch):
-    """Stand a fake ``firmware.link`` in for the UART: ``UartLink(url)`` opens a FakeCard's
+    """Stand a fake ``firmware.link`` in for the UART: ``UartLink(url)`` opens a FakeMgmtBlock's
     card port; the url "fail://" raises LinkError on open, "drop://" on the 5th access."""
-    card = FakeCard()
+    card = FakeMgmtBlock()
 
     class UartLink:
         def __init__(self, url):

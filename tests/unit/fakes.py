@@ -1,27 +1,33 @@
-"""A Python model of the card's management block (regmap.MgmtBlockRegs) for firmware tests.
+"""The unit tests' shared fakes: Python models of the card for the tests that exercise the host
+driver, the host system models and the firmware without a simulator.
 
-One :class:`FakeCard` serves two ports: ``card_port`` (the management UART, the card's side)
-and ``host_port`` (PF BAR2, the host's side). Semantics modelled:
+What each fake models, and who uses it:
 
-- ``OWNER + 4t``: one owner per task, 1 card / 2 host; any other value is refused and counted.
-- ``REQ_PUSH + 4t``: a FIFO of ``REQ_DEPTH`` words per task; a push into a full FIFO is refused.
-- ``REQ_POP + 4t``: a read by the task's owner side pops (bit 31 set); else 0 (a non-owner read
-  counts in ``POP_DENIED``). Every pop is recorded in ``pop_log`` with the side and the owner.
-- ``MBOX_H2C`` / ``MBOX_C2H``: ``MBOX_DEPTH`` words each way; the receiving side pops.
-- ``UTIL`` from :attr:`util`, ``CYCLES_LO/HI`` (HI latched by the LO read) from :attr:`cycles`,
-  which advances by ``cycles_per_access`` on every access, and by :meth:`advance`.
-- ``QOS_*`` and ``TEL_*`` windows per function.
+* :class:`FakeMgmtBlock` -- the card's management block (:class:`regmap.MgmtBlockRegs`) with
+  both of its sides: the firmware's (the management UART) and the host's (PF BAR2), through
+  synchronous ports (:class:`FakePort`, for the firmware) or asynchronous ones
+  (:class:`AsyncPort`, for :mod:`host_driver.system.mgmt_host`). :class:`FakeHostAgent` plays
+  the host's half for the firmware tests, inside the card's accesses.
+  (``test_firmware_mover``, ``test_firmware_policy``, ``test_mgmt_host``)
 
-:meth:`crash_on` makes one chosen access raise :class:`CardCrash`, before or after its effect,
-to simulate the firmware dying at that point. :class:`FakeHostAgent` plays the host side.
+None of them imports the gateware: they are written from the contracts (the register map in
+:mod:`regmap`, the host system's interfaces), so a test fails when the code under test and the
+contract disagree.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict, deque
 from typing import Callable
 
 from regmap import MgmtBlockRegs as R, Owner
+
+__all__ = ["RESOURCES", "VALID", "M32", "OP_START", "OP_STOP", "OP_READY", "OP_STOPPED",
+           "OP_REFUSED", "CardCrash", "FakePort", "AsyncPort", "FakeMgmtBlock", "FakeHostAgent"]
+
+
+# ---- the management block ---------------------------------------------------------------------
 
 RESOURCES = ("custom_hw", "processor", "memory", "network")
 VALID = 1 << 31
@@ -29,20 +35,26 @@ M32 = 0xFFFF_FFFF
 
 OP_START, OP_STOP, OP_READY, OP_STOPPED, OP_REFUSED = 0x01, 0x02, 0x11, 0x12, 0x13
 
+CARD, HOST = "card", "host"
+
 _TEL_ADDRS = (R.TEL_TX_BYTES, R.TEL_TX_FRAMES, R.TEL_RX_BYTES, R.TEL_RX_FRAMES, R.TEL_DMA_BUSY,
               R.TEL_FAULTS, R.TEL_OCC, R.TEL_QOS_WAIT)
 
 
 class CardCrash(Exception):
-    """The simulated firmware crash (raised from a port access)."""
+    """The simulated firmware crash, raised from a card-side access
+    (:meth:`FakeMgmtBlock.crash_on`)."""
 
 
 Predicate = Callable[[str, str, int, int | None], bool]   # side, "r"/"w", addr, value
 
 
 class FakePort:
-    def __init__(self, card: "FakeCard", side: str):
-        self.card = card
+    """One side's synchronous register port: ``read(addr)`` / ``write(addr, value)``, as the
+    firmware's :class:`firmware.card.Card` expects of its UART link."""
+
+    def __init__(self, block: "FakeMgmtBlock", side: str):
+        self.card = block
         self.side = side
 
     def read(self, addr: int) -> int:
@@ -52,7 +64,58 @@ class FakePort:
         self.card.access(self.side, "w", addr, value)
 
 
-class FakeCard:
+class AsyncPort:
+    """One side's register port for coroutines (what :class:`host_driver.system.mgmt_host.HostAgent`
+    is given as PF BAR2). Every access yields to the event loop first, so concurrent coroutines
+    interleave; while :attr:`FakeMgmtBlock.pop_gate` is set, a host-side ``REQ_POP`` read waits
+    for that event before it takes effect."""
+
+    def __init__(self, block: "FakeMgmtBlock", side: str):
+        self.card = block
+        self.side = side
+
+    async def read(self, addr: int) -> int:
+        await asyncio.sleep(0)
+        gate = self.card.pop_gate
+        if gate is not None and self.side == HOST and self.card._task(addr)[1] == R.REQ_POP:
+            await gate.wait()
+        return self.card.access(self.side, "r", addr)
+
+    async def write(self, addr: int, value: int) -> None:
+        await asyncio.sleep(0)
+        self.card.access(self.side, "w", addr, value)
+
+
+class FakeMgmtBlock:
+    """A Python model of the card's management block (:class:`regmap.MgmtBlockRegs`).
+
+    Two sides reach it: ``"card"`` (the management UART, the firmware's side) and ``"host"``
+    (PF BAR2). :attr:`card_port` / :attr:`host_port` are synchronous ports of the two sides,
+    :attr:`card_async` / :attr:`host_async` asynchronous ones (:class:`AsyncPort`). Addresses are
+    BAR2 offsets; values are 32-bit (anything else raises ``ValueError``). Semantics modelled,
+    as the RTL (:mod:`hdl.mgmt.block`) implements them:
+
+    - ``OWNER + 4t``: one owner per task (:attr:`owners`), 1 card / 2 host; a write of any other
+      32-bit value is refused and counted in ``OWNER_REFUSED``.
+    - ``REQ_PUSH + 4t``: a FIFO of ``REQ_DEPTH`` 31-bit words per task (:attr:`fifos`); a push
+      into a full FIFO is refused and counted in ``REQ_REFUSED``.
+    - ``REQ_POP + 4t``: a read by the task's owner side pops (bit 31 set), else 0 (a non-owner
+      read counts in ``POP_DENIED``). Every pop is recorded in :attr:`pop_log` with the side.
+    - ``MBOX_H2C`` / ``MBOX_C2H``: ``MBOX_DEPTH`` 31-bit words each way; the receiving side pops
+      (bit 31 set, 0 when empty), the sending side pushes; anything else does nothing. A push
+      into a full FIFO counts in ``MBOX_STAT`` [31:16].
+    - ``UTIL`` from :attr:`util`, ``CYCLES_LO/HI`` (HI latched by the LO read) from
+      :attr:`cycles`, which advances by ``cycles_per_access`` on every access, and by
+      :meth:`advance`.
+    - ``QOS_*`` and ``TEL_*`` windows per function (:attr:`qos`, :attr:`tel`).
+
+    Test controls: :meth:`crash_on` / :meth:`crash_at` make one chosen card-side access raise
+    :class:`CardCrash`, before or after its effect, to simulate the firmware dying at that point;
+    :attr:`hooks` run after every card-side access (:class:`FakeHostAgent` is one);
+    ``before(side, kind, addr)``, when set, runs just before any access takes effect; while
+    :attr:`pop_gate` (an ``asyncio.Event``) is set, host-side async ``REQ_POP`` reads wait for it.
+    """
+
     def __init__(self, *, cycles_per_access: int = 100, cycles: int = 0):
         self.owners = [Owner.CARD] * R.TASKS
         self.fifos: list[deque[int]] = [deque() for _ in range(R.TASKS)]
@@ -63,22 +126,26 @@ class FakeCard:
         self.cycles_per_access = cycles_per_access
         self._hi_latch = 0
         self.owner_refused = self.pop_denied = self.req_refused = self.mbox_refused = 0
-        self.pop_denied_by = {"card": 0, "host": 0}
+        self.pop_denied_by = {CARD: 0, HOST: 0}
         self.qos_sel = self.tel_sel = 0
         self.qos: dict[int, list[int]] = defaultdict(lambda: [0, 0])
         self.tel: dict[int, dict[int, int]] = defaultdict(dict)
         self.pop_log: list[tuple[str, int, int]] = []         # (side, task, word)
         self.owner_log: list[tuple[str, int, int]] = []       # (side, task, value) accepted
-        self.accesses = {"card": 0, "host": 0}
+        self.accesses = {CARD: 0, HOST: 0}
         self.hooks: list[Callable[[], None]] = []             # run after every card-side access
+        self.before: Callable[[str, str, int], None] | None = None
+        self.pop_gate: asyncio.Event | None = None
         self._crash: tuple[Predicate, bool] | None = None
         self.crash_skipped = False
-        self.card_port = FakePort(self, "card")
-        self.host_port = FakePort(self, "host")
+        self.card_port = FakePort(self, CARD)
+        self.host_port = FakePort(self, HOST)
+        self.card_async = AsyncPort(self, CARD)
+        self.host_async = AsyncPort(self, HOST)
 
     # -- test controls --------------------------------------------------------------------
     def port(self, side: str) -> FakePort:
-        return {"card": self.card_port, "host": self.host_port}[side]
+        return {CARD: self.card_port, HOST: self.host_port}[side]
 
     def set_util(self, **values: int) -> None:
         for k, v in values.items():
@@ -117,6 +184,8 @@ class FakeCard:
 
     # -- the register file ----------------------------------------------------------------
     def access(self, side: str, kind: str, addr: int, value: int | None = None) -> int:
+        """One register access by ``side`` ("card" / "host"): ``kind`` "r" returns the value
+        read, "w" writes ``value`` (and returns 0)."""
         if addr % 4 or not 0 <= addr < 0x1000:
             raise ValueError(f"bad BAR2 address {addr:#x}")
         if kind == "w" and not 0 <= value <= M32:
@@ -124,15 +193,17 @@ class FakeCard:
         self.accesses[side] += 1
         self.cycles += self.cycles_per_access
         crash_after = False
-        if side == "card" and self._crash is not None:
+        if side == CARD and self._crash is not None:
             pred, after = self._crash
             if pred(side, kind, addr, value):
                 self._crash = None
                 if not after:
                     raise CardCrash(f"crash before {kind} {addr:#x}")
                 crash_after = True
+        if self.before is not None:
+            self.before(side, kind, addr)
         result = self._read(side, addr) if kind == "r" else self._write(side, addr, value) or 0
-        if side == "card":
+        if side == CARD:
             for hook in list(self.hooks):
                 hook()
         if crash_after:
@@ -160,9 +231,9 @@ class FakeCard:
         if addr == R.QOS_BURST:
             return self.qos[self.qos_sel][1]
         if addr == R.MBOX_H2C:
-            return self._mbox_pop(self.h2c) if side == "card" else 0
+            return self._mbox_pop(self.h2c) if side == CARD else 0
         if addr == R.MBOX_C2H:
-            return self._mbox_pop(self.c2h) if side == "host" else 0
+            return self._mbox_pop(self.c2h) if side == HOST else 0
         if addr == R.MBOX_STAT:
             return len(self.h2c) | len(self.c2h) << 8 | (self.mbox_refused & 0xFFFF) << 16
         if addr == R.OWNER_REFUSED:
@@ -175,7 +246,7 @@ class FakeCard:
         if base == R.OWNER:
             return self.owners[t]
         if base == R.REQ_POP:
-            if self.owners[t] != (Owner.CARD if side == "card" else Owner.HOST):
+            if self.owners[t] != (Owner.CARD if side == CARD else Owner.HOST):
                 self.pop_denied += 1
                 self.pop_denied_by[side] += 1
                 return 0
@@ -197,9 +268,9 @@ class FakeCard:
             self.qos[self.qos_sel][0] = value & 0xFFFF
         elif addr == R.QOS_BURST:
             self.qos[self.qos_sel][1] = value & 0x7FFF
-        elif addr == R.MBOX_H2C and side == "host":
+        elif addr == R.MBOX_H2C and side == HOST:
             self._mbox_push(self.h2c, value)
-        elif addr == R.MBOX_C2H and side == "card":
+        elif addr == R.MBOX_C2H and side == CARD:
             self._mbox_push(self.c2h, value)
         else:
             t, base = self._task(addr)
@@ -234,11 +305,13 @@ class FakeCard:
 
 
 class FakeHostAgent:
-    """The host side: starts a management VM on START (READY after ``ready_delay_cycles``,
-    or REFUSED, or no answer when ``silent``), stops it on STOP (STOPPED), and while a VM runs
-    pops its task's requests through the host port. Runs after every card-side access."""
+    """The host side for the firmware tests, run after every card-side access of ``card``
+    (a :class:`FakeMgmtBlock`): starts a management VM on START (READY after
+    ``ready_delay_cycles``, or REFUSED, or no answer when ``silent``), stops it on STOP
+    (STOPPED), and while a VM runs pops its task's requests through the host port.
+    (The real, asynchronous host agent is :class:`host_driver.system.mgmt_host.HostAgent`.)"""
 
-    def __init__(self, card: FakeCard, *, ready_delay_cycles: int = 0, refuse: bool = False,
+    def __init__(self, card: FakeMgmtBlock, *, ready_delay_cycles: int = 0, refuse: bool = False,
                  silent: bool = False):
         self.card = card
         self.port = card.host_port
