@@ -9,6 +9,9 @@ What each fake models, and who uses it:
   (:class:`AsyncPort`, for :mod:`host_driver.system.mgmt_host`). :class:`FakeHostAgent` plays
   the host's half for the firmware tests, inside the card's accesses.
   (``test_firmware_mover``, ``test_firmware_policy``, ``test_mgmt_host``)
+* :class:`FakeVfCard` -- the card's per-VF state export as the host system reaches it, the
+  :class:`host_driver.system.vf_save.VfStateAccess` contract.
+  (``test_vf_save``, ``test_migration``)
 
 None of them imports the gateware: they are written from the contracts (the register map in
 :mod:`regmap`, the host system's interfaces), so a test fails when the code under test and the
@@ -18,13 +21,15 @@ contract disagree.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import defaultdict, deque
 from typing import Callable
 
 from regmap import MgmtBlockRegs as R, Owner
 
 __all__ = ["RESOURCES", "VALID", "M32", "OP_START", "OP_STOP", "OP_READY", "OP_STOPPED",
-           "OP_REFUSED", "CardCrash", "FakePort", "AsyncPort", "FakeMgmtBlock", "FakeHostAgent"]
+           "OP_REFUSED", "CardCrash", "FakePort", "AsyncPort", "FakeMgmtBlock", "FakeHostAgent",
+           "CardError", "FakeVfCard"]
 
 
 # ---- the management block ---------------------------------------------------------------------
@@ -353,3 +358,118 @@ class FakeHostAgent:
                 continue        # a real VM would pop and get 0; skip to keep the counters clean
             while (word := self.port.read(R.REQ_POP + 4 * task)) & VALID:
                 self.served.append((task, word & (VALID - 1)))
+
+
+# ---- the per-VF state export --------------------------------------------------------------------
+
+class CardError(Exception):
+    """A :class:`FakeVfCard` call that the test made fail (:attr:`FakeVfCard.fail`)."""
+
+
+def _index(vf) -> int:
+    """A VF index from an index or a VF handle (anything with ``.index``)."""
+    return getattr(vf, "index", vf)
+
+
+class FakeVfCard:
+    """The card's per-VF state export: :class:`host_driver.system.vf_save.VfStateAccess`
+    (``quiesce``, ``export_state``, ``import_state``, ``resume``), as the fast save / restore
+    and the migration orchestrator call it.
+
+    ``vfs`` are the VF indices; each VF holds a state blob of ``size`` bytes (:attr:`state`):
+    bytes 0..7 its generation (u64), bumped by every resume (the device moves on when it runs),
+    bytes 8..11 the frames it carried (u32, :meth:`port`; the state moves with traffic, as ring
+    indices do), then random bytes (``seed``). Both counters start at 0; the VFs start running or
+    stopped (``running``). An export and an import carry the whole blob, counters included.
+
+    Every call is logged in :attr:`calls` as ``(op, index)``, snapshots ``observe()`` into
+    :attr:`seen` when :attr:`observe` is set, yields ``yields`` times to the event loop, raises
+    :class:`CardError` when :attr:`fail` names its op, and checks the contract: an export of a
+    running VF, or a frame that reaches a stopped VF, fails an assertion. :attr:`exported` and
+    :attr:`at_resume` keep the blobs exported and the states resumed from.
+
+    The helpers take a VF index or a VF handle."""
+
+    GEN = slice(0, 8)
+    FRAMES = slice(8, 12)
+    HEADER = 12
+
+    def __init__(self, vfs, *, size: int = 608, seed: int = 1, yields: int = 1,
+                 running: bool = False):
+        rnd = random.Random(seed)
+        self.state = {_index(vf): bytearray(bytes(self.HEADER) + rnd.randbytes(size - self.HEADER))
+                      for vf in vfs}
+        self.running = {i: running for i in self.state}
+        self.calls: list[tuple[str, int]] = []
+        self.exported: list[bytes] = []
+        self.at_resume: list[bytes] = []
+        self.resumed = 0
+        self.yields = yields
+        self.fail: str | None = None
+        self.observe: Callable[[], object] | None = None
+        self.seen: list = []
+
+    async def _call(self, op, vf):
+        self.calls.append((op, vf.index))
+        if self.observe:
+            self.seen.append(self.observe())
+        for _ in range(self.yields):
+            await asyncio.sleep(0)
+        if self.fail == op:
+            raise CardError(f"{op} failed on VF{vf.index}")
+
+    # -- VfStateAccess ---------------------------------------------------------------------
+    async def quiesce(self, vf):
+        self.running[vf.index] = False
+        await self._call("quiesce", vf)
+
+    async def export_state(self, vf):
+        await self._call("export_state", vf)
+        assert not self.running[vf.index], "export of a running VF"
+        self.exported.append(bytes(self.state[vf.index]))
+        return self.exported[-1]
+
+    async def import_state(self, vf, blob):
+        self.running[vf.index] = False
+        await self._call("import_state", vf)
+        self.state[vf.index] = bytearray(blob)
+
+    async def resume(self, vf):
+        await self._call("resume", vf)
+        self.at_resume.append(bytes(self.state[vf.index]))
+        self._count(vf.index, self.GEN)
+        self.running[vf.index] = True
+        self.resumed += 1
+
+    # -- test helpers ----------------------------------------------------------------------
+    def _count(self, index, field):
+        """Add 1 to the counter at ``field`` (a slice) of the VF's state, wrapping."""
+        s = self.state[index]
+        n = field.stop - field.start
+        s[field] = ((int.from_bytes(s[field], "little") + 1) % (1 << 8 * n)).to_bytes(n, "little")
+
+    def port(self, vf):
+        """The VF's data path: a function that carries frame ``seq`` through the running VF."""
+        index = _index(vf)
+
+        def carry(seq):
+            assert self.running[index], f"frame {seq} reached stopped VF{index}"
+            self._count(index, self.FRAMES)
+        return carry
+
+    def frames(self, vf) -> int:
+        """Frames the VF's state says it carried."""
+        return int.from_bytes(self.state[_index(vf)][self.FRAMES], "little")
+
+    def gen(self, vf) -> int:
+        """The generation in the VF's state: the resumes it has been through, on any card."""
+        return int.from_bytes(self.state[_index(vf)][self.GEN], "little")
+
+    def resumes(self) -> int:
+        """Resumes this card performed."""
+        return self.resumed
+
+    def wipe(self, vf):
+        """The device state is lost (a function reset while the host is serviced)."""
+        index = _index(vf)
+        self.state[index] = bytearray(len(self.state[index]))

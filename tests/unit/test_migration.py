@@ -6,6 +6,7 @@ import random
 import threading
 import pytest
 from concurrent.futures import ThreadPoolExecutor
+from fakes import CardError, FakeVfCard
 from host_driver.system.migration import (Datapath, MigrationCosts, MigrationOrchestrator,
                                           MigrationState as S, Network, NoFreeVf, Outcome, Server,
                                           SlotState, VfBusy, VirtualClock, Vm)
@@ -15,60 +16,15 @@ ALL = [s for s in S if s is not S.DONE]
 T1, T2 = 0.8, 0.5
 
 
-class CardError(Exception):
-    pass
-
-
 class Injected(Exception):
     pass
 
 
-class FakeCard:
-    """VfStateAccess: per VF, 8 bytes of generation (bumped at each resume: the device moves on
-    when it runs) then a random payload. Checks the contract, logs calls, yields ``yields``."""
-
-    def __init__(self, vfs, seed, yields=1):
-        rnd = random.Random(seed)
-        self.state = {i: bytearray(bytes(8) + rnd.randbytes(600)) for i in range(1, vfs + 1)}
-        self.running = {i: False for i in self.state}
-        self.calls: list[tuple[str, int]] = []
-        self.resumed = 0
-        self.yields = yields
-        self.fail: str | None = None
-
-    async def _call(self, op, vf):
-        self.calls.append((op, vf.index))
-        for _ in range(self.yields):
-            await asyncio.sleep(0)
-        if self.fail == op:
-            raise CardError(f"{op} VF{vf.index}")
-
-    async def quiesce(self, vf):
-        self.running[vf.index] = False
-        await self._call("quiesce", vf)
-
-    async def export_state(self, vf):
-        await self._call("export_state", vf)
-        assert not self.running[vf.index], "export of a running VF"
-        return bytes(self.state[vf.index])
-
-    async def import_state(self, vf, blob):
-        self.running[vf.index] = False
-        await self._call("import_state", vf)
-        self.state[vf.index] = bytearray(blob)
-
-    async def resume(self, vf):
-        await self._call("resume", vf)
-        gen = int.from_bytes(self.state[vf.index][:8], "little") + 1
-        self.state[vf.index][:8] = gen.to_bytes(8, "little")
-        self.running[vf.index] = True
-        self.resumed += 1
-
-    def gen(self, vf):
-        return int.from_bytes(self.state[vf][:8], "little")
-
-    def resumes(self):
-        return self.resumed
+def fake_card(vfs, seed, yields=1):
+    """A card with VFs 1..``vfs``, stopped until placed (:class:`fakes.FakeVfCard`): bytes 0..7
+    of a VF's state are its generation, bumped by each resume, the rest (``[8:]``) is the payload
+    that must move unchanged."""
+    return FakeVfCard(range(1, vfs + 1), seed=seed, yields=yields)
 
 
 class World:
@@ -78,8 +34,8 @@ class World:
                  sriov=True, extra=()):
         self.clock = VirtualClock()
         self.net = Network()
-        self.a = Server("A", a_vfs, a_load, FakeCard(a_vfs, 1, yields))
-        self.b = Server("B", b_vfs, b_load, FakeCard(b_vfs, 2, yields))
+        self.a = Server("A", a_vfs, a_load, fake_card(a_vfs, 1, yields))
+        self.b = Server("B", b_vfs, b_load, fake_card(b_vfs, 2, yields))
         self.servers = [self.a, self.b, *extra]
         self.vm = Vm("g", 0.4, self.clock, memory_mb=256)
         self.a.place(self.vm, self.net, sriov=sriov)
@@ -225,7 +181,7 @@ def test_source_not_above_t1_is_left_alone():
 def test_two_migrations_race_for_the_last_free_vf():
     async def main():
         w = World(b_vfs=1)
-        c = Server("C", 1, 0.5, FakeCard(1, 3))
+        c = Server("C", 1, 0.5, fake_card(1, 3))
         w.servers.append(c)
         w.orch.servers.append(c)
         h = Vm("h", 0.4, w.clock)

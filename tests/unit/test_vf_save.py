@@ -1,12 +1,13 @@
 """host_driver.system.vf_save: the record format, the modified fast save and the fast restore, against a
-fake card (the VfStateAccess contract, checked as it is used) with the guest sending throughout."""
+fake card (the VfStateAccess contract, checked as it is used: :class:`fakes.FakeVfCard`) with the
+guest sending throughout."""
 
 import asyncio
 import itertools
-import random
 import struct
 import zlib
 import pytest
+from fakes import CardError, FakeVfCard
 from host_driver.offcard import VENDOR_ID
 from host_driver.system.vf_save import (AssignedVm, FrameLedger, HostVf, RESTORE_STEPS,
                                         RECORD_MAGIC, RestoreError, RuntimeRepository, SAVE_STEPS,
@@ -18,74 +19,15 @@ VF = VfRef(3, 0x0103)
 LUID = 0x5EED_0000_0003
 
 
-class CardError(Exception):
-    pass
-
-
-class FakeCard:
-    """VfStateAccess over per-VF state bytes. Bytes 0..3 count the frames the VF carried (so
-    the state moves with traffic, as ring indices do). Each call yields ``yields`` times, is
-    logged, and checks the contract; ``observe()`` snapshots the VM at each call."""
-
-    def __init__(self, vfs=(VF,), size=10_000, seed=1, yields=2):
-        rnd = random.Random(seed)
-        self.state = {vf.index: bytearray(rnd.randbytes(size)) for vf in vfs}
-        self.running = {vf.index: True for vf in vfs}
-        self.calls: list[tuple[str, int]] = []
-        self.exported: list[bytes] = []
-        self.at_resume: list[bytes] = []
-        self.yields = yields
-        self.fail: str | None = None
-        self.observe = None
-        self.seen: list = []
-
-    async def _call(self, op, vf):
-        self.calls.append((op, vf.index))
-        if self.observe:
-            self.seen.append(self.observe())
-        for _ in range(self.yields):
-            await asyncio.sleep(0)
-        if self.fail == op:
-            raise CardError(f"{op} failed on VF{vf.index}")
-
-    async def quiesce(self, vf):
-        self.running[vf.index] = False
-        await self._call("quiesce", vf)
-
-    async def export_state(self, vf):
-        await self._call("export_state", vf)
-        assert not self.running[vf.index], "export of a running VF"
-        self.exported.append(bytes(self.state[vf.index]))
-        return self.exported[-1]
-
-    async def import_state(self, vf, blob):
-        self.running[vf.index] = False
-        await self._call("import_state", vf)
-        self.state[vf.index] = bytearray(blob)
-
-    async def resume(self, vf):
-        await self._call("resume", vf)
-        self.at_resume.append(bytes(self.state[vf.index]))
-        self.running[vf.index] = True
-
-    def port(self, vf):
-        def carry(seq):
-            assert self.running[vf.index], f"frame {seq} reached stopped VF{vf.index}"
-            n = int.from_bytes(self.state[vf.index][:4], "little") + 1
-            self.state[vf.index][:4] = n.to_bytes(4, "little")
-        return carry
-
-    def frames(self, vf):
-        return int.from_bytes(self.state[vf.index][:4], "little")
-
-    def wipe(self, vf):
-        """The device state is lost (a function reset while the host is serviced)."""
-        self.state[vf.index] = bytearray(len(self.state[vf.index]))
+def fake_card(yields=2):
+    """The card of these tests (:class:`fakes.FakeVfCard`): VF3 running, 10 000 bytes of state
+    that count the frames the VF carried."""
+    return FakeVfCard([VF.index], size=10_000, yields=yields, running=True)
 
 
 def live_vm(card, ledger=None):
     ledger = ledger or FrameLedger()
-    card.state[VF.index][:4] = bytes(4)
+    card.state[VF.index][FakeVfCard.FRAMES] = bytes(4)
     return AssignedVm.direct("vm1", VF, LUID, ledger, vf_port=card.port(VF))
 
 
@@ -113,7 +55,7 @@ def vm_view(vm):
 
 def test_save_restore_keeps_guest_running_state_identical_and_takes_skip_path():
     async def main():
-        card, repo = FakeCard(), RuntimeRepository()
+        card, repo = fake_card(), RuntimeRepository()
         vm = live_vm(card)
         card.observe = lambda: vm_view(vm)
         sr = VfSaveRestore(card, repo)
@@ -172,7 +114,7 @@ def test_restore_into_new_vm_follows_design_order_then_second_restore_skips():
     creates, allocates and assigns by ID + LUID before touching the card; a second restore of
     the now assigned VF skips all three."""
     async def main():
-        card, repo = FakeCard(), RuntimeRepository()
+        card, repo = fake_card(), RuntimeRepository()
         old = live_vm(card)
         await VfSaveRestore(card, repo).save(old)
         exported = card.exported[-1]
@@ -201,7 +143,7 @@ def test_save_order_is_what_keeps_frames():
     """The guest's frames go to the synthetic adapter before the quiesce starts: none meets
     the stopped VF even when the guest sends between every card call."""
     async def main():
-        card = FakeCard(yields=5)
+        card = fake_card(yields=5)
         vm = live_vm(card)
         sr = VfSaveRestore(card, RuntimeRepository())
         g = Guest(vm)
@@ -220,7 +162,7 @@ def test_save_order_is_what_keeps_frames():
 def test_model_drops_frames_that_meet_a_stopped_vf():
     """The check above can fail: quiesce without switching and the guest's frames are lost."""
     async def main():
-        card = FakeCard()
+        card = fake_card()
         vm = live_vm(card)
         vm.vf_running = False
         await card.quiesce(VF)
@@ -231,7 +173,7 @@ def test_model_drops_frames_that_meet_a_stopped_vf():
 
 def test_failed_export_puts_the_vf_back_on_the_datapath():
     async def main():
-        card, repo = FakeCard(), RuntimeRepository()
+        card, repo = fake_card(), RuntimeRepository()
         vm = live_vm(card)
         card.fail = "export_state"
         sr = VfSaveRestore(card, repo)
@@ -248,7 +190,7 @@ def test_save_needs_an_assigned_connected_vf():
     async def main():
         vm = AssignedVm("vm9", FrameLedger())
         with pytest.raises(SaveError, match="no assigned, connected VF"):
-            await VfSaveRestore(FakeCard(), RuntimeRepository()).save(vm)
+            await VfSaveRestore(fake_card(), RuntimeRepository()).save(vm)
     asyncio.run(main())
 
 
@@ -308,7 +250,7 @@ def test_bad_record_is_refused_before_the_card_is_touched(case):
     data, msg = BAD[case]
 
     async def main():
-        card, repo = FakeCard(), RuntimeRepository()
+        card, repo = fake_card(), RuntimeRepository()
         vm = live_vm(card)
         sr = VfSaveRestore(card, repo)
         await sr.save(vm)
@@ -328,7 +270,7 @@ def test_bad_record_is_refused_before_the_card_is_touched(case):
                                   "other device"])
 def test_record_that_does_not_fit_the_vm_is_refused_untouched(case):
     async def main():
-        card, repo = FakeCard(), RuntimeRepository()
+        card, repo = fake_card(), RuntimeRepository()
         await VfSaveRestore(card, repo).save(live_vm(card))
         fresh = AssignedVm("vm1", FrameLedger())
         host = {3: HostVf(VF, LUID)}
