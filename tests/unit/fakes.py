@@ -1,5 +1,6 @@
-"""The unit tests' shared fakes: Python models of the card for the tests that exercise the host
-driver, the host system models and the firmware without a simulator.
+"""The unit tests' shared fakes: Python models of the card (and of the host memory behind a
+:class:`host_driver.transport.Transport`) for the tests that exercise the host driver, the host
+system models and the firmware without a simulator.
 
 What each fake models, and who uses it:
 
@@ -12,6 +13,11 @@ What each fake models, and who uses it:
 * :class:`FakeVfCard` -- the card's per-VF state export as the host system reaches it, the
   :class:`host_driver.system.vf_save.VfStateAccess` contract.
   (``test_vf_save``, ``test_migration``)
+* :class:`FakeTransport` -- the host's side of a :class:`~host_driver.transport.Transport`:
+  host memory as a bytearray with a bump allocator, MSI counts and a clock that moves only in
+  ``sleep_ns``. It has no card: each test file subclasses it with the configuration space and
+  MMIO of the card it models (PF BAR2 registers in ``test_iommu_model``, a virtio-net function
+  in ``test_virtio_frontend``).
 
 None of them imports the gateware: they are written from the contracts (the register map in
 :mod:`regmap`, the host system's interfaces), so a test fails when the code under test and the
@@ -25,11 +31,12 @@ import random
 from collections import defaultdict, deque
 from typing import Callable
 
+from host_driver.transport import MsiVector, Transport
 from regmap import MgmtBlockRegs as R, Owner
 
 __all__ = ["RESOURCES", "VALID", "M32", "OP_START", "OP_STOP", "OP_READY", "OP_STOPPED",
            "OP_REFUSED", "CardCrash", "FakePort", "AsyncPort", "FakeMgmtBlock", "FakeHostAgent",
-           "CardError", "FakeVfCard"]
+           "CardError", "FakeVfCard", "FakeTransport"]
 
 
 # ---- the management block ---------------------------------------------------------------------
@@ -473,3 +480,97 @@ class FakeVfCard:
         """The device state is lost (a function reset while the host is serviced)."""
         index = _index(vf)
         self.state[index] = bytearray(len(self.state[index]))
+
+
+# ---- the host's side of a transport -----------------------------------------------------------
+
+class FakeTransport(Transport):
+    """The host's side of a :class:`~host_driver.transport.Transport`, with no card behind it.
+
+    Host memory is a bytearray of ``size`` bytes at bus address ``base`` with a bump allocator
+    (:attr:`next`; allocations are rounded up to ``granule`` bytes); accesses outside it fail an
+    assertion. :meth:`peek` / :meth:`poke` are the card's (or the test's) direct view of it.
+    MSI vectors are counted per message data in :attr:`msis` (:meth:`signal_msi` adds one).
+    Time moves only in :meth:`sleep_ns` (and :meth:`wait_msi`, which sleeps its whole timeout),
+    which then calls :attr:`on_sleep` when set.
+
+    Configuration space, platform and MMIO raise ``NotImplementedError``: a subclass adds the
+    card it models."""
+
+    def __init__(self, *, base: int, size: int, granule: int = 1):
+        self.base = base
+        self.mem = bytearray(size)
+        self.next = base
+        self.granule = granule
+        self.time = 0
+        self.msis: dict[int, int] = {}
+        self.on_sleep: Callable[[], None] | None = None
+
+    # ---- host memory ----
+    def alloc_host_mem(self, size):
+        addr = self.next
+        self.next += -(-size // self.granule) * self.granule
+        assert self.next - self.base <= len(self.mem), "fake host memory exhausted"
+        return addr
+
+    def _off(self, addr, n):
+        off = addr - self.base
+        assert 0 <= off and off + n <= len(self.mem), f"bad host access {addr:#x}+{n}"
+        return off
+
+    def peek(self, addr, length):
+        off = self._off(addr, length)
+        return bytes(self.mem[off:off + length])
+
+    def poke(self, addr, data):
+        off = self._off(addr, len(data))
+        self.mem[off:off + len(data)] = data
+
+    async def host_read(self, addr, length):
+        return self.peek(addr, length)
+
+    async def host_write(self, addr, data):
+        self.poke(addr, data)
+
+    # ---- interrupts ----
+    def alloc_msi_vectors(self, n):
+        return [MsiVector(0xFEE0_0000, 0x40 + k) for k in range(n)]
+
+    def msi_count(self, vector):
+        return self.msis.get(vector.data, 0)
+
+    def signal_msi(self, data):
+        """A message with data ``data`` arrived."""
+        self.msis[data] = self.msis.get(data, 0) + 1
+
+    async def wait_msi(self, vector, count, timeout_ns):
+        await self.sleep_ns(timeout_ns)
+        return self.msi_count(vector) >= count
+
+    # ---- time ----
+    async def sleep_ns(self, ns):
+        self.time += ns
+        if self.on_sleep:
+            self.on_sleep()
+
+    def now_ns(self):
+        return self.time
+
+    # ---- the card: none here ----
+    async def cfg_read(self, rid, offset, size=4):
+        raise NotImplementedError("this fake transport has no configuration space")
+
+    async def cfg_write(self, rid, offset, value, size=4):
+        raise NotImplementedError("this fake transport has no configuration space")
+
+    async def enumerate(self):
+        raise NotImplementedError("this fake transport has no platform")
+
+    async def reserve_mmio(self, size, align, prefetchable=True, bus_num=1):
+        raise NotImplementedError("this fake transport has no platform")
+
+    async def mmio_read(self, addr, size=4):
+        raise NotImplementedError("this fake transport has no card")
+
+    async def mmio_write(self, addr, value, size=4):
+        raise NotImplementedError("this fake transport has no card")

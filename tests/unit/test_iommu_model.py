@@ -4,8 +4,8 @@ programming, page tables, host-side translation and the page fault service's rin
 import asyncio
 import struct
 import pytest
+from fakes import FakeTransport
 from host_driver.iommu import Fault, FaultService, Iommu, MAPPED, PRESENT, REFUSED, TranslationError
-from host_driver.transport import MsiVector
 
 from regmap import FaultRegs, IommuRegs, MgmtRegs, PTE_PRESENT
 
@@ -14,45 +14,17 @@ BAR2 = 0xF000_0000
 TOTAL_VFS = 16
 
 
-class FakeTransport:
-    """Host memory as a bytearray with a bump allocator; BAR2 as a register dict that records
-    every write. MSIs are counted per vector; time moves only in ``sleep_ns``."""
+class Bar2Transport(FakeTransport):
+    """The shared fake host (:class:`fakes.FakeTransport`: host memory at an unaligned base, an
+    exact bump allocator, MSIs counted, time moving in ``sleep_ns`` only) with a PF's BAR2 at
+    ``BAR2``: a register dict that reads back what was written (0 if never written;
+    ``CARD_CONFIG`` says ``TOTAL_VFS``) and records every write in :attr:`writes`. The card's
+    side of the fault rings is :class:`Card` below."""
 
     def __init__(self, size=4 << 20):
-        self.mem = bytearray(size)
-        self.next = HOST_BASE
+        super().__init__(base=HOST_BASE, size=size)
         self.regs = {MgmtRegs.CARD_CONFIG: TOTAL_VFS}
         self.writes = []
-        self.time = 0
-        self.msis = {}
-        self.on_sleep = None
-
-    def alloc_host_mem(self, size):
-        addr = self.next
-        self.next += size
-        assert self.next - HOST_BASE <= len(self.mem), "fake host memory exhausted"
-        return addr
-
-    def _off(self, addr, n):
-        off = addr - HOST_BASE
-        assert 0 <= off and off + n <= len(self.mem), f"bad host access {addr:#x}+{n}"
-        return off
-
-    async def host_read(self, addr, length):
-        off = self._off(addr, length)
-        return bytes(self.mem[off:off + length])
-
-    async def host_write(self, addr, data):
-        off = self._off(addr, len(data))
-        self.mem[off:off + len(data)] = data
-
-    def poke(self, addr, data):
-        off = self._off(addr, len(data))
-        self.mem[off:off + len(data)] = data
-
-    def peek(self, addr, length):
-        off = self._off(addr, length)
-        return bytes(self.mem[off:off + length])
 
     async def mmio_read(self, addr, size=4):
         return self.regs.get(addr - BAR2, 0)
@@ -61,26 +33,10 @@ class FakeTransport:
         self.writes.append((addr - BAR2, value))
         self.regs[addr - BAR2] = value
 
-    def alloc_msi_vectors(self, n):
-        return [MsiVector(0xFEE0_0000, 0x40 + k) for k in range(n)]
-
-    def msi_count(self, vector):
-        return self.msis.get(vector.data, 0)
-
-    async def wait_msi(self, vector, count, timeout_ns):
-        await self.sleep_ns(timeout_ns)
-        return self.msi_count(vector) >= count
-
-    async def sleep_ns(self, ns):
-        self.time += ns
-        if self.on_sleep:
-            self.on_sleep()
-
-    def now_ns(self):
-        return self.time
-
 
 class FakePf:
+    """The PF as :class:`host_driver.iommu.FaultService` uses it (an ``OffcardFunction``):
+    its MSI-X vectors, and ``msix_mask`` recording each vector's mask in :attr:`masks`."""
     index = 0
 
     def __init__(self, t, nvec=4):
@@ -92,6 +48,10 @@ class FakePf:
 
 
 class FakeDriver:
+    """The PF driver as :mod:`host_driver.iommu` uses it (an ``OffcardDriver``): PF BAR2
+    through ``mgmt_read`` / ``mgmt_write`` on the transport, and the PF (none with
+    ``msix=False``: its MSI-X is not set up)."""
+
     def __init__(self, t, msix=True):
         self.t = t
         self.bar2 = BAR2
@@ -111,7 +71,7 @@ def run(coro):
 
 @pytest.fixture
 def t():
-    return FakeTransport()
+    return Bar2Transport()
 
 
 @pytest.fixture

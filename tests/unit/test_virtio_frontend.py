@@ -1,6 +1,6 @@
 """Unit tests of host_driver.virtio against an in-memory virtio-net device (no simulator).
 
-:class:`FakeTransport` holds host memory, the function's configuration space (MSI-X and the
+:class:`VirtioFnTransport` holds host memory, the function's configuration space (MSI-X and the
 virtio vendor capabilities) and its MSI-X table; BAR0 accesses to the virtio structures go to
 :class:`FakeVirtioNet`, which implements the common configuration, ISR, notify and device
 configuration semantics the RTL is written against and runs the two queues as a loopback:
@@ -13,9 +13,9 @@ import asyncio
 import struct
 import pytest
 from collections import deque
+from fakes import FakeTransport
 from host_driver.iommu import IommuDomain
 from host_driver.offcard import OffcardFunction
-from host_driver.transport import MsiVector, Transport
 from host_driver.virtio import (DirectAccess, DomainMemory, HostMemory, TrappedAccess, VirtioError,
                                 VirtioNetDriver, Virtqueue, vring_need_event, DRIVER_FEATURES,
                                 RX_QUEUE, TX_QUEUE)
@@ -64,48 +64,22 @@ def config_space(skip_type=None):
     return cfg
 
 
-class FakeTransport(Transport):
-    """Host memory as a bytearray, one function's configuration space and BAR0. Time moves
-    only in ``sleep_ns``, which also lets the device poll its queues."""
+class VirtioFnTransport(FakeTransport):
+    """The shared fake host (:class:`fakes.FakeTransport`: host memory at ``HOST_BASE`` with a
+    bump allocator of 8-byte granules, MSIs counted, time moving in ``sleep_ns`` only) with one
+    function behind it: its configuration space (``cfg``), its MSI-X table (every vector masked
+    at reset) and BAR0, whose other accesses go to the device :attr:`dev`
+    (:class:`FakeVirtioNet`), which also polls its queues whenever time moves."""
 
     def __init__(self, cfg=None, mem_size=8 << 20):
-        self.mem = bytearray(mem_size)
-        self.next = HOST_BASE
+        super().__init__(base=HOST_BASE, size=mem_size, granule=8)
         self.cfg = config_space() if cfg is None else cfg
         self.msix = bytearray(16 * NVEC)
         for k in range(NVEC):
             self.msix[16 * k + 12] = 1                   # vector control: masked
-        self.msis = {}
-        self.time = 0
         self.dev = None
         self.cfg_reads = 0
         self.virtio_accesses = 0
-
-    # host memory
-    def alloc_host_mem(self, size):
-        addr = self.next
-        self.next += (size + 7) & ~7
-        assert self.next - HOST_BASE <= len(self.mem), "fake host memory exhausted"
-        return addr
-
-    def _off(self, addr, n):
-        off = addr - HOST_BASE
-        assert 0 <= off and off + n <= len(self.mem), f"bad host access {addr:#x}+{n}"
-        return off
-
-    async def host_read(self, addr, length):
-        return self.peek(addr, length)
-
-    async def host_write(self, addr, data):
-        self.poke(addr, data)
-
-    def peek(self, addr, length):
-        off = self._off(addr, length)
-        return bytes(self.mem[off:off + length])
-
-    def poke(self, addr, data):
-        off = self._off(addr, len(data))
-        self.mem[off:off + len(data)] = data
 
     # configuration space
     async def cfg_read(self, rid, offset, size=4):
@@ -120,9 +94,6 @@ class FakeTransport(Transport):
 
     async def enumerate(self):
         return [RID]
-
-    async def reserve_mmio(self, size, align, prefetchable=True, bus_num=1):
-        raise NotImplementedError
 
     # BAR0
     async def mmio_read(self, addr, size=4):
@@ -143,30 +114,17 @@ class FakeTransport(Transport):
         self.dev.write(off, value, size)
 
     # interrupts
-    def alloc_msi_vectors(self, n):
-        return [MsiVector(0xFEE0_0000, 0x40 + k) for k in range(n)]
-
-    def msi_count(self, vector):
-        return self.msis.get(vector.data, 0)
-
     def fire(self, k):
         """The function signals MSI-X vector ``k`` with the message its table holds."""
         _, _, data, ctrl = struct.unpack_from("<IIII", self.msix, 16 * k)
         assert not ctrl & 1, f"vector {k} fired while masked"
-        self.msis[data] = self.msis.get(data, 0) + 1
-
-    async def wait_msi(self, vector, count, timeout_ns):
-        await self.sleep_ns(timeout_ns)
-        return self.msi_count(vector) >= count
+        self.signal_msi(data)
 
     # time
     async def sleep_ns(self, ns):
-        self.time += ns
+        await super().sleep_ns(ns)
         if self.dev is not None:
             self.dev.service()
-
-    def now_ns(self):
-        return self.time
 
 
 class FakeQueue:
@@ -467,7 +425,7 @@ class FakeVirtioNet:
 # ---- helpers -------------------------------------------------------------------------------
 
 def make(access=DirectAccess, cfg=None, queue_size=64, **dev_kw):
-    t = FakeTransport(cfg)
+    t = VirtioFnTransport(cfg)
     dev = FakeVirtioNet(t, **dev_kw)
     fn = OffcardFunction(t, RID, FIDX, BAR0)
     drv = VirtioNetDriver(access(fn), fn, HostMemory(t), queue_size=queue_size)
@@ -609,7 +567,7 @@ def test_small_device_queue():
 
 def test_virtqueue_descriptors():
     async def run():
-        t = FakeTransport()
+        t = VirtioFnTransport()
         vq = Virtqueue(HostMemory(t), 0, 8)
         await vq.init()
         head = await vq.add_buffer([(0x1000, 12), (0x2000, 100)], [(0x3000, 50)])
@@ -639,7 +597,7 @@ def test_virtqueue_descriptors():
 
 def test_virtqueue_interrupt_suppression_fields():
     async def run():
-        t = FakeTransport()
+        t = VirtioFnTransport()
         vq = Virtqueue(HostMemory(t), 1, 4)
         await vq.init(event_idx=False)
         await vq.disable_interrupts()
@@ -816,7 +774,7 @@ def test_needs_reset_is_reported():
 
 def test_domain_memory_behind_the_iommu():
     async def run():
-        t = FakeTransport()
+        t = VirtioFnTransport()
         pages = 1024
         pt = t.alloc_host_mem(8 * pages + 0x1000)
         pt = (pt + 0xFFF) & ~0xFFF
