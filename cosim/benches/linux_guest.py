@@ -12,7 +12,8 @@ import cocotb
 from regmap import VirtioRegs as V
 from cosim import vhost_user as VU
 from cosim.scenarios.guest_rig import CardRig, PEER_IP, vf_ip
-from cosim.scenarios.linux import counters, sim_rtts_us, transfer, TRANSFER_KIB
+from cosim.scenarios.linux import sim_rtts_us, transfer, TRANSFER_KIB
+from cosim.scenarios.virtio import counters
 
 PING_SIZES = [1, 2, 3, 7, 8, 15, 16, 31, 56, 64, 100, 255, 256, 511, 512, 999, 1000, 1400,
               1471, 1472]

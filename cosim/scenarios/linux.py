@@ -1,16 +1,10 @@
-"""Linux guests on the card (:class:`cosim.scenarios.guest_rig.CardRig`): the card's switch
-counters, round trips from a back-end's trace, a transfer between two guests, ping's summary."""
+"""Linux guests on the card (:class:`cosim.scenarios.guest_rig.CardRig`): round trips from a
+back-end's trace, a transfer between two guests, ping's summary. (The card's switch counters:
+:func:`cosim.scenarios.virtio.counters`.)"""
 
 import time
 
-from regmap import NetRegs
 from cosim.scenarios.guest_rig import vf_ip
-
-
-async def counters(h):
-    return {n: await h.drv.mgmt_read(getattr(NetRegs, n)) for n in
-            ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
-             "DROP_UNKNOWN", "DROP_SIZE")}
 
 
 def sim_rtts_us(trace):

@@ -10,7 +10,8 @@ import time
 import cocotb
 
 from cosim.scenarios.guest_rig import CardRig, PEER_IP, vf_ip
-from cosim.scenarios.linux import counters, sim_rtts_us, ping_summary
+from cosim.scenarios.linux import sim_rtts_us, ping_summary
+from cosim.scenarios.virtio import counters
 
 
 def emit(kind, **fields):

@@ -12,7 +12,8 @@ import statistics
 import cocotb
 
 from cosim.scenarios.guest_rig import CardRig, PEER_IP
-from cosim.scenarios.linux import counters, sim_rtts_us, transfer, TRANSFER_KIB, ping_summary
+from cosim.scenarios.linux import sim_rtts_us, transfer, TRANSFER_KIB, ping_summary
+from cosim.scenarios.virtio import counters
 
 
 @cocotb.test()
