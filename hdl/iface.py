@@ -4,28 +4,36 @@ Every subsystem (``pcie/``, ``dma/``, ``iommu/``, ``virtio/``, ``mgmt/``) takes 
 here, never from another subsystem's module, so the only place that knows two blocks talk is
 :mod:`hdl.card`, which connects them.
 
+* the configuration space's state that the engines follow: the link settings
+  (:func:`LinkSignature`) and each function's enables and reset strobes
+  (:func:`FunctionStateSignature`), each connected from the configuration space to every engine
+  at once;
 * the register bus from the bus masters to the register files (:func:`RegBusSignature`);
 * interrupt requests into the MSI-X block (:func:`IrqRequestSignature`) and events into the
   telemetry counters (:func:`EventSignature`), the completer's error strobes
-  (:func:`CounterEvents`);
+  (:func:`ErrorEvents`);
 * DMA commands and their results (:data:`DmaCmd`, :data:`DmaDone`, :class:`DmaStatus`) and the
   card memory ports (:func:`MemReadPort`, :func:`MemWritePort`);
 * address translation requests (:data:`XlateReq`, :data:`XlateResp`, :class:`XlateStatus`) and
   the fault unit's ports (:func:`FaultReqSignature` and its companions);
 * the uplink port's beat (:func:`UplinkBeat`) and the frame buffer ports;
-* :data:`CPL_TIMEOUT`, the completion timeout every engine that reads host memory uses.
+* :data:`CPL_TIMEOUT`, the completion timeout every engine that reads host memory uses;
+* :func:`record_layout`, the Amaranth layout of a record kept in host memory, derived from its
+  field table in :mod:`regmap.records` (the host packs the same table).
 """
 
+from amaranth import unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from .memmap import CARD_ADDR_BITS, CARD_SPACE, PKT_WORDS, Staging
 
-__all__ = ["OFFSET_DW_BITS", "RegBusSignature", "READ_LATENCY", "REQUEST_FIELDS",
-           "IrqRequestSignature", "EventSignature", "COUNTER_EVENTS", "CounterEvents",
+__all__ = ["LinkSignature", "FunctionStateSignature", "OFFSET_DW_BITS", "RegBusSignature", "READ_LATENCY", "REQUEST_FIELDS",
+           "IrqRequestSignature", "EventSignature", "OccupancySignature", "ERROR_EVENTS", "ErrorEvents",
            "DmaCmd", "DmaDone", "DmaStatus", "MemWritePort", "MemReadPort", "CPL_TIMEOUT",
            "XlateReq", "XlateResp", "XlateStatus", "FaultReqSignature", "ResumeSignature",
-           "SlotFreeSignature", "ReleaseSignature", "UplinkBeat", "PktReadPort", "PktWritePort"]
+           "SlotFreeSignature", "ReleaseSignature", "UplinkBeat", "PktReadPort", "PktWritePort",
+           "record_layout"]
 
 #: Width of a DW offset inside a BAR.
 OFFSET_DW_BITS = 20
@@ -33,6 +41,27 @@ OFFSET_DW_BITS = 20
 #: Cycles without any completion while a host read is outstanding before an engine gives up
 #: (200 us at 250 MHz).
 CPL_TIMEOUT = 50_000
+
+
+# ---- configuration state --------------------------------------------------------------------
+
+def LinkSignature():
+    """The link settings every requester needs (configuration space -> engines): the bus
+    number captured from the host's first configuration write (the requester IDs), and the
+    PF's Max Payload Size and Max Read Request Size codes (Device Control)."""
+    return wiring.Signature({"bus_num": Out(8), "mps": Out(3), "mrrs": Out(3)})
+
+
+def FunctionStateSignature(num_functions):
+    """Per function (bit *n* = function index *n*): Bus Master Enable, MSI-X Enable and
+    Function Mask (each gated by the function being enabled and in D0); and the reset strobes,
+    registered, one cycle after the configuration write that asks for them: ``flr`` (function
+    level reset of ``flr_fidx``) and ``vf_reset`` (VF Enable was cleared: every VF resets)."""
+    nf = num_functions
+    return wiring.Signature({
+        "bme": Out(nf), "msix_en": Out(nf), "msix_fmask": Out(nf),
+        "flr": Out(1), "flr_fidx": Out(8), "vf_reset": Out(1),
+    })
 
 
 # ---- register bus ---------------------------------------------------------------------------
@@ -67,13 +96,18 @@ def EventSignature(amount_bits=1):
     return wiring.Signature({"stb": Out(1), "fidx": Out(8), "amount": Out(amount_bits)})
 
 
-#: The completer's (and the card's) error and traffic events, counted in PF BAR2.
-COUNTER_EVENTS = ("malformed", "unsupported", "ca", "unexp_cpl", "poisoned", "rx_tlp", "tx_tlp")
+def OccupancySignature():
+    """The telemetry's read of one function's DMA ring occupancy (the reader's side)."""
+    return wiring.Signature({"fidx": Out(8), "occ": In(16)})
 
 
-def CounterEvents():
-    """One-cycle increment strobes, driven by the completer."""
-    return wiring.Signature({name: Out(1) for name in COUNTER_EVENTS})
+#: The errors the card counts in PF BAR2 and reports in the PF's status bits.
+ERROR_EVENTS = ("malformed", "unsupported", "ca", "poisoned", "unexp_cpl")
+
+
+def ErrorEvents():
+    """One-cycle strobes, one per error seen (the completer's side: it sees every request)."""
+    return wiring.Signature({name: Out(1) for name in ERROR_EVENTS})
 
 
 # ---- DMA ------------------------------------------------------------------------------------
@@ -173,3 +207,13 @@ def PktReadPort(data_width):
 def PktWritePort(data_width):
     return wiring.Signature({"addr": Out(range(PKT_WORDS(data_width))),
                              "data": Out(data_width), "en": Out(data_width // 8)})
+
+
+# ---- records in host memory -----------------------------------------------------------------
+
+def record_layout(record):
+    """The layout of a :class:`regmap.records.Record`: one field per entry of its table, at the
+    table's bit offset (bits no field names are padding), so ``data.View(record_layout(R), v)``
+    reads ``v`` the way the host's ``R.unpack`` does."""
+    return data.FlexibleLayout(record.size * 8, {
+        f.name: data.Field(unsigned(f.width), f.offset) for f in record.fields})

@@ -1,37 +1,8 @@
-"""Shared pieces of the DMA engine: the card memory and the helpers that size TLPs."""
+"""Helpers of the DMA channels: the sizes and byte enables of the TLPs they cut."""
 
 from amaranth import *
-from amaranth.lib import wiring
-from amaranth.lib.memory import Memory
-from amaranth.lib.wiring import In
 
-from ..memmap import CARD_MEM_TOTAL
-from ..iface import MemReadPort, MemWritePort
-
-__all__ = ["CardMemory", "size_bytes", "be_first_last", "next_chunk"]
-
-
-class CardMemory(wiring.Component):
-    """The card's data memory: 64 KiB that descriptors address plus the staging buffers, one
-    write port (host->card DMA), one read port (card->host DMA). Block RAM, ``data_width``
-    bits per word."""
-
-    def __init__(self, data_width):
-        self.data_width = data_width
-        super().__init__({"wr": In(MemWritePort(data_width)), "rd": In(MemReadPort(data_width))})
-        # (an attribute, so that a test bench can look at what it holds)
-        self.storage = Memory(shape=data_width, depth=CARD_MEM_TOTAL * 8 // data_width, init=[])
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.mem = mem = self.storage
-        wp = mem.write_port(granularity=8)
-        rp = mem.read_port()
-        m.d.comb += [wp.addr.eq(self.wr.addr), wp.data.eq(self.wr.data), wp.en.eq(self.wr.en),
-                     rp.addr.eq(self.rd.addr), rp.en.eq(self.rd.en), self.rd.data.eq(rp.data)]
-        # (the ports span the card's whole address space; the frame buffers above this
-        # memory are another block RAM, decoded by the card)
-        return m
+__all__ = ["size_bytes", "be_first_last", "next_chunk"]
 
 
 def size_bytes(code):

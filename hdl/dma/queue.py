@@ -2,19 +2,12 @@
 
 Per-function registers in BAR0 (byte offsets, :class:`regmap.DmaRegs`): ring base, ring
 size, control (enable, MSI-X vector), producer index (the doorbell), consumer index (read
-only), status. A descriptor is 32 bytes, little-endian:
-
-====== ===== ================================================================================
-0x00   u64   host (bus) address
-0x08   u32   card memory address (any byte, like the host address)
-0x0C   u32   length in bytes, 1..65536
-0x10   u32   flags: bit 0 direction (0 host->card, 1 card->host), bit 1 interrupt when done
-0x14   u32   status, written by the card (:class:`regmap.DescStatus`): 1 done,
-             0x8000_0001 bad descriptor (a length of 0 or over 64 KiB, card range beyond
-             card memory, host range past 2**64), 0x8000_0002 completion error (UR/CA from
-             the host),
-             0x8000_0003 page fault refused, 0x8000_0004 blocked (outside the domain)
-====== ===== ================================================================================
+only), status. A descriptor is the record :data:`regmap.records.DESCRIPTOR` (32 bytes: host
+address, card address, length, direction and interrupt flags, and the status the card writes
+back: :class:`regmap.DescStatus`, 1 done, 0x8000_0001 bad descriptor (a length of 0 or over
+64 KiB, card range beyond card memory, host range past 2**64), 0x8000_0002 completion error
+(UR / CA from the host, or none in time, while the data moved), 0x8000_0003 page fault refused, 0x8000_0004
+blocked (outside the domain)).
 
 The host address is an I/O virtual address of the function's domain when the PF driver gave
 the function one (:mod:`hdl.iommu.translate`); the engine then cuts the transfer at 4 KiB pages and
@@ -26,11 +19,13 @@ and goes on at the piece that faulted: a staged write is replayed from the stagi
 read is simply retried. When the fault unit has no room, the function waits (parked) for room:
 nothing is dropped.
 
-The engine visits the functions round robin, fetches one descriptor (MemRd with tag 0 and the
-function's requester ID; only with Bus Master Enable), runs it on the read or write channel,
-writes the status DW back into the descriptor (a posted write that follows the data writes on
-the same path, so the host never sees the status before the data), advances the consumer index
-and raises the function's MSI-X vector if asked.
+The engine visits the functions round robin, fetches one descriptor through its host port
+(:class:`hdl.pcie.host_port.HostPort`, tag ``HOST_TAGS["desc"]``, the function's requester ID;
+only with Bus Master Enable), runs it on the read or write channel, writes the status DW back
+into the descriptor (a posted write that follows the data writes on the same path, so the host
+never sees the status before the data), and once that write has left advances the consumer
+index and raises the function's MSI-X vector if asked. A fetch that fails sets the queue's
+error bit (``STATUS``) and the queue stops until it is disabled.
 """
 
 from amaranth import *
@@ -38,18 +33,19 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from regmap import DmaRegs, DescStatus, PAGE_SHIFT
+from regmap import DmaRegs, DescStatus, PAGE_SHIFT, DESCRIPTOR
 
 from ..config import CardConfig
 from ..memmap import Staging, CARD_MEM_BYTES, CARD_ADDR_BITS
-from ..iface import (RegBusSignature, IrqRequestSignature, DmaCmd, DmaDone, DmaStatus, CPL_TIMEOUT,
-                     XlateReq, XlateResp, XlateStatus, FaultReqSignature, ResumeSignature,
-                     SlotFreeSignature, ReleaseSignature)
-from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
+from ..iface import (RegBusSignature, IrqRequestSignature, DmaCmd, DmaDone, DmaStatus, XlateReq,
+                     XlateResp, XlateStatus, FaultReqSignature, ResumeSignature, SlotFreeSignature,
+                     ReleaseSignature, record_layout, LinkSignature, FunctionStateSignature,
+                     EventSignature, OccupancySignature)
+from ..pcie.host_port import HostPort, HOST_TAGS
+from ..pcie.regfile import RegisterFile
+from ..pcie.tlp import tlp_stream
 
-__all__ = ["DmaQueues", "DESC_TAG", "DescStatus"]
-
-DESC_TAG = 0
+__all__ = ["DmaQueues"]
 
 
 class DmaQueues(wiring.Component):
@@ -59,18 +55,15 @@ class DmaQueues(wiring.Component):
         super().__init__({
             "bus":     In(RegBusSignature()),
             "tx":      Out(tlp_stream(W)),
-            "cpl":     In(tlp_stream(W)),          # completions with tag DESC_TAG
+            "cpl":     In(tlp_stream(W)),          # completions of its descriptor fetches
             "rd_cmd":  Out(stream.Signature(DmaCmd)),
             "rd_done": In(stream.Signature(DmaDone)),
             "wr_cmd":  Out(stream.Signature(DmaCmd)),
             "wr_done": In(stream.Signature(DmaDone)),
             "irq":     Out(IrqRequestSignature()),
-            "bus_num": In(8),
-            "bme":     In(cfg.num_functions),
+            "link":     In(LinkSignature()),
+            "fn":       In(FunctionStateSignature(cfg.num_functions)),
             "unexp":   Out(1),
-            "flr":     In(1),          # function level reset of ``flr_fidx``: its queue stops
-            "flr_fidx": In(8),
-            "vf_reset": In(1),         # VF Enable was cleared: every VF's queue stops
             "xreq":    Out(stream.Signature(XlateReq)),
             "xresp":   In(stream.Signature(XlateResp)),
             "fault":   Out(FaultReqSignature()),
@@ -78,10 +71,9 @@ class DmaQueues(wiring.Component):
             "slot_free": Out(SlotFreeSignature()),
             "release": Out(ReleaseSignature()),
             # telemetry: the function being served, and one function's ring occupancy
-            "busy":    Out(1),
-            "busy_fidx": Out(8),
-            "occ_fidx": In(8),
-            "occ":     Out(16),
+            "busy_ev":  Out(EventSignature()),     # a cycle serving function ``fidx``
+            "fault_ev": Out(EventSignature()),     # function ``fidx`` raised a page fault
+            "occ":      In(OccupancySignature()),  # a function's ring occupancy, for telemetry
         })
 
     def elaborate(self, platform):
@@ -89,7 +81,6 @@ class DmaQueues(wiring.Component):
         m = Module()
         nf = cfg.num_functions
         W = cfg.data_width
-        DPB = W // 32
         b = self.bus
 
         ring = Array(Signal(64, name=f"ring{i}") for i in range(nf))
@@ -109,66 +100,60 @@ class DmaQueues(wiring.Component):
         roff = Array(Signal(17, name=f"roff{i}") for i in range(nf))   # where to resume
 
         # ---- registers ----------------------------------------------------------------------
-        base = DmaRegs.BASE // 4
-        sel = (b.bar == 0) & (b.addr >= base) & (b.addr < base + 8)
-        reg = b.addr - base
-        f = b.fidx
+        busy = Signal()
+        cur = Signal(8)              # the function whose descriptor is under way
+        rf = RegisterFile(m, b, "dma_queue")
+        f = rf.fidx
         reset_f = Signal()           # a function's queue is reset (disable or FLR)
         reset_g = Signal(8)
-        with m.If(b.we & sel & (b.be == 0xF)):
-            with m.Switch(reg):
-                with m.Case(DmaRegs.RING_LO // 4 - base):
-                    m.d.sync += ring[f][:32].eq(Cat(C(0, 5), b.wdata[5:]))
-                with m.Case(DmaRegs.RING_HI // 4 - base):
-                    m.d.sync += ring[f][32:].eq(b.wdata)
-                with m.Case(DmaRegs.RING_LOG2 // 4 - base):
-                    m.d.sync += rlog[f].eq(Mux(b.wdata[:4] > 8, 8, b.wdata[:4]))
-                with m.Case(DmaRegs.CTRL // 4 - base):
-                    m.d.sync += [en.bit_select(f, 1).eq(b.wdata[0]), vec[f].eq(b.wdata[8:13])]
-                    with m.If(~b.wdata[0]):
-                        m.d.comb += [reset_f.eq(1), reset_g.eq(f)]
-                with m.Case(DmaRegs.PROD // 4 - base):
-                    m.d.sync += prod[f].eq(b.wdata[:16])
-        with m.If(self.flr):
-            m.d.comb += [reset_f.eq(1), reset_g.eq(self.flr_fidx)]
-            m.d.sync += en.bit_select(self.flr_fidx, 1).eq(0)
-        m.d.comb += [self.release.stb.eq(reset_f), self.release.fidx.eq(reset_g)]
+        with m.If(rf.we(DmaRegs.RING_LO)):
+            m.d.sync += ring[f][:32].eq(Cat(C(0, 5), rf.wdata[5:]))
+        with m.If(rf.we(DmaRegs.RING_HI)):
+            m.d.sync += ring[f][32:].eq(rf.wdata)
+        with m.If(rf.we(DmaRegs.RING_LOG2)):
+            m.d.sync += rlog[f].eq(Mux(rf.wdata[:4] > 8, 8, rf.wdata[:4]))
+        with m.If(rf.we(DmaRegs.CTRL)):
+            m.d.sync += [en.bit_select(f, 1).eq(rf.wdata[0]), vec[f].eq(rf.wdata[8:13])]
+            with m.If(~rf.wdata[0]):
+                m.d.comb += [reset_f.eq(1), reset_g.eq(f)]
+        with m.If(rf.we(DmaRegs.PROD)):
+            m.d.sync += prod[f].eq(rf.wdata[:16])
+        with m.If(self.fn.flr):
+            m.d.comb += [reset_f.eq(1), reset_g.eq(self.fn.flr_fidx)]
+            m.d.sync += en.bit_select(self.fn.flr_fidx, 1).eq(0)
+        # (also when a descriptor under way is given up: see ``aborted`` below)
+        abort_release = Signal()
+        m.d.comb += [self.release.stb.eq(reset_f | abort_release),
+                     self.release.fidx.eq(Mux(reset_f, reset_g, cur))]
         vf_mask = ((1 << nf) - 1) & ~1
-        with m.If(self.vf_reset):
+        with m.If(self.fn.vf_reset):
             m.d.sync += en.eq(en & ~vf_mask)
             m.d.comb += self.release.vfs.eq(1)
-        rdata = Signal(32)
-        busy = Signal()
-        cur = Signal(8)
-        with m.If(b.re):
-            m.d.sync += rdata.eq(0)
-            with m.If(sel):
-                with m.Switch(reg):
-                    with m.Case(DmaRegs.RING_LO // 4 - base):
-                        m.d.sync += rdata.eq(ring[f][:32])
-                    with m.Case(DmaRegs.RING_HI // 4 - base):
-                        m.d.sync += rdata.eq(ring[f][32:])
-                    with m.Case(DmaRegs.RING_LOG2 // 4 - base):
-                        m.d.sync += rdata.eq(rlog[f])
-                    with m.Case(DmaRegs.CTRL // 4 - base):
-                        m.d.sync += rdata.eq(Cat(en.bit_select(f, 1), C(0, 7), vec[f]))
-                    with m.Case(DmaRegs.PROD // 4 - base):
-                        m.d.sync += rdata.eq(prod[f])
-                    with m.Case(DmaRegs.CONS // 4 - base):
-                        m.d.sync += rdata.eq(cons[f])
-                    with m.Case(DmaRegs.STATUS // 4 - base):
-                        m.d.sync += rdata.eq(Cat(busy & (cur == f), err.bit_select(f, 1),
-                                                 parked.bit_select(f, 1) | wroom.bit_select(f, 1)))
-        m.d.comb += b.rdata.eq(rdata)
-        m.d.comb += [self.busy.eq(busy), self.busy_fidx.eq(cur)]
-        with m.If(self.occ_fidx < nf):
-            m.d.comb += self.occ.eq(prod[self.occ_fidx] - cons[self.occ_fidx])
+        rf.read(DmaRegs.RING_LO, ring[f][:32])
+        rf.read(DmaRegs.RING_HI, ring[f][32:])
+        rf.read(DmaRegs.RING_LOG2, rlog[f])
+        rf.read(DmaRegs.CTRL, Cat(en.bit_select(f, 1), C(0, 7), vec[f]))
+        rf.read(DmaRegs.PROD, prod[f])
+        rf.read(DmaRegs.CONS, cons[f])
+        rf.read(DmaRegs.STATUS, Cat(busy & (cur == f), err.bit_select(f, 1),
+                                    parked.bit_select(f, 1) | wroom.bit_select(f, 1)))
+        rf.finish()
+        m.d.comb += [self.busy_ev.stb.eq(busy), self.busy_ev.fidx.eq(cur),
+                     self.busy_ev.amount.eq(1),
+                     self.fault_ev.stb.eq(self.fault.stb), self.fault_ev.fidx.eq(self.fault.fidx),
+                     self.fault_ev.amount.eq(1)]
+        with m.If(self.occ.fidx < nf):
+            m.d.comb += self.occ.occ.eq(prod[self.occ.fidx] - cons[self.occ.fidx])
 
         # ---- engine -------------------------------------------------------------------------
         ptr = Signal(range(nf))
         desc_addr = Signal(64)
-        desc = Signal(256)
-        dcount = Signal(range(9))
+        # the host port: descriptor fetches (8 DW) and status writes (1 DW)
+        m.submodules.hport = hp = HostPort(W, HOST_TAGS["desc"], max_dw=8)
+        wiring.connect(m, hp.tx, wiring.flipped(self.tx))
+        wiring.connect(m, wiring.flipped(self.cpl), hp.cpl)
+        m.d.comb += [hp.bus_num.eq(self.link.bus_num), self.unexp.eq(hp.unexp)]
+        d = data.View(record_layout(DESCRIPTOR), hp.rdata)   # the fetched descriptor
         status = Signal(32)
         is_write = Signal()
         off = Signal(17)             # bytes of the descriptor done
@@ -177,10 +162,9 @@ class DmaQueues(wiring.Component):
         vm = Signal(8)
         iova = Signal(64)
 
-        d_host = desc[0:64]
-        d_card = desc[64:96]
-        d_len = desc[96:128]
-        d_flags = desc[128:160]
+        d_host = d.host
+        d_card = d.card
+        d_len = d.length
         # (host + length past 2**64 would wrap to bus address 0: refused before anything moves)
         d_end = Signal(65)
         m.d.comb += d_end.eq(d_host + d_len)
@@ -204,78 +188,65 @@ class DmaQueues(wiring.Component):
                      fq.card.eq(card_at), fq.length.eq(seg)]
         m.d.comb += self.slot_free.slot.eq(slot[cur])
 
-        # outgoing TLPs: descriptor fetch (MemRd 8 DW) and status write (MemWr 1 DW)
+        # the host port's request: the descriptor fetch, or the status write into its slot
         send_status = Signal()
-        st_addr = Signal(64)
-        m.d.comb += st_addr.eq(desc_addr + 0x14)
-        rid = Cat(cur, self.bus_num)
         m.d.comb += [
-            self.tx.p.hdr.eq(Mux(send_status, mem_hdr(m, True, st_addr, 1, rid, last_be=0),
-                                 mem_hdr(m, False, desc_addr, 8, rid, tag=DESC_TAG))),
-            self.tx.p.data.eq(status),
-            self.tx.p.strb.eq(Mux(send_status, 1, 0)),
-            self.tx.p.sop.eq(1), self.tx.p.eop.eq(1), self.tx.p.func.eq(cur),
+            hp.req.p.fidx.eq(cur),
+            hp.req.p.write.eq(send_status),
+            hp.req.p.addr.eq(Mux(send_status, desc_addr + DESCRIPTOR.byte_offset("status"),
+                                 desc_addr)),
+            hp.req.p.ndw.eq(Mux(send_status, 1, DESCRIPTOR.size // 4)),
+            hp.req.p.fbe.eq(0xF),
+            hp.req.p.lbe.eq(Mux(send_status, 0, 0xF)),
+            hp.req.p.wdata.eq(status),
         ]
-
-        c = self.cpl
-        cd1 = data.View(CplDw1, hdr_dw(c.p.hdr, 1))
-        cd0 = data.View(Dw0, hdr_dw(c.p.hdr, 0))
-        waiting = Signal()
-        wait_cnt = Signal(range(CPL_TIMEOUT + 1))
 
         def clear_fault_state(g):
             return [parked.bit_select(g, 1).eq(0), wroom.bit_select(g, 1).eq(0),
                     replay.bit_select(g, 1).eq(0), refused.bit_select(g, 1).eq(0),
                     roff[g].eq(0)]
 
+        # A reset of the function whose descriptor is under way (FLR, its queue disabled, VF
+        # Enable cleared) gives the descriptor up: what is moving finishes, nothing more moves,
+        # no status is written and the (reset) indices stay as they are.
+        aborted = Signal()
+        target = Mux(busy, cur, ptr)
+        kill = (reset_f & (reset_g == target)) | (self.fn.vf_reset & (target != 0))
+        with m.If(busy & kill):
+            m.d.sync += aborted.eq(1)
         with m.FSM() as fsm:
             m.d.comb += busy.eq(~fsm.ongoing("SCAN"))
             with m.State("SCAN"):
                 room_ok = Mux(wroom_w.bit_select(ptr, 1), fq.ok_w, fq.ok_r)
                 pending = en.bit_select(ptr, 1) & ~err.bit_select(ptr, 1) & \
-                    self.bme.bit_select(ptr, 1) & (prod[ptr] != cons[ptr]) & \
+                    self.fn.bme.bit_select(ptr, 1) & (prod[ptr] != cons[ptr]) & \
                     ~parked.bit_select(ptr, 1) & (~wroom.bit_select(ptr, 1) | room_ok)
                 with m.If(pending):
                     mask = (C(1, 16) << rlog[ptr]) - 1
-                    m.d.sync += [cur.eq(ptr),
-                                 desc_addr.eq(ring[ptr] + ((cons[ptr] & mask) << 5)),
-                                 dcount.eq(0)]
+                    m.d.sync += [cur.eq(ptr), aborted.eq(kill),
+                                 desc_addr.eq(ring[ptr] + ((cons[ptr] & mask) << 5))]
                     m.next = "FETCH"
                 with m.Else():
                     m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
             with m.State("FETCH"):
-                m.d.sync += wait_cnt.eq(0)
-                m.d.comb += self.tx.valid.eq(1)
-                with m.If(self.tx.ready):
+                m.d.comb += hp.req.valid.eq(1)
+                with m.If(hp.req.ready):
                     m.next = "WAITD"
             with m.State("WAITD"):
-                m.d.comb += [c.ready.eq(1), waiting.eq(1)]
-                m.d.sync += wait_cnt.eq(wait_cnt + 1)
-                with m.If(~c.valid & (wait_cnt == CPL_TIMEOUT)):
-                    m.d.sync += err.bit_select(cur, 1).eq(1)    # completion timeout
-                    m.next = "NEXT"
-                with m.If(c.valid):
-                    with m.If(c.p.sop & ((cd1.status != 0) | (cd0.fmt != 0b010))):
+                with m.If(hp.done):
+                    with m.If(aborted):
+                        m.next = "NEXT"
+                    with m.Elif(hp.err):           # UR / CA, short, or timed out
                         m.d.sync += err.bit_select(cur, 1).eq(1)
-                        with m.If(c.p.eop):
-                            m.next = "NEXT"
-                        with m.Else():
-                            m.next = "DRAIN"
+                        m.next = "NEXT"
                     with m.Else():
-                        for j in range(DPB):
-                            with m.If(c.p.strb[j] & (dcount + j < 8)):
-                                m.d.sync += desc.word_select(dcount + j, 32).eq(c.p.data[32 * j:32 * j + 32])
-                        m.d.sync += dcount.eq(dcount + sum(c.p.strb[j] for j in range(DPB)))
-                        with m.If(c.p.eop):
-                            m.next = "DECODE"
-            with m.State("DRAIN"):
-                m.d.comb += c.ready.eq(~c.p.sop)
-                with m.If(c.valid & (c.p.eop | c.p.sop)):
-                    m.next = "NEXT"
+                        m.next = "DECODE"
             with m.State("DECODE"):
-                m.d.sync += [is_write.eq(d_flags[0]), off.eq(roff[cur]),
+                m.d.sync += [is_write.eq(d.to_host), off.eq(roff[cur]),
                              wroom.bit_select(cur, 1).eq(0)]
-                with m.If((dcount != 8) | bad):
+                with m.If(aborted):
+                    m.next = "NEXT"
+                with m.Elif(bad):
                     m.d.sync += status.eq(DescStatus.BAD_DESC)
                     m.next = "STATUS"
                 with m.Elif(refused.bit_select(cur, 1)):
@@ -293,7 +264,9 @@ class DmaQueues(wiring.Component):
                 room = Signal(PAGE_SHIFT + 1)
                 m.d.comb += [rest.eq(d_len[:17] - off), room.eq((1 << PAGE_SHIFT) - iova[:PAGE_SHIFT])]
                 m.d.comb += self.xresp.ready.eq(1)
-                with m.If(self.xresp.valid):
+                with m.If(self.xresp.valid & aborted):
+                    m.next = "NEXT"
+                with m.Elif(self.xresp.valid):
                     m.d.sync += [phys.eq(r.phys), vm.eq(r.vm),
                                  seg.eq(Mux(r.bypass | (rest < room), rest, room))]
                     with m.Switch(r.status):
@@ -320,9 +293,17 @@ class DmaQueues(wiring.Component):
                                  wroom_w.bit_select(cur, 1).eq(is_write), roff[cur].eq(off)]
                     m.next = "NEXT"
             with m.State("FWAIT"):
-                with m.If(fq.done):
+                with m.If(fq.done & aborted):
+                    m.next = "FABORT"
+                with m.Elif(fq.done):
                     m.d.sync += [parked.bit_select(cur, 1).eq(1), roff[cur].eq(off),
                                  replay.bit_select(cur, 1).eq(is_write), slot[cur].eq(fq.slot)]
+                    m.next = "NEXT"
+            with m.State("FABORT"):
+                # the fault was raised for a function reset meanwhile: release it again (its
+                # open fault and staging buffer), in a cycle no other reset releases one
+                with m.If(~reset_f):
+                    m.d.comb += abort_release.eq(1)
                     m.next = "NEXT"
             with m.State("RUN"):
                 m.d.comb += [self.rd_cmd.valid.eq(~is_write), self.wr_cmd.valid.eq(is_write)]
@@ -337,7 +318,9 @@ class DmaQueues(wiring.Component):
                         m.d.comb += self.slot_free.stb.eq(1)
                         m.d.sync += replay.bit_select(cur, 1).eq(0)
                     m.d.sync += off.eq(off + seg)
-                    with m.If(done_s != DmaStatus.OK):
+                    with m.If(aborted):
+                        m.next = "NEXT"
+                    with m.Elif(done_s != DmaStatus.OK):
                         m.d.sync += status.eq(DescStatus.CPL_ERROR)
                         m.next = "STATUS"
                     with m.Elif(off + seg == d_len[:17]):
@@ -346,13 +329,25 @@ class DmaQueues(wiring.Component):
                     with m.Else():
                         m.next = "XLATE"
             with m.State("STATUS"):
-                m.d.comb += [send_status.eq(1), self.tx.valid.eq(1)]
-                with m.If(self.tx.ready):
+                # (a posted write behind the data writes: the host never sees the status first)
+                with m.If(aborted):
+                    with m.If(replay.bit_select(cur, 1)):
+                        m.d.comb += self.slot_free.stb.eq(1)
+                        m.d.sync += replay.bit_select(cur, 1).eq(0)
+                    m.next = "NEXT"
+                with m.Else():
+                    m.d.comb += [send_status.eq(1), hp.req.valid.eq(1)]
+                    with m.If(hp.req.ready):
+                        m.next = "STATUS_SENT"
+            with m.State("STATUS_SENT"):
+                with m.If(hp.done & aborted):
+                    m.next = "NEXT"                  # (reset while the status write left)
+                with m.Elif(hp.done):
                     m.d.sync += [cons[cur].eq(cons[cur] + 1), roff[cur].eq(0)]
                     with m.If(replay.bit_select(cur, 1)):    # blocked / failed during a replay
                         m.d.comb += self.slot_free.stb.eq(1)
                         m.d.sync += replay.bit_select(cur, 1).eq(0)
-                    with m.If(d_flags[1]):
+                    with m.If(d.irq):
                         m.d.comb += [self.irq.valid.eq(1), self.irq.fidx.eq(cur),
                                      self.irq.vector.eq(vec[cur])]
                     m.next = "NEXT"
@@ -375,13 +370,8 @@ class DmaQueues(wiring.Component):
 
         with m.If(reset_f):
             m.d.sync += clear_queue(reset_g)
-        with m.If(self.vf_reset):
+        with m.If(self.fn.vf_reset):
             for g in range(1, nf):
                 m.d.sync += clear_queue(g)
 
-        # a completion for tag 0 that arrives when no fetch is outstanding
-        with m.If(~waiting & c.valid):
-            m.d.comb += c.ready.eq(1)
-            with m.If(c.p.sop):
-                m.d.comb += self.unexp.eq(1)
         return m

@@ -34,7 +34,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
 from ..memmap import CARD_ADDR_BITS
-from ..iface import DmaCmd, DmaDone, DmaStatus, MemWritePort, CPL_TIMEOUT
+from ..iface import DmaCmd, DmaDone, DmaStatus, MemWritePort, CPL_TIMEOUT, LinkSignature
 from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, CplDw2, hdr_dw
 from .common import next_chunk, be_first_last
 
@@ -53,8 +53,7 @@ class DmaReadChannel(wiring.Component):
             "tx":      Out(tlp_stream(data_width)),
             "cpl":     In(tlp_stream(data_width)),
             "mem":     Out(MemWritePort(data_width)),
-            "mrrs":    In(3),
-            "bus_num": In(8),
+            "link":     In(LinkSignature()),
             "unexp":   Out(1),      # strobe: completion for no outstanding request of ours
             "busy":    Out(1),
             "outstanding": Out(NT),  # tags in flight (telemetry)
@@ -89,9 +88,9 @@ class DmaReadChannel(wiring.Component):
         host = Signal(64)
         card = Signal(CARD_ADDR_BITS)
         rem = Signal(18)
-        chunk, ndw = next_chunk(m, host, rem, self.mrrs)
+        chunk, ndw = next_chunk(m, host, rem, self.link.mrrs)
         first_be, last_be = be_first_last(host[:2], (host[:2] + chunk)[:2], ndw)
-        rid = Cat(fidx, self.bus_num)
+        rid = Cat(fidx, self.link.bus_num)
         tag = Signal(8)
         m.d.comb += tag.eq(TAG_BASE + free_tag)
         hdr_q = Signal(128, reset_less=True)

@@ -27,7 +27,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
 from ..memmap import CARD_ADDR_BITS
-from ..iface import DmaCmd, DmaDone, DmaStatus, MemReadPort
+from ..iface import DmaCmd, DmaDone, DmaStatus, MemReadPort, LinkSignature
 from ..pcie.tlp import tlp_stream, mem_hdr
 from .common import next_chunk, be_first_last
 
@@ -44,8 +44,7 @@ class DmaWriteChannel(wiring.Component):
             "done":    Out(stream.Signature(DmaDone)),
             "tx":      Out(tlp_stream(data_width)),
             "mem":     Out(MemReadPort(data_width)),
-            "mps":     In(3),
-            "bus_num": In(8),
+            "link":     In(LinkSignature()),
             "busy":    Out(1),
         })
 
@@ -63,7 +62,7 @@ class DmaWriteChannel(wiring.Component):
         fidx = Signal(8)
         host = Signal(64)
         rem = Signal(18)
-        chunk, ndw = next_chunk(m, host, rem, self.mps)
+        chunk, ndw = next_chunk(m, host, rem, self.link.mps)
         # the next TLP's size, registered; n_ok: it belongs to the current host / rem
         n_chunk = Signal.like(chunk)
         n_ndw = Signal.like(ndw)
@@ -116,7 +115,7 @@ class DmaWriteChannel(wiring.Component):
             j = k * DPB + i
             be = Mux(j == 0, t_fbe, Mux(j == t_ndw - 1, t_lbe, 0xF))
             m.d.comb += bmask[4 * i:4 * i + 4].eq(Mux(i < n_here, be, 0))
-        rid = Cat(fidx, self.bus_num)
+        rid = Cat(fidx, self.link.bus_num)
         tx = self.tx
         m.d.comb += [
             tx.p.hdr.eq(mem_hdr(m, True, t_host, t_ndw, rid, 0, t_fbe, t_lbe)),

@@ -14,12 +14,15 @@ free staging buffer); otherwise it parks the function and retries later, so noth
 After ``done`` it parks the function and goes on serving the others.
 
 The host resolves a fault with a CQ entry and the ``CQ_PROD`` doorbell. The unit fetches the
-entry (MemRd, tag :data:`CQ_TAG`, PF requester ID) and tells the engine to resume the
+entry (MemRd with the PF's requester ID through its host port,
+:class:`hdl.pcie.host_port.HostPort`, tag ``HOST_TAGS["cq"]``; the FBQ and IOPF entries go out
+through the same port) and tells the engine to resume the
 function (``resume``): status 0 -- retry (the engine replays the staged payload through the
 device TLB and frees the staging buffer with ``slot_free``); status 1 -- refused (the staging
 buffer is freed here; the engine finishes the descriptor with a fault status). A CQ entry for a
-function without an open fault is counted in ``CQ_BAD`` and ignored. Formats and registers:
-:class:`regmap.FaultRegs`.
+function without an open fault is counted in ``CQ_BAD`` and ignored, and so is a fetch that
+failed (the entry is fetched again). Registers: :class:`regmap.FaultRegs`; the entries are the
+records ``FBQ_ENTRY``, ``IOPF_ENTRY`` and ``CQ_ENTRY`` of :mod:`regmap.records`.
 """
 
 from amaranth import *
@@ -27,17 +30,18 @@ from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from regmap import FaultRegs as R
+from regmap import FaultRegs as R, FBQ_ENTRY, IOPF_ENTRY, CQ_ENTRY
 
 from ..config import CardConfig
 from ..memmap import Staging, CARD_ADDR_BITS
-from ..iface import (RegBusSignature, IrqRequestSignature, MemReadPort, MemWritePort, CPL_TIMEOUT,
-                     FaultReqSignature, ReleaseSignature, ResumeSignature, SlotFreeSignature)
-from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
+from ..iface import (RegBusSignature, IrqRequestSignature, MemReadPort, MemWritePort,
+                     FaultReqSignature, ReleaseSignature, ResumeSignature, SlotFreeSignature,
+                     record_layout, LinkSignature)
+from ..pcie.host_port import HostPort, HOST_TAGS
+from ..pcie.regfile import RegisterFile
+from ..pcie.tlp import tlp_stream
 
-__all__ = ["FaultUnit", "CQ_TAG"]
-
-CQ_TAG = 2
+__all__ = ["FaultUnit"]
 
 
 class FaultUnit(wiring.Component):
@@ -51,12 +55,12 @@ class FaultUnit(wiring.Component):
             "slot_free": In(SlotFreeSignature()),
             "release":   In(ReleaseSignature()),
             "tx":        Out(tlp_stream(W)),
-            "cpl":       In(tlp_stream(W)),        # completions with tag CQ_TAG
+            "cpl":       In(tlp_stream(W)),        # completions of its CQ fetches
             "irq":       Out(IrqRequestSignature()),
             "mem_rd":    Out(MemReadPort(W)),
             "mem_wr":    Out(MemWritePort(W)),
             "mem_busy":  Out(1),                   # the copier owns card memory's ports
-            "bus_num":   In(8),
+            "link":     In(LinkSignature()),
             "unexp":     Out(1),
         })
 
@@ -67,7 +71,6 @@ class FaultUnit(wiring.Component):
         W = cfg.data_width
         WB = W // 8
         LB = exact_log2(WB)
-        DPB = W // 32
         NS = Staging.SLOTS
         b = self.bus
 
@@ -92,49 +95,37 @@ class FaultUnit(wiring.Component):
         owner = Array(Signal(8, name=f"owner{i}") for i in range(NS))
         open_ = Signal(nf)                       # functions with an unresolved fault
 
-        sel = (b.fidx == 0) & (b.bar == 2) & (b.addr >= R.FBQ_LO // 4) & (b.addr <= R.CQ_BAD // 4)
+        rf = RegisterFile(m, b, "fault")
         bases = {R.FBQ_LO: (fbq_base, fbq_log), R.IOPF_LO: (iopf_base, iopf_log),
                  R.CQ_LO: (cq_base, cq_log)}
-        with m.If(b.we & sel & (b.be == 0xF)):
-            with m.Switch(b.addr):
-                for lo, (base, log) in bases.items():
-                    with m.Case(lo // 4):
-                        m.d.sync += base[:32].eq(Cat(C(0, 4), b.wdata[4:]))
-                    with m.Case(lo // 4 + 1):
-                        m.d.sync += base[32:].eq(b.wdata)
-                    with m.Case(lo // 4 + 2):
-                        m.d.sync += log.eq(Mux(b.wdata[:4] > 8, 8, b.wdata[:4]))
-                with m.Case(R.CTRL // 4):
-                    m.d.sync += [en.eq(b.wdata[0]), vec.eq(b.wdata[8:13])]
-                    with m.If(~b.wdata[0]):
-                        m.d.sync += [fbq_prod.eq(0), fbq_cons.eq(0), iopf_prod.eq(0),
-                                     iopf_cons.eq(0), cq_prod.eq(0), cq_cons.eq(0)]
-                with m.Case(R.FBQ_CONS // 4):
-                    m.d.sync += fbq_cons.eq(b.wdata[:16])
-                with m.Case(R.IOPF_CONS // 4):
-                    m.d.sync += iopf_cons.eq(b.wdata[:16])
-                with m.Case(R.CQ_PROD // 4):
-                    m.d.sync += cq_prod.eq(b.wdata[:16])
-        rdata = Signal(32)
-        with m.If(b.re):
-            m.d.sync += rdata.eq(0)
-            with m.If(sel):
-                with m.Switch(b.addr):
-                    for lo, (base, log) in bases.items():
-                        with m.Case(lo // 4):
-                            m.d.sync += rdata.eq(base[:32])
-                        with m.Case(lo // 4 + 1):
-                            m.d.sync += rdata.eq(base[32:])
-                        with m.Case(lo // 4 + 2):
-                            m.d.sync += rdata.eq(log)
-                    regs = {R.CTRL: Cat(en, C(0, 7), vec), R.FBQ_PROD: fbq_prod,
-                            R.FBQ_CONS: fbq_cons, R.IOPF_PROD: iopf_prod,
-                            R.IOPF_CONS: iopf_cons, R.CQ_PROD: cq_prod, R.CQ_CONS: cq_cons,
-                            R.FAULTS: faults, R.STAGE_BUSY: busy, R.CQ_BAD: cq_bad}
-                    for off, sig in regs.items():
-                        with m.Case(off // 4):
-                            m.d.sync += rdata.eq(sig)
-        m.d.comb += b.rdata.eq(rdata)
+        for lo, (base, log) in bases.items():
+            with m.If(rf.we(lo)):
+                m.d.sync += base[:32].eq(Cat(C(0, 4), rf.wdata[4:]))
+            with m.If(rf.we(lo + 4)):
+                m.d.sync += base[32:].eq(rf.wdata)
+            with m.If(rf.we(lo + 8)):
+                m.d.sync += log.eq(Mux(rf.wdata[:4] > 8, 8, rf.wdata[:4]))
+            rf.read(lo, base[:32])
+            rf.read(lo + 4, base[32:])
+            rf.read(lo + 8, log)
+        with m.If(rf.we(R.CTRL)):
+            m.d.sync += [en.eq(rf.wdata[0]), vec.eq(rf.wdata[8:13])]
+            with m.If(~rf.wdata[0]):
+                m.d.sync += [fbq_prod.eq(0), fbq_cons.eq(0), iopf_prod.eq(0),
+                             iopf_cons.eq(0), cq_prod.eq(0), cq_cons.eq(0)]
+        with m.If(rf.we(R.FBQ_CONS)):
+            m.d.sync += fbq_cons.eq(rf.wdata[:16])
+        with m.If(rf.we(R.IOPF_CONS)):
+            m.d.sync += iopf_cons.eq(rf.wdata[:16])
+        with m.If(rf.we(R.CQ_PROD)):
+            m.d.sync += cq_prod.eq(rf.wdata[:16])
+        regs = {R.CTRL: Cat(en, C(0, 7), vec), R.FBQ_PROD: fbq_prod,
+                R.FBQ_CONS: fbq_cons, R.IOPF_PROD: iopf_prod,
+                R.IOPF_CONS: iopf_cons, R.CQ_PROD: cq_prod, R.CQ_CONS: cq_cons,
+                R.FAULTS: faults, R.STAGE_BUSY: busy, R.CQ_BAD: cq_bad}
+        for off, sig in regs.items():
+            rf.read(off, sig)
+        rf.finish()
 
         # ---- room for a fault ---------------------------------------------------------------
         def room(prod, cons, log):
@@ -180,53 +171,39 @@ class FaultUnit(wiring.Component):
                       | free_by_cq.bit_select(owner[i], 1)):
                 m.d.sync += busy[i].eq(0)
 
-        # ---- TLPs out: FBQ / IOPF entries (MemWr 4 DW), CQ fetch (MemRd 4 DW) --------------
-        rid = Cat(C(0, 8), self.bus_num)
+        # ---- the host port: FBQ / IOPF entries (MemWr 4 DW), CQ fetch (MemRd 4 DW) ---------
+        m.submodules.hport = hp = HostPort(W, HOST_TAGS["cq"], max_dw=4)
+        wiring.connect(m, hp.tx, wiring.flipped(self.tx))
+        wiring.connect(m, wiring.flipped(self.cpl), hp.cpl)
+        m.d.comb += [hp.bus_num.eq(self.link.bus_num), self.unexp.eq(hp.unexp)]
         fbq_idx = Signal(16)
         m.d.comb += fbq_idx.eq(fbq_prod & ((C(1, 9) << fbq_log) - 1))
         iopf_idx = Signal(16)
         m.d.comb += iopf_idx.eq(iopf_prod & ((C(1, 9) << iopf_log) - 1))
         cq_idx = Signal(16)
         m.d.comb += cq_idx.eq(cq_cons & ((C(1, 9) << cq_log) - 1))
-        flags = Cat(f_write, f_write, C(0, 6))
-        fbq_entry = Cat(dst, C(0, 32 - len(dst)),
-                        f_len, C(0, 19), f_fidx, C(0, 8), f_slot, C(0, 16 - len(f_slot)), C(0, 32))
-        iopf_entry = Cat(f_iova, f_fidx, f_vm, flags, C(0, 8),
-                         Mux(f_write, fbq_idx, R.NO_FBQ), (iopf_prod + 1)[:16])
+        fbq_entry = Signal(record_layout(FBQ_ENTRY))
+        m.d.comb += [fbq_entry.staging.eq(dst), fbq_entry.length.eq(f_len),
+                     fbq_entry.function.eq(f_fidx), fbq_entry.slot.eq(f_slot)]
+        iopf_entry = Signal(record_layout(IOPF_ENTRY))
+        m.d.comb += [iopf_entry.iova.eq(f_iova), iopf_entry.function.eq(f_fidx),
+                     iopf_entry.vm.eq(f_vm), iopf_entry.write.eq(f_write),
+                     iopf_entry.has_fbq.eq(f_write),
+                     iopf_entry.fbq_index.eq(Mux(f_write, fbq_idx, R.NO_FBQ)),
+                     iopf_entry.seq.eq((iopf_prod + 1)[:16])]
+        cq_entry = data.View(record_layout(CQ_ENTRY), hp.rdata)
         send = Signal(2)         # 0 none, 1 FBQ entry, 2 IOPF entry, 3 CQ fetch
-        beat = Signal(range(max(128 // W, 1) + 1))
-        nbeats = max(128 // W, 1)
-        payload = Signal(128)
-        addr = Signal(64)
+        m.d.comb += [hp.req.p.write.eq(send != 3), hp.req.p.fidx.eq(0), hp.req.p.ndw.eq(4),
+                     hp.req.p.fbe.eq(0xF), hp.req.p.lbe.eq(0xF)]
         with m.Switch(send):
             with m.Case(1):
-                m.d.comb += [payload.eq(fbq_entry), addr.eq(fbq_base + (fbq_idx << 4))]
+                m.d.comb += [hp.req.p.wdata.eq(fbq_entry),
+                             hp.req.p.addr.eq(fbq_base + (fbq_idx << 4))]
             with m.Case(2):
-                m.d.comb += [payload.eq(iopf_entry), addr.eq(iopf_base + (iopf_idx << 4))]
+                m.d.comb += [hp.req.p.wdata.eq(iopf_entry),
+                             hp.req.p.addr.eq(iopf_base + (iopf_idx << 4))]
             with m.Case(3):
-                m.d.comb += addr.eq(cq_base + (cq_idx << 4))
-        is_rd = send == 3
-        m.d.comb += [
-            self.tx.p.hdr.eq(Mux(is_rd, mem_hdr(m, False, addr, 4, rid, tag=CQ_TAG),
-                                 mem_hdr(m, True, addr, 4, rid))),
-            self.tx.p.sop.eq(is_rd | (beat == 0)),
-            self.tx.p.eop.eq(is_rd | (beat == nbeats - 1)),
-        ]
-        if W <= 128:
-            m.d.comb += [self.tx.p.data.eq(payload.word_select(beat, W)),
-                         self.tx.p.strb.eq(Mux(is_rd, 0, (1 << DPB) - 1))]
-        else:
-            m.d.comb += [self.tx.p.data.eq(payload), self.tx.p.strb.eq(Mux(is_rd, 0, 0xF))]
-
-        # ---- CQ entry -----------------------------------------------------------------------
-        c = self.cpl
-        cd0 = data.View(Dw0, hdr_dw(c.p.hdr, 0))
-        cd1 = data.View(CplDw1, hdr_dw(c.p.hdr, 1))
-        cq_f = Signal(8)
-        cq_st = Signal(8)
-        cq_ok = Signal()
-        waiting = Signal()
-        wait_cnt = Signal(range(CPL_TIMEOUT + 1))
+                m.d.comb += hp.req.p.addr.eq(cq_base + (cq_idx << 4))
 
         with m.If(self.release.stb):
             m.d.sync += open_.bit_select(self.release.fidx, 1).eq(0)
@@ -264,17 +241,19 @@ class FaultUnit(wiring.Component):
                 with m.If((k == words) & ~wvalid):
                     m.next = "FBQ"
             with m.State("FBQ"):
-                m.d.comb += [send.eq(1), self.tx.valid.eq(1)]
-                with m.If(self.tx.ready):
-                    m.d.sync += beat.eq(Mux(beat == nbeats - 1, 0, beat + 1))
-                    with m.If(beat == nbeats - 1):
-                        m.next = "IOPF"
+                m.d.comb += [send.eq(1), hp.req.valid.eq(1)]
+                with m.If(hp.req.ready):
+                    m.next = "FBQ_SENT"
+            with m.State("FBQ_SENT"):
+                with m.If(hp.done):
+                    m.next = "IOPF"
             with m.State("IOPF"):
-                m.d.comb += [send.eq(2), self.tx.valid.eq(1)]
-                with m.If(self.tx.ready):
-                    m.d.sync += beat.eq(Mux(beat == nbeats - 1, 0, beat + 1))
-                    with m.If(beat == nbeats - 1):
-                        m.next = "RAISED"
+                m.d.comb += [send.eq(2), hp.req.valid.eq(1)]
+                with m.If(hp.req.ready):
+                    m.next = "IOPF_SENT"
+            with m.State("IOPF_SENT"):
+                with m.If(hp.done):
+                    m.next = "RAISED"
             with m.State("RAISED"):
                 m.d.comb += [self.irq.valid.eq(1), self.irq.fidx.eq(0), self.irq.vector.eq(vec),
                              self.fault.done.eq(1), self.fault.slot.eq(f_slot), take.eq(1)]
@@ -284,28 +263,16 @@ class FaultUnit(wiring.Component):
                     m.d.sync += fbq_prod.eq(fbq_prod + 1)
                 m.next = "IDLE"
             with m.State("CQ_FETCH"):
-                m.d.comb += [send.eq(3), self.tx.valid.eq(1)]
-                m.d.sync += wait_cnt.eq(0)
-                with m.If(self.tx.ready):
+                m.d.comb += [send.eq(3), hp.req.valid.eq(1)]
+                with m.If(hp.req.ready):
                     m.next = "CQ_WAIT"
             with m.State("CQ_WAIT"):
-                m.d.comb += [c.ready.eq(1), waiting.eq(1)]
-                m.d.sync += wait_cnt.eq(wait_cnt + 1)
-                with m.If(c.valid & c.p.sop):
-                    m.d.sync += [cq_f.eq(c.p.data[0:8]), cq_st.eq(c.p.data[8:16]),
-                                 cq_ok.eq((cd1.status == 0) & (cd0.fmt == 0b010) & c.p.strb[0])]
-                    m.next = "CQ_DO"
-                    with m.If(~c.p.eop):
-                        m.next = "CQ_DRAIN"
-                with m.Elif(wait_cnt == CPL_TIMEOUT):
-                    m.d.sync += cq_bad.eq(cq_bad + 1)        # fetched again later
-                    m.next = "IDLE"
-            with m.State("CQ_DRAIN"):
-                m.d.comb += [c.ready.eq(~c.p.sop), waiting.eq(1)]
-                with m.If(c.valid & (c.p.eop | c.p.sop)):
+                with m.If(hp.done):
                     m.next = "CQ_DO"
             with m.State("CQ_DO"):
-                with m.If(~cq_ok):
+                cq_f = cq_entry.function
+                cq_st = cq_entry.status
+                with m.If(hp.err):
                     m.d.sync += cq_bad.eq(cq_bad + 1)        # the fetch failed: fetched again
                 with m.Elif((cq_f < nf) & open_.bit_select(cq_f, 1)):
                     m.d.comb += [self.resume.stb.eq(1), self.resume.fidx.eq(cq_f),
@@ -317,8 +284,4 @@ class FaultUnit(wiring.Component):
                     m.d.sync += [cq_bad.eq(cq_bad + 1), cq_cons.eq(cq_cons + 1)]
                 m.next = "IDLE"
 
-        with m.If(~waiting & c.valid):
-            m.d.comb += c.ready.eq(1)
-            with m.If(c.p.sop):
-                m.d.comb += self.unexp.eq(1)
         return m

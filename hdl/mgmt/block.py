@@ -23,6 +23,7 @@ from regmap import MgmtBlockRegs as R, Owner
 
 from ..config import CardConfig
 from ..iface import RegBusSignature
+from ..pcie.regfile import RegisterFile
 
 __all__ = ["MgmtBlock", "UtilLayout"]
 
@@ -44,9 +45,7 @@ class MgmtBlock(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         b = self.bus
-        mine = (b.fidx == 0) & (b.bar == 2)
-        rd = b.re & mine
-        wr = b.we & mine & (b.be == 0xF)
+        rf = RegisterFile(m, b, "mgmt_block", "mgmt_tasks")
         host = ~self.src_uart
         card = self.src_uart
 
@@ -71,11 +70,11 @@ class MgmtBlock(wiring.Component):
         m.submodules.h2c = h2c = SyncFIFO(width=31, depth=R.MBOX_DEPTH)
         m.submodules.c2h = c2h = SyncFIFO(width=31, depth=R.MBOX_DEPTH)
         for fifo, reg, sender in ((h2c, R.MBOX_H2C, host), (c2h, R.MBOX_C2H, card)):
-            push = wr & (b.addr == reg // 4) & sender
-            m.d.comb += [fifo.w_data.eq(b.wdata[:31]), fifo.w_en.eq(push)]
+            push = rf.we(reg) & sender
+            m.d.comb += [fifo.w_data.eq(rf.wdata[:31]), fifo.w_en.eq(push)]
             with m.If(push & ~fifo.w_rdy):
                 m.d.sync += mbox_refused.eq(mbox_refused + 1)
-            m.d.comb += fifo.r_en.eq(rd & (b.addr == reg // 4) & ~sender & fifo.r_rdy)
+            m.d.comb += fifo.r_en.eq(rf.re(reg) & ~sender & fifo.r_rdy)
 
         # ---- tasks: owners and request FIFOs ------------------------------------------------
         owners = [Signal(2, name=f"owner{t}", init=Owner.CARD) for t in range(R.TASKS)]
@@ -85,49 +84,38 @@ class MgmtBlock(wiring.Component):
             fifo = SyncFIFO(width=31, depth=R.REQ_DEPTH)
             m.submodules[f"req{t}"] = fifo
             reqs.append(fifo)
-            with m.If(wr & (b.addr == (R.OWNER + 4 * t) // 4)):
-                with m.If((b.wdata == Owner.CARD) | (b.wdata == Owner.HOST)):
-                    m.d.sync += owners[t].eq(b.wdata[:2])
+            with m.If(rf.we(R.OWNER + 4 * t)):
+                with m.If((rf.wdata == Owner.CARD) | (rf.wdata == Owner.HOST)):
+                    m.d.sync += owners[t].eq(rf.wdata[:2])
                 with m.Else():
                     m.d.sync += owner_refused.eq(owner_refused + 1)
-            push = wr & (b.addr == (R.REQ_PUSH + 4 * t) // 4) & host
-            m.d.comb += [fifo.w_data.eq(b.wdata[:31]), fifo.w_en.eq(push)]
+            push = rf.we(R.REQ_PUSH + 4 * t) & host
+            m.d.comb += [fifo.w_data.eq(rf.wdata[:31]), fifo.w_en.eq(push)]
             with m.If(push & ~fifo.w_rdy):
                 m.d.sync += req_refused.eq(req_refused + 1)
             is_owner = Mux(card, owners[t] == Owner.CARD, owners[t] == Owner.HOST)
-            pop = rd & (b.addr == (R.REQ_POP + 4 * t) // 4)
+            pop = rf.re(R.REQ_POP + 4 * t)
             m.d.comb += fifo.r_en.eq(pop & is_owner & fifo.r_rdy)
             with m.If(pop & ~is_owner):
                 m.d.sync += pop_denied.eq(pop_denied + 1)
 
         # ---- reads --------------------------------------------------------------------------
-        rdata = Signal(32)
-        with m.If(b.re):
-            m.d.sync += rdata.eq(0)
-            with m.If(mine):
-                with m.Switch(b.addr):
-                    simple = {R.BLOCK_ID: R.BLOCK_ID_VALUE, R.UTIL: util_q,
-                              R.CYCLES_HI: cycles_hi, R.OWNER_REFUSED: owner_refused,
-                              R.POP_DENIED: pop_denied, R.REQ_REFUSED: req_refused,
-                              R.UART_FRAMES: uart_frames, R.UART_ERRORS: uart_errors,
-                              R.MBOX_STAT: Cat(h2c.r_level, C(0, 8 - len(h2c.r_level)),
-                                               c2h.r_level, C(0, 8 - len(c2h.r_level)),
-                                               mbox_refused)}
-                    for off, val in simple.items():
-                        with m.Case(off // 4):
-                            m.d.sync += rdata.eq(val)
-                    with m.Case(R.CYCLES_LO // 4):
-                        m.d.sync += [rdata.eq(cycles[:32]), cycles_hi.eq(cycles[32:])]
-                    for fifo, reg, sender in ((h2c, R.MBOX_H2C, host), (c2h, R.MBOX_C2H, card)):
-                        with m.Case(reg // 4):
-                            m.d.sync += rdata.eq(Mux(~sender & fifo.r_rdy,
-                                                     Cat(fifo.r_data, C(1, 1)), 0))
-                    for t in range(R.TASKS):
-                        with m.Case((R.OWNER + 4 * t) // 4):
-                            m.d.sync += rdata.eq(owners[t])
-                        with m.Case((R.REQ_POP + 4 * t) // 4):
-                            m.d.sync += rdata.eq(Mux(reqs[t].r_en, Cat(reqs[t].r_data, C(1, 1)), 0))
-                        with m.Case((R.REQ_LEVEL + 4 * t) // 4):
-                            m.d.sync += rdata.eq(reqs[t].r_level)
-        m.d.comb += b.rdata.eq(rdata)
+        simple = {R.BLOCK_ID: R.BLOCK_ID_VALUE, R.UTIL: util_q,
+                  R.CYCLES_HI: cycles_hi, R.OWNER_REFUSED: owner_refused,
+                  R.POP_DENIED: pop_denied, R.REQ_REFUSED: req_refused,
+                  R.UART_FRAMES: uart_frames, R.UART_ERRORS: uart_errors,
+                  R.MBOX_STAT: Cat(h2c.r_level, C(0, 8 - len(h2c.r_level)),
+                                   c2h.r_level, C(0, 8 - len(c2h.r_level)), mbox_refused)}
+        for off, val in simple.items():
+            rf.read(off, val)
+        rf.read(R.CYCLES_LO, cycles[:32])
+        with m.If(rf.re(R.CYCLES_LO)):
+            m.d.sync += cycles_hi.eq(cycles[32:])         # HI is latched by the LO read
+        for fifo, reg, sender in ((h2c, R.MBOX_H2C, host), (c2h, R.MBOX_C2H, card)):
+            rf.read(reg, Mux(~sender & fifo.r_rdy, Cat(fifo.r_data, C(1, 1)), 0))
+        for t_ in range(R.TASKS):
+            rf.read(R.OWNER + 4 * t_, owners[t_])
+            rf.read(R.REQ_POP + 4 * t_, Mux(reqs[t_].r_en, Cat(reqs[t_].r_data, C(1, 1)), 0))
+            rf.read(R.REQ_LEVEL + 4 * t_, reqs[t_].r_level)
+        rf.finish()
         return m

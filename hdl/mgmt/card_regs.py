@@ -1,6 +1,11 @@
-"""PF BAR2: card identification and the completer's error / traffic counters.
+"""PF BAR2: card identification and the card's error and traffic counters.
 
-Counters are 32-bit and wrap. The byte offsets are in :class:`regmap.MgmtRegs`.
+Counters are 32-bit and wrap; the byte offsets are in :class:`regmap.MgmtRegs`. The errors are
+the completer's (``completer``: malformed, unsupported and poisoned requests, Completer Aborts,
+completions that reached it) and the completions that reached one of the card's requesters
+without a request of its waiting (``unexp``, one bit per requester); ``errors`` passes all of
+them on to the PF's status bits (:mod:`hdl.pcie.config_space`). ``rx_tlp`` / ``tx_tlp`` count
+the TLPs in each direction.
 """
 
 from amaranth import *
@@ -10,7 +15,8 @@ from amaranth.lib.wiring import In, Out
 from regmap import MgmtRegs as R
 
 from ..config import CardConfig
-from ..iface import RegBusSignature, CounterEvents
+from ..iface import RegBusSignature, ErrorEvents
+from ..pcie.regfile import RegisterFile
 
 __all__ = ["MgmtRegisters", "COUNTERS"]
 
@@ -27,36 +33,38 @@ COUNTERS = {
 
 
 class MgmtRegisters(wiring.Component):
-    def __init__(self, cfg: CardConfig):
+    def __init__(self, cfg: CardConfig, requesters=1):
         self.cfg = cfg
         super().__init__({
-            "bus": In(RegBusSignature()),
-            "events": In(CounterEvents()),
-            "counters": Out(wiring.Signature({n: Out(32) for n in COUNTERS})),
+            "bus":       In(RegBusSignature()),
+            "completer": In(ErrorEvents()),
+            "unexp":     In(requesters),
+            "rx_tlp":    In(1),
+            "tx_tlp":    In(1),
+            "errors":    Out(ErrorEvents()),
         })
 
     def elaborate(self, platform):
         cfg = self.cfg
         m = Module()
         b = self.bus
+        for name in ("malformed", "unsupported", "ca", "poisoned"):
+            m.d.comb += getattr(self.errors, name).eq(getattr(self.completer, name))
+        m.d.comb += self.errors.unexp_cpl.eq(self.completer.unexp_cpl | self.unexp.any())
+        events = {**{n: getattr(self.errors, n) for n in ("malformed", "unsupported", "ca",
+                                                           "unexp_cpl", "poisoned")},
+                  "rx_tlp": self.rx_tlp, "tx_tlp": self.tx_tlp}
+        counters = {}
         for name in COUNTERS:
-            ctr = getattr(self.counters, name)
-            with m.If(getattr(self.events, name)):
+            ctr = counters[name] = Signal(32, name=name)
+            with m.If(events[name]):
                 m.d.sync += ctr.eq(ctr + 1)
 
-        sel = (b.fidx == 0) & (b.bar == 2)
-        rdata = Signal(32)
-        with m.If(b.re):
-            m.d.sync += rdata.eq(0)
-            with m.If(sel):
-                with m.Switch(b.addr):
-                    with m.Case(R.CARD_ID // 4):
-                        m.d.sync += rdata.eq(R.CARD_ID_VALUE)
-                    with m.Case(R.CARD_CONFIG // 4):
-                        m.d.sync += rdata.eq(cfg.total_vfs | ((cfg.data_width // 32) << 16)
-                                             | (cfg.msix_vectors << 24))
-                    for name, off in COUNTERS.items():
-                        with m.Case(off // 4):
-                            m.d.sync += rdata.eq(getattr(self.counters, name))
-        m.d.comb += b.rdata.eq(rdata)
+        rf = RegisterFile(m, b, "card")
+        rf.read(R.CARD_ID, R.CARD_ID_VALUE)
+        rf.read(R.CARD_CONFIG, cfg.total_vfs | ((cfg.data_width // 32) << 16)
+                | (cfg.msix_vectors << 24))
+        for name, off in COUNTERS.items():
+            rf.read(off, counters[name])
+        rf.finish()
         return m

@@ -20,6 +20,7 @@ from regmap import MgmtBlockRegs as R
 
 from ..config import CardConfig
 from ..iface import RegBusSignature, EventSignature
+from ..pcie.regfile import RegisterFile
 
 __all__ = ["RateLimiter", "TOKEN_BITS", "FRAC_BITS"]
 
@@ -46,12 +47,11 @@ class RateLimiter(wiring.Component):
         burst = [Signal(15, name=f"burst{i}") for i in range(nf)]
         tokens = [Signal(signed(TOKEN_BITS), name=f"tokens{i}") for i in range(nf)]
 
-        mine = (b.fidx == 0) & (b.bar == 2)
-        wr = b.we & mine
-        set_rate = wr & (b.addr == R.QOS_RATE // 4)
-        set_burst = wr & (b.addr == R.QOS_BURST // 4)
-        with m.If(wr & (b.addr == R.QOS_SEL // 4)):
-            m.d.sync += sel.eq(b.wdata[:8])
+        rf = RegisterFile(m, b, "qos")
+        set_rate = rf.we(R.QOS_RATE, full=False)
+        set_burst = rf.we(R.QOS_BURST, full=False)
+        with m.If(rf.we(R.QOS_SEL, full=False)):
+            m.d.sync += sel.eq(rf.wdata[:8])
 
         for i in range(nf):
             full = Cat(C(0, FRAC_BITS), burst[i], C(0, 1)).as_signed()
@@ -73,20 +73,9 @@ class RateLimiter(wiring.Component):
             with m.Else():
                 m.d.sync += tokens[i].eq(gained)
 
-        rdata = Signal(32)
-        with m.If(b.re):
-            m.d.sync += rdata.eq(0)
-            with m.If(mine):
-                with m.Switch(b.addr):
-                    with m.Case(R.QOS_SEL // 4):
-                        m.d.sync += rdata.eq(sel)
-                    for name, regs in ((R.QOS_RATE, rate), (R.QOS_BURST, burst),
-                                       (R.QOS_TOKENS, tokens)):
-                        with m.Case(name // 4):
-                            with m.Switch(sel):
-                                for i in range(nf):
-                                    with m.Case(i):
-                                        m.d.sync += rdata.eq(regs[i].as_signed() if regs is tokens
-                                                             else regs[i])
-        m.d.comb += b.rdata.eq(rdata)
+        rf.read(R.QOS_SEL, sel)
+        for off, regs in ((R.QOS_RATE, rate), (R.QOS_BURST, burst), (R.QOS_TOKENS, tokens)):
+            # (a selector past the last function reads 0; the tokens are signed)
+            rf.read(off, Mux(sel < nf, Array(regs)[sel], 0))
+        rf.finish()
         return m

@@ -16,7 +16,8 @@ from amaranth.lib.wiring import In, Out
 from regmap import MgmtBlockRegs as R
 
 from ..config import CardConfig
-from ..iface import RegBusSignature, EventSignature
+from ..iface import RegBusSignature, EventSignature, OccupancySignature
+from ..pcie.regfile import RegisterFile
 
 __all__ = ["CounterBank", "Telemetry"]
 
@@ -58,7 +59,7 @@ _BANKS = ("tx", "rx", "dma_busy", "faults", "qos_wait")
 class Telemetry(wiring.Component):
     """The TEL_* window. Event inputs: frames taken from a transmit queue and delivered into a
     receive queue (with their byte counts), DMA queue busy cycles, page faults, transmit visits
-    held back by the QoS limiter; ``occ`` is the DMA ring occupancy of ``occ_fidx``."""
+    held back by the QoS limiter; ``occ`` reads the DMA ring occupancy of the selected function."""
 
     def __init__(self, cfg: CardConfig):
         self._card = cfg
@@ -69,8 +70,7 @@ class Telemetry(wiring.Component):
             "dma_busy": In(EventSignature()),
             "faults": In(EventSignature()),
             "qos_wait": In(EventSignature()),
-            "occ_fidx": Out(8),
-            "occ": In(16),
+            "occ": Out(OccupancySignature()),
         })
 
     def elaborate(self, platform):
@@ -89,27 +89,20 @@ class Telemetry(wiring.Component):
                 m.d.comb += [bank.inc.stb.eq(ev.stb), bank.inc.fidx.eq(ev.fidx),
                              bank.inc.amount.eq(amount), bank.rd_addr.eq(sel)]
                 banks[bname] = bank.rd_data
-        m.d.comb += self.occ_fidx.eq(sel)
+        m.d.comb += self.occ.fidx.eq(sel)
 
-        b = self.bus
-        mine = (b.fidx == 0) & (b.bar == 2)
-        with m.If(b.we & mine & (b.addr == R.TEL_SEL // 4)):
-            m.d.sync += sel.eq(b.wdata[:8])
-        # reads: the banks' data is for ``sel`` already; pick the register a cycle later
-        rsel = Signal(4)
-        regs = [(R.TEL_SEL, sel), (R.TEL_TX_BYTES, banks["tx_bytes"]),
-                (R.TEL_TX_FRAMES, banks["tx_frames"]), (R.TEL_RX_BYTES, banks["rx_bytes"]),
-                (R.TEL_RX_FRAMES, banks["rx_frames"]), (R.TEL_DMA_BUSY, banks["dma_busy"]),
-                (R.TEL_FAULTS, banks["faults"]), (R.TEL_OCC, self.occ),
-                (R.TEL_QOS_WAIT, banks["qos_wait"])]
+        rf = RegisterFile(m, self.bus, "telemetry")
+        with m.If(rf.we(R.TEL_SEL, full=False)):
+            m.d.sync += sel.eq(rf.wdata[:8])
+        # reads: the banks' data is for ``sel`` already, and is taken the cycle after ``re``
         occ_q = Signal(16)
-        m.d.sync += [rsel.eq(0), occ_q.eq(self.occ)]
-        with m.If(b.re & mine):
-            for i, (off, _) in enumerate(regs):
-                with m.If(b.addr == off // 4):
-                    m.d.sync += rsel.eq(i + 1)
-        with m.Switch(rsel):
-            for i, (off, val) in enumerate(regs):
-                with m.Case(i + 1):
-                    m.d.comb += b.rdata.eq(occ_q if off == R.TEL_OCC else val)
+        m.d.sync += occ_q.eq(self.occ.occ)
+        for off, val in [(R.TEL_SEL, sel), (R.TEL_TX_BYTES, banks["tx_bytes"]),
+                         (R.TEL_TX_FRAMES, banks["tx_frames"]),
+                         (R.TEL_RX_BYTES, banks["rx_bytes"]),
+                         (R.TEL_RX_FRAMES, banks["rx_frames"]),
+                         (R.TEL_DMA_BUSY, banks["dma_busy"]), (R.TEL_FAULTS, banks["faults"]),
+                         (R.TEL_OCC, occ_q), (R.TEL_QOS_WAIT, banks["qos_wait"])]:
+            rf.read_late(off, val)
+        rf.finish()
         return m

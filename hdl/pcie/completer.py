@@ -37,7 +37,7 @@ from amaranth.lib import wiring, data
 from amaranth.lib.wiring import In, Out
 
 from ..config import CardConfig
-from ..iface import READ_LATENCY, RegBusSignature, CounterEvents
+from ..iface import READ_LATENCY, RegBusSignature, ErrorEvents, LinkSignature
 from .bar_decode import BarLookupSignature
 from .config_space import CfgPortSignature
 from .tlp import tlp_stream, TlpKind, Dw0, ReqDw1, CfgDw2, hdr_dw, make_hdr, CplStatus
@@ -67,9 +67,8 @@ class Completer(wiring.Component):
             "cap_bus":     Out(8),
             "bar":         Out(BarLookupSignature()),
             "regs":        Out(RegBusSignature()),
-            "bus_num":     In(8),
-            "mps":         In(3),
-            "events":      Out(CounterEvents()),
+            "link":     In(LinkSignature()),
+            "events":      Out(ErrorEvents()),
         })
 
     def elaborate(self, platform):
@@ -147,7 +146,7 @@ class Completer(wiring.Component):
         bad_cfgio = (k_cfg0 | k_cfg1 | k_io) & ((dw0.length != 1) | (last_be != 0))
         bad_be = k_mem & Mux(len_dw == 1, last_be != 0, (first_be == 0) | (last_be == 0))
         bad_4k = k_mem & ((addr[2:12] + len_dw) > 1024)
-        bad_mps = has_data & ~k_cpl & (len_dw > (C(32, 11) << self.mps))
+        bad_mps = has_data & ~k_cpl & (len_dw > (C(32, 11) << self.link.mps))
         malformed = Signal()
         m.d.comb += malformed.eq(trunc | ~known | bad_len | bad_cpl_len | bad_msg_len
                                  | bad_cfgio | bad_be | bad_4k | bad_mps)
@@ -228,7 +227,6 @@ class Completer(wiring.Component):
                 m.d.sync += trunc.eq(0)
                 with m.If(rx.valid):
                     with m.If(rx.p.sop):
-                        m.d.comb += ev.rx_tlp.eq(1)
                         m.d.sync += hdr.eq(rx.p.hdr)
                         take_beat(first=True)
                         with m.If(rx.p.eop):
@@ -250,8 +248,8 @@ class Completer(wiring.Component):
                             m.next = "DECODE"
 
             with m.State("DECODE"):
-                cid_mem = Cat(self.bar.fidx, self.bus_num)
-                cid_pf = Cat(C(0, 8), self.bus_num)
+                cid_mem = Cat(self.bar.fidx, self.link.bus_num)
+                cid_pf = Cat(C(0, 8), self.link.bus_num)
                 m.d.sync += [fidx.eq(self.bar.fidx), bar_id.eq(self.bar.bar),
                              offset.eq(self.bar.offset), i.eq(0), is_read.eq(k_mrd)]
                 ur_bc = Mux(k_mrd | k_lk, mrd_bc, 4)
@@ -318,7 +316,7 @@ class Completer(wiring.Component):
                 with m.If(Mux(is_read, i == len_dw + READ_LATENCY - 1, i == len_dw - 1)):
                     with m.If(is_read):
                         complete(CplStatus.SC, len_dw, mrd_bc, Cat(la_lo, addr[2:7]),
-                                 Cat(fidx, self.bus_num))
+                                 Cat(fidx, self.link.bus_num))
                         m.next = "CPL"
                     with m.Else():
                         m.next = "IDLE"

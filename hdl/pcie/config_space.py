@@ -41,6 +41,8 @@ from amaranth.utils import exact_log2
 from regmap import Bar0Map, VirtioRegs, VirtioCaps
 
 from ..config import CardConfig
+from ..iface import LinkSignature, FunctionStateSignature, ErrorEvents
+from .bar_decode import BarConfigSignature
 
 __all__ = ["CfgPortSignature", "ConfigSpace", "CapOffsets"]
 
@@ -69,9 +71,7 @@ def CfgPortSignature():
 
 # read-only constant values
 DEVCAP = 0x2 | (1 << 5) | (7 << 6) | (7 << 9) | (1 << 15)     # MPSS 512 B, ext tag, RBER
-VF_DEVCAP = DEVCAP | (1 << 28)
-# error events the completer reports, and the PF status bits (RW1C) they set
-ERROR_EVENTS = ("ca", "unsupported", "malformed", "poisoned", "unexp_cpl")                                # VFs: Function Level Reset
+VF_DEVCAP = DEVCAP | (1 << 28)                                # VFs: Function Level Reset
 PMC = 0b011                                                   # PM spec 1.2; no D1/D2, no PME
 LINKCAP = 0x3 | (8 << 4)                                      # 8 GT/s x8
 LINKSTA = 0x3 | (8 << 4) | (1 << 12)                          # 8 GT/s x8, slot clock
@@ -110,26 +110,12 @@ class ConfigSpace(wiring.Component):
             "port":        In(CfgPortSignature()),
             "cap_bus_stb": In(1),      # capture the bus number (type-0 config write)
             "cap_bus":     In(8),
-            "bus_num":     Out(8),
-            "pf_mse":      Out(1),
-            "pf_bar0":     Out(64),
-            "pf_bar2":     Out(32),
-            "mps":         Out(3),
-            "mrrs":        Out(3),
-            "vf_enable":   Out(1),
-            "vf_mse":      Out(1),
-            "num_vfs":     Out(16),
-            "vf_bar0":     Out(64),
-            "vf_shift":    Out(range(64)),   # log2 of each VF's BAR0 aperture
-            "bme":         Out(nf),    # Bus Master Enable per function index
-            "msix_en":     Out(nf),
-            "msix_fmask":  Out(nf),
-            # reset strobes, registered: the engines that act on them sit all over the die
-            "vf_reset":    Out(1),     # strobe: VF Enable was cleared, every VF resets
-            "err_events":  In(wiring.Signature({n: Out(1) for n in ERROR_EVENTS})),
-            "flr":         Out(1),     # strobe: function level reset of VF ``flr_fidx``,
-                                       # the cycle after the config write that asked for it
-            "flr_fidx":    Out(8),
+            "link":        Out(LinkSignature()),        # bus number, MPS, MRRS
+            "bars":        Out(BarConfigSignature()),   # what the BAR decoder needs
+            # per function enables, and the reset strobes (registered: the engines that act
+            # on them sit all over the die)
+            "fn":          Out(FunctionStateSignature(nf)),
+            "err_events":  In(ErrorEvents()),           # the errors the card counted
         })
 
     def elaborate(self, platform):
@@ -169,7 +155,7 @@ class ConfigSpace(wiring.Component):
         vf_msix_fm = Signal(nvf)
 
         with m.If(self.cap_bus_stb):
-            m.d.sync += self.bus_num.eq(self.cap_bus)
+            m.d.sync += self.link.bus_num.eq(self.cap_bus)
 
         # ---- addressing -------------------------------------------------------------------
         is_pf = p.fidx == 0
@@ -404,7 +390,7 @@ class ConfigSpace(wiring.Component):
                     wr(vf_bar0[32:], 0)
 
         # ---- VF writes --------------------------------------------------------------------
-        m.d.sync += self.flr.eq(0)
+        m.d.sync += self.fn.flr.eq(0)
         with m.If(p.we & is_vf):
             with m.Switch(p.reg):
                 with m.Case(PCIE + 2):
@@ -413,7 +399,7 @@ class ConfigSpace(wiring.Component):
                         m.d.sync += [vf_bme.bit_select(vfi, 1).eq(0),
                                      vf_msix_en.bit_select(vfi, 1).eq(0),
                                      vf_msix_fm.bit_select(vfi, 1).eq(0)]
-                        m.d.sync += [self.flr.eq(1), self.flr_fidx.eq(p.fidx)]
+                        m.d.sync += [self.fn.flr.eq(1), self.fn.flr_fidx.eq(p.fidx)]
                 with m.Case(0x01):
                     with m.If(p.be[0]):
                         m.d.sync += vf_bme.bit_select(vfi, 1).eq(p.wdata[2])
@@ -434,7 +420,7 @@ class ConfigSpace(wiring.Component):
 
         # clearing VF Enable resets every VF (their config state goes back to reset values)
         vf_en_q = Signal()
-        m.d.sync += [vf_en_q.eq(vf_en), self.vf_reset.eq(vf_en_q & ~vf_en)]
+        m.d.sync += [vf_en_q.eq(vf_en), self.fn.vf_reset.eq(vf_en_q & ~vf_en)]
         with m.If(vf_en_q & ~vf_en):
             m.d.sync += [vf_bme.eq(0), vf_msix_en.eq(0), vf_msix_fm.eq(0)]
 
@@ -443,18 +429,18 @@ class ConfigSpace(wiring.Component):
         for i in range(nvf):
             m.d.comb += vf_alive[i].eq(vf_en & (num_vfs > i))
         m.d.comb += [
-            self.pf_mse.eq(command[1] & (pstate == 0)),
-            self.pf_bar0.eq(bar0),
-            self.pf_bar2.eq(bar2),
-            self.mps.eq(devctl[5:8]),
-            self.mrrs.eq(devctl[12:15]),
-            self.vf_enable.eq(vf_en),
-            self.vf_mse.eq(vf_mse),
-            self.num_vfs.eq(num_vfs),
-            self.vf_bar0.eq(vf_bar0_eff),
-            self.vf_shift.eq(vf_shift),
-            self.bme.eq(Cat(command[2] & (pstate == 0), vf_bme & vf_alive)),
-            self.msix_en.eq(Cat(msix_en_pf, vf_msix_en & vf_alive)),
-            self.msix_fmask.eq(Cat(msix_fm_pf, vf_msix_fm)),
+            self.bars.pf_mse.eq(command[1] & (pstate == 0)),
+            self.bars.pf_bar0.eq(bar0),
+            self.bars.pf_bar2.eq(bar2),
+            self.link.mps.eq(devctl[5:8]),
+            self.link.mrrs.eq(devctl[12:15]),
+            self.bars.vf_enable.eq(vf_en),
+            self.bars.vf_mse.eq(vf_mse),
+            self.bars.num_vfs.eq(num_vfs),
+            self.bars.vf_bar0.eq(vf_bar0_eff),
+            self.bars.vf_shift.eq(vf_shift),
+            self.fn.bme.eq(Cat(command[2] & (pstate == 0), vf_bme & vf_alive)),
+            self.fn.msix_en.eq(Cat(msix_en_pf, vf_msix_en & vf_alive)),
+            self.fn.msix_fmask.eq(Cat(msix_fm_pf, vf_msix_fm)),
         ]
         return m

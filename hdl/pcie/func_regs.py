@@ -17,6 +17,7 @@ from regmap import FuncRegs as R
 
 from ..config import CardConfig
 from ..iface import RegBusSignature, IrqRequestSignature
+from .regfile import RegisterFile
 
 __all__ = ["FuncRegisters"]
 
@@ -37,30 +38,20 @@ class FuncRegisters(wiring.Component):
         rd = scratch.read_port()
         wp = scratch.write_port(granularity=8)
 
-        sel = (b.bar == 0) & (b.addr[8:] == 0)      # first 1 KiB of BAR0
-        reg = b.addr[:8]
+        rf = RegisterFile(m, b, "func")
         m.d.comb += [
             rd.addr.eq(b.fidx), rd.en.eq(b.re),
             wp.addr.eq(b.fidx), wp.data.eq(b.wdata),
         ]
-        with m.If(b.we & sel & (reg == R.SCRATCH // 4)):
+        with m.If(rf.we(R.SCRATCH, full=False)):
             m.d.comb += wp.en.eq(b.be)
 
-        with m.If(b.we & sel & (reg == R.IRQ // 4) & b.be[0] & (b.wdata < cfg.msix_vectors)):
+        with m.If(rf.we(R.IRQ, full=False) & b.be[0] & (b.wdata < cfg.msix_vectors)):
             m.d.comb += [self.irq.valid.eq(1), self.irq.fidx.eq(b.fidx),
                          self.irq.vector.eq(b.wdata[:5])]
 
-        rd_const = Signal(32)
-        rd_scratch = Signal()
-        with m.If(b.re):
-            m.d.sync += [rd_const.eq(0), rd_scratch.eq(0)]
-            with m.If(sel):
-                with m.Switch(reg):
-                    with m.Case(R.ID // 4):
-                        m.d.sync += rd_const.eq(Cat(b.fidx, C(0, 7), b.fidx != 0, C(R.ID_MAGIC, 16)))
-                    with m.Case(R.VERSION // 4):
-                        m.d.sync += rd_const.eq(R.VERSION_VALUE)
-                    with m.Case(R.SCRATCH // 4):
-                        m.d.sync += rd_scratch.eq(1)
-        m.d.comb += b.rdata.eq(Mux(rd_scratch, rd.data, rd_const))
+        rf.read(R.ID, Cat(b.fidx, C(0, 7), b.fidx != 0, C(R.ID_MAGIC, 16)))
+        rf.read(R.VERSION, R.VERSION_VALUE)
+        rf.read_late(R.SCRATCH, rd.data)            # the scratch RAM's word, a cycle later
+        rf.finish()
         return m

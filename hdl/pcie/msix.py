@@ -4,7 +4,8 @@ Every function (PF and VFs) has ``msix_vectors`` table entries at BAR0+0x2000 (1
 address low, address high, data, vector control) and its PBA at BAR0+0x3000. All tables live
 in one block RAM indexed by ``{function, vector, dword}``.
 
-An interrupt request (from :class:`hdl.pcie.func_regs.FuncRegisters` or, later, from the datapath)
+An interrupt request (one port per requester, ``irq_<name>`` for each name of ``sources``: the
+function registers, the DMA queues, the fault unit, the virtio transport and the virtio engine)
 sets the vector's pending bit if the function has MSI-X enabled. A scanner visits one
 function per cycle; when it finds a pending vector that is deliverable (MSI-X enabled, function
 not masked, vector not masked, Bus Master Enable set) it reads the entry and sends a one-DW
@@ -21,30 +22,27 @@ from amaranth.utils import exact_log2
 from regmap import Bar0Map
 
 from ..config import CardConfig
-from ..iface import RegBusSignature, IrqRequestSignature
+from ..iface import RegBusSignature, IrqRequestSignature, LinkSignature, FunctionStateSignature
+from .regfile import RegisterFile
 from .tlp import tlp_stream, mem_hdr
 
-__all__ = ["MsixController"]
+__all__ = ["MsixController", "SOURCES"]
+
+
+#: The card's interrupt requesters, in the order the card connects them.
+SOURCES = ("func", "dma", "fault", "virtio_cfg", "virtio_queue")
 
 
 class MsixController(wiring.Component):
-    def __init__(self, cfg: CardConfig):
+    def __init__(self, cfg: CardConfig, sources=SOURCES):
         self.cfg = cfg
+        self.sources = tuple(sources)
         nf = cfg.num_functions
         super().__init__({
             "bus":        In(RegBusSignature()),
-            "irq":        In(IrqRequestSignature()),
-            "irq2":       In(IrqRequestSignature()),   # a second requester (the DMA engine)
-            "irq3":       In(IrqRequestSignature()),   # a third (the page-fault unit)
-            "irq4":       In(IrqRequestSignature()),   # virtio configuration changes
-            "irq5":       In(IrqRequestSignature()),   # virtqueue interrupts
-            "bus_num":    In(8),
-            "bme":        In(nf),
-            "msix_en":    In(nf),
-            "msix_fmask": In(nf),
-            "vf_reset":   In(1),     # VFs reset: their vectors masked, nothing pending
-            "flr":        In(1),     # function level reset of function ``flr_fidx``
-            "flr_fidx":   In(8),
+            **{f"irq_{name}": In(IrqRequestSignature()) for name in sources},
+            "link":     In(LinkSignature()),
+            "fn":       In(FunctionStateSignature(nf)),
             "tx":         Out(tlp_stream(cfg.data_width)),
             "sent":       Out(1),      # one-cycle strobe per message sent
         })
@@ -71,10 +69,9 @@ class MsixController(wiring.Component):
         pending = Signal(nent)
 
         # ---- register bus ------------------------------------------------------------------
+        rf = RegisterFile(m, b, "msix_table", "msix_pba")
         tbl_base = Bar0Map.MSIX_TABLE // 4
-        pba_base = Bar0Map.MSIX_PBA // 4
-        in_tbl = (b.bar == 0) & (b.addr >= tbl_base) & (b.addr < tbl_base + nvec * 4)
-        in_pba = (b.bar == 0) & (b.addr >= pba_base) & (b.addr < pba_base + 2)
+        in_tbl = rf.sel & (b.addr >= tbl_base) & (b.addr < tbl_base + nvec * 4)
         vec = b.addr[2:2 + vbits] if vbits else C(0, 1)
         ent_addr = Cat(b.addr[:2], b.addr[2:2 + vbits], b.fidx) if vbits else Cat(b.addr[:2], b.fidx)
         m.d.comb += [
@@ -86,41 +83,39 @@ class MsixController(wiring.Component):
             with m.If((b.addr[:2] == 3) & b.be[0]):
                 m.d.sync += mask.bit_select(b.fidx * nvec + vec if vbits else b.fidx, 1).eq(b.wdata[0])
 
-        rd_tbl = Signal()
+        # a table entry reads from the RAM (a cycle later); its Vector Control word takes the
+        # mask bit from the shadow, which VF reset sets
         rd_ctl = Signal()
         rd_mask = Signal()
-        rd_pba = Signal(32)
         with m.If(b.re):
-            m.d.sync += [rd_tbl.eq(in_tbl), rd_pba.eq(0), rd_ctl.eq(b.addr[:2] == 3),
+            m.d.sync += [rd_ctl.eq(b.addr[:2] == 3),
                          rd_mask.eq(mask.bit_select(b.fidx * nvec + vec if vbits else b.fidx, 1))]
-            with m.If(in_pba & (b.addr == pba_base)):
-                m.d.sync += rd_pba.eq(pending.word_select(b.fidx, nvec))
-        # Vector Control reads the mask bit from the shadow, which VF reset sets
-        tbl_word = Mux(rd_ctl, Cat(rd_mask, host_rd.data[1:]), host_rd.data)
-        m.d.comb += b.rdata.eq(Mux(rd_tbl, tbl_word, rd_pba))
+        rf.read_late(in_tbl, Mux(rd_ctl, Cat(rd_mask, host_rd.data[1:]), host_rd.data))
+        rf.read(Bar0Map.MSIX_PBA, pending.word_select(b.fidx, nvec))
+        rf.finish()
 
         # ---- interrupt requests ------------------------------------------------------------
         set_pend = Signal(nent)
         clr_pend = Signal(nent)
-        for n, rq in enumerate((self.irq, self.irq2, self.irq3, self.irq4, self.irq5)):
+        for n, rq in enumerate(getattr(self, f"irq_{name}") for name in self.sources):
             irq_idx = Signal(range(nent), name=f"irq_idx{n}")
             m.d.comb += irq_idx.eq(rq.fidx * nvec + rq.vector)
-            irq_take = rq.valid & self.msix_en.bit_select(rq.fidx, 1) & (rq.vector < nvec)
+            irq_take = rq.valid & self.fn.msix_en.bit_select(rq.fidx, 1) & (rq.vector < nvec)
             for k in range(nent):
                 with m.If(irq_take & (irq_idx == k)):
                     m.d.comb += set_pend[k].eq(1)
         m.d.sync += pending.eq((pending & ~clr_pend) | set_pend)
-        with m.If(self.vf_reset):
+        with m.If(self.fn.vf_reset):
             m.d.sync += [pending[nvec:].eq(0), mask[nvec:].eq(-1)]
-        with m.Elif(self.flr):
-            m.d.sync += [pending.word_select(self.flr_fidx, nvec).eq(0),
-                         mask.word_select(self.flr_fidx, nvec).eq(-1)]
+        with m.Elif(self.fn.flr):
+            m.d.sync += [pending.word_select(self.fn.flr_fidx, nvec).eq(0),
+                         mask.word_select(self.fn.flr_fidx, nvec).eq(-1)]
 
         # ---- scanner and message generator -------------------------------------------------
         ptr = Signal(range(nf))
         f_pend = pending.word_select(ptr, nvec) & ~mask.word_select(ptr, nvec)
-        f_ok = (self.msix_en.bit_select(ptr, 1) & ~self.msix_fmask.bit_select(ptr, 1)
-                & self.bme.bit_select(ptr, 1))
+        f_ok = (self.fn.msix_en.bit_select(ptr, 1) & ~self.fn.msix_fmask.bit_select(ptr, 1)
+                & self.fn.bme.bit_select(ptr, 1))
         sel_vec = Signal(max(vbits, 1))
         for i in reversed(range(nvec)):
             with m.If(f_pend[i]):
@@ -138,7 +133,7 @@ class MsixController(wiring.Component):
         else:
             m.d.comb += gen_rd.addr.eq(Cat(cnt[:2], cur_f))
 
-        rid = Cat(cur_f, self.bus_num)
+        rid = Cat(cur_f, self.link.bus_num)
         tx = self.tx
         m.d.comb += [
             # one DW (the message data): all four bytes, and last_be must be 0
@@ -174,8 +169,8 @@ class MsixController(wiring.Component):
                         m.d.sync += msg_data.eq(gen_rd.data)
                         m.next = "SEND"
             with m.State("SEND"):
-                still_ok = (self.msix_en.bit_select(cur_f, 1) & ~self.msix_fmask.bit_select(cur_f, 1)
-                            & self.bme.bit_select(cur_f, 1) & ~mask.bit_select(cur_idx, 1)
+                still_ok = (self.fn.msix_en.bit_select(cur_f, 1) & ~self.fn.msix_fmask.bit_select(cur_f, 1)
+                            & self.fn.bme.bit_select(cur_f, 1) & ~mask.bit_select(cur_idx, 1)
                             & pending.bit_select(cur_idx, 1))
                 m.d.comb += tx.valid.eq(still_ok)
                 with m.If(~still_ok):

@@ -17,7 +17,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..iface import REQUEST_FIELDS, RegBusSignature
 
-__all__ = ["RegBusSlice"]
+__all__ = ["RegBusSlice", "RegBusInterconnect"]
 
 
 class RegBusSlice(wiring.Component):
@@ -46,4 +46,55 @@ class RegBusSlice(wiring.Component):
         m.d.sync += [self.o.we.eq(self.i.we), self.o.re.eq(self.i.re),
                      self.tag_o.eq(self.tag_i & (self.i.we | self.i.re))]
         m.d.comb += self.i.rdata.eq(self.o.rdata)
+        return m
+
+
+class RegBusInterconnect(wiring.Component):
+    """The register bus from its two masters to every register file.
+
+    Masters: ``host`` (the PCIe completer) and ``uart`` (the management UART's frame engine),
+    which gets the bus in cycles the host leaves free (``uart_gnt``). The chosen request goes
+    through one :class:`RegBusSlice` and then through one more per target (``slice_<name>``,
+    placed next to it), so neither the master mux nor the broadcast to every target shares a
+    cycle with a target's address decode. The targets (``t_<name>`` for each name of
+    ``targets``) drive zero on ``rdata`` unless addressed, so their data is ORed back to both
+    masters, :data:`hdl.iface.READ_LATENCY` cycles after the strobe. For each name of
+    ``tagged``, ``<name>_uart`` says, with the request the target sees, that the UART made it.
+    """
+
+    def __init__(self, targets, tagged=()):
+        self.targets = tuple(targets)
+        self.tagged = tuple(tagged)
+        assert set(self.tagged) <= set(self.targets)
+        members = {"host": In(RegBusSignature()), "uart": In(RegBusSignature()),
+                   "uart_gnt": Out(1)}
+        for name in self.targets:
+            members[f"t_{name}"] = Out(RegBusSignature())
+        for name in self.tagged:
+            members[f"{name}_uart"] = Out(1)
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        host, uart = self.host, self.uart
+        m.submodules.slice = rs = RegBusSlice()
+        uart_turn = Signal()
+        m.d.comb += [self.uart_gnt.eq(~host.we & ~host.re),
+                     uart_turn.eq(self.uart_gnt & (uart.we | uart.re))]
+        for name in REQUEST_FIELDS:
+            m.d.comb += getattr(rs.i, name).eq(Mux(uart_turn, getattr(uart, name),
+                                                   getattr(host, name)))
+        rdata = 0
+        for tname in self.targets:
+            m.submodules[f"slice_{tname}"] = ts = RegBusSlice()
+            t = getattr(self, f"t_{tname}")
+            for name in REQUEST_FIELDS:
+                m.d.comb += [getattr(ts.i, name).eq(getattr(rs.o, name)),
+                             getattr(t, name).eq(getattr(ts.o, name))]
+            m.d.comb += ts.o.rdata.eq(t.rdata)
+            rdata = rdata | ts.i.rdata
+            if tname in self.tagged:
+                m.d.comb += [ts.tag_i.eq(rs.tag_o), getattr(self, f"{tname}_uart").eq(ts.tag_o)]
+        m.d.comb += [rs.tag_i.eq(uart_turn), rs.o.rdata.eq(rdata),
+                     host.rdata.eq(rs.i.rdata), uart.rdata.eq(rs.i.rdata)]
         return m

@@ -1,10 +1,10 @@
 """Receive-side router: requests to the completer, completions to their requester by tag.
 
 The decision is made on the ``sop`` beat and held until ``eop``. The card's engines that read
-host memory one request at a time each own a fixed tag (``tags``: descriptor fetch, page-table
-walk, completion-queue fetch); a completion with one of those tags goes to ``cpl<n>``, every
-other completion to the read channel (``cpl_r``, which counts the ones that match no
-outstanding request of its own).
+host memory one request at a time each own a fixed tag (``routes``, by name: the table is
+:data:`hdl.pcie.host_port.HOST_TAGS`); a completion with one of those tags goes to
+``cpl_<name>``, every other completion to the DMA read channel (``cpl_dma``, which counts the
+ones that match no outstanding request of its own).
 
 The router is one pipeline register: the beat and its destination are registered, so every
 consumer's logic starts at a flip-flop instead of at the header decode (one cycle of latency;
@@ -21,12 +21,15 @@ __all__ = ["RxRouter"]
 
 
 class RxRouter(wiring.Component):
-    def __init__(self, data_width, tags):
-        self.tags = tuple(tags)
+    def __init__(self, data_width, routes):
+        self.routes = dict(routes)
+        if len(set(self.routes.values())) != len(self.routes):
+            raise ValueError(f"two routes share a tag: {self.routes}")
         members = {"i": In(tlp_stream(data_width)), "req": Out(tlp_stream(data_width))}
-        for n in range(len(self.tags)):
-            members[f"cpl{n}"] = Out(tlp_stream(data_width))
-        members["cpl_r"] = Out(tlp_stream(data_width))
+        for name in self.routes:
+            members[f"cpl_{name}"] = Out(tlp_stream(data_width))
+        members["cpl_dma"] = Out(tlp_stream(data_width))
+        members["rx_tlp"] = Out(1)        # strobe: a TLP came in (its first beat was taken)
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -35,11 +38,11 @@ class RxRouter(wiring.Component):
         d2 = data.View(CplDw2, hdr_dw(self.i.p.hdr, 2))
         is_cpl = (d0.type[1:] == 0b0101) & ((d0.fmt == 0b000) | (d0.fmt == 0b010))
         tag = Cat(d2.tag, d0.tag8, d0.tag9)
-        outs = [self.req] + [getattr(self, f"cpl{n}") for n in range(len(self.tags))] + [self.cpl_r]
+        outs = [self.req] + [getattr(self, f"cpl_{n}") for n in self.routes] + [self.cpl_dma]
         # a beat without sop outside a packet goes to the completer, which counts it malformed;
         # a sop always decides anew (a TLP cut short by the next one ends there)
         by_tag = len(outs) - 1
-        for n, t in reversed(list(enumerate(self.tags))):
+        for n, t in reversed(list(enumerate(self.routes.values()))):
             by_tag = Mux(tag == t, n + 1, by_tag)
         dest_now = Signal(range(len(outs)))
         m.d.comb += dest_now.eq(Mux(is_cpl & self.i.p.sop, by_tag, 0))
@@ -54,6 +57,7 @@ class RxRouter(wiring.Component):
         for k, o in enumerate(outs):
             m.d.comb += [o.p.eq(o_p), o.valid.eq(o_valid & (o_dest == k))]
         m.d.comb += self.i.ready.eq(~o_valid | o_ready)
+        m.d.comb += self.rx_tlp.eq(self.i.valid & self.i.ready & self.i.p.sop)
         with m.If(self.i.valid & self.i.ready):
             m.d.sync += [in_pkt.eq(~self.i.p.eop), o_p.eq(self.i.p), o_valid.eq(1),
                          o_dest.eq(dest)]

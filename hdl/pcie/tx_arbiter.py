@@ -28,16 +28,24 @@ __all__ = ["TlpArbiter"]
 
 
 class TlpArbiter(wiring.Component):
-    def __init__(self, n, data_width):
-        self.n = n
-        members = {f"i{k}": In(tlp_stream(data_width)) for k in range(n)}
+    """``sources``: the names of the inputs (``i_<name>``), or their number (``i<k>``); the
+    round robin follows their order."""
+
+    def __init__(self, sources, data_width):
+        if isinstance(sources, int):
+            self.ports = tuple(f"i{k}" for k in range(sources))
+        else:
+            self.ports = tuple(f"i_{name}" for name in sources)
+        self.n = len(self.ports)
+        members = {name: In(tlp_stream(data_width)) for name in self.ports}
         members["o"] = Out(tlp_stream(data_width))
+        members["tx_tlp"] = Out(1)        # strobe: a TLP went out (its first beat moved)
         super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
         n = self.n
-        ins = [getattr(self, f"i{k}") for k in range(n)]
+        ins = [getattr(self, name) for name in self.ports]
         grant = Signal(range(max(n, 2)))     # the granted source (parked when idle)
         in_pkt = Signal()                    # the granted packet's first beat has moved
 
@@ -78,4 +86,5 @@ class TlpArbiter(wiring.Component):
         rearb = (take & cur_p.eop) | (~in_pkt & ~cur_valid)
         with m.If(rearb & any_valid):
             m.d.sync += grant.eq(pick)
+        m.d.comb += self.tx_tlp.eq(self.o.valid & self.o.ready & self.o.p.sop)
         return m

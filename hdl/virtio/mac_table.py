@@ -10,8 +10,11 @@ moves a guest's address with it: the source function's entry is retired, the tar
   once; ``hit`` and ``hit_fidx`` (the lowest matching function) follow ``dst`` one clock
   later. A multicast destination never hits; an entry holding a multicast address (bit 0 of its
   first byte set, e.g. ``ff:ff:ff:ff:ff:ff``) is therefore a retired entry.
-* **read ports**: the entry of ``sel`` (the register view) and of ``cfg_fidx`` (the virtio
+* **read ports**: the entry of ``sel`` (the register view) and of ``show.fidx`` (the virtio
   device configuration's ``mac`` field), both combinational.
+
+Three ports, one per user: ``program`` (the PF's registers, :mod:`hdl.virtio.net_regs`),
+``lookup`` (the engine) and ``show`` (the transport's device configuration).
 
 The address is held as the bytes appear on the wire and in the virtio config, first byte in
 bits 7:0: ``MAC_LO`` holds bytes 0..3, ``MAC_HI`` bytes 4 and 5.
@@ -23,7 +26,8 @@ from amaranth.lib.wiring import In, Out
 
 from regmap import VirtioRegs as V
 
-__all__ = ["MacTable", "default_mac"]
+__all__ = ["MacTable", "default_mac", "MacProgramSignature", "MacLookupSignature",
+           "MacShowSignature"]
 
 
 def default_mac(fidx: int) -> int:
@@ -31,23 +35,29 @@ def default_mac(fidx: int) -> int:
     return int.from_bytes(V.MAC_PREFIX + bytes([fidx & 0xFF]), "little")
 
 
+def MacProgramSignature():
+    """The register view (the registers' side): the entry of ``sel``, written a half at a time."""
+    return wiring.Signature({"sel": Out(8), "we_lo": Out(1), "we_hi": Out(1), "wdata": Out(32),
+                             "rd_mac": In(48)})
+
+
+def MacLookupSignature():
+    """A frame's destination (the engine's side); the answer follows a clock later."""
+    return wiring.Signature({"dst": Out(48), "hit": In(1), "hit_fidx": In(8)})
+
+
+def MacShowSignature():
+    """The device configuration's ``mac`` field of function ``fidx`` (the transport's side)."""
+    return wiring.Signature({"fidx": Out(8), "mac": In(48)})
+
+
 class MacTable(wiring.Component):
     def __init__(self, num_functions: int):
         self._nf = num_functions
         super().__init__({
-            # register view: the entry of ``sel``, written a half at a time
-            "sel":      In(8),
-            "we_lo":    In(1),
-            "we_hi":    In(1),
-            "wdata":    In(32),
-            "rd_mac":   Out(48),
-            # the virtio device configuration of function ``cfg_fidx``
-            "cfg_fidx": In(8),
-            "cfg_mac":  Out(48),
-            # lookup of a frame's destination
-            "dst":      In(48),
-            "hit":      Out(1),
-            "hit_fidx": Out(8),
+            "program": In(MacProgramSignature()),
+            "lookup":  In(MacLookupSignature()),
+            "show":    In(MacShowSignature()),
         })
 
     def elaborate(self, platform):
@@ -55,24 +65,25 @@ class MacTable(wiring.Component):
         nf = self._nf
         entry = Array(Signal(48, init=default_mac(f), name=f"mac{f}") for f in range(nf))
 
-        ok = self.sel < nf
-        with m.If(self.we_lo & ok):
-            m.d.sync += entry[self.sel][:32].eq(self.wdata)
-        with m.If(self.we_hi & ok):
-            m.d.sync += entry[self.sel][32:].eq(self.wdata[:16])
+        p, lk, sh = self.program, self.lookup, self.show
+        ok = p.sel < nf
+        with m.If(p.we_lo & ok):
+            m.d.sync += entry[p.sel][:32].eq(p.wdata)
+        with m.If(p.we_hi & ok):
+            m.d.sync += entry[p.sel][32:].eq(p.wdata[:16])
         m.d.comb += [
-            self.rd_mac.eq(Mux(ok, entry[self.sel], 0)),
-            self.cfg_mac.eq(Mux(self.cfg_fidx < nf, entry[self.cfg_fidx], 0)),
+            p.rd_mac.eq(Mux(ok, entry[p.sel], 0)),
+            sh.mac.eq(Mux(sh.fidx < nf, entry[sh.fidx], 0)),
         ]
 
         match = Signal(nf)
-        m.d.comb += match.eq(Cat(entry[f] == self.dst for f in range(nf)))
-        unicast = ~self.dst[0]
-        m.d.sync += self.hit.eq(unicast & match.any())
+        m.d.comb += match.eq(Cat(entry[f] == lk.dst for f in range(nf)))
+        unicast = ~lk.dst[0]
+        m.d.sync += lk.hit.eq(unicast & match.any())
         # the lowest matching function (a duplicate address is the PF driver's mistake; the
         # lower function wins, deterministically)
         with m.If(unicast):
             for f in reversed(range(nf)):
                 with m.If(match[f]):
-                    m.d.sync += self.hit_fidx.eq(f)
+                    m.d.sync += lk.hit_fidx.eq(f)
         return m

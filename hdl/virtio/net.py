@@ -1,998 +1,107 @@
-"""The virtio-net datapath: split-virtqueue engine and the frame switch between functions.
+"""The virtio-net datapath of the card, as one block: what :mod:`hdl.card` connects.
 
-One engine serves every function (PF and VFs), one frame at a time, visiting functions round
-robin (one transmitted frame per visit):
+::
 
-* **transmit** (queue 1): on a notification, read the available index, the head, then walk the
-  descriptor chain (chained and, when negotiated, indirect descriptors) and copy each
-  device-readable buffer into frame buffer slot 0 through the DMA read channel;
-* **switch**: the destination MAC (captured as the frame lands in the buffer) is looked up in
-  the station table (:mod:`hdl.virtio.mac_table`, a programmable address per function, reset value
-  ``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; unknown
-  destinations go to the uplink port (``uplink_tx``); broadcast and multicast ones go to the
-  uplink and then to every other function that is up (live, bus master, not stopped), one
-  after the other (a function that is down is passed over);
-* **receive** (queue 0): a fresh ``virtio_net_hdr`` goes into the frame buffer before the
-  frame, and header and frame, one byte string, into the function's next available chain
-  through the DMA write channel (any byte address, any layout of the chain), then the used
-  element and index. With ``VIRTIO_NET_F_MRG_RXBUF`` a frame that does not fit one buffer fills
-  the next ones in turn (one used element each, published together by one used-index write)
-  and the first header's ``num_buffers`` is written before that index; a ring that runs dry
-  in mid-frame (or is too small for the frame) gets the buffers it gave back empty (length 0)
-  and the frame is counted in ``DROP_NOBUF``;
-* **completion**: the used element (id, length) and index of each queue, ``avail_event`` when
-  VIRTIO_F_EVENT_IDX is negotiated, and the queue's MSI-X vector unless suppressed
-  (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag);
-* frames from the uplink port (``uplink_rx``) are delivered by destination MAC likewise; one
-  for no function is dropped, or with ``NetRegs.CTRL`` DEFAULT_PF delivered to the PF (the
-  host's own switch port). DEFAULT_PF also sends the PF the unicast frames of a stopped
-  function (``MigRegs.CTRL``): during a live migration the host holds them and forwards them
-  to the server the guest moves to (a flood passes a stopped function over; the PF, when up,
-  gets it anyway).
+    bus ──► NetRegisters ──mig──► VirtioNetEngine ◄──transport──► (hdl.virtio.transport)
+               │ mac                  │   │ move         │ xreq
+               ▼                      │   ▼              │
+            MacTable ◄────lookup──────┘ PieceMover ──────┤ xreq ──► LockMux ──► xreq (translator)
+               ▲ show                     │ rd / wr      │
+     (transport's device config)          ▼              ▼
+                                    DMA channels    host port TLPs (tx / cpl)
 
-Small structures (indices, ring entries, descriptors) are read and written with the engine's
-own MemRd/MemWr (tag :data:`VQ_TAG`, the function's requester ID). Bad input never hangs the
-engine: a descriptor loop (more descriptors than the queue holds), an index beyond the queue,
-a descriptor of the wrong direction, a bad indirect table or an available index running ahead
-by more than the queue size sets the function's NEEDS_RESET and stops its queues, and so does
-a buffer whose end passes the top of the 64-bit space (before any byte of it moves); runts,
-oversized frames and receive buffers too small drop the frame and count it. Every address the
-driver gives (rings, descriptors, buffers) is an I/O virtual address of the function's domain
-when the PF gave it one (:mod:`hdl.iommu.translate`): each small access and each buffer piece (cut
-at 4 KiB pages) is translated first, and an address outside the domain, or not present, sets
-NEEDS_RESET before anything moves there (counted in ``XLATE_ERRORS``).
+* :class:`hdl.virtio.engine.VirtioNetEngine` -- the split virtqueues and the frame switch;
+* :class:`hdl.virtio.net_regs.NetRegisters` -- its counters and migration controls (PF BAR2);
+* :class:`hdl.virtio.mac_table.MacTable` -- the station table;
+* :class:`hdl.dma.mover.PieceMover` -- buffers between host and card memory, a translated
+  page at a time (the transmit gather and the receive scatter share it);
+* a :class:`hdl.dma.mux.LockMux` -- the engine's host port and the mover take turns at the
+  translator.
 """
 
 from amaranth import *
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
-from amaranth.utils import exact_log2
-
-from regmap import NetRegs, MigRegs as MG
 
 from ..config import CardConfig
-from ..memmap import PacketBuf as P
-from ..iface import (RegBusSignature, IrqRequestSignature, DmaCmd, DmaDone, DmaStatus, CPL_TIMEOUT,
-                     XlateReq, XlateResp, XlateStatus, EventSignature, PktReadPort, PktWritePort,
-                     UplinkBeat)
-from ..pcie.tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
-from .mac_table import MacTable
-from .transport import NQ
+from ..iface import (RegBusSignature, IrqRequestSignature, DmaCmd, DmaDone, XlateReq, XlateResp,
+                     EventSignature, PktReadPort, PktWritePort, UplinkBeat, LinkSignature,
+                     FunctionStateSignature)
+from ..dma.mover import PieceMover
+from ..dma.mux import LockMux
+from ..pcie.tlp import tlp_stream
+from .engine import VirtioNetEngine
+from .mac_table import MacTable, MacShowSignature
+from .net_regs import NetRegisters
+from .transport import VirtqSignature
 
-__all__ = ["VirtioNetEngine", "VQ_TAG"]
-
-VQ_TAG = 3
-RXQ, TXQ = 0, 1
-DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
+__all__ = ["VirtioNet"]
 
 
-class VirtioNetEngine(wiring.Component):
+class VirtioNet(wiring.Component):
     def __init__(self, cfg: CardConfig):
         self._card = cfg
         nf = cfg.num_functions
         W = cfg.data_width
         super().__init__({
-            "bus":      In(RegBusSignature()),
-            "tx":       Out(tlp_stream(W)),
-            "cpl":      In(tlp_stream(W)),            # completions with tag VQ_TAG
-            "rd_cmd":   Out(stream.Signature(DmaCmd)),
-            "rd_done":  In(stream.Signature(DmaDone)),
-            "wr_cmd":   Out(stream.Signature(DmaCmd)),
-            "wr_done":  In(stream.Signature(DmaDone)),
-            "irq":      Out(IrqRequestSignature()),
-            "xreq":     Out(stream.Signature(XlateReq)),    # the function's IOMMU domain
-            "xresp":    In(stream.Signature(XlateResp)),
-            "bus_num":  In(8),
-            "bme":      In(nf),
-            # the transport (hdl.virtio.transport)
-            "qr_fidx":  Out(8),
-            "qr_q":     Out(range(NQ)),
-            "qr_size":  In(9),
-            "qr_vec":   In(16),
-            "qr_en":    In(1),
-            "qa_fidx":  Out(8),
-            "qa_q":     Out(range(NQ)),
-            "qa_sel":   Out(2),
-            "qa_data":  In(64),
-            "live":     In(nf),
-            "ev_idx":   In(nf),
-            "indirect": In(nf),
-            "mrg":      In(nf),                       # VIRTIO_NET_F_MRG_RXBUF negotiated
-            "kick":     In(nf * NQ),
-            "kick_ack": Out(1),
-            "kick_idx": Out(range(nf * NQ)),
-            "isr_set":  Out(1),
-            "isr_fidx": Out(8),
-            "nr_set":   Out(1),
-            "nr_fidx":  Out(8),
-            "vreset":   In(1),
-            "vreset_fidx": In(8),
-            "vf_reset": In(1),                        # VF Enable cleared: every VF's state
-            "mac_fidx": In(8),                        # the device config's mac field
-            "mac":      Out(48),
-            # frame buffers
-            "pm_rd":    Out(PktReadPort(W)),
-            "pm_wr":    Out(PktWritePort(W)),
-            "pm_own":   Out(1),                       # the engine drives the frame buffer ports
-            "snoop":    In(PktWritePort(W)),          # what the read channel writes there
+            "bus":       In(RegBusSignature()),         # NetRegs, MigRegs (PF BAR2)
+            "tx":        Out(tlp_stream(W)),            # the engine's host port
+            "cpl":       In(tlp_stream(W)),
+            "unexp":     Out(1),
+            "rd_cmd":    Out(stream.Signature(DmaCmd)),  # the DMA channels, for the mover
+            "rd_done":   In(stream.Signature(DmaDone)),
+            "wr_cmd":    Out(stream.Signature(DmaCmd)),
+            "wr_done":   In(stream.Signature(DmaDone)),
+            "xreq":      Out(stream.Signature(XlateReq)),     # the functions' domains
+            "xresp":     In(stream.Signature(XlateResp)),
+            "irq":       Out(IrqRequestSignature()),
+            "link":      In(LinkSignature()),
+            "fn":        In(FunctionStateSignature(nf)),
+            "transport": Out(VirtqSignature(nf)),
+            "show":      In(MacShowSignature()),        # the device configuration's mac field
+            "pm_rd":     Out(PktReadPort(W)),           # the frame buffers
+            "pm_wr":     Out(PktWritePort(W)),
+            "pm_own":    Out(1),
+            "snoop":     In(PktWritePort(W)),
             "uplink_tx": Out(stream.Signature(UplinkBeat(W))),
             "uplink_rx": In(stream.Signature(UplinkBeat(W))),
-            # the management block: QoS and telemetry
-            "tx_allow": In(nf, init=(1 << nf) - 1),   # the function's rate limiter lets it send
-            "tx_ev":    Out(EventSignature(12)),      # a frame taken from a transmit queue
-            "rx_ev":    Out(EventSignature(12)),      # a frame delivered into a receive queue
-            "qos_wait": Out(EventSignature()),        # a ready transmit queue held back
+            "tx_allow":  In(nf, init=(1 << nf) - 1),     # QoS and telemetry
+            "tx_ev":     Out(EventSignature(12)),
+            "rx_ev":     Out(EventSignature(12)),
+            "qos_wait":  Out(EventSignature()),
         })
 
     def elaborate(self, platform):
         cfg = self._card
         m = Module()
-        nf = cfg.num_functions
-        nvec = cfg.msix_vectors
-        W = cfg.data_width
-        WB = W // 8
-        LB = exact_log2(WB)
-        DPB = W // 32
-        HDR_OFF = (-P.NET_HDR) % WB                 # the frame starts on a word
-        FRAME_OFF = HDR_OFF + P.NET_HDR
-        PKT_MAX = P.SLOT - HDR_OFF                  # bytes a slot holds from the header on
+        m.submodules.engine = eng = VirtioNetEngine(cfg)
+        m.submodules.regs = regs = NetRegisters(cfg)
+        m.submodules.mac = mac = MacTable(cfg.num_functions)
+        m.submodules.mover = mv = PieceMover()
+        m.submodules.xmux = xmux = LockMux(XlateReq, XlateResp, ("port", "mover"))
 
-        # ---- per-queue indices ---------------------------------------------------------------
-        last_avail = Array(Signal(16, name=f"last_avail{i}") for i in range(nf * NQ))
-        used_idx = Array(Signal(16, name=f"used_idx{i}") for i in range(nf * NQ))
-        txpend = Signal(nf)
-
-        # ---- counters ------------------------------------------------------------------------
-        names = ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
-                 "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED", "XLATE_ERRORS")
-        ctr = {n: Signal(32, name=n.lower()) for n in names}
-        inc = {n: Signal(name="inc_" + n.lower()) for n in names}
-        for n in names:
-            with m.If(inc[n]):
-                m.d.sync += ctr[n].eq(ctr[n] + 1)
-        b = self.bus
-        # migration: per-function stop, and the queue indices only the device knows
-        mig_sel = Signal(8)
-        mig_stop = Signal(nf)
-        mig_busy = Signal()          # the engine holds work of function ``mig_sel``
-        mig_idle = mig_stop.bit_select(mig_sel, 1) & ~mig_busy
-        mig_regs = {MG.RX_AVAIL: ("avail", 0), MG.RX_USED: ("used", 0),
-                    MG.TX_AVAIL: ("avail", 1), MG.TX_USED: ("used", 1)}
-        pf2 = (b.fidx == 0) & (b.bar == 2)
-        m.submodules.mac = mt = MacTable(nf)
-        net_ctrl = Signal(1)                 # NetRegs.CTRL: DEFAULT_PF
-        rdata = Signal(32)
-        with m.If(b.re):
-            m.d.sync += rdata.eq(0)
-            with m.If(pf2):
-                with m.Switch(b.addr):
-                    for n in names:
-                        with m.Case(getattr(NetRegs, n) // 4):
-                            m.d.sync += rdata.eq(ctr[n])
-                    with m.Case(MG.SEL // 4):
-                        m.d.sync += rdata.eq(mig_sel)
-                    with m.Case(MG.CTRL // 4):
-                        m.d.sync += rdata.eq(mig_stop.bit_select(mig_sel, 1))
-                    with m.Case(MG.STATUS // 4):
-                        m.d.sync += rdata.eq(Cat(mig_stop.bit_select(mig_sel, 1), mig_idle))
-                    for off, (kind, q) in mig_regs.items():
-                        with m.Case(off // 4):
-                            arr = last_avail if kind == "avail" else used_idx
-                            m.d.sync += rdata.eq(arr[mig_sel * NQ + q])
-                    with m.Case(MG.TX_PEND // 4):
-                        m.d.sync += rdata.eq(txpend.bit_select(mig_sel, 1))
-                    with m.Case(MG.MAC_LO // 4):
-                        m.d.sync += rdata.eq(mt.rd_mac[:32])
-                    with m.Case(MG.MAC_HI // 4):
-                        m.d.sync += rdata.eq(mt.rd_mac[32:])
-                    with m.Case(NetRegs.CTRL // 4):
-                        m.d.sync += rdata.eq(net_ctrl)
-        m.d.comb += b.rdata.eq(rdata)
-        mig_we = b.we & pf2 & (b.be == 0xF)
-        m.d.comb += [mt.sel.eq(mig_sel), mt.wdata.eq(b.wdata),
-                     mt.we_lo.eq(mig_we & (b.addr == MG.MAC_LO // 4)),
-                     mt.we_hi.eq(mig_we & (b.addr == MG.MAC_HI // 4)),
-                     mt.cfg_fidx.eq(self.mac_fidx), self.mac.eq(mt.cfg_mac)]
-        with m.If(mig_we & (b.addr == NetRegs.CTRL // 4)):
-            m.d.sync += net_ctrl.eq(b.wdata[0])
-        with m.If(mig_we & (b.addr == MG.SEL // 4)):
-            m.d.sync += mig_sel.eq(b.wdata[:8])
-        with m.If(mig_we & (b.addr == MG.CTRL // 4) & (mig_sel < nf)):
-            m.d.sync += mig_stop.bit_select(mig_sel, 1).eq(b.wdata[0])
-
-        # ---- host port: the engine's own small reads and writes ------------------------------
-        h_go = Signal()
-        h_write = Signal()
-        h_addr = Signal(64)
-        h_ndw = Signal(3)
-        h_fbe = Signal(4)
-        h_lbe = Signal(4)
-        h_wdata = Signal(128)
-        h_rdata = Signal(128)
-        h_done = Signal()
-        h_err = Signal()
-        h_xerr = Signal()          # the failure was the translation (sticky until the next go)
-        cf = Signal(8)                               # the function being served
-        rid = Cat(cf, self.bus_num)
-        nbeats = Signal(3)
-        beat = Signal(3)
-        m.d.comb += nbeats.eq(Mux(h_write, (h_ndw + DPB - 1) >> exact_log2(DPB) if DPB > 1 else h_ndw, 1))
-        m.d.comb += [
-            self.tx.p.hdr.eq(Mux(h_write, mem_hdr(m, True, h_addr, h_ndw, rid, 0, h_fbe, h_lbe),
-                                 mem_hdr(m, False, h_addr, h_ndw, rid, VQ_TAG, h_fbe, h_lbe))),
-            self.tx.p.sop.eq(beat == 0),
-            self.tx.p.eop.eq(beat == nbeats - 1),
-            self.tx.p.func.eq(cf),
-        ]
-        if W <= 128:
-            m.d.comb += self.tx.p.data.eq(h_wdata.word_select(beat, W))
-        else:
-            m.d.comb += self.tx.p.data.eq(h_wdata)
-        left = Signal(4)
-        m.d.comb += left.eq(h_ndw - beat * DPB)
-        m.d.comb += self.tx.p.strb.eq(Mux(h_write, Mux(left >= DPB, (1 << DPB) - 1,
-                                                       (C(1, DPB + 1) << left) - 1), 0))
-        c = self.cpl
-        cd0 = data.View(Dw0, hdr_dw(c.p.hdr, 0))
-        cd1 = data.View(CplDw1, hdr_dw(c.p.hdr, 1))
-        dcount = Signal(4)
-        wait_cnt = Signal(range(CPL_TIMEOUT + 1))
-        h_waiting = Signal()
-        def accept_go():
-            # the engine may ask again in the very cycle the previous access reports done
-            with m.If(h_go):
-                m.d.sync += [beat.eq(0), dcount.eq(0), wait_cnt.eq(0), h_err.eq(0), h_xerr.eq(0)]
-                m.next = "XLATE"
-            with m.Else():
-                m.next = "IDLE"
-
-        # the access's IOVA -> bus address (an access never spans a page: that is an error)
-        h_last = Signal(64)
-        m.d.comb += h_last.eq(h_addr + (h_ndw << 2) - 1)
-        hx_req = Signal()
-        hx_take = Signal()
-        with m.FSM(name="hport"):
-            with m.State("IDLE"):
-                accept_go()
-            with m.State("XLATE"):
-                m.d.comb += hx_req.eq(1)
-                with m.If(self.xreq.ready):
-                    m.next = "XWAIT"
-            with m.State("XWAIT"):
-                m.d.comb += hx_take.eq(1)
-                with m.If(self.xresp.valid):
-                    # (without a domain the bus address may cross a page; with one it may not)
-                    with m.If((self.xresp.p.status != XlateStatus.OK)
-                              | (~self.xresp.p.bypass & (h_addr[12:] != h_last[12:]))):
-                        m.d.sync += [h_err.eq(1), h_xerr.eq(1)]
-                        m.next = "GOT"
-                    with m.Else():
-                        m.d.sync += h_addr.eq(self.xresp.p.phys)
-                        m.next = "SEND"
-            with m.State("SEND"):
-                m.d.comb += self.tx.valid.eq(1)
-                with m.If(self.tx.ready):
-                    m.d.sync += beat.eq(beat + 1)
-                    with m.If(beat == nbeats - 1):
-                        m.next = "SENT"
-            with m.State("SENT"):
-                with m.If(h_write):
-                    m.d.comb += h_done.eq(1)
-                    accept_go()
-                with m.Else():
-                    m.d.comb += h_waiting.eq(1)     # (a completion is not taken here)
-                    m.next = "WAIT"
-            with m.State("WAIT"):
-                m.d.comb += [c.ready.eq(1), h_waiting.eq(1)]
-                m.d.sync += wait_cnt.eq(wait_cnt + 1)
-                with m.If(c.valid):
-                    with m.If(c.p.sop & ((cd1.status != 0) | (cd0.fmt != 0b010))):
-                        m.d.sync += h_err.eq(1)
-                    with m.Else():
-                        for j in range(DPB):
-                            with m.If(c.p.strb[j] & (dcount + j < 4)):
-                                m.d.sync += h_rdata.word_select((dcount + j)[:2], 32).eq(
-                                    c.p.data[32 * j:32 * j + 32])
-                        m.d.sync += dcount.eq(dcount + sum(c.p.strb[j] for j in range(DPB)))
-                    with m.If(c.p.eop):
-                        m.next = "GOT"
-                with m.Elif(wait_cnt == CPL_TIMEOUT):
-                    m.d.sync += h_err.eq(1)
-                    m.next = "GOT"
-            with m.State("GOT"):
-                m.d.comb += h_done.eq(1)
-                accept_go()
-        with m.If(~h_waiting & c.valid):
-            m.d.comb += c.ready.eq(1)
-
-        # ---- current queue ---------------------------------------------------------------------
-        cq = Signal(range(NQ))
-        qi = Signal(range(nf * NQ))
-        m.d.comb += [qi.eq(cf * NQ + cq), self.qr_fidx.eq(cf), self.qr_q.eq(cq),
-                     self.qa_fidx.eq(cf), self.qa_q.eq(cq)]
-        desc_base = Signal(64)
-        drv_base = Signal(64)
-        dev_base = Signal(64)
-        qsize = Signal(9)
-        qmask = Signal(9)
-        m.d.comb += qmask.eq(qsize - 1)
-
-        def hread(addr, ndw, fbe=0xF):
-            return [h_write.eq(0), h_addr.eq(addr), h_ndw.eq(ndw), h_fbe.eq(fbe),
-                    h_lbe.eq(Mux(ndw == 1, 0, 0xF))]
-
-        def hread16(addr):
-            """Read the u16 at ``addr`` (2-byte aligned): one DW, only its two bytes enabled
-            (the host structure may end right after it); the value is in half ``k[0]``."""
-            return [hread(addr & ~3, 1, Mux(addr[1], 0xC, 0x3)), k.eq(addr[1])]
-
-        def hwrite(addr, ndw, wdata, fbe=0xF, lbe=0xF):
-            return [h_write.eq(1), h_addr.eq(addr), h_ndw.eq(ndw), h_wdata.eq(wdata),
-                    h_fbe.eq(fbe), h_lbe.eq(lbe if not isinstance(ndw, int) or ndw > 1 else 0)]
-
-        # ---- frame state -------------------------------------------------------------------------
-        head = Signal(16)
-        di = Signal(16)                    # descriptor index in the table being walked
-        ind = Signal()                     # walking an indirect table
-        ind_base = Signal(64)
-        ind_n = Signal(16)
-        count = Signal(17)
-        d_addr = h_rdata[0:64]
-        d_len = h_rdata[64:96]
-        d_flags = h_rdata[96:112]
-        d_next = h_rdata[112:128]
-        cur_addr = Signal(64)
-        cur_len = Signal(32)
-        cur_flags = Signal(16)
-        cur_next = Signal(16)
-        total = Signal(17)                 # bytes gathered (transmit) / written (receive)
-        frame_len = Signal(16)
-        drop = Signal()
-        slot = Signal()                    # frame buffer slot of the frame being delivered
-        dst = Signal(48)
-        tx_f = Signal(8)
-        tx_head = Signal(16)
-        phase = Signal(2)                  # 0 transmit, 1 receive for a transmitted frame, 2 uplink
-        first = Signal()
-        space_host = Signal(64)
-        space = Signal(32)
-        used_len = Signal(32)
-        nb = Signal(16)                    # used elements written for this frame so far
-        more = Signal()                    # the frame goes on in another receive buffer
-        buf_start = Signal(17)             # ``total`` where the current receive buffer began
-        nb_lo_at = Signal(64)              # where the header's num_buffers bytes went
-        nb_hi_at = Signal(64)
-        pub_n = Signal(16)                 # used elements the last used-index write added
-        nbuf_q = Signal(16)                # num_buffers of a frame that spans buffers
-        aidx_q = Signal(16)                # the available index last read
-        ab = Signal(16)                    # used elements taken back so far (RX_AB)
-        flood = Signal()                   # a broadcast / multicast frame: to every function
-        fl_g = Signal(range(nf + 1))       # the next function to flood to
-        ret_rx = Signal()                  # LOADQ returns to the receive path
-        ret_used = Signal()                # ... to the transmit completion
-        ptr = Signal(range(nf))
-        k = Signal(range(P.SLOT // WB + 2))
-        nwords = Signal(range(P.SLOT // WB + 2))
-        stb_used_event = Signal(16)
-
-        frame_word0 = FRAME_OFF // WB                # word of slot 0 where the frame starts
-        # the destination MAC, captured as the read channel writes slot 0
-        sn = self.snoop
-        with m.If(sn.addr == frame_word0):
-            for lane in range(6):
-                with m.If(sn.en[lane]):
-                    m.d.sync += dst.word_select(lane, 8).eq(sn.data[8 * lane:8 * lane + 8])
-
-        def card_addr(s, off):
-            return P.BASE + s * P.SLOT + HDR_OFF + off
-
-        # the station table follows ``dst`` a clock later; the engine looks at it only once
-        # the whole frame is in (a frame has at least MIN_FRAME bytes: several beats)
-        m.d.comb += mt.dst.eq(dst)
-        is_ours = mt.hit
-
-        def clear_indices(g):
-            """Function ``g``'s ring indices back to 0."""
-            return [s.eq(0) for q in range(NQ)
-                    for s in (last_avail[g * NQ + q], used_idx[g * NQ + q])]
-
-        with m.If(self.vreset):
-            g = self.vreset_fidx
-            m.d.sync += [txpend.bit_select(g, 1).eq(0), *clear_indices(g)]
-        with m.If(self.vf_reset):
-            m.d.sync += txpend.eq(txpend & 1)
-            for g in range(1, nf):
-                m.d.sync += clear_indices(g)
-        # restoring a stopped, idle function's indices (the engine does not touch them then)
-        with m.If(mig_we & mig_idle & (mig_sel < nf)):
-            for off, (kind, q) in mig_regs.items():
-                with m.If(b.addr == off // 4):
-                    arr = last_avail if kind == "avail" else used_idx
-                    m.d.sync += arr[mig_sel * NQ + q].eq(b.wdata[:16])
-            with m.If(b.addr == MG.TX_PEND // 4):
-                m.d.sync += txpend.bit_select(mig_sel, 1).eq(b.wdata[0])
-
-        limit = Mux(ind, ind_n, qsize)
-
-        # the available ring's entry for the next buffer (``nb`` of this frame already taken)
-        ring_at = Signal(64)
-        m.d.comb += ring_at.eq(drv_base + 4 + (((last_avail[qi] + nb)[:16] & qmask) << 1))
-
-        def used_len_at(i):
-            """The length field of this frame's used element ``i``."""
-            return dev_base + 4 + (((used_idx[qi] + i)[:16] & qmask) << 3) + 4
-
-        def nb_byte(at, value):
-            """Write one byte of num_buffers at IOVA ``at``."""
-            m.d.comb += h_go.eq(1)
-            m.d.sync += hwrite(at & ~3, 1, value << Cat(C(0, 3), at[:2]),
-                               fbe=(C(1, 4) << at[:2])[:4])
-
-        def publish(n):
-            """Issue the used index write for ``n`` new elements (the caller's state waits for
-            no more host-port results) and go on to avail_event / the interrupt."""
-            m.d.comb += h_go.eq(1)
-            m.d.sync += [hwrite(dev_base, 1, Cat(C(0, 16), (used_idx[qi] + n)[:16]), fbe=0xC),
-                         used_idx[qi].eq(used_idx[qi] + n),
-                         last_avail[qi].eq(last_avail[qi] + n), pub_n.eq(n)]
-            m.next = "AVAIL_EVT"
-
-        # the words of a slot that a fresh virtio_net_hdr (num_buffers 1) takes: (word, data,
-        # byte enables), the header being the NET_HDR bytes before the frame
-        hdr_words = []
-        for word in range(HDR_OFF // WB, (FRAME_OFF - 1) // WB + 1):
-            val = en = 0
-            for lane in range(WB):
-                at = word * WB + lane - HDR_OFF
-                if 0 <= at < P.NET_HDR:
-                    en |= 1 << lane
-                    val |= (1 if at == 10 else 0) << (8 * lane)
-            hdr_words.append((word, val, en))
-        # a buffer whose end passes the top of the 64-bit space (it would wrap to address 0)
-        cur_end = Signal(65)
-        m.d.comb += cur_end.eq(cur_addr + cur_len)
-        past_top = cur_end[64] & (cur_end[:64] != 0)
-        WTOP = P.SLOT // WB
-
-        # translation of buffer pieces (the host port translates its own accesses)
-        mx_req = Signal()
-        mx_take = Signal()
-        mx_iova = Signal(64)
-        mx_last = Signal(64)
-        sub = Signal(32)                   # bytes of the current descriptor done
-        seg = Signal(13)                   # the piece being moved (at most a page)
-        phys = Signal(64)
-        xr = self.xresp.p
-        m.d.comb += [
-            self.xreq.valid.eq(hx_req | mx_req),
-            self.xreq.p.fidx.eq(cf),
-            self.xreq.p.iova.eq(Mux(hx_req, h_addr, mx_iova)),
-            self.xreq.p.last.eq(Mux(hx_req, h_last, mx_last)),
-            self.xresp.ready.eq(hx_take | mx_take),
-        ]
-        page_room = Signal(13)
-        m.d.comb += page_room.eq(4096 - mx_iova[:12])
-
-        def piece(limit_bytes):
-            """The bytes of the next piece: ``limit_bytes``, cut at the page end unless the
-            function has no domain (bypass)."""
-            return Mux(xr.bypass | (limit_bytes < page_room), limit_bytes, page_room)
-
-        cmd_p = [self.rd_cmd.p, self.wr_cmd.p]
-        for p_ in cmd_p:
-            m.d.comb += p_.fidx.eq(cf)
-        m.d.comb += [
-            self.rd_cmd.p.host.eq(phys),
-            self.rd_cmd.p.card.eq(card_addr(0, total)),
-            self.rd_cmd.p.length.eq(seg),
-            self.wr_cmd.p.host.eq(phys),
-            self.wr_cmd.p.card.eq(card_addr(slot, total)),
-            self.wr_cmd.p.length.eq(seg),
-        ]
-
-        with m.FSM(name="engine") as engine:
-            m.d.comb += mig_busy.eq(~engine.ongoing("SCAN")
-                                    & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
-            with m.State("SCAN"):
-                m.d.sync += [phase.eq(0), drop.eq(0), flood.eq(0), fl_g.eq(0)]
-                with m.If(self.uplink_rx.valid):
-                    m.d.sync += [k.eq(0), total.eq(0), dst.eq(0)]
-                    m.next = "UPIN"
-                with m.Else():
-                    # receive-queue notifications need no action: buffers are looked up when a
-                    # frame arrives
-                    with m.If(self.kick.bit_select(ptr * NQ + RXQ, 1)):
-                        m.d.comb += [self.kick_ack.eq(1), self.kick_idx.eq(ptr * NQ + RXQ)]
-                    with m.Elif(self.kick.bit_select(ptr * NQ + TXQ, 1)):
-                        m.d.comb += [self.kick_ack.eq(1), self.kick_idx.eq(ptr * NQ + TXQ)]
-                        m.d.sync += txpend.bit_select(ptr, 1).eq(1)
-                    with m.Elif(txpend.bit_select(ptr, 1) & self.live.bit_select(ptr, 1)
-                                & self.bme.bit_select(ptr, 1) & ~mig_stop.bit_select(ptr, 1)
-                                & self.tx_allow.bit_select(ptr, 1)):
-                        m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0),
-                                     nb.eq(0)]
-                        m.next = "LOADQ0"
-                    with m.Else():
-                        m.d.comb += [self.qos_wait.fidx.eq(ptr),
-                                     self.qos_wait.stb.eq(txpend.bit_select(ptr, 1)
-                                                          & self.live.bit_select(ptr, 1)
-                                                          & self.bme.bit_select(ptr, 1)
-                                                          & ~mig_stop.bit_select(ptr, 1))]
-                        with m.If(~self.live.bit_select(ptr, 1)):
-                            m.d.sync += txpend.bit_select(ptr, 1).eq(0)
-                        m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
-
-            # -- load the current queue's addresses (qa port: a cycle of latency) --
-            with m.State("LOADQ0"):
-                m.d.comb += self.qa_sel.eq(0)
-                m.d.sync += qsize.eq(self.qr_size)
-                m.next = "LOADQ1"
-            with m.State("LOADQ1"):
-                m.d.comb += self.qa_sel.eq(1)
-                m.d.sync += desc_base.eq(self.qa_data)
-                m.next = "LOADQ2"
-            with m.State("LOADQ2"):
-                m.d.comb += self.qa_sel.eq(2)
-                m.d.sync += drv_base.eq(self.qa_data)
-                m.next = "LOADQ3"
-            with m.State("LOADQ3"):
-                m.d.sync += dev_base.eq(self.qa_data)
-                with m.If(ret_used):
-                    m.next = "USED_ELEM"
-                with m.Elif(~self.qr_en | (qsize == 0)):
-                    with m.If(ret_rx):
-                        m.d.comb += inc["DROP_NOBUF"].eq(1)
-                        m.next = "RX_DONE"
-                    with m.Else():
-                        m.d.sync += txpend.bit_select(cf, 1).eq(0)
-                        m.next = "NEXT"
-                with m.Else():
-                    m.d.comb += h_go.eq(1)
-                    m.d.sync += hread(drv_base, 1)           # avail.flags and avail.idx
-                    m.next = "AVAIL_IDX"
-
-            # -- the available index and the head of the next chain --
-            with m.State("AVAIL_IDX"):
-                with m.If(h_done):
-                    aidx = h_rdata[16:32]
-                    ahead = Signal(16)                   # entries made available, not taken
-                    m.d.comb += ahead.eq(aidx - last_avail[qi])
-                    m.d.sync += aidx_q.eq(aidx)
-                    with m.If(h_err | (ahead > qsize) | (ahead < nb)):
-                        m.next = "BAD"
-                    with m.Elif(ahead == nb):
-                        with m.If(cq == TXQ):
-                            m.d.sync += txpend.bit_select(cf, 1).eq(0)
-                            m.next = "NEXT"
-                        with m.Elif(nb == 0):
-                            m.d.comb += inc["DROP_NOBUF"].eq(1)
-                            m.next = "RX_DONE"
-                        with m.Else():
-                            m.next = "RX_ABORT"          # out of buffers in mid-frame
-                    with m.Else():
-                        m.d.sync += hread16(ring_at)
-                        m.d.comb += h_go.eq(1)
-                        m.next = "AVAIL_HEAD"
-            with m.State("AVAIL_HEAD"):
-                with m.If(h_done):
-                    hd = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
-                    with m.If(h_err | (hd >= qsize)):
-                        m.next = "BAD"
-                    with m.Else():
-                        # (a receive buffer after the first goes on where the frame stands)
-                        m.d.sync += [head.eq(hd), di.eq(hd), ind.eq(0), count.eq(0),
-                                     total.eq(Mux(cq == TXQ, 0, total)),
-                                     buf_start.eq(Mux(cq == TXQ, 0, total)),
-                                     first.eq(1), used_len.eq(0)]
-                        m.next = "DESC"
-
-            # -- walk the chain --
-            with m.State("DESC"):
-                m.d.comb += h_go.eq(1)
-                m.d.sync += [hread(Mux(ind, ind_base, desc_base) + (di << 4), 4),
-                             count.eq(count + 1)]
-                m.next = "DESC_WAIT"
-            with m.State("DESC_WAIT"):
-                with m.If(h_done):
-                    m.d.sync += [cur_addr.eq(d_addr), cur_len.eq(d_len), cur_flags.eq(d_flags),
-                                 cur_next.eq(d_next)]
-                    with m.If(h_err | (count > limit)):
-                        m.next = "BAD"                    # unreadable, or a loop
-                    with m.Elif(d_flags & DESC_INDIRECT):
-                        ok = (self.indirect.bit_select(cf, 1) & ~ind & ~(d_flags & DESC_NEXT)[0]
-                              & (d_len[:4] == 0) & (d_len != 0) & (d_len[4:] <= 0xFFFF))
-                        with m.If(ok):
-                            m.d.sync += [ind.eq(1), ind_base.eq(d_addr), ind_n.eq(d_len[4:20]),
-                                         di.eq(0), count.eq(0)]
-                            m.next = "DESC"
-                        with m.Else():
-                            m.next = "BAD"
-                    with m.Elif((d_flags & DESC_WRITE).bool() != (cq == RXQ)):
-                        m.next = "BAD"                    # wrong direction
-                    with m.Elif(cq == TXQ):
-                        m.next = "TX_DATA"
-                    with m.Else():
-                        m.next = "RX_DATA"
-            with m.State("CHAIN_NEXT"):
-                with m.If(cur_flags & DESC_NEXT):
-                    with m.If(cur_next >= limit):
-                        m.next = "BAD"
-                    with m.Else():
-                        m.d.sync += di.eq(cur_next)
-                        m.next = "DESC"
-                with m.Elif(cq == TXQ):
-                    m.next = "TX_END"
-                with m.Else():
-                    m.next = "RX_END"
-
-            # -- transmit: gather the chain into slot 0 --
-            with m.State("TX_DATA"):
-                with m.If(past_top):
-                    m.next = "BAD"
-                with m.Elif((cur_len == 0) | drop):
-                    m.next = "CHAIN_NEXT"
-                with m.Elif(total + cur_len > PKT_MAX):
-                    m.d.sync += drop.eq(1)
-                    m.next = "CHAIN_NEXT"
-                with m.Else():
-                    m.d.sync += sub.eq(0)
-                    m.next = "TX_XL"
-            with m.State("TX_XL"):
-                # translate the next piece; the whole buffer must be in the domain
-                m.d.comb += [mx_req.eq(1), mx_iova.eq(cur_addr + sub), mx_last.eq(cur_addr + cur_len - 1)]
-                with m.If(self.xreq.ready):
-                    m.next = "TX_XW"
-            with m.State("TX_XW"):
-                m.d.comb += [mx_take.eq(1), mx_iova.eq(cur_addr + sub)]
-                with m.If(self.xresp.valid):
-                    with m.If(xr.status != XlateStatus.OK):
-                        m.d.sync += h_xerr.eq(1)
-                        m.next = "BAD"
-                    with m.Else():
-                        m.d.sync += [phys.eq(xr.phys), seg.eq(piece(cur_len - sub))]
-                        m.next = "TX_GO"
-            with m.State("TX_GO"):
-                m.d.comb += self.rd_cmd.valid.eq(1)
-                with m.If(self.rd_cmd.ready):
-                    m.next = "TX_WAIT"
-            with m.State("TX_WAIT"):
-                m.d.comb += self.rd_done.ready.eq(1)
-                with m.If(self.rd_done.valid):
-                    with m.If(self.rd_done.p.status != DmaStatus.OK):
-                        m.next = "BAD"
-                    with m.Else():
-                        m.d.sync += [total.eq(total + seg), sub.eq(sub + seg)]
-                        with m.If(sub + seg == cur_len):
-                            m.next = "CHAIN_NEXT"
-                        with m.Else():
-                            m.next = "TX_XL"
-            with m.State("TX_END"):
-                m.d.comb += [inc["TX_FRAMES"].eq(1), self.tx_ev.stb.eq(1), self.tx_ev.fidx.eq(cf),
-                             self.tx_ev.amount.eq(total - P.NET_HDR)]
-                m.d.sync += [tx_f.eq(cf), tx_head.eq(head), frame_len.eq(total - P.NET_HDR),
-                             slot.eq(0), used_len.eq(0)]
-                with m.If(drop | (total < P.NET_HDR + P.MIN_FRAME)):
-                    m.d.comb += inc["DROP_SIZE"].eq(1)
-                    m.next = "TX_USED"
-                with m.Elif(dst[0] | ~is_ours):
-                    # (a broadcast or multicast frame goes to the other functions too, after)
-                    m.d.sync += [k.eq(0), nwords.eq((total - P.NET_HDR + WB - 1) >> LB),
-                                 flood.eq(dst[0]), phase.eq(1)]
-                    m.next = "UP_RD"
-                with m.Elif(mt.hit_fidx == cf):
-                    m.d.comb += inc["DROP_UNKNOWN"].eq(1)
-                    m.next = "TX_USED"
-                with m.Else():
-                    m.d.sync += phase.eq(1)
-                    m.next = "RX_START"
-
-            # -- uplink out: stream the frame from the slot --
-            with m.State("UP_RD"):
-                m.d.comb += [self.pm_own.eq(1), self.pm_rd.en.eq(1),
-                             self.pm_rd.addr.eq(slot * (P.SLOT // WB) + FRAME_OFF // WB + k)]
-                m.next = "UP_OUT"
-            with m.State("UP_OUT"):
-                lastw = k == nwords - 1
-                tail = frame_len[:LB]
-                m.d.comb += [self.pm_own.eq(1), self.uplink_tx.valid.eq(1),
-                             self.uplink_tx.p.data.eq(self.pm_rd.data),
-                             self.uplink_tx.p.last.eq(lastw),
-                             self.uplink_tx.p.keep.eq(Mux(lastw & (tail != 0),
-                                                          (C(1, WB + 1) << tail) - 1,
-                                                          (1 << WB) - 1))]
-                with m.If(self.uplink_tx.ready):
-                    m.d.sync += k.eq(k + 1)
-                    with m.If(lastw):
-                        m.d.comb += inc["UPLINK_OUT"].eq(1)
-                        m.next = "TX_USED"
-                        with m.If(flood):
-                            m.next = "FLOOD"
-                    with m.Else():
-                        m.next = "UP_RD"
-
-            # -- uplink in: take a frame into slot 1 --
-            with m.State("UPIN"):
-                u = self.uplink_rx
-                m.d.comb += [u.ready.eq(1), self.pm_own.eq(1)]
-                with m.If(u.valid):
-                    with m.If(k < WTOP - FRAME_OFF // WB):
-                        m.d.comb += [self.pm_wr.addr.eq(P.SLOT // WB + FRAME_OFF // WB + k),
-                                     self.pm_wr.data.eq(u.p.data), self.pm_wr.en.eq(u.p.keep)]
-                    with m.Else():
-                        m.d.sync += drop.eq(1)
-                    with m.If(k == 0):
-                        m.d.sync += dst.eq(u.p.data[:48])
-                    m.d.sync += [k.eq(k + 1),
-                                 total.eq(total + sum(u.p.keep[j] for j in range(WB)))]
-                    with m.If(u.p.last):
-                        m.next = "UPIN_END"
-            with m.State("UPIN_END"):
-                m.d.comb += inc["UPLINK_IN"].eq(1)
-                m.d.sync += [frame_len.eq(total), slot.eq(1), phase.eq(2)]
-                with m.If(drop | (total < P.MIN_FRAME) | (total > PKT_MAX - P.NET_HDR)):
-                    m.d.comb += inc["DROP_SIZE"].eq(1)
-                    m.next = "NEXT"
-                with m.Elif(dst[0]):
-                    m.d.sync += flood.eq(1)            # broadcast / multicast: every function
-                    m.next = "FLOOD"
-                with m.Elif(~(is_ours | net_ctrl)):
-                    m.d.comb += inc["DROP_UNKNOWN"].eq(1)
-                    m.next = "NEXT"
-                with m.Else():
-                    m.next = "RX_START"
-
-            # -- receive: deliver the frame in ``slot`` to the function owning its destination
-            #    (an uplink frame for none reaches here only with DEFAULT_PF: to the PF) --
-            def receiver_up(g):
-                return (self.live.bit_select(g, 1) & self.bme.bit_select(g, 1)
-                        & ~mig_stop.bit_select(g, 1))
-
-            def deliver_to(g):
-                m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0),
-                             nb.eq(0), total.eq(0), k.eq(0)]
-
-            with m.State("RX_START"):
-                owner = Mux(is_ours, mt.hit_fidx, 0)
-                # DEFAULT_PF also takes the frames of a stopped function (a guest in migration:
-                # the host holds them and forwards them to where the guest goes)
-                g = Mux(net_ctrl & mig_stop.bit_select(owner, 1), 0, owner)
-                deliver_to(g)
-                with m.If(receiver_up(g)):
-                    m.next = "RX_HDRW"
-                with m.Else():
-                    m.d.comb += inc["DROP_NOBUF"].eq(1)
-                    m.next = "RX_DONE"
-            with m.State("FLOOD"):
-                # a broadcast or multicast frame, to each function that is up but its sender
-                # (one a cycle; a function that is down is passed over, not counted)
-                with m.If(fl_g == nf):
-                    m.d.sync += flood.eq(0)
-                    m.next = "NEXT"
-                    with m.If(phase == 1):
-                        m.next = "TX_USED"
-                with m.Else():
-                    m.d.sync += fl_g.eq(fl_g + 1)
-                    with m.If(receiver_up(fl_g) & ~((phase == 1) & (fl_g == tx_f))):
-                        deliver_to(fl_g)
-                        m.next = "RX_HDRW"
-            with m.State("RX_HDRW"):
-                # a fresh virtio_net_hdr in the slot before the frame (num_buffers 1): the
-                # receive buffers get the slot's header and frame as one byte string
-                m.d.comb += self.pm_own.eq(1)
-                with m.Switch(k):
-                    for i, (word, val, en) in enumerate(hdr_words):
-                        with m.Case(i):
-                            m.d.comb += [self.pm_wr.addr.eq(slot * (P.SLOT // WB) + word),
-                                         self.pm_wr.data.eq(val), self.pm_wr.en.eq(en)]
-                m.d.sync += k.eq(k + 1)
-                with m.If(k == len(hdr_words) - 1):
-                    m.next = "LOADQ0"
-            with m.State("RX_DATA"):
-                # the chain's buffers take header and frame in any layout
-                with m.If(past_top):
-                    m.next = "BAD"
-                with m.Else():
-                    m.d.sync += [first.eq(0), space_host.eq(cur_addr), space.eq(cur_len)]
-                    m.next = "RX_COPY"
-            with m.State("RX_COPY"):
-                rem = Signal(17)
-                m.d.comb += rem.eq(frame_len + P.NET_HDR - total)
-                with m.If(rem == 0):
-                    m.next = "RX_END"
-                with m.Elif(space == 0):
-                    m.next = "CHAIN_NEXT"
-                with m.Else():
-                    share = Mux(rem < space, rem, space)
-                    m.d.sync += cur_len.eq(share)                  # this buffer's share
-                    # where the header's num_buffers (string bytes 10 and 11) lands, for a
-                    # frame that turns out to span buffers
-                    for at, i in ((nb_lo_at, 10), (nb_hi_at, 11)):
-                        with m.If((total <= i) & (total + share > i)):
-                            m.d.sync += at.eq(space_host + (i - total))
-                    m.next = "RX_XL"
-            with m.State("RX_XL"):
-                m.d.comb += [mx_req.eq(1), mx_iova.eq(space_host),
-                             mx_last.eq(space_host + cur_len - 1)]
-                with m.If(self.xreq.ready):
-                    m.next = "RX_XW"
-            with m.State("RX_XW"):
-                m.d.comb += [mx_take.eq(1), mx_iova.eq(space_host)]
-                with m.If(self.xresp.valid):
-                    with m.If(xr.status != XlateStatus.OK):
-                        m.d.sync += h_xerr.eq(1)
-                        m.next = "BAD"
-                    with m.Else():
-                        m.d.sync += [phys.eq(xr.phys), seg.eq(piece(cur_len))]
-                        m.next = "RX_GO"
-            with m.State("RX_GO"):
-                m.d.comb += self.wr_cmd.valid.eq(1)
-                with m.If(self.wr_cmd.ready):
-                    m.next = "RX_WAIT"
-            with m.State("RX_WAIT"):
-                m.d.comb += self.wr_done.ready.eq(1)
-                with m.If(self.wr_done.valid):
-                    with m.If(self.wr_done.p.status != DmaStatus.OK):
-                        m.next = "BAD"
-                    with m.Else():
-                        m.d.sync += [total.eq(total + seg), space.eq(space - seg),
-                                     space_host.eq(space_host + seg)]
-                        m.next = "RX_COPY"
-            with m.State("RX_END"):
-                # the end of a receive buffer (its chain), or of the frame
-                rem = frame_len + P.NET_HDR - total
-                m.d.sync += more.eq(0)
-                with m.If(drop):
-                    m.d.comb += inc["DROP_SIZE"].eq(1)
-                    m.d.sync += used_len.eq(0)           # returned with nothing in it
-                with m.Elif(rem == 0):
-                    m.d.comb += [inc["RX_FRAMES"].eq(1), self.rx_ev.stb.eq(1),
-                                 self.rx_ev.fidx.eq(cf), self.rx_ev.amount.eq(frame_len)]
-                    m.d.sync += used_len.eq(total - buf_start)
-                with m.Elif(self.mrg.bit_select(cf, 1) & (total < P.NET_HDR)):
-                    # with MRG_RXBUF the first buffer must hold the whole header (5.1.6.3.1)
-                    m.d.comb += inc["DROP_SIZE"].eq(1)
-                    m.d.sync += used_len.eq(0)
-                with m.Elif(self.mrg.bit_select(cf, 1)):
-                    m.d.sync += [used_len.eq(total - buf_start), more.eq(1)]
-                with m.Else():
-                    m.d.comb += inc["DROP_SIZE"].eq(1)     # the buffer was too small
-                    m.d.sync += used_len.eq(0)
-                m.next = "USED_ELEM"
-            with m.State("RX_MORE"):
-                # the next buffer of a frame that spans several (MRG_RXBUF); at most a queue's
-                # worth: AVAIL_IDX never lets ``nb`` pass what the driver made available, so a
-                # ring too small for the frame ends in RX_ABORT
-                with m.If(aidx_q != (last_avail[qi] + nb)[:16]):
-                    m.d.comb += h_go.eq(1)
-                    m.d.sync += hread16(ring_at)
-                    m.next = "AVAIL_HEAD"
-                with m.Else():
-                    m.d.comb += h_go.eq(1)
-                    m.d.sync += hread(drv_base, 1)       # more may have been made available
-                    m.next = "AVAIL_IDX"
-            with m.State("RX_ABORT"):
-                # out of buffers in mid-frame: the buffers taken go back with length 0 (the
-                # driver frees them as runts), the frame is dropped
-                m.d.comb += [inc["DROP_NOBUF"].eq(1), h_go.eq(1)]
-                m.d.sync += [hwrite(used_len_at(0), 1, 0), ab.eq(1)]
-                m.next = "RX_AB"
-            with m.State("RX_AB"):
-                with m.If(h_done & h_err):
-                    m.next = "BAD"
-                with m.Elif(h_done & (ab == nb)):
-                    publish(nb)
-                with m.Elif(h_done):
-                    m.d.comb += h_go.eq(1)
-                    m.d.sync += [hwrite(used_len_at(ab), 1, 0), ab.eq(ab + 1)]
-
-            # -- used element(s), used index, avail_event, interrupt --
-            with m.State("USED_ELEM"):
-                m.d.comb += h_go.eq(1)
-                m.d.sync += hwrite(dev_base + 4 + (((used_idx[qi] + nb)[:16] & qmask) << 3), 2,
-                                   Cat(head, C(0, 16), used_len))
-                m.next = "ELEM_SENT"
-            with m.State("ELEM_SENT"):
-                with m.If(h_done & h_err):
-                    m.next = "BAD"
-                with m.Elif(h_done):
-                    m.d.sync += [nb.eq(nb + 1), nbuf_q.eq(nb + 1)]
-                    with m.If(more):
-                        m.next = "RX_MORE"
-                    with m.Elif((cq == RXQ) & (nb != 0)):
-                        # the frame spans nb + 1 buffers: its header says so (a byte at a time:
-                        # the two bytes may lie in different DWs, descriptors or pages)
-                        nb_byte(nb_lo_at, (nb + 1)[:8])
-                        m.d.sync += ab.eq(0)
-                        m.next = "NB_SENT"
-                    with m.Else():
-                        publish(nb + 1)
-            with m.State("NB_SENT"):
-                with m.If(h_done & h_err):
-                    m.next = "BAD"
-                with m.Elif(h_done & (ab == 0)):
-                    nb_byte(nb_hi_at, nbuf_q[8:16])
-                    m.d.sync += ab.eq(1)
-                with m.Elif(h_done):
-                    publish(nb)
-            with m.State("AVAIL_EVT"):
-                with m.If(h_done & h_err):
-                    m.next = "BAD"
-                with m.Elif(h_done):
-                    with m.If(self.ev_idx.bit_select(cf, 1)):
-                        ev_off = Signal(12)
-                        m.d.comb += ev_off.eq(4 + (qsize << 3))
-                        m.d.comb += h_go.eq(1)
-                        m.d.sync += hwrite(dev_base + ev_off, 1, last_avail[qi], fbe=0x3)
-                        m.next = "EVT_SENT"
-                    with m.Else():
-                        m.d.comb += h_go.eq(1)
-                        m.d.sync += hread(drv_base, 1, 0x3)      # avail.flags
-                        m.next = "IRQ_FLAGS"
-            with m.State("EVT_SENT"):
-                with m.If(h_done & h_err):
-                    m.next = "BAD"
-                with m.Elif(h_done):
-                    ue_at = Signal(64)
-                    m.d.comb += ue_at.eq(drv_base + 4 + (qsize << 1))    # used_event
-                    m.d.comb += h_go.eq(1)
-                    m.d.sync += hread16(ue_at)
-                    m.next = "IRQ_EVENT"
-            with m.State("IRQ_FLAGS"):
-                with m.If(h_done):
-                    with m.If(~h_err & ~h_rdata[0]):
-                        m.next = "IRQ"
-                    with m.Else():
-                        m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
-                        m.next = "QDONE"
-            with m.State("IRQ_EVENT"):
-                with m.If(h_done):
-                    ue = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
-                    new = used_idx[qi]
-                    old = Signal(16)
-                    m.d.comb += old.eq(new - pub_n)          # (a frame may use several)
-                    # vring_need_event(used_event, new, old)
-                    need = ((new - ue - 1)[:16] < (new - old)[:16])
-                    with m.If(~h_err & need):
-                        m.next = "IRQ"
-                    with m.Else():
-                        m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
-                        m.next = "QDONE"
-            with m.State("IRQ"):
-                m.d.comb += [inc["QUEUE_IRQS"].eq(1), self.irq.valid.eq(self.qr_vec < nvec), self.irq.fidx.eq(cf),
-                             self.irq.vector.eq(self.qr_vec[:5]),
-                             self.isr_set.eq(1), self.isr_fidx.eq(cf)]
-                m.next = "QDONE"
-            with m.State("QDONE"):
-                with m.If(cq == RXQ):
-                    m.next = "RX_DONE"
-                with m.Else():
-                    m.next = "NEXT"
-            with m.State("RX_DONE"):
-                # on to the next function of a flood, or back to the sender to complete its
-                # transmit buffer
-                with m.If(flood):
-                    m.next = "FLOOD"
-                with m.Elif(phase == 1):
-                    m.next = "TX_USED"
-                with m.Else():
-                    m.next = "NEXT"
-            with m.State("TX_USED"):
-                m.d.sync += [cf.eq(tx_f), cq.eq(TXQ), head.eq(tx_head), used_len.eq(0),
-                             nb.eq(0), more.eq(0),
-                             ret_used.eq(1), ret_rx.eq(0), phase.eq(0)]
-                m.next = "LOADQ0"
-
-            with m.State("BAD"):
-                m.d.comb += [self.nr_set.eq(1), self.nr_fidx.eq(cf), inc["DROP_BAD"].eq(1),
-                             inc["XLATE_ERRORS"].eq(h_xerr)]
-                m.d.sync += txpend.bit_select(cf, 1).eq(0)
-                with m.If(flood):
-                    m.next = "FLOOD"              # a receiver of a flood broke: the others next
-                with m.Elif(phase == 1):
-                    m.next = "TX_USED"            # the receiver broke; the sender's frame is done
-                with m.Else():
-                    m.next = "NEXT"
-            with m.State("NEXT"):
-                m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
-                m.next = "SCAN"
+        wiring.connect(m, wiring.flipped(self.bus), regs.bus)
+        wiring.connect(m, eng.events, regs.events)
+        wiring.connect(m, regs.mig, eng.mig)
+        wiring.connect(m, regs.mac, mac.program)
+        wiring.connect(m, eng.mac, mac.lookup)
+        wiring.connect(m, wiring.flipped(self.show), mac.show)
+        wiring.connect(m, eng.move, mv.move)
+        wiring.connect(m, eng.xreq, xmux.port_cmd)
+        wiring.connect(m, xmux.port_done, eng.xresp)
+        wiring.connect(m, mv.xreq, xmux.mover_cmd)
+        wiring.connect(m, xmux.mover_done, mv.xresp)
+        wiring.connect(m, xmux.cmd, wiring.flipped(self.xreq))
+        wiring.connect(m, wiring.flipped(self.xresp), xmux.done)
+        for name in ("rd_cmd", "wr_cmd"):
+            wiring.connect(m, getattr(mv, name), wiring.flipped(getattr(self, name)))
+        for name in ("rd_done", "wr_done"):
+            wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(mv, name))
+        for name in ("tx", "irq", "transport", "pm_rd", "pm_wr", "uplink_tx", "tx_ev", "rx_ev",
+                     "qos_wait"):
+            wiring.connect(m, getattr(eng, name), wiring.flipped(getattr(self, name)))
+        for name in ("cpl", "link", "fn", "snoop", "uplink_rx"):
+            wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(eng, name))
+        m.d.comb += [self.unexp.eq(eng.unexp), self.pm_own.eq(eng.pm_own),
+                     eng.tx_allow.eq(self.tx_allow)]
         return m

@@ -27,9 +27,11 @@ from amaranth.utils import exact_log2
 from regmap import VirtioRegs as V
 
 from ..config import CardConfig
-from ..iface import RegBusSignature, IrqRequestSignature
+from ..iface import RegBusSignature, IrqRequestSignature, FunctionStateSignature
+from ..pcie.regfile import RegisterFile
+from .mac_table import MacShowSignature
 
-__all__ = ["VirtioPci", "NQ", "OFFERED"]
+__all__ = ["VirtioPci", "NQ", "OFFERED", "VirtqSignature"]
 
 NQ = V.NUM_QUEUES_VALUE
 # the feature bits the device offers; each function keeps one accepted-flag per offer
@@ -41,42 +43,50 @@ def _dw(off):
     return off // 4
 
 
+def VirtqSignature(num_functions):
+    """What the virtqueue engine needs of the transport (the engine's side): the current
+    queue's state (``qr_*``, combinational) and ring addresses (``qa_*``, block RAM: data a
+    cycle after the address), what each function negotiated, the notifications (``kick``, one
+    bit per function and queue, which the engine acknowledges), the engine's reports (a queue
+    interrupt sent: ``isr_*``; the device needs a reset: ``nr_*``) and the transport's virtio
+    reset of a function (``vreset``)."""
+    nf = num_functions
+    return wiring.Signature({
+        "qr_fidx":  Out(8),
+        "qr_q":     Out(range(NQ)),
+        "qr_size":  In(9),
+        "qr_vec":   In(16),
+        "qr_en":    In(1),
+        "qa_fidx":  Out(8),
+        "qa_q":     Out(range(NQ)),
+        "qa_sel":   Out(2),         # 0 descriptor table, 1 driver (avail), 2 device (used)
+        "qa_data":  In(64),         # a cycle after the address
+        "live":     In(nf),         # DRIVER_OK and FEATURES_OK, no NEEDS_RESET / FAILED
+        "ev_idx":   In(nf),         # VIRTIO_F_EVENT_IDX negotiated
+        "indirect": In(nf),         # VIRTIO_F_INDIRECT_DESC negotiated
+        "mrg":      In(nf),         # VIRTIO_NET_F_MRG_RXBUF negotiated
+        "kick":     In(nf * NQ),    # notified, not yet acknowledged; bit = fidx * NQ + q
+        "kick_ack": Out(1),
+        "kick_idx": Out(range(nf * NQ)),
+        "isr_set":  Out(1),         # a queue interrupt was sent for ``isr_fidx``
+        "isr_fidx": Out(8),
+        "nr_set":   Out(1),         # function ``nr_fidx`` is broken: NEEDS_RESET
+        "nr_fidx":  Out(8),
+        "vreset":   In(1),          # strobe: function ``vreset_fidx``'s virtio state reset
+        "vreset_fidx": In(8),
+    })
+
+
 class VirtioPci(wiring.Component):
     def __init__(self, cfg: CardConfig):
         self._card = cfg
         nf = cfg.num_functions
-        QB = exact_log2(NQ)
         super().__init__({
             "bus":      In(RegBusSignature()),
-            # queue state for the engine
-            "qr_fidx":  In(8),
-            "qr_q":     In(range(NQ)),
-            "qr_size":  Out(9),
-            "qr_vec":   Out(16),
-            "qr_en":    Out(1),
-            "qa_fidx":  In(8),
-            "qa_q":     In(range(NQ)),
-            "qa_sel":   In(2),          # 0 descriptor table, 1 driver (avail), 2 device (used)
-            "qa_data":  Out(64),        # a cycle after the address
-            "mac_fidx": Out(8),         # the station table (hdl.virtio.mac_table): whose address ...
-            "mac":      In(48),         # ... the device configuration shows
-            "live":     Out(nf),        # DRIVER_OK and FEATURES_OK, no NEEDS_RESET / FAILED
-            "ev_idx":   Out(nf),        # VIRTIO_F_EVENT_IDX negotiated
-            "indirect": Out(nf),        # VIRTIO_F_INDIRECT_DESC negotiated
-            "mrg":      Out(nf),        # VIRTIO_NET_F_MRG_RXBUF negotiated
-            "kick":     Out(nf * NQ),   # notified, not yet acknowledged; bit = fidx * NQ + q
-            "kick_ack": In(1),
-            "kick_idx": In(range(nf * NQ)),
-            "isr_set":  In(1),          # the engine sent a queue interrupt for ``isr_fidx``
-            "isr_fidx": In(8),
-            "nr_set":   In(1),          # the engine found the device broken: NEEDS_RESET
-            "nr_fidx":  In(8),
+            "engine":   In(VirtqSignature(nf)),     # the virtqueue engine
+            "mac":      Out(MacShowSignature()),    # the station table's address of a function
             "irq":      Out(IrqRequestSignature()),   # configuration change interrupts
-            "reset":    Out(1),         # strobe: function ``reset_fidx``'s virtio state reset
-            "reset_fidx": Out(8),
-            "flr":      In(1),
-            "flr_fidx": In(8),
-            "vf_reset": In(1),
+            "fn":       In(FunctionStateSignature(nf)),
         })
 
     def elaborate(self, platform):
@@ -137,7 +147,7 @@ class VirtioPci(wiring.Component):
         # ---- resets ------------------------------------------------------------------------
         rst = Signal()
         rst_f = Signal(8)
-        m.d.comb += [self.reset.eq(rst), self.reset_fidx.eq(rst_f)]
+        m.d.comb += [self.engine.vreset.eq(rst), self.engine.vreset_fidx.eq(rst_f)]
 
         def reset_function(g):
             stm = [status[g].eq(0), gf[g].eq(0), gf_bad.word_select(g, 3).eq(0),
@@ -153,10 +163,10 @@ class VirtioPci(wiring.Component):
         f = b.fidx
         a = b.addr
         base = _dw(V.COMMON)
-        in_common = (b.bar == 0) & (a >= base) & (a < base + _dw(V.COMMON_LEN))
-        in_notify = (b.bar == 0) & (a >= _dw(V.NOTIFY)) & (a < _dw(V.NOTIFY + V.NOTIFY_LEN))
-        in_isr = (b.bar == 0) & (a == _dw(V.ISR))
-        in_dev = (b.bar == 0) & (a >= _dw(V.DEVICE)) & (a < _dw(V.DEVICE + V.DEVICE_LEN))
+        rf = RegisterFile(m, b, "virtio_common", "virtio_notify", "virtio_isr", "virtio_device")
+        in_common = rf.within("virtio_common")
+        in_notify = rf.within("virtio_notify")
+        in_isr = rf.within("virtio_isr")
         fok = f < nf
         cur_q = Signal(range(nqt))
         m.d.comb += cur_q.eq(f * NQ + qsel[f][:exact_log2(NQ)] if NQ > 1 else f)
@@ -179,7 +189,6 @@ class VirtioPci(wiring.Component):
                 parts.append(Mux(be[lane], wd[8 * lane:8 * lane + 8], old[8 * k:8 * k + 8]))
             return Cat(*parts)
 
-        new_status = Signal(8)
         acc, bad = offered_bit(gfsel[f], wd)
         aoff = Signal(3)             # DW index within the three 64-bit addresses
         m.d.comb += [aoff.eq(a - base - _dw(V.Q_DESC)),
@@ -239,89 +248,73 @@ class VirtioPci(wiring.Component):
                 m.d.sync += kick.bit_select(f * NQ + qn[:max(exact_log2(NQ), 1)], 1).eq(1)
 
         # ---- register reads -----------------------------------------------------------------
-        rdata = Signal(32)
-        rsel_addr = Signal()
-        rsel_hi = Signal()
         m.d.comb += [ar_bus.addr.eq(cur_q * 4 + aoff[1:]), ar_bus.en.eq(b.re)]
-        m.d.comb += self.mac_fidx.eq(f)
+        m.d.comb += self.mac.fidx.eq(f)
+
+        def common(off, value):
+            rf.read(fok & rf.addressed(V.COMMON + off), value)
+
+        common(V.DFSELECT, dfsel[f])
+        common(V.DF, Mux(dfsel[f] == 0, offered_lo, Mux(dfsel[f] == 1, offered_hi, 0)))
+        common(V.GFSELECT, gfsel[f])
+        common(V.GF, feature_word(gfsel[f], gf[f]))
+        common(V.MSIX_CONFIG, Cat(cfgvec[f], C(NQ, 16)))
+        common(V.STATUS, Cat(status[f], C(0, 8), qsel[f]))
+        common(V.Q_SIZE, Mux(q_ok, Cat(qsize[cur_q], C(0, 7), qvec[cur_q]), 0))
+        common(V.Q_ENABLE, Mux(q_ok, Cat(qen.bit_select(cur_q, 1), C(0, 15), qsel[f]), 0))
+        # the ring addresses come from their block RAM, a cycle later
+        in_addr = fok & q_ok & in_common & (a - base >= _dw(V.Q_DESC)) \
+            & (a - base < _dw(V.Q_DESC) + 6)
+        rsel_hi = Signal()
         with m.If(b.re):
-            m.d.sync += [rdata.eq(0), rsel_addr.eq(0)]
-            with m.If(fok & in_common):
-                with m.Switch(a - base):
-                    with m.Case(_dw(V.DFSELECT)):
-                        m.d.sync += rdata.eq(dfsel[f])
-                    with m.Case(_dw(V.DF)):
-                        m.d.sync += rdata.eq(Mux(dfsel[f] == 0, offered_lo,
-                                                 Mux(dfsel[f] == 1, offered_hi, 0)))
-                    with m.Case(_dw(V.GFSELECT)):
-                        m.d.sync += rdata.eq(gfsel[f])
-                    with m.Case(_dw(V.GF)):
-                        m.d.sync += rdata.eq(feature_word(gfsel[f], gf[f]))
-                    with m.Case(_dw(V.MSIX_CONFIG)):
-                        m.d.sync += rdata.eq(Cat(cfgvec[f], C(NQ, 16)))
-                    with m.Case(_dw(V.STATUS)):
-                        m.d.sync += rdata.eq(Cat(status[f], C(0, 8), qsel[f]))
-                    with m.Case(_dw(V.Q_SIZE)):
-                        m.d.sync += rdata.eq(Mux(q_ok, Cat(qsize[cur_q], C(0, 7), qvec[cur_q]), 0))
-                    with m.Case(_dw(V.Q_ENABLE)):
-                        m.d.sync += rdata.eq(Mux(q_ok, Cat(qen.bit_select(cur_q, 1), C(0, 15),
-                                                           qsel[f]), 0))
-                    for k in range(6):
-                        with m.Case(_dw(V.Q_DESC) + k):
-                            m.d.sync += [rsel_addr.eq(q_ok), rsel_hi.eq(k & 1)]
-            with m.If(fok & in_isr):
-                m.d.sync += rdata.eq(isr.word_select(f, 2))
-            with m.If(fok & in_dev):
-                with m.Switch(a - _dw(V.DEVICE)):
-                    with m.Case(0):
-                        m.d.sync += rdata.eq(self.mac[:32])
-                    with m.Case(1):
-                        m.d.sync += rdata.eq(Cat(self.mac[32:], C(1, 16)))         # link up
-                    with m.Case(2):
-                        m.d.sync += rdata.eq(1)                                        # 1 pair
-        m.d.comb += b.rdata.eq(Mux(rsel_addr, Mux(rsel_hi, ar_bus.data[32:], ar_bus.data[:32]),
-                                   rdata))
+            m.d.sync += rsel_hi.eq(aoff[0])
+        rf.read_late(in_addr, Mux(rsel_hi, ar_bus.data[32:], ar_bus.data[:32]))
+        rf.read(fok & in_isr, isr.word_select(f, 2))
+        rf.read(fok & rf.addressed(V.DEVICE + V.NET_MAC), self.mac.mac[:32])
+        rf.read(fok & rf.addressed(V.DEVICE + 4), Cat(self.mac.mac[32:], C(1, 16)))    # link up
+        rf.read(fok & rf.addressed(V.DEVICE + V.NET_MAX_PAIRS), 1)                  # 1 pair
+        rf.finish()
 
         # ---- engine side --------------------------------------------------------------------
         eq_idx = Signal(range(nqt))
         m.d.comb += [
-            eq_idx.eq(self.qr_fidx * NQ + self.qr_q),
-            self.qr_size.eq(qsize[eq_idx]),
-            self.qr_vec.eq(qvec[eq_idx]),
-            self.qr_en.eq(qen.bit_select(eq_idx, 1)),
-            ar_eng.addr.eq((self.qa_fidx * NQ + self.qa_q) * 4 + self.qa_sel),
+            eq_idx.eq(self.engine.qr_fidx * NQ + self.engine.qr_q),
+            self.engine.qr_size.eq(qsize[eq_idx]),
+            self.engine.qr_vec.eq(qvec[eq_idx]),
+            self.engine.qr_en.eq(qen.bit_select(eq_idx, 1)),
+            ar_eng.addr.eq((self.engine.qa_fidx * NQ + self.engine.qa_q) * 4 + self.engine.qa_sel),
             ar_eng.en.eq(1),
-            self.qa_data.eq(ar_eng.data),
-            self.kick.eq(kick),
+            self.engine.qa_data.eq(ar_eng.data),
+            self.engine.kick.eq(kick),
         ]
         for g in range(nf):
             base_st = status[g]
             m.d.comb += [
-                self.live[g].eq(base_st[2] & base_st[3] & ~base_st[6] & ~base_st[7]),
-                self.ev_idx[g].eq(gf[g][OFFERED.index(V.F_RING_EVENT_IDX)]),
-                self.indirect[g].eq(gf[g][OFFERED.index(V.F_RING_INDIRECT_DESC)]),
-                self.mrg[g].eq(gf[g][OFFERED.index(V.F_NET_MRG_RXBUF)]),
+                self.engine.live[g].eq(base_st[2] & base_st[3] & ~base_st[6] & ~base_st[7]),
+                self.engine.ev_idx[g].eq(gf[g][OFFERED.index(V.F_RING_EVENT_IDX)]),
+                self.engine.indirect[g].eq(gf[g][OFFERED.index(V.F_RING_INDIRECT_DESC)]),
+                self.engine.mrg[g].eq(gf[g][OFFERED.index(V.F_NET_MRG_RXBUF)]),
             ]
-        with m.If(self.kick_ack):
-            m.d.sync += kick.bit_select(self.kick_idx, 1).eq(0)
+        with m.If(self.engine.kick_ack):
+            m.d.sync += kick.bit_select(self.engine.kick_idx, 1).eq(0)
         # read-to-clear ISR: the read above returned the bits; one set in the same cycle (below,
         # so it wins) is kept for the next read
         with m.If(b.re & fok & in_isr):
             m.d.sync += isr.word_select(f, 2).eq(0)
-        with m.If(self.isr_set):
-            m.d.sync += isr.bit_select(self.isr_fidx * 2, 1).eq(1)
-        with m.If(self.nr_set & (self.nr_fidx < nf)):
-            g = self.nr_fidx
+        with m.If(self.engine.isr_set):
+            m.d.sync += isr.bit_select(self.engine.isr_fidx * 2, 1).eq(1)
+        with m.If(self.engine.nr_set & (self.engine.nr_fidx < nf)):
+            g = self.engine.nr_fidx
             m.d.sync += [status[g].eq(status[g] | V.S_NEEDS_RESET),
                          isr.bit_select(g * 2 + 1, 1).eq(1)]
             m.d.comb += [self.irq.valid.eq(cfgvec[g] < nvec), self.irq.fidx.eq(g),
                          self.irq.vector.eq(cfgvec[g][:5])]
         with m.If(rst):
             m.d.sync += reset_function(rst_f)
-        with m.If(self.flr):
-            m.d.comb += [self.reset.eq(1), self.reset_fidx.eq(self.flr_fidx)]
-            m.d.sync += reset_function(self.flr_fidx)
-        with m.If(self.vf_reset):
+        with m.If(self.fn.flr):
+            m.d.comb += [self.engine.vreset.eq(1), self.engine.vreset_fidx.eq(self.fn.flr_fidx)]
+            m.d.sync += reset_function(self.fn.flr_fidx)
+        with m.If(self.fn.vf_reset):
             for g in range(1, nf):
                 m.d.sync += reset_function(g)
         return m

@@ -27,7 +27,7 @@ def reference(cfg, s, addr):
 
 def apply(ctx, dut, s):
     for k, v in s.items():
-        ctx.set(getattr(dut, k), v)
+        ctx.set(getattr(dut.bars, k), v)
 
 
 def lookup(ctx, dut, addr):
@@ -68,7 +68,7 @@ def test_pf_bars_need_mse():
         assert lookup(ctx, dut, 0xF000_0024) == (1, 0, 2, 9)
         assert lookup(ctx, dut, 0xF000_1000)[0] == 0
         assert lookup(ctx, dut, 0x1_F000_0024)[0] == 0        # BAR2 is 32-bit only
-        ctx.set(dut.pf_mse, 0)
+        ctx.set(dut.bars.pf_mse, 0)
         assert lookup(ctx, dut, 0x1_0000_0000)[0] == 0
         assert lookup(ctx, dut, 0xF000_0024)[0] == 0
         assert lookup(ctx, dut, 0x2_0000_0000) == (1, 1, 0, 0)   # VFs don't use PF MSE

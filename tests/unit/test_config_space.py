@@ -138,7 +138,7 @@ def test_bar0_64bit_sizing(bar0_size):
         base = 0xFEDC_BA98 & ~(bar0_size - 1) & 0xFFFF_FFF0
         assert await port.rd(0, BAR0) == base | 0xC
         assert await port.rd(0, BAR1) == 0x12
-        assert ctx.get(dut.pf_bar0) == (0x12 << 32) | base
+        assert ctx.get(dut.bars.pf_bar0) == (0x12 << 32) | base
     run(tb, cfg)
 
 
@@ -149,7 +149,7 @@ def test_bar2_32bit_sizing_and_vf_bar0_sizing():
         assert await port.rd(0, BAR2) == 0xFFFF_F000      # 4 KiB
         await port.wr(0, BAR2, 0x8765_4321)
         assert await port.rd(0, BAR2) == 0x8765_4000
-        assert ctx.get(dut.pf_bar2) == 0x8765_4000
+        assert ctx.get(dut.bars.pf_bar2) == 0x8765_4000
         # SR-IOV VF BAR0 (0x134/0x138): 64-bit prefetchable, 16 KiB per VF
         await port.wr(0, SRIOV_VFBAR0, 0xFFFF_FFFF)
         await port.wr(0, SRIOV_VFBAR0 + 4, 0xFFFF_FFFF)
@@ -157,7 +157,7 @@ def test_bar2_32bit_sizing_and_vf_bar0_sizing():
         assert await port.rd(0, SRIOV_VFBAR0 + 4) == 0xFFFF_FFFF
         await port.wr(0, SRIOV_VFBAR0, 0x0010_0000)
         await port.wr(0, SRIOV_VFBAR0 + 4, 0x2)
-        assert ctx.get(dut.vf_bar0) == 0x2_0010_0000
+        assert ctx.get(dut.bars.vf_bar0) == 0x2_0010_0000
         # VF BARs in the type-0 header read zero
         await port.enable_vfs(1)
         for off in (BAR0, BAR1, BAR2):
@@ -188,7 +188,7 @@ def test_byte_enable_partial_writes():
         # byte 0 only: MSE/BME (and parity) set, byte 1 (SERR, INTx disable) untouched
         await port.wr(0, COMMAND, 0xFFFF_FFFF, be=0b0001)
         assert (await port.rd(0, COMMAND)) & 0xFFFF == 0x0046
-        assert ctx.get(dut.pf_mse) == 1 and ctx.get(dut.bme) & 1 == 1
+        assert ctx.get(dut.bars.pf_mse) == 1 and ctx.get(dut.fn.bme) & 1 == 1
         await port.wr(0, COMMAND, 0xFFFF_FFFF, be=0b0010)
         assert (await port.rd(0, COMMAND)) & 0xFFFF == 0x0546
         await port.wr(0, COMMAND, 0, be=0b0010)
@@ -198,10 +198,10 @@ def test_byte_enable_partial_writes():
         # Device Control: clear only the low byte, MRRS in the high byte stays 512 B
         devctl = (await port.rd(0, DEVCTL)) & 0xFFFF
         assert devctl == 0x2810
-        assert ctx.get(dut.mrrs) == 2
+        assert ctx.get(dut.link.mrrs) == 2
         await port.wr(0, DEVCTL, 0x0000_0020, be=0b0001)        # MPS = 256 B
         assert (await port.rd(0, DEVCTL)) & 0xFFFF == 0x2820
-        assert ctx.get(dut.mps) == 1 and ctx.get(dut.mrrs) == 2
+        assert ctx.get(dut.link.mps) == 1 and ctx.get(dut.link.mrrs) == 2
         # BAR0 byte 1 only
         await port.wr(0, BAR0, 0xFFFF_FFFF, be=0b0100)
         assert await port.rd(0, BAR0) == 0x00FF_000C
@@ -221,7 +221,7 @@ def test_num_vfs_limits():
         assert (await port.rd(0, SRIOV_CTL)) & 1 == 1
         await port.wr(0, SRIOV_NUMVFS, 5)
         assert await port.rd(0, SRIOV_NUMVFS) == 3, "NumVFs changed while VF Enable set"
-        assert ctx.get(dut.num_vfs) == 3
+        assert ctx.get(dut.bars.num_vfs) == 3
         await port.wr(0, SRIOV_CTL, 0)
         await port.wr(0, SRIOV_NUMVFS, 5)
         assert await port.rd(0, SRIOV_NUMVFS) == 5
@@ -252,8 +252,8 @@ def test_vf_ids_and_command():
         cmd = await port.rd(2, COMMAND)
         assert cmd & 0xFFFF == 0x0004, "only Bus Master Enable is writable in a VF"
         assert (cmd >> 16) & (1 << 4)
-        assert (ctx.get(dut.bme) >> 2) & 1 == 1
-        assert ctx.get(dut.bme) == 0b00100                    # PF and other VFs untouched
+        assert (ctx.get(dut.fn.bme) >> 2) & 1 == 1
+        assert ctx.get(dut.fn.bme) == 0b00100                    # PF and other VFs untouched
         assert (await port.rd(0, COMMAND)) & 0xFFFF == 0
         await port.wr(2, COMMAND, 0x0000, be=0b0010)           # BME lives in byte 0
         assert (await port.rd(2, COMMAND)) & 0xFFFF == 0x0004
@@ -261,7 +261,7 @@ def test_vf_ids_and_command():
         assert (await port.rd(2, COMMAND)) & 0xFFFF == 0
         # writes to a VF beyond NumVFs go nowhere
         await port.wr(5, COMMAND, 0x4)
-        assert ctx.get(dut.bme) == 0
+        assert ctx.get(dut.fn.bme) == 0
     run(tb)
 
 
@@ -276,12 +276,12 @@ def test_vf_msix_enable_and_mask_independent():
         assert (await port.rd(1, MSIX)) >> 30 == 0b00
         assert (await port.rd(4, MSIX)) >> 30 == 0b00
         assert (await port.rd(0, MSIX)) >> 30 == 0b00
-        assert ctx.get(dut.msix_en) == 0b00100
-        assert ctx.get(dut.msix_fmask) == 0b01000
+        assert ctx.get(dut.fn.msix_en) == 0b00100
+        assert ctx.get(dut.fn.msix_fmask) == 0b01000
         await port.wr(0, MSIX, 0xC000_0000)                     # PF: both
         assert (await port.rd(0, MSIX)) >> 30 == 0b11
-        assert ctx.get(dut.msix_en) == 0b00101
-        assert ctx.get(dut.msix_fmask) == 0b01001
+        assert ctx.get(dut.fn.msix_en) == 0b00101
+        assert ctx.get(dut.fn.msix_fmask) == 0b01001
     run(tb)
 
 
@@ -291,17 +291,17 @@ def test_clearing_vf_enable_resets_vf_state():
         for f in (1, 2, 3):
             await port.wr(f, COMMAND, 0x4)
             await port.wr(f, MSIX, 0xC000_0000)
-        assert ctx.get(dut.bme) == 0b1110
-        assert ctx.get(dut.msix_en) == 0b1110
+        assert ctx.get(dut.fn.bme) == 0b1110
+        assert ctx.get(dut.fn.msix_en) == 0b1110
         await port.wr(0, SRIOV_CTL, 0b11000)                    # VF Enable off, VF MSE stays
-        assert ctx.get(dut.vf_enable) == 0 and ctx.get(dut.vf_mse) == 1
-        assert ctx.get(dut.bme) == 0 and ctx.get(dut.msix_en) == 0
-        assert ctx.get(dut.msix_fmask) == 0
+        assert ctx.get(dut.bars.vf_enable) == 0 and ctx.get(dut.bars.vf_mse) == 1
+        assert ctx.get(dut.fn.bme) == 0 and ctx.get(dut.fn.msix_en) == 0
+        assert ctx.get(dut.fn.msix_fmask) == 0
         await port.wr(0, SRIOV_CTL, 0b11001)                    # back on: state is reset
         for f in (1, 2, 3):
             assert (await port.rd(f, COMMAND)) & 0xFFFF == 0
             assert (await port.rd(f, MSIX)) >> 30 == 0
-        assert ctx.get(dut.bme) == 0 and ctx.get(dut.msix_en) == 0
+        assert ctx.get(dut.fn.bme) == 0 and ctx.get(dut.fn.msix_en) == 0
     run(tb)
 
 
@@ -321,7 +321,7 @@ def test_reset_strobes_are_registered_one_cycle_pulses():
             seen = []
             for cyc in range(5):
                 # sampled before the edge: cycle 0 is the write's own cycle
-                seen.append((ctx.get(dut.flr), ctx.get(dut.flr_fidx), ctx.get(dut.vf_reset)))
+                seen.append((ctx.get(dut.fn.flr), ctx.get(dut.fn.flr_fidx), ctx.get(dut.fn.vf_reset)))
                 await ctx.tick()
                 ctx.set(p.we, 0)
             return seen
@@ -344,22 +344,22 @@ def test_sriov_control_and_pf_state_outputs():
     async def tb(ctx, dut, port):
         await port.wr(0, SRIOV_CTL, 0xFFFF_FFFF)
         assert (await port.rd(0, SRIOV_CTL)) & 0xFFFF == 0b11001     # VFE, VF MSE, ARI
-        assert ctx.get(dut.vf_enable) == 1 and ctx.get(dut.vf_mse) == 1
+        assert ctx.get(dut.bars.vf_enable) == 1 and ctx.get(dut.bars.vf_mse) == 1
         await port.wr(0, COMMAND, 0x2)
-        assert ctx.get(dut.pf_mse) == 1 and ctx.get(dut.bme) & 1 == 0
+        assert ctx.get(dut.bars.pf_mse) == 1 and ctx.get(dut.fn.bme) & 1 == 0
     run(tb)
 
 
 def test_bus_number_capture():
     async def tb(ctx, dut, port):
-        assert ctx.get(dut.bus_num) == 0
+        assert ctx.get(dut.link.bus_num) == 0
         ctx.set(dut.cap_bus, 0x5A)
         await ctx.tick()
-        assert ctx.get(dut.bus_num) == 0, "bus captured without the strobe"
+        assert ctx.get(dut.link.bus_num) == 0, "bus captured without the strobe"
         ctx.set(dut.cap_bus_stb, 1)
         await ctx.tick()
         ctx.set(dut.cap_bus_stb, 0)
         ctx.set(dut.cap_bus, 0x33)
         await ctx.tick()
-        assert ctx.get(dut.bus_num) == 0x5A
+        assert ctx.get(dut.link.bus_num) == 0x5A
     run(tb)

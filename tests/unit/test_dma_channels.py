@@ -5,7 +5,7 @@ import pytest
 from amaranth import *
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
-from hdl.dma.common import CardMemory
+from hdl.dma.memory import CardMemory
 from hdl.dma.read import DmaReadChannel, TAG_BASE
 from hdl.dma.write import DmaWriteChannel
 from hdl.memmap import CARD_MEM_BYTES
@@ -114,7 +114,7 @@ def test_write_channel_any_alignment(w, mps):
             ctx.set(b.pl_en, (1 << (w // 8)) - 1)
             await ctx.tick()
         ctx.set(b.pl_en, 0)
-        ctx.set(b.wr.mps, mps.bit_length() - 8)
+        ctx.set(b.wr.link.mps, mps.bit_length() - 8)
         for hoff, length in cases:
             host = 0x1_0000_0000 + hoff
             card = (rnd.randrange(0, len(image) - length - 8) & ~3) | (hoff & 3)
@@ -172,8 +172,8 @@ def test_read_channel_split_out_of_order(w, mrrs, rcb_split):
              (rnd.randrange(0, 4000), rnd.randrange(1, 3000)), (4093, 300)]
 
     async def tb(ctx, b):
-        ctx.set(b.rd.mrrs, mrrs.bit_length() - 8)
-        ctx.set(b.wr.mps, 1)
+        ctx.set(b.rd.link.mrrs, mrrs.bit_length() - 8)
+        ctx.set(b.wr.link.mps, 1)
         for hoff, length in cases:
             card = (rnd.randrange(0, CARD_MEM_BYTES - length - 8) & ~3) | (hoff & 3)
             await send_cmd(ctx, b.rd.cmd, host=HBASE + hoff, card=card, length=length, fidx=2)

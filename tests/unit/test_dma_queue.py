@@ -691,3 +691,29 @@ def test_telemetry_busy_and_occupancy():
         assert all(any(c not in who for c in range(b, a2)) for (_, b, _), (a2, _, _)
                    in zip(spans, spans[1:]))
     run(tb)
+
+
+def test_reset_while_a_fault_is_raised():
+    """An FLR while the fault unit raises the function's fault: the function is not parked on a
+    fault nobody will resolve; the queue releases it again once the fault unit is done with it
+    (its open fault and staging buffer go), and the ring, enabled again, runs from slot 0."""
+    async def tb(w):
+        w.domains[1] = {"pages": 8, "vm": 7, "absent": {2}}
+        await w.setup(1, 0xA000, log2=2)
+        w.put(1, 0, 0x1F00, 0x40C, 0x1300, to_host=1)
+        await w.doorbell(1, 1)
+        await w.until(lambda: w.faults)
+        await w.pulse(w.dut.fn.flr, flr_fidx=1)
+        await w.drain()
+        assert await w.regs(1, R.STATUS, R.PROD, R.CONS) == [0, 0, 0]
+        assert [(s, fi, v) for _, s, fi, v in w.releases] == [(1, 1, 0), (1, 1, 0)]
+        assert w.releases[1][0] > w.faults[0]["cycle"] + 3      # after the fault unit's done
+        assert w.writes(1) == []
+        await w.reg.wr(1, R.CTRL, 1)
+        w.domains[1]["absent"].clear()
+        w.put(1, 0, 0x1000, 0x100, 0x20)
+        await w.doorbell(1, 1)
+        await w.drain()
+        assert w.status(1, 0) == DescStatus.DONE
+        assert await w.regs(1, R.STATUS, R.CONS) == [0, 1]
+    run(tb)

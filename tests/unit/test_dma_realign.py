@@ -68,7 +68,7 @@ def test_write_channel_every_offset_and_length(w):
             ctx.set(b.pl_en, (1 << wb) - 1)
             await ctx.tick()
         ctx.set(b.pl_en, 0)
-        ctx.set(b.wr.mps, 0)
+        ctx.set(b.wr.link.mps, 0)
         ctx.set(b.wr.tx.ready, 1)
         for h, c, n in cases(w):
             host = HOST + h
@@ -139,7 +139,7 @@ def test_read_channel_every_offset_and_length(w):
 
     async def tb(ctx, b):
         model = bytearray(CARD_MEM_TOTAL)        # the block RAM starts as zeros
-        ctx.set(b.rd.mrrs, 0)
+        ctx.set(b.rd.link.mrrs, 0)
         for h, c, n in cases(w):
             host = HOST + h
             card = card_base(c, n, rnd)
@@ -196,8 +196,8 @@ def test_range_past_top_refused(w):
     """A command whose host range passes 2**64 ends with DmaStatus.RANGE and sends nothing;
     one that ends exactly at the top goes out."""
     async def tb(ctx, b):
-        ctx.set(b.rd.mrrs, 0)
-        ctx.set(b.wr.mps, 0)
+        ctx.set(b.rd.link.mrrs, 0)
+        ctx.set(b.wr.link.mps, 0)
         for ch in (b.rd, b.wr):
             for host, n, want in ((2**64 - 16, 2048, DmaStatus.RANGE),
                                   (2**64 - 1, 2, DmaStatus.RANGE)):

@@ -119,18 +119,18 @@ class Msix:
         self.bus = RegBus(ctx, dut.bus)
 
     def state(self, bme=None, en=None, fmask=None, bus_num=None):
-        for sig, v in ((self.dut.bme, bme), (self.dut.msix_en, en),
-                       (self.dut.msix_fmask, fmask), (self.dut.bus_num, bus_num)):
+        for sig, v in ((self.dut.fn.bme, bme), (self.dut.fn.msix_en, en),
+                       (self.dut.fn.msix_fmask, fmask), (self.dut.link.bus_num, bus_num)):
             if v is not None:
                 self.ctx.set(sig, v)
 
     async def irq(self, fidx, vector):
         ctx, d = self.ctx, self.dut
-        ctx.set(d.irq.valid, 1)
-        ctx.set(d.irq.fidx, fidx)
-        ctx.set(d.irq.vector, vector)
+        ctx.set(d.irq_func.valid, 1)
+        ctx.set(d.irq_func.fidx, fidx)
+        ctx.set(d.irq_func.vector, vector)
         await ctx.tick()
-        ctx.set(d.irq.valid, 0)
+        ctx.set(d.irq_func.valid, 0)
 
     async def program(self, fidx, vec, addr, data, masked=False):
         await self.bus.wr(fidx, entry(vec, 0), addr & 0xFFFF_FFFF)

@@ -12,21 +12,21 @@ def mac(b: bytes) -> int:
 
 
 async def program(ctx, dut, f, address: bytes):
-    ctx.set(dut.sel, f)
-    ctx.set(dut.wdata, mac(address[:4]))
-    ctx.set(dut.we_lo, 1)
+    ctx.set(dut.program.sel, f)
+    ctx.set(dut.program.wdata, mac(address[:4]))
+    ctx.set(dut.program.we_lo, 1)
     await ctx.tick()
-    ctx.set(dut.we_lo, 0)
-    ctx.set(dut.wdata, mac(address[4:]))
-    ctx.set(dut.we_hi, 1)
+    ctx.set(dut.program.we_lo, 0)
+    ctx.set(dut.program.wdata, mac(address[4:]))
+    ctx.set(dut.program.we_hi, 1)
     await ctx.tick()
-    ctx.set(dut.we_hi, 0)
+    ctx.set(dut.program.we_hi, 0)
 
 
 async def lookup(ctx, dut, address: bytes):
-    ctx.set(dut.dst, mac(address))
+    ctx.set(dut.lookup.dst, mac(address))
     await ctx.tick()
-    return ctx.get(dut.hit), ctx.get(dut.hit_fidx)
+    return ctx.get(dut.lookup.hit), ctx.get(dut.lookup.hit_fidx)
 
 
 def test_reset_addresses_and_lookup():
@@ -34,12 +34,12 @@ def test_reset_addresses_and_lookup():
 
     async def tb(ctx):
         for f in range(NF):
-            ctx.set(dut.sel, f)
-            ctx.set(dut.cfg_fidx, f)
-            assert ctx.get(dut.rd_mac) == ctx.get(dut.cfg_mac) == default_mac(f)
+            ctx.set(dut.program.sel, f)
+            ctx.set(dut.show.fidx, f)
+            assert ctx.get(dut.program.rd_mac) == ctx.get(dut.show.mac) == default_mac(f)
             assert await lookup(ctx, dut, bytes([2, 0x0F, 0xFC, 0, 0, f])) == (1, f)
-        ctx.set(dut.sel, NF)                                # beyond the functions: reads 0
-        assert ctx.get(dut.rd_mac) == 0
+        ctx.set(dut.program.sel, NF)                                # beyond the functions: reads 0
+        assert ctx.get(dut.program.rd_mac) == 0
         assert (await lookup(ctx, dut, bytes([2, 0x0F, 0xFC, 0, 0, NF])))[0] == 0
         assert (await lookup(ctx, dut, b"\xff" * 6))[0] == 0
     run_sim(dut, tb)
@@ -52,10 +52,10 @@ def test_program_move_and_retire():
 
     async def tb(ctx):
         await program(ctx, dut, 3, guest)
-        ctx.set(dut.sel, 3)
-        assert ctx.get(dut.rd_mac) == mac(guest)
-        ctx.set(dut.cfg_fidx, 3)
-        assert ctx.get(dut.cfg_mac) == mac(guest)
+        ctx.set(dut.program.sel, 3)
+        assert ctx.get(dut.program.rd_mac) == mac(guest)
+        ctx.set(dut.show.fidx, 3)
+        assert ctx.get(dut.show.mac) == mac(guest)
         assert await lookup(ctx, dut, guest) == (1, 3)
         # the old address of function 3 is gone
         assert (await lookup(ctx, dut, bytes([2, 0x0F, 0xFC, 0, 0, 3])))[0] == 0

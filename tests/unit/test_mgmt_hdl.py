@@ -177,9 +177,9 @@ def test_telemetry_counts_per_function():
         await ctx.tick()
         assert all(want[f]["tx_frames"] > 10 for f in range(NF))
         for f in reversed(range(NF)):
-            ctx.set(dut.occ, 0x1230 + f)
+            ctx.set(dut.occ.occ, 0x1230 + f)
             await bus.wr(R.TEL_SEL, f)
-            assert ctx.get(dut.occ_fidx) == f
+            assert ctx.get(dut.occ.fidx) == f
             assert await bus.rd(R.TEL_SEL) == f
             for name, off in TEL_REGS.items():
                 assert await bus.rd(off) == want[f][name] & M32, (f, name)
@@ -211,7 +211,7 @@ def test_telemetry_window_decode_and_zero_when_not_addressed():
         ctx.set(dut.tx.amount, 100)
         await ctx.tick()
         ctx.set(dut.tx.stb, 0)
-        ctx.set(dut.occ, 0x55)
+        ctx.set(dut.occ.occ, 0x55)
         await ctx.tick()
         await ctx.tick()
         assert await bus.rd(R.TEL_TX_BYTES) == 100

@@ -8,7 +8,8 @@ from hdl.pcie.rx_router import RxRouter
 from helpers import beat_dict, cpl_hdr, mem_hdr, run_sim
 
 DW = 64
-TAGS = (0x10, 0x20, 0x30)
+ROUTES = {"a": 0x10, "b": 0x20, "c": 0x30}
+TAGS = tuple(ROUTES.values())
 
 
 def hdr(kind, tag):
@@ -21,14 +22,15 @@ def hdr(kind, tag):
 def expected_port(kind, tag):
     if kind != "cpl":
         return "req"
-    return f"cpl{TAGS.index(tag)}" if tag in TAGS else "cpl_r"
+    names = {t: n for n, t in ROUTES.items()}
+    return f"cpl_{names[tag]}" if tag in names else "cpl_dma"
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_random_routing(seed):
     rng = random.Random(seed)
-    dut = RxRouter(DW, TAGS)
-    ports = ["req", "cpl0", "cpl1", "cpl2", "cpl_r"]
+    dut = RxRouter(DW, ROUTES)
+    ports = ["req", "cpl_a", "cpl_b", "cpl_c", "cpl_dma"]
     pkts = []
     for n in range(60):
         kind = rng.choice(["req", "cpl"])
@@ -78,12 +80,12 @@ def test_random_routing(seed):
 
 def test_full_rate_and_latency():
     """Consumers always ready: one beat per cycle, one cycle of latency."""
-    dut = RxRouter(DW, TAGS)
+    dut = RxRouter(DW, ROUTES)
     beats = [{"hdr": hdr("cpl", 0x20) if k == 0 else 0, "data": k, "strb": 3,
               "sop": int(k == 0), "eop": int(k == 7), "func": 0, "bar": 0} for k in range(8)]
 
     async def tb(ctx):
-        ctx.set(dut.cpl1.ready, 1)
+        ctx.set(dut.cpl_b.ready, 1)
         seen = []
         for cyc in range(12):
             if cyc < 8:
@@ -92,9 +94,14 @@ def test_full_rate_and_latency():
                 assert ctx.get(dut.i.ready) == 1
             else:
                 ctx.set(dut.i.valid, 0)
-            if ctx.get(dut.cpl1.valid):
-                seen.append((cyc, ctx.get(dut.cpl1.p.data)))
+            if ctx.get(dut.cpl_b.valid):
+                seen.append((cyc, ctx.get(dut.cpl_b.p.data)))
             await ctx.tick()
         assert seen == [(c + 1, c) for c in range(8)]
 
     run_sim(dut, tb)
+
+
+def test_two_routes_on_one_tag_are_refused():
+    with pytest.raises(ValueError, match="share a tag"):
+        RxRouter(DW, {"a": 1, "b": 1})

@@ -11,13 +11,16 @@ import pytest
 from hdl.config import CardConfig
 from hdl.iface import XlateStatus
 from hdl.iommu.atc import AddressTranslationCache, PPN_BITS
-from hdl.iommu.fault import FaultUnit, CQ_TAG
-from hdl.iommu.translate import Translator, WALK_TAG
+from hdl.iommu.fault import FaultUnit
+from hdl.iommu.translate import Translator
 from hdl.memmap import CARD_MEM_TOTAL, Staging
+from hdl.pcie.host_port import HOST_TAGS
 from hdl.pcie.tlp import TlpKind, CplStatus
 from helpers import run_sim, RegBus, beat_dict, cpl_hdr, pack_beats, hdr_dws
 
 from regmap import IommuRegs as IR, FaultRegs as FR
+
+WALK_TAG, CQ_TAG = HOST_TAGS["walk"], HOST_TAGS["cq"]
 
 BUS = 0x3C
 PF_RID = BUS << 8
@@ -295,7 +298,7 @@ def run_xlate(tb, width=64, total_vfs=3):
 
     async def bench(ctx):
         ctx.set(dut.tx.ready, 1)
-        ctx.set(dut.bus_num, BUS)
+        ctx.set(dut.link.bus_num, BUS)
         h = XlateHarness(ctx, dut, width, txlog)
         await tb(ctx, dut, h)
     run_sim(dut, bench, processes=[tx_recorder(dut.tx, txlog)])
@@ -534,10 +537,10 @@ async def _two_cached_domains(h, fa, fb):
 def test_translate_flr_drops_tlb_keeps_domain():
     async def tb(ctx, t, h):
         await _two_cached_domains(h, 1, 2)
-        ctx.set(t.flr_fidx, 1)
-        ctx.set(t.flr, 1)
+        ctx.set(t.fn.flr_fidx, 1)
+        ctx.set(t.fn.flr, 1)
         await ctx.tick()
-        ctx.set(t.flr, 0)
+        ctx.set(t.fn.flr, 0)
         r, walks = await h.xlate(1, 0x8)
         assert (r["status"], r["phys"], r["vm"]) == (XlateStatus.OK, 0x11_0000_0008, 5)
         assert len(walks) == 1                          # the domain stays, the TLB went
@@ -551,9 +554,9 @@ def test_translate_flr_drops_tlb_keeps_domain():
 def test_translate_vf_reset_drops_whole_tlb_keeps_domains():
     async def tb(ctx, t, h):
         await _two_cached_domains(h, 0, 2)
-        ctx.set(t.vf_reset, 1)                          # VF Enable was cleared
+        ctx.set(t.fn.vf_reset, 1)                          # VF Enable was cleared
         await ctx.tick()
-        ctx.set(t.vf_reset, 0)
+        ctx.set(t.fn.vf_reset, 0)
         for f, phys in ((0, 0x11_0000_0008), (2, 0x22_0000_0008)):
             r, walks = await h.xlate(f, 0x8)
             assert (r["status"], r["phys"]) == (XlateStatus.OK, phys)
@@ -787,7 +790,7 @@ def run_fault(tb, width=64, total_vfs=7):
 
     async def bench(ctx):
         ctx.set(dut.tx.ready, 1)
-        ctx.set(dut.bus_num, BUS)
+        ctx.set(dut.link.bus_num, BUS)
         await tb(ctx, dut, FaultHarness(ctx, dut, width, ev, mem))
     run_sim(dut, bench, processes=[fault_recorder(dut, ev, mem, width)])
 

@@ -1,4 +1,4 @@
-"""amaranth.sim tests of hdl.virtio.net.VirtioNetEngine (PF + 2 VFs) inside a modelled world.
+"""amaranth.sim tests of hdl.virtio.net.VirtioNet (PF + 2 VFs) inside a modelled world.
 
 The world is one background simulator process that, every clock edge, looks at what the engine
 did just before the edge (``ctx.tick().sample``) and answers for the next cycle:
@@ -11,7 +11,7 @@ did just before the edge (``ctx.tick().sample``) and answers for the next cycle:
   state (``kick`` bits cleared on ``kick_ack``, ``live`` cleared on ``nr_set`` as the transport
   sets NEEDS_RESET);
 * the translator: OK, bypass, phys = iova (BLOCKED at or above ``xlate_limit`` if given);
-* the DMA channels: ``rd_cmd`` copies host bytes into a packet-buffer model and drives
+* the DMA channels (behind the block's piece mover): ``rd_cmd`` copies host bytes into a packet-buffer model and drives
   ``snoop`` (through the wrapper, which shows the engine's own ``pm_wr`` there while
   ``pm_own``, as the card does), ``wr_cmd`` copies packet-buffer bytes to host memory;
 * the engine's packet-buffer ports (uplink) and the uplink streams.
@@ -27,11 +27,14 @@ from hdl.config import CardConfig
 from hdl.iface import UplinkBeat, XlateStatus, XlateReq, DmaCmd
 from hdl.memmap import PacketBuf as P
 from hdl.pcie.tlp import TlpBeat
-from hdl.virtio.net import VirtioNetEngine, VQ_TAG
+from hdl.pcie.host_port import HOST_TAGS
+from hdl.virtio.net import VirtioNet
 from hdl.virtio.transport import NQ
 from helpers import CLK, cpl_hdr, hdr_dws, pack_beats, unpack_dws, RegBus
 
 from regmap import NetRegs, VirtioRegs as V
+
+VQ_TAG = HOST_TAGS["vq"]
 
 RXQ, TXQ = 0, 1
 D_NEXT, D_WRITE, D_INDIRECT = 1, 2, 4
@@ -74,7 +77,7 @@ class Top(Elaboratable):
     """The engine plus the transport's queue tables and the snoop multiplexer of the card."""
 
     def __init__(self, cfg):
-        self.eng = VirtioNetEngine(cfg)
+        self.eng = VirtioNet(cfg)
         nq = cfg.num_functions * NQ
         self.qsize = [Signal(9, name=f"tb_qsize{i}") for i in range(nq)]
         self.qvec = [Signal(16, name=f"tb_qvec{i}") for i in range(nq)]
@@ -91,18 +94,18 @@ class Top(Elaboratable):
         qi = Signal(8)
         ai = Signal(10)
         m.d.comb += [
-            qi.eq(e.qr_fidx * NQ + e.qr_q),
-            ai.eq((e.qa_fidx * NQ + e.qa_q) * 4 + e.qa_sel),
-            e.qr_size.eq(Array(self.qsize)[qi]),
-            e.qr_vec.eq(Array(self.qvec)[qi]),
-            e.qr_en.eq(Array(self.qen)[qi]),
+            qi.eq(e.transport.qr_fidx * NQ + e.transport.qr_q),
+            ai.eq((e.transport.qa_fidx * NQ + e.transport.qa_q) * 4 + e.transport.qa_sel),
+            e.transport.qr_size.eq(Array(self.qsize)[qi]),
+            e.transport.qr_vec.eq(Array(self.qvec)[qi]),
+            e.transport.qr_en.eq(Array(self.qen)[qi]),
             # what the card's frame buffer write port sees: the engine's own writes while it
             # owns the buffers, else the DMA read channel's
             e.snoop.addr.eq(Mux(e.pm_own, e.pm_wr.addr, self.sn_addr)),
             e.snoop.data.eq(Mux(e.pm_own, e.pm_wr.data, self.sn_data)),
             e.snoop.en.eq(Mux(e.pm_own, e.pm_wr.en, self.sn_en)),
         ]
-        m.d.sync += e.qa_data.eq(Array(self.qaddr)[ai])      # block RAM: a cycle later
+        m.d.sync += e.transport.qa_data.eq(Array(self.qaddr)[ai])      # block RAM: a cycle later
         return m
 
 
@@ -297,7 +300,7 @@ class World:
                 ctx.set(t.qaddr[4 * i + 0], vq.desc)
                 ctx.set(t.qaddr[4 * i + 1], vq.avail)
                 ctx.set(t.qaddr[4 * i + 2], vq.used)
-        ctx.set(e.bus_num, BUS)
+        ctx.set(e.link.bus_num, BUS)
         for s in (e.tx.ready, e.xreq.ready, e.rd_cmd.ready, e.wr_cmd.ready, e.uplink_tx.ready):
             ctx.set(s, 1)
         L_beat = list(TlpBeat(W))
@@ -308,8 +311,8 @@ class World:
                 e.xreq.valid, Value.cast(e.xreq.p), e.xresp.valid, e.xresp.ready,
                 e.rd_cmd.valid, Value.cast(e.rd_cmd.p), e.rd_done.valid, e.rd_done.ready,
                 e.wr_cmd.valid, Value.cast(e.wr_cmd.p), e.wr_done.valid, e.wr_done.ready,
-                e.irq.valid, e.irq.fidx, e.irq.vector, e.isr_set, e.isr_fidx, e.nr_set, e.nr_fidx,
-                e.kick_ack, e.kick_idx, e.pm_own, e.pm_rd.en, e.pm_rd.addr,
+                e.irq.valid, e.irq.fidx, e.irq.vector, e.transport.isr_set, e.transport.isr_fidx, e.transport.nr_set, e.transport.nr_fidx,
+                e.transport.kick_ack, e.transport.kick_idx, e.pm_own, e.pm_rd.en, e.pm_rd.addr,
                 e.pm_wr.en, e.pm_wr.addr, e.pm_wr.data,
                 e.uplink_tx.valid, Value.cast(e.uplink_tx.p), e.uplink_rx.valid, e.uplink_rx.ready]
         tlp = None
@@ -450,12 +453,12 @@ class World:
             if k_ack:
                 self.kick_acks.append(k_idx)
                 self.kick &= ~(1 << k_idx)
-            drive(e.kick, self.kick)
-            drive(e.live, self.live)
-            drive(e.bme, self.bme)
-            drive(e.ev_idx, self.ev_idx)
-            drive(e.indirect, self.indirect)
-            drive(e.mrg, self.mrg)
+            drive(e.transport.kick, self.kick)
+            drive(e.transport.live, self.live)
+            drive(e.fn.bme, self.bme)
+            drive(e.transport.ev_idx, self.ev_idx)
+            drive(e.transport.indirect, self.indirect)
+            drive(e.transport.mrg, self.mrg)
 
     def _host_tlp(self, hdr, dws, cpl_q):
         d0, d1, d2, d3 = hdr_dws(hdr)

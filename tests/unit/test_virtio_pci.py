@@ -122,7 +122,7 @@ class Virtio:
             ctx.set(fidx_sig, fidx)
         for s, v in extra.items():
             ctx.set(getattr(d, s), v)
-        seen = (ctx.get(d.reset), ctx.get(d.reset_fidx), ctx.get(d.irq.valid),
+        seen = (ctx.get(d.engine.vreset), ctx.get(d.engine.vreset_fidx), ctx.get(d.irq.valid),
                 ctx.get(d.irq.fidx), ctx.get(d.irq.vector))
         await ctx.tick()
         ctx.set(sig, 0)
@@ -130,17 +130,17 @@ class Virtio:
 
     async def qa(self, f, q, sel):
         ctx, d = self.ctx, self.dut
-        ctx.set(d.qa_fidx, f)
-        ctx.set(d.qa_q, q)
-        ctx.set(d.qa_sel, sel)
+        ctx.set(d.engine.qa_fidx, f)
+        ctx.set(d.engine.qa_q, q)
+        ctx.set(d.engine.qa_sel, sel)
         await ctx.tick()
-        return ctx.get(d.qa_data)
+        return ctx.get(d.engine.qa_data)
 
     def qr(self, f, q):
         ctx, d = self.ctx, self.dut
-        ctx.set(d.qr_fidx, f)
-        ctx.set(d.qr_q, q)
-        return ctx.get(d.qr_size), ctx.get(d.qr_vec), ctx.get(d.qr_en)
+        ctx.set(d.engine.qr_fidx, f)
+        ctx.set(d.engine.qr_q, q)
+        return ctx.get(d.engine.qr_size), ctx.get(d.engine.qr_vec), ctx.get(d.engine.qr_en)
 
 
 def run_v(tb):
@@ -173,7 +173,7 @@ async def expect_configured(v, f, seed):
         assert await v.qvec(f) == (seed + q + 1) % NVEC
         assert await v.qen(f) == 1
     for name in ("live", "ev_idx", "indirect"):
-        assert v.bit(getattr(v.dut, name), f) == 1, f"{name} of function {f} lost"
+        assert v.bit(getattr(v.dut.engine, name), f) == 1, f"{name} of function {f} lost"
 
 
 async def expect_reset(v, f):
@@ -187,7 +187,7 @@ async def expect_reset(v, f):
         assert await v.qen(f) == 0
         assert v.qr(f, q) == (V.QUEUE_SIZE_MAX, NOV, 0)
     for name in ("live", "ev_idx", "indirect"):
-        assert v.bit(getattr(v.dut, name), f) == 0, f"{name} of function {f} not reset"
+        assert v.bit(getattr(v.dut.engine, name), f) == 0, f"{name} of function {f} not reset"
     assert await v.isr(f) == 0
 
 
@@ -223,8 +223,8 @@ def test_device_config_mac_link_pairs():
             raw = b""
             for i in range(V.DEVICE_LEN // 4):
                 v.bus._addr(f, 0, V.DEVICE + 4 * i)
-                assert ctx.get(dut.mac_fidx) == f
-                ctx.set(dut.mac, int.from_bytes(table(f), "little"))
+                assert ctx.get(dut.mac.fidx) == f
+                ctx.set(dut.mac.mac, int.from_bytes(table(f), "little"))
                 raw += (await v.bus.rd(f, V.DEVICE + 4 * i)).to_bytes(4, "little")
             mac = raw[V.NET_MAC:V.NET_MAC + 6]
             assert mac == table(f), mac.hex(":")
@@ -252,14 +252,14 @@ def test_handshake_goes_live(features, ev, ind):
         assert await v.status(f) == 3
         await v.set_drv_features(f, features)
         assert await v.drv_features(f) == features
-        assert v.bit(dut.ev_idx, f) == ev and v.bit(dut.indirect, f) == ind
+        assert v.bit(dut.engine.ev_idx, f) == ev and v.bit(dut.engine.indirect, f) == ind
         await v.set_status(f, 11)
         assert await v.status(f) == 11, "FEATURES_OK did not stick for a valid subset"
-        assert ctx.get(dut.live) == 0
+        assert ctx.get(dut.engine.live) == 0
         await v.set_status(f, 15)
         assert await v.status(f) == 15
-        assert ctx.get(dut.live) == 1 << f
-        assert ctx.get(dut.ev_idx) == ev << f and ctx.get(dut.indirect) == ind << f
+        assert ctx.get(dut.engine.live) == 1 << f
+        assert ctx.get(dut.engine.ev_idx) == ev << f and ctx.get(dut.engine.indirect) == ind << f
     run_v(tb)
 
 
@@ -283,7 +283,7 @@ def test_features_ok_refused(features, order):
         assert await v.status(f) == 3, "FEATURES_OK stuck for an invalid feature set"
         await v.set_status(f, 15)
         assert (await v.status(f)) & V.S_FEATURES_OK == 0
-        assert ctx.get(dut.live) == 0, "live without FEATURES_OK"
+        assert ctx.get(dut.engine.live) == 0, "live without FEATURES_OK"
     run_v(tb)
 
 
@@ -297,8 +297,8 @@ def test_feature_writes_after_features_ok_ignored():
         await v.set_drv_features(f, F_EVIDX)                    # drop VERSION_1: ignored too
         assert await v.drv_features(f) == F_V1 | F_EVIDX
         await v.set_status(f, 15)
-        assert ctx.get(dut.live) == 1
-        assert ctx.get(dut.ev_idx) == 1 and ctx.get(dut.indirect) == 0
+        assert ctx.get(dut.engine.live) == 1
+        assert ctx.get(dut.engine.ev_idx) == 1 and ctx.get(dut.engine.indirect) == 0
     run_v(tb)
 
 
@@ -309,11 +309,11 @@ def test_status_zero_resets_only_that_function():
         for f in range(NF):
             await configure(v, f, f)
             await v.notify(f, 0)
-        ctx.set(dut.isr_set, 1)
-        ctx.set(dut.isr_fidx, 1)
+        ctx.set(dut.engine.isr_set, 1)
+        ctx.set(dut.engine.isr_fidx, 1)
         await ctx.tick()
-        ctx.set(dut.isr_set, 0)
-        assert ctx.get(dut.reset) == 0
+        ctx.set(dut.engine.isr_set, 0)
+        assert ctx.get(dut.engine.vreset) == 0
         # the reset strobe is combinational with the status write of 0
         b = dut.bus
         ctx.set(b.fidx, 1)
@@ -322,12 +322,12 @@ def test_status_zero_resets_only_that_function():
         ctx.set(b.wdata, 0)
         ctx.set(b.be, 0b0001)
         ctx.set(b.we, 1)
-        assert (ctx.get(dut.reset), ctx.get(dut.reset_fidx)) == (1, 1)
+        assert (ctx.get(dut.engine.vreset), ctx.get(dut.engine.vreset_fidx)) == (1, 1)
         await ctx.tick()
         ctx.set(b.we, 0)
-        assert ctx.get(dut.reset) == 0, "reset strobe longer than the write"
+        assert ctx.get(dut.engine.vreset) == 0, "reset strobe longer than the write"
         await expect_reset(v, 1)
-        assert ctx.get(dut.kick) == 0b01_00_01, "kicks of the reset function not cleared"
+        assert ctx.get(dut.engine.kick) == 0b01_00_01, "kicks of the reset function not cleared"
         for f in (0, 2):
             await expect_configured(v, f, f)
     run_v(tb)
@@ -337,7 +337,7 @@ def test_reset_by_status_write_of_other_lanes_does_not_reset():
     async def tb(ctx, dut, v):
         await configure(v, 1, 1)
         await v.select(1, 0)                                    # be 0b1100, wdata[7:0] = 0
-        assert ctx.get(dut.reset) == 0
+        assert ctx.get(dut.engine.vreset) == 0
         await expect_configured(v, 1, 1)
     run_v(tb)
 
@@ -473,29 +473,29 @@ def test_qr_port_reflects_each_queue():
 
 def test_notify_sets_kick_and_ack_clears():
     async def tb(ctx, dut, v):
-        assert ctx.get(dut.kick) == 0
+        assert ctx.get(dut.engine.kick) == 0
         await v.notify(1, 1)
-        assert ctx.get(dut.kick) == 1 << (1 * NQ + 1)
+        assert ctx.get(dut.engine.kick) == 1 << (1 * NQ + 1)
         await v.notify(2, 0)
         await v.notify(0, 0)
-        assert ctx.get(dut.kick) == (1 << 3) | (1 << 4) | (1 << 0)
+        assert ctx.get(dut.engine.kick) == (1 << 3) | (1 << 4) | (1 << 0)
         await v.notify(0, 2)                                     # no queue 2
         await v.bus.wr(0, V.NOTIFY + 4 * 63, 0)
         await v.bus.wr(0, V.NOTIFY + 4, 1, bar=2)                # wrong BAR
-        assert ctx.get(dut.kick) == 0b11001
+        assert ctx.get(dut.engine.kick) == 0b11001
         await v.bus.rd(0, V.NOTIFY + 4)                          # reads don't kick
-        assert ctx.get(dut.kick) == 0b11001
-        await v.strobe(dut.kick_ack, dut.kick_idx, 3)
-        assert ctx.get(dut.kick) == 0b10001
-        await v.strobe(dut.kick_ack, dut.kick_idx, 5)            # not pending: no effect
-        assert ctx.get(dut.kick) == 0b10001
-        await v.strobe(dut.kick_ack, dut.kick_idx, 0)
-        await v.strobe(dut.kick_ack, dut.kick_idx, 4)
-        assert ctx.get(dut.kick) == 0
-        ctx.set(dut.kick_idx, 1)                                 # kick_idx without kick_ack
+        assert ctx.get(dut.engine.kick) == 0b11001
+        await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 3)
+        assert ctx.get(dut.engine.kick) == 0b10001
+        await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 5)            # not pending: no effect
+        assert ctx.get(dut.engine.kick) == 0b10001
+        await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 0)
+        await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 4)
+        assert ctx.get(dut.engine.kick) == 0
+        ctx.set(dut.engine.kick_idx, 1)                                 # kick_idx without kick_ack
         await v.notify(0, 1)
         await ctx.tick()
-        assert ctx.get(dut.kick) == 0b10
+        assert ctx.get(dut.engine.kick) == 0b10
     run_v(tb)
 
 
@@ -505,12 +505,12 @@ def test_isr_set_and_read_to_clear():
     async def tb(ctx, dut, v):
         for f in range(NF):
             assert await v.isr(f) == 0
-        await v.strobe(dut.isr_set, dut.isr_fidx, 1)
+        await v.strobe(dut.engine.isr_set, dut.engine.isr_fidx, 1)
         assert await v.isr(0) == 0 and await v.isr(2) == 0
         assert await v.isr(1) == 1
         assert await v.isr(1) == 0, "ISR not cleared by the read"
-        await v.strobe(dut.isr_set, dut.isr_fidx, 2)
-        await v.strobe(dut.isr_set, dut.isr_fidx, 2)
+        await v.strobe(dut.engine.isr_set, dut.engine.isr_fidx, 2)
+        await v.strobe(dut.engine.isr_set, dut.engine.isr_fidx, 2)
         await v.bus.rd(2, V.ISR, bar=2)                           # other BAR: no clear
         await v.bus.rd(2, STATUS)                                 # other register: no clear
         assert await v.isr(2) == 1
@@ -527,11 +527,11 @@ def test_isr_set_during_isr_read_is_not_lost():
         ctx.set(b.bar, 0)
         ctx.set(b.addr, V.ISR >> 2)
         ctx.set(b.re, 1)
-        ctx.set(dut.isr_set, 1)
-        ctx.set(dut.isr_fidx, 1)
+        ctx.set(dut.engine.isr_set, 1)
+        ctx.set(dut.engine.isr_fidx, 1)
         await ctx.tick()
         ctx.set(b.re, 0)
-        ctx.set(dut.isr_set, 0)
+        ctx.set(dut.engine.isr_set, 0)
         first = ctx.get(b.rdata)
         second = await v.isr(1)
         assert (first | second) & 1, f"isr_set lost: reads {first}, {second}"
@@ -544,18 +544,18 @@ def test_needs_reset_with_config_vector():
     async def tb(ctx, dut, v):
         await configure(v, 1, 2)                                 # config vector 2
         await configure(v, 0, 0)
-        assert ctx.get(dut.live) == 0b011
-        seen = await v.strobe(dut.nr_set, dut.nr_fidx, 1)
+        assert ctx.get(dut.engine.live) == 0b011
+        seen = await v.strobe(dut.engine.nr_set, dut.engine.nr_fidx, 1)
         assert seen[2:] == (1, 1, 2), f"irq (valid, fidx, vector) = {seen[2:]}"
         assert ctx.get(dut.irq.valid) == 0, "irq longer than the nr_set strobe"
         assert await v.status(1) == 15 | V.S_NEEDS_RESET
-        assert ctx.get(dut.live) == 0b001
+        assert ctx.get(dut.engine.live) == 0b001
         assert await v.isr(1) == 0b10
         assert await v.isr(1) == 0
         assert await v.status(0) == 15 and await v.isr(0) == 0
         # NEEDS_RESET stays across driver status writes until a reset
         await v.set_status(1, 15)
-        assert await v.status(1) == 15 | V.S_NEEDS_RESET and ctx.get(dut.live) == 0b001
+        assert await v.status(1) == 15 | V.S_NEEDS_RESET and ctx.get(dut.engine.live) == 0b001
         await v.set_status(1, 0)
         assert await v.status(1) == 0
     run_v(tb)
@@ -565,15 +565,15 @@ def test_needs_reset_without_config_vector():
     async def tb(ctx, dut, v):
         await v.negotiate(2, F_V1)
         assert await v.cfg_vec(2) == NOV
-        seen = await v.strobe(dut.nr_set, dut.nr_fidx, 2)
+        seen = await v.strobe(dut.engine.nr_set, dut.engine.nr_fidx, 2)
         assert seen[2] == 0, "config interrupt requested without a vector"
         assert await v.status(2) == 15 | V.S_NEEDS_RESET
-        assert ctx.get(dut.live) == 0
+        assert ctx.get(dut.engine.live) == 0
         assert await v.isr(2) == 0b10
         await v.set_cfg_vec(2, NVEC)                             # no such vector: NO_VECTOR
-        seen = await v.strobe(dut.nr_set, dut.nr_fidx, 2)
+        seen = await v.strobe(dut.engine.nr_set, dut.engine.nr_fidx, 2)
         assert seen[2] == 0
-        seen = await v.strobe(dut.nr_set, dut.nr_fidx, NF)       # no such function
+        seen = await v.strobe(dut.engine.nr_set, dut.engine.nr_fidx, NF)       # no such function
         assert seen[2] == 0
         for f in range(NF - 1):
             assert await v.status(f) == 0 and await v.isr(f) == 0
@@ -587,11 +587,11 @@ def test_flr_of_a_vf_resets_only_that_vf():
         for f in range(NF):
             await configure(v, f, f + 1)
             await v.notify(f, 1)
-        seen = await v.strobe(dut.flr, dut.flr_fidx, 2)
+        seen = await v.strobe(dut.fn.flr, dut.fn.flr_fidx, 2)
         assert seen[:2] == (1, 2), "no reset strobe for the FLR"
-        assert ctx.get(dut.reset) == 0
+        assert ctx.get(dut.engine.vreset) == 0
         await expect_reset(v, 2)
-        assert ctx.get(dut.kick) == 0b00_10_10
+        assert ctx.get(dut.engine.kick) == 0b00_10_10
         for f in (0, 1):
             await expect_configured(v, f, f + 1)
     run_v(tb)
@@ -602,9 +602,9 @@ def test_vf_reset_resets_every_vf_not_the_pf():
         for f in range(NF):
             await configure(v, f, f)
             await v.notify(f, 0)
-        await v.strobe(dut.vf_reset)
+        await v.strobe(dut.fn.vf_reset)
         for f in range(1, NF):
             await expect_reset(v, f)
-        assert ctx.get(dut.kick) == 0b01
+        assert ctx.get(dut.engine.kick) == 0b01
         await expect_configured(v, 0, 0)
     run_v(tb)

@@ -1,0 +1,772 @@
+"""The virtio-net engine: split virtqueues of every function and the frame switch between them.
+
+One engine serves every function (PF and VFs), one frame at a time, visiting functions round
+robin (one transmitted frame per visit):
+
+* **transmit** (queue 1): on a notification, read the available index, the head, then walk the
+  descriptor chain (chained and, when negotiated, indirect descriptors) and copy each
+  device-readable buffer into frame buffer slot 0 through the DMA read channel;
+* **switch**: the destination MAC (captured as the frame lands in the buffer) is looked up in
+  the station table (:mod:`hdl.virtio.mac_table`, a programmable address per function, reset value
+  ``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; unknown
+  destinations go to the uplink port (``uplink_tx``); broadcast and multicast ones go to the
+  uplink and then to every other function that is up (live, bus master, not stopped), one
+  after the other (a function that is down is passed over);
+* **receive** (queue 0): a fresh ``virtio_net_hdr`` goes into the frame buffer before the
+  frame, and header and frame, one byte string, into the function's next available chain
+  through the DMA write channel (any byte address, any layout of the chain), then the used
+  element and index. With ``VIRTIO_NET_F_MRG_RXBUF`` a frame that does not fit one buffer fills
+  the next ones in turn (one used element each, published together by one used-index write)
+  and the first header's ``num_buffers`` is written before that index; a ring that runs dry
+  in mid-frame (or is too small for the frame) gets the buffers it gave back empty (length 0)
+  and the frame is counted in ``DROP_NOBUF``;
+* **completion**: the used element (id, length) and index of each queue, ``avail_event`` when
+  VIRTIO_F_EVENT_IDX is negotiated, and the queue's MSI-X vector unless suppressed
+  (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag);
+* frames from the uplink port (``uplink_rx``) are delivered by destination MAC likewise; one
+  for no function is dropped, or with ``NetRegs.CTRL`` DEFAULT_PF delivered to the PF (the
+  host's own switch port). DEFAULT_PF also sends the PF the unicast frames of a stopped
+  function (``MigRegs.CTRL``): during a live migration the host holds them and forwards them
+  to the server the guest moves to (a flood passes a stopped function over; the PF, when up,
+  gets it anyway).
+
+Buffers move through the piece mover (:class:`hdl.dma.mover.PieceMover`, ``move``), which
+translates them a page at a time and drives the DMA channels. Small structures (indices, ring
+entries, descriptors) are read and written with the engine's own MemRd/MemWr through its host
+port (:class:`hdl.pcie.host_port.HostPort`, tag
+``HOST_TAGS["vq"]``, the function's requester ID). Bad input never hangs the
+engine: a descriptor loop (more descriptors than the queue holds), an index beyond the queue,
+a descriptor of the wrong direction, a bad indirect table or an available index running ahead
+by more than the queue size sets the function's NEEDS_RESET and stops its queues, and so does
+a buffer whose end passes the top of the 64-bit space (before any byte of it moves); runts,
+oversized frames and receive buffers too small drop the frame and count it. Every address the
+driver gives (rings, descriptors, buffers) is an I/O virtual address of the function's domain
+when the PF gave it one (:mod:`hdl.iommu.translate`): each small access and each buffer piece (cut
+at 4 KiB pages) is translated first, and an address outside the domain, or not present, sets
+NEEDS_RESET before anything moves there (counted in ``XLATE_ERRORS``).
+"""
+
+from amaranth import *
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from ..config import CardConfig
+from ..memmap import PacketBuf as P
+from ..iface import (IrqRequestSignature, XlateReq, XlateResp, EventSignature, PktReadPort,
+                     PktWritePort, UplinkBeat, LinkSignature, FunctionStateSignature)
+from ..dma.mover import MoveSignature, MoveStatus
+from ..pcie.host_port import HostPort, HOST_TAGS
+from ..pcie.tlp import tlp_stream
+from .mac_table import MacLookupSignature
+from .net_regs import NET_EVENTS, NetEventsSignature, MigrationSignature
+from .transport import NQ, VirtqSignature
+
+__all__ = ["VirtioNetEngine"]
+RXQ, TXQ = 0, 1
+DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
+
+
+class VirtioNetEngine(wiring.Component):
+    def __init__(self, cfg: CardConfig):
+        self._card = cfg
+        nf = cfg.num_functions
+        W = cfg.data_width
+        super().__init__({
+            "tx":       Out(tlp_stream(W)),
+            "cpl":      In(tlp_stream(W)),            # completions of its host port's reads
+            "unexp":    Out(1),                       # one of them came when none was awaited
+            "move":     Out(MoveSignature()),         # buffers, through the piece mover
+            "irq":      Out(IrqRequestSignature()),
+            "xreq":     Out(stream.Signature(XlateReq)),    # the host port's translations
+            "xresp":    In(stream.Signature(XlateResp)),
+            "link":     In(LinkSignature()),
+            "fn":       In(FunctionStateSignature(nf)),
+            "transport": Out(VirtqSignature(nf)),     # hdl.virtio.transport
+            "mig":      In(MigrationSignature(nf)),   # hdl.virtio.net_regs
+            "events":   Out(NetEventsSignature()),    # counted there
+            "mac":      Out(MacLookupSignature()),    # the station table
+            # frame buffers
+            "pm_rd":    Out(PktReadPort(W)),
+            "pm_wr":    Out(PktWritePort(W)),
+            "pm_own":   Out(1),                       # the engine drives the frame buffer ports
+            "snoop":    In(PktWritePort(W)),          # what the read channel writes there
+            "uplink_tx": Out(stream.Signature(UplinkBeat(W))),
+            "uplink_rx": In(stream.Signature(UplinkBeat(W))),
+            # the management block: QoS and telemetry
+            "tx_allow": In(nf, init=(1 << nf) - 1),   # the function's rate limiter lets it send
+            "tx_ev":    Out(EventSignature(12)),      # a frame taken from a transmit queue
+            "rx_ev":    Out(EventSignature(12)),      # a frame delivered into a receive queue
+            "qos_wait": Out(EventSignature()),        # a ready transmit queue held back
+        })
+
+    def elaborate(self, platform):
+        cfg = self._card
+        m = Module()
+        nf = cfg.num_functions
+        nvec = cfg.msix_vectors
+        W = cfg.data_width
+        WB = W // 8
+        LB = exact_log2(WB)
+        HDR_OFF = (-P.NET_HDR) % WB                 # the frame starts on a word
+        FRAME_OFF = HDR_OFF + P.NET_HDR
+        PKT_MAX = P.SLOT - HDR_OFF                  # bytes a slot holds from the header on
+
+        # ---- per-queue indices ---------------------------------------------------------------
+        last_avail = Array(Signal(16, name=f"last_avail{i}") for i in range(nf * NQ))
+        used_idx = Array(Signal(16, name=f"used_idx{i}") for i in range(nf * NQ))
+        txpend = Signal(nf)
+
+        # ---- the registers' block: counted events, migration controls ----------------------
+        inc = {n.upper(): getattr(self.events, n) for n in NET_EVENTS}
+        mg = self.mig
+        mig_sel, mig_stop, net_ctrl = mg.sel, mg.stop, mg.default_pf
+        mig_busy = mg.busy           # the engine holds work of function ``mig_sel``
+        mt = self.mac
+        # the selected function's device-internal state, for the registers to read
+        m.d.comb += [mg.rx_avail.eq(last_avail[mig_sel * NQ + 0]),
+                     mg.rx_used.eq(used_idx[mig_sel * NQ + 0]),
+                     mg.tx_avail.eq(last_avail[mig_sel * NQ + 1]),
+                     mg.tx_used.eq(used_idx[mig_sel * NQ + 1]),
+                     mg.tx_pend.eq(txpend.bit_select(mig_sel, 1))]
+
+        # ---- host port: the engine's own small reads and writes, translated in the function's
+        #      domain (HOST_TAGS["vq"], the function's requester ID) ----------------------------
+        cf = Signal(8)                               # the function being served
+        m.submodules.hport = hp = HostPort(W, HOST_TAGS["vq"], max_dw=4, translate=True)
+        wiring.connect(m, hp.tx, wiring.flipped(self.tx))
+        wiring.connect(m, wiring.flipped(self.cpl), hp.cpl)
+        wiring.connect(m, hp.xreq, wiring.flipped(self.xreq))
+        wiring.connect(m, wiring.flipped(self.xresp), hp.xresp)
+        m.d.comb += [hp.bus_num.eq(self.link.bus_num), self.unexp.eq(hp.unexp), hp.req.p.fidx.eq(cf)]
+        h_done, h_err, h_rdata = hp.done, hp.err, hp.rdata
+        mx_xerr = Signal()         # a buffer piece's translation failed (until the next access)
+        with m.If(hp.req.valid & hp.req.ready):
+            m.d.sync += mx_xerr.eq(0)
+
+        # ---- current queue ---------------------------------------------------------------------
+        cq = Signal(range(NQ))
+        qi = Signal(range(nf * NQ))
+        m.d.comb += [qi.eq(cf * NQ + cq), self.transport.qr_fidx.eq(cf), self.transport.qr_q.eq(cq),
+                     self.transport.qa_fidx.eq(cf), self.transport.qa_q.eq(cq)]
+        desc_base = Signal(64)
+        drv_base = Signal(64)
+        dev_base = Signal(64)
+        qsize = Signal(9)
+        qmask = Signal(9)
+        m.d.comb += qmask.eq(qsize - 1)
+
+        # The engine asks the host port only when it is free (idle, or reporting ``done`` in
+        # this very cycle), so a request is always taken in the cycle it is made.
+        def hread(addr, ndw, fbe=0xF):
+            m.d.comb += [hp.req.valid.eq(1), hp.req.p.write.eq(0), hp.req.p.addr.eq(addr),
+                         hp.req.p.ndw.eq(ndw), hp.req.p.fbe.eq(fbe),
+                         hp.req.p.lbe.eq(0 if ndw == 1 else 0xF)]
+
+        def hread16(addr):
+            """Read the u16 at ``addr`` (2-byte aligned): one DW, only its two bytes enabled
+            (the host structure may end right after it); the value is in half ``k[0]``."""
+            hread(addr & ~3, 1, Mux(addr[1], 0xC, 0x3))
+            m.d.sync += k.eq(addr[1])
+
+        def hwrite(addr, ndw, wdata, fbe=0xF, lbe=0xF):
+            m.d.comb += [hp.req.valid.eq(1), hp.req.p.write.eq(1), hp.req.p.addr.eq(addr),
+                         hp.req.p.ndw.eq(ndw), hp.req.p.wdata.eq(wdata), hp.req.p.fbe.eq(fbe),
+                         hp.req.p.lbe.eq(lbe if ndw > 1 else 0)]
+
+        # ---- frame state -------------------------------------------------------------------------
+        head = Signal(16)
+        di = Signal(16)                    # descriptor index in the table being walked
+        ind = Signal()                     # walking an indirect table
+        ind_base = Signal(64)
+        ind_n = Signal(16)
+        count = Signal(17)
+        d_addr = h_rdata[0:64]
+        d_len = h_rdata[64:96]
+        d_flags = h_rdata[96:112]
+        d_next = h_rdata[112:128]
+        cur_addr = Signal(64)
+        cur_len = Signal(32)
+        cur_flags = Signal(16)
+        cur_next = Signal(16)
+        total = Signal(17)                 # bytes gathered (transmit) / written (receive)
+        frame_len = Signal(16)
+        drop = Signal()
+        slot = Signal()                    # frame buffer slot of the frame being delivered
+        dst = Signal(48)
+        tx_f = Signal(8)
+        tx_head = Signal(16)
+        phase = Signal(2)                  # 0 transmit, 1 receive for a transmitted frame, 2 uplink
+        first = Signal()
+        space_host = Signal(64)
+        space = Signal(32)
+        used_len = Signal(32)
+        nb = Signal(16)                    # used elements written for this frame so far
+        more = Signal()                    # the frame goes on in another receive buffer
+        buf_start = Signal(17)             # ``total`` where the current receive buffer began
+        nb_lo_at = Signal(64)              # where the header's num_buffers bytes went
+        nb_hi_at = Signal(64)
+        pub_n = Signal(16)                 # used elements the last used-index write added
+        nbuf_q = Signal(16)                # num_buffers of a frame that spans buffers
+        aidx_q = Signal(16)                # the available index last read
+        ab = Signal(16)                    # used elements taken back so far (RX_AB)
+        flood = Signal()                   # a broadcast / multicast frame: to every function
+        fl_g = Signal(range(nf + 1))       # the next function to flood to
+        ret_rx = Signal()                  # LOADQ returns to the receive path
+        ret_used = Signal()                # ... to the transmit completion
+        ptr = Signal(range(nf))
+        k = Signal(range(P.SLOT // WB + 2))
+        nwords = Signal(range(P.SLOT // WB + 2))
+
+        frame_word0 = FRAME_OFF // WB                # word of slot 0 where the frame starts
+        # the destination MAC, captured as the read channel writes slot 0
+        sn = self.snoop
+        with m.If(sn.addr == frame_word0):
+            for lane in range(6):
+                with m.If(sn.en[lane]):
+                    m.d.sync += dst.word_select(lane, 8).eq(sn.data[8 * lane:8 * lane + 8])
+
+        def card_addr(s, off):
+            return P.BASE + s * P.SLOT + HDR_OFF + off
+
+        # the station table follows ``dst`` a clock later; the engine looks at it only once
+        # the whole frame is in (a frame has at least MIN_FRAME bytes: several beats)
+        m.d.comb += mt.dst.eq(dst)
+        is_ours = mt.hit
+
+        def clear_indices(g):
+            """Function ``g``'s ring indices back to 0."""
+            return [s.eq(0) for q in range(NQ)
+                    for s in (last_avail[g * NQ + q], used_idx[g * NQ + q])]
+
+        with m.If(self.transport.vreset):
+            g = self.transport.vreset_fidx
+            m.d.sync += [txpend.bit_select(g, 1).eq(0), *clear_indices(g)]
+        with m.If(self.fn.vf_reset):
+            m.d.sync += txpend.eq(txpend & 1)
+            for g in range(1, nf):
+                m.d.sync += clear_indices(g)
+        # restoring a stopped, idle function's indices (the engine does not touch them then)
+        for name, arr, q in (("rx_avail", last_avail, 0), ("rx_used", used_idx, 0),
+                             ("tx_avail", last_avail, 1), ("tx_used", used_idx, 1)):
+            with m.If(getattr(mg, f"set_{name}")):
+                m.d.sync += arr[mig_sel * NQ + q].eq(mg.wdata)
+        with m.If(mg.set_tx_pend):
+            m.d.sync += txpend.bit_select(mig_sel, 1).eq(mg.wdata[0])
+
+        limit = Mux(ind, ind_n, qsize)
+
+        # the available ring's entry for the next buffer (``nb`` of this frame already taken)
+        ring_at = Signal(64)
+        m.d.comb += ring_at.eq(drv_base + 4 + (((last_avail[qi] + nb)[:16] & qmask) << 1))
+
+        def used_len_at(i):
+            """The length field of this frame's used element ``i``."""
+            return dev_base + 4 + (((used_idx[qi] + i)[:16] & qmask) << 3) + 4
+
+        def nb_byte(at, value):
+            """Write one byte of num_buffers at IOVA ``at``."""
+            hwrite(at & ~3, 1, value << Cat(C(0, 3), at[:2]), fbe=(C(1, 4) << at[:2])[:4])
+
+        def publish(n):
+            """Issue the used index write for ``n`` new elements (the caller's state waits for
+            no more host-port results) and go on to avail_event / the interrupt."""
+            hwrite(dev_base, 1, Cat(C(0, 16), (used_idx[qi] + n)[:16]), fbe=0xC)
+            m.d.sync += [used_idx[qi].eq(used_idx[qi] + n),
+                         last_avail[qi].eq(last_avail[qi] + n), pub_n.eq(n)]
+            m.next = "AVAIL_EVT"
+
+        # the words of a slot that a fresh virtio_net_hdr (num_buffers 1) takes: (word, data,
+        # byte enables), the header being the NET_HDR bytes before the frame
+        hdr_words = []
+        for word in range(HDR_OFF // WB, (FRAME_OFF - 1) // WB + 1):
+            val = en = 0
+            for lane in range(WB):
+                at = word * WB + lane - HDR_OFF
+                if 0 <= at < P.NET_HDR:
+                    en |= 1 << lane
+                    val |= (1 if at == 10 else 0) << (8 * lane)
+            hdr_words.append((word, val, en))
+        # a buffer whose end passes the top of the 64-bit space (it would wrap to address 0)
+        cur_end = Signal(65)
+        m.d.comb += cur_end.eq(cur_addr + cur_len)
+        past_top = cur_end[64] & (cur_end[:64] != 0)
+        WTOP = P.SLOT // WB
+
+        # buffers move through the piece mover: a transmit buffer into slot 0, a receive
+        # buffer's share from the frame's slot
+        mv = self.move
+        m.d.comb += [mv.cmd.p.fidx.eq(cf), mv.cmd.p.to_host.eq(cq == RXQ),
+                     mv.cmd.p.card.eq(Mux(cq == RXQ, card_addr(slot, total), card_addr(0, total))),
+                     mv.cmd.p.length.eq(cur_len),
+                     mv.cmd.p.iova.eq(Mux(cq == RXQ, space_host, cur_addr))]
+
+        with m.FSM(name="engine") as engine:
+            m.d.comb += mig_busy.eq(~engine.ongoing("SCAN")
+                                    & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
+            with m.State("SCAN"):
+                m.d.sync += [phase.eq(0), drop.eq(0), flood.eq(0), fl_g.eq(0)]
+                with m.If(self.uplink_rx.valid):
+                    m.d.sync += [k.eq(0), total.eq(0), dst.eq(0)]
+                    m.next = "UPIN"
+                with m.Else():
+                    # receive-queue notifications need no action: buffers are looked up when a
+                    # frame arrives
+                    with m.If(self.transport.kick.bit_select(ptr * NQ + RXQ, 1)):
+                        m.d.comb += [self.transport.kick_ack.eq(1), self.transport.kick_idx.eq(ptr * NQ + RXQ)]
+                    with m.Elif(self.transport.kick.bit_select(ptr * NQ + TXQ, 1)):
+                        m.d.comb += [self.transport.kick_ack.eq(1), self.transport.kick_idx.eq(ptr * NQ + TXQ)]
+                        m.d.sync += txpend.bit_select(ptr, 1).eq(1)
+                    with m.Elif(txpend.bit_select(ptr, 1) & self.transport.live.bit_select(ptr, 1)
+                                & self.fn.bme.bit_select(ptr, 1) & ~mig_stop.bit_select(ptr, 1)
+                                & self.tx_allow.bit_select(ptr, 1)):
+                        m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0),
+                                     nb.eq(0)]
+                        m.next = "LOADQ0"
+                    with m.Else():
+                        m.d.comb += [self.qos_wait.fidx.eq(ptr),
+                                     self.qos_wait.stb.eq(txpend.bit_select(ptr, 1)
+                                                          & self.transport.live.bit_select(ptr, 1)
+                                                          & self.fn.bme.bit_select(ptr, 1)
+                                                          & ~mig_stop.bit_select(ptr, 1))]
+                        with m.If(~self.transport.live.bit_select(ptr, 1)):
+                            m.d.sync += txpend.bit_select(ptr, 1).eq(0)
+                        m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
+
+            # -- load the current queue's addresses (qa port: a cycle of latency) --
+            with m.State("LOADQ0"):
+                m.d.comb += self.transport.qa_sel.eq(0)
+                m.d.sync += qsize.eq(self.transport.qr_size)
+                m.next = "LOADQ1"
+            with m.State("LOADQ1"):
+                m.d.comb += self.transport.qa_sel.eq(1)
+                m.d.sync += desc_base.eq(self.transport.qa_data)
+                m.next = "LOADQ2"
+            with m.State("LOADQ2"):
+                m.d.comb += self.transport.qa_sel.eq(2)
+                m.d.sync += drv_base.eq(self.transport.qa_data)
+                m.next = "LOADQ3"
+            with m.State("LOADQ3"):
+                m.d.sync += dev_base.eq(self.transport.qa_data)
+                with m.If(ret_used):
+                    m.next = "USED_ELEM"
+                with m.Elif(~self.transport.qr_en | (qsize == 0)):
+                    with m.If(ret_rx):
+                        m.d.comb += inc["DROP_NOBUF"].eq(1)
+                        m.next = "RX_DONE"
+                    with m.Else():
+                        m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                        m.next = "NEXT"
+                with m.Else():
+                    hread(drv_base, 1)                       # avail.flags and avail.idx
+                    m.next = "AVAIL_IDX"
+
+            # -- the available index and the head of the next chain --
+            with m.State("AVAIL_IDX"):
+                with m.If(h_done):
+                    aidx = h_rdata[16:32]
+                    ahead = Signal(16)                   # entries made available, not taken
+                    m.d.comb += ahead.eq(aidx - last_avail[qi])
+                    m.d.sync += aidx_q.eq(aidx)
+                    with m.If(h_err | (ahead > qsize) | (ahead < nb)):
+                        m.next = "BAD"
+                    with m.Elif(ahead == nb):
+                        with m.If(cq == TXQ):
+                            m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                            m.next = "NEXT"
+                        with m.Elif(nb == 0):
+                            m.d.comb += inc["DROP_NOBUF"].eq(1)
+                            m.next = "RX_DONE"
+                        with m.Else():
+                            m.next = "RX_ABORT"          # out of buffers in mid-frame
+                    with m.Else():
+                        hread16(ring_at)
+                        m.next = "AVAIL_HEAD"
+            with m.State("AVAIL_HEAD"):
+                with m.If(h_done):
+                    hd = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
+                    with m.If(h_err | (hd >= qsize)):
+                        m.next = "BAD"
+                    with m.Else():
+                        # (a receive buffer after the first goes on where the frame stands)
+                        m.d.sync += [head.eq(hd), di.eq(hd), ind.eq(0), count.eq(0),
+                                     total.eq(Mux(cq == TXQ, 0, total)),
+                                     buf_start.eq(Mux(cq == TXQ, 0, total)),
+                                     first.eq(1), used_len.eq(0)]
+                        m.next = "DESC"
+
+            # -- walk the chain --
+            with m.State("DESC"):
+                hread(Mux(ind, ind_base, desc_base) + (di << 4), 4)
+                m.d.sync += count.eq(count + 1)
+                m.next = "DESC_WAIT"
+            with m.State("DESC_WAIT"):
+                with m.If(h_done):
+                    m.d.sync += [cur_addr.eq(d_addr), cur_len.eq(d_len), cur_flags.eq(d_flags),
+                                 cur_next.eq(d_next)]
+                    with m.If(h_err | (count > limit)):
+                        m.next = "BAD"                    # unreadable, or a loop
+                    with m.Elif(d_flags & DESC_INDIRECT):
+                        ok = (self.transport.indirect.bit_select(cf, 1) & ~ind & ~(d_flags & DESC_NEXT)[0]
+                              & (d_len[:4] == 0) & (d_len != 0) & (d_len[4:] <= 0xFFFF))
+                        with m.If(ok):
+                            m.d.sync += [ind.eq(1), ind_base.eq(d_addr), ind_n.eq(d_len[4:20]),
+                                         di.eq(0), count.eq(0)]
+                            m.next = "DESC"
+                        with m.Else():
+                            m.next = "BAD"
+                    with m.Elif((d_flags & DESC_WRITE).bool() != (cq == RXQ)):
+                        m.next = "BAD"                    # wrong direction
+                    with m.Elif(cq == TXQ):
+                        m.next = "TX_DATA"
+                    with m.Else():
+                        m.next = "RX_DATA"
+            with m.State("CHAIN_NEXT"):
+                with m.If(cur_flags & DESC_NEXT):
+                    with m.If(cur_next >= limit):
+                        m.next = "BAD"
+                    with m.Else():
+                        m.d.sync += di.eq(cur_next)
+                        m.next = "DESC"
+                with m.Elif(cq == TXQ):
+                    m.next = "TX_END"
+                with m.Else():
+                    m.next = "RX_END"
+
+            # -- transmit: gather the chain into slot 0 --
+            with m.State("TX_DATA"):
+                with m.If(past_top):
+                    m.next = "BAD"
+                with m.Elif((cur_len == 0) | drop):
+                    m.next = "CHAIN_NEXT"
+                with m.Elif(total + cur_len > PKT_MAX):
+                    m.d.sync += drop.eq(1)
+                    m.next = "CHAIN_NEXT"
+                with m.Else():
+                    m.next = "TX_MOVE"
+            with m.State("TX_MOVE"):
+                # the buffer, a page at a time, into slot 0 after what the chain gave so far
+                m.d.comb += mv.cmd.valid.eq(1)
+                with m.If(mv.cmd.ready):
+                    m.next = "TX_WAIT"
+            with m.State("TX_WAIT"):
+                m.d.comb += mv.done.ready.eq(1)
+                with m.If(mv.done.valid):
+                    with m.If(mv.done.p.status == MoveStatus.OK):
+                        m.d.sync += total.eq(total + cur_len)
+                        m.next = "CHAIN_NEXT"
+                    with m.Else():
+                        m.d.sync += mx_xerr.eq(mv.done.p.status == MoveStatus.XLATE)
+                        m.next = "BAD"
+            with m.State("TX_END"):
+                m.d.comb += [inc["TX_FRAMES"].eq(1), self.tx_ev.stb.eq(1), self.tx_ev.fidx.eq(cf),
+                             self.tx_ev.amount.eq(total - P.NET_HDR)]
+                m.d.sync += [tx_f.eq(cf), tx_head.eq(head), frame_len.eq(total - P.NET_HDR),
+                             slot.eq(0), used_len.eq(0)]
+                with m.If(drop | (total < P.NET_HDR + P.MIN_FRAME)):
+                    m.d.comb += inc["DROP_SIZE"].eq(1)
+                    m.next = "TX_USED"
+                with m.Elif(dst[0] | ~is_ours):
+                    # (a broadcast or multicast frame goes to the other functions too, after)
+                    m.d.sync += [k.eq(0), nwords.eq((total - P.NET_HDR + WB - 1) >> LB),
+                                 flood.eq(dst[0]), phase.eq(1)]
+                    m.next = "UP_RD"
+                with m.Elif(mt.hit_fidx == cf):
+                    m.d.comb += inc["DROP_UNKNOWN"].eq(1)
+                    m.next = "TX_USED"
+                with m.Else():
+                    m.d.sync += phase.eq(1)
+                    m.next = "RX_START"
+
+            # -- uplink out: stream the frame from the slot --
+            with m.State("UP_RD"):
+                m.d.comb += [self.pm_own.eq(1), self.pm_rd.en.eq(1),
+                             self.pm_rd.addr.eq(slot * (P.SLOT // WB) + FRAME_OFF // WB + k)]
+                m.next = "UP_OUT"
+            with m.State("UP_OUT"):
+                lastw = k == nwords - 1
+                tail = frame_len[:LB]
+                m.d.comb += [self.pm_own.eq(1), self.uplink_tx.valid.eq(1),
+                             self.uplink_tx.p.data.eq(self.pm_rd.data),
+                             self.uplink_tx.p.last.eq(lastw),
+                             self.uplink_tx.p.keep.eq(Mux(lastw & (tail != 0),
+                                                          (C(1, WB + 1) << tail) - 1,
+                                                          (1 << WB) - 1))]
+                with m.If(self.uplink_tx.ready):
+                    m.d.sync += k.eq(k + 1)
+                    with m.If(lastw):
+                        m.d.comb += inc["UPLINK_OUT"].eq(1)
+                        m.next = "TX_USED"
+                        with m.If(flood):
+                            m.next = "FLOOD"
+                    with m.Else():
+                        m.next = "UP_RD"
+
+            # -- uplink in: take a frame into slot 1 --
+            with m.State("UPIN"):
+                u = self.uplink_rx
+                m.d.comb += [u.ready.eq(1), self.pm_own.eq(1)]
+                with m.If(u.valid):
+                    with m.If(k < WTOP - FRAME_OFF // WB):
+                        m.d.comb += [self.pm_wr.addr.eq(P.SLOT // WB + FRAME_OFF // WB + k),
+                                     self.pm_wr.data.eq(u.p.data), self.pm_wr.en.eq(u.p.keep)]
+                    with m.Else():
+                        m.d.sync += drop.eq(1)
+                    with m.If(k == 0):
+                        m.d.sync += dst.eq(u.p.data[:48])
+                    m.d.sync += [k.eq(k + 1),
+                                 total.eq(total + sum(u.p.keep[j] for j in range(WB)))]
+                    with m.If(u.p.last):
+                        m.next = "UPIN_END"
+            with m.State("UPIN_END"):
+                m.d.comb += inc["UPLINK_IN"].eq(1)
+                m.d.sync += [frame_len.eq(total), slot.eq(1), phase.eq(2)]
+                with m.If(drop | (total < P.MIN_FRAME) | (total > PKT_MAX - P.NET_HDR)):
+                    m.d.comb += inc["DROP_SIZE"].eq(1)
+                    m.next = "NEXT"
+                with m.Elif(dst[0]):
+                    m.d.sync += flood.eq(1)            # broadcast / multicast: every function
+                    m.next = "FLOOD"
+                with m.Elif(~(is_ours | net_ctrl)):
+                    m.d.comb += inc["DROP_UNKNOWN"].eq(1)
+                    m.next = "NEXT"
+                with m.Else():
+                    m.next = "RX_START"
+
+            # -- receive: deliver the frame in ``slot`` to the function owning its destination
+            #    (an uplink frame for none reaches here only with DEFAULT_PF: to the PF) --
+            def receiver_up(g):
+                return (self.transport.live.bit_select(g, 1) & self.fn.bme.bit_select(g, 1)
+                        & ~mig_stop.bit_select(g, 1))
+
+            def deliver_to(g):
+                m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0),
+                             nb.eq(0), total.eq(0), k.eq(0)]
+
+            with m.State("RX_START"):
+                owner = Mux(is_ours, mt.hit_fidx, 0)
+                # DEFAULT_PF also takes the frames of a stopped function (a guest in migration:
+                # the host holds them and forwards them to where the guest goes)
+                g = Mux(net_ctrl & mig_stop.bit_select(owner, 1), 0, owner)
+                deliver_to(g)
+                with m.If(receiver_up(g)):
+                    m.next = "RX_HDRW"
+                with m.Else():
+                    m.d.comb += inc["DROP_NOBUF"].eq(1)
+                    m.next = "RX_DONE"
+            with m.State("FLOOD"):
+                # a broadcast or multicast frame, to each function that is up but its sender
+                # (one a cycle; a function that is down is passed over, not counted)
+                with m.If(fl_g == nf):
+                    m.d.sync += flood.eq(0)
+                    m.next = "NEXT"
+                    with m.If(phase == 1):
+                        m.next = "TX_USED"
+                with m.Else():
+                    m.d.sync += fl_g.eq(fl_g + 1)
+                    with m.If(receiver_up(fl_g) & ~((phase == 1) & (fl_g == tx_f))):
+                        deliver_to(fl_g)
+                        m.next = "RX_HDRW"
+            with m.State("RX_HDRW"):
+                # a fresh virtio_net_hdr in the slot before the frame (num_buffers 1): the
+                # receive buffers get the slot's header and frame as one byte string
+                m.d.comb += self.pm_own.eq(1)
+                with m.Switch(k):
+                    for i, (word, val, en) in enumerate(hdr_words):
+                        with m.Case(i):
+                            m.d.comb += [self.pm_wr.addr.eq(slot * (P.SLOT // WB) + word),
+                                         self.pm_wr.data.eq(val), self.pm_wr.en.eq(en)]
+                m.d.sync += k.eq(k + 1)
+                with m.If(k == len(hdr_words) - 1):
+                    m.next = "LOADQ0"
+            with m.State("RX_DATA"):
+                # the chain's buffers take header and frame in any layout
+                with m.If(past_top):
+                    m.next = "BAD"
+                with m.Else():
+                    m.d.sync += [first.eq(0), space_host.eq(cur_addr), space.eq(cur_len)]
+                    m.next = "RX_COPY"
+            with m.State("RX_COPY"):
+                rem = Signal(17)
+                m.d.comb += rem.eq(frame_len + P.NET_HDR - total)
+                with m.If(rem == 0):
+                    m.next = "RX_END"
+                with m.Elif(space == 0):
+                    m.next = "CHAIN_NEXT"
+                with m.Else():
+                    share = Mux(rem < space, rem, space)
+                    m.d.sync += cur_len.eq(share)                  # this buffer's share
+                    # where the header's num_buffers (string bytes 10 and 11) lands, for a
+                    # frame that turns out to span buffers
+                    for at, i in ((nb_lo_at, 10), (nb_hi_at, 11)):
+                        with m.If((total <= i) & (total + share > i)):
+                            m.d.sync += at.eq(space_host + (i - total))
+                    m.next = "RX_MOVE"
+            with m.State("RX_MOVE"):
+                m.d.comb += mv.cmd.valid.eq(1)
+                with m.If(mv.cmd.ready):
+                    m.next = "RX_WAIT"
+            with m.State("RX_WAIT"):
+                m.d.comb += mv.done.ready.eq(1)
+                with m.If(mv.done.valid):
+                    with m.If(mv.done.p.status == MoveStatus.OK):
+                        m.d.sync += [total.eq(total + cur_len), space.eq(space - cur_len),
+                                     space_host.eq(space_host + cur_len)]
+                        m.next = "RX_COPY"
+                    with m.Else():
+                        m.d.sync += mx_xerr.eq(mv.done.p.status == MoveStatus.XLATE)
+                        m.next = "BAD"
+            with m.State("RX_END"):
+                # the end of a receive buffer (its chain), or of the frame
+                rem = frame_len + P.NET_HDR - total
+                m.d.sync += more.eq(0)
+                with m.If(drop):
+                    m.d.comb += inc["DROP_SIZE"].eq(1)
+                    m.d.sync += used_len.eq(0)           # returned with nothing in it
+                with m.Elif(rem == 0):
+                    m.d.comb += [inc["RX_FRAMES"].eq(1), self.rx_ev.stb.eq(1),
+                                 self.rx_ev.fidx.eq(cf), self.rx_ev.amount.eq(frame_len)]
+                    m.d.sync += used_len.eq(total - buf_start)
+                with m.Elif(self.transport.mrg.bit_select(cf, 1) & (total < P.NET_HDR)):
+                    # with MRG_RXBUF the first buffer must hold the whole header (5.1.6.3.1)
+                    m.d.comb += inc["DROP_SIZE"].eq(1)
+                    m.d.sync += used_len.eq(0)
+                with m.Elif(self.transport.mrg.bit_select(cf, 1)):
+                    m.d.sync += [used_len.eq(total - buf_start), more.eq(1)]
+                with m.Else():
+                    m.d.comb += inc["DROP_SIZE"].eq(1)     # the buffer was too small
+                    m.d.sync += used_len.eq(0)
+                m.next = "USED_ELEM"
+            with m.State("RX_MORE"):
+                # the next buffer of a frame that spans several (MRG_RXBUF); at most a queue's
+                # worth: AVAIL_IDX never lets ``nb`` pass what the driver made available, so a
+                # ring too small for the frame ends in RX_ABORT
+                with m.If(aidx_q != (last_avail[qi] + nb)[:16]):
+                    hread16(ring_at)
+                    m.next = "AVAIL_HEAD"
+                with m.Else():
+                    hread(drv_base, 1)                   # more may have been made available
+                    m.next = "AVAIL_IDX"
+            with m.State("RX_ABORT"):
+                # out of buffers in mid-frame: the buffers taken go back with length 0 (the
+                # driver frees them as runts), the frame is dropped
+                m.d.comb += inc["DROP_NOBUF"].eq(1)
+                hwrite(used_len_at(0), 1, 0)
+                m.d.sync += ab.eq(1)
+                m.next = "RX_AB"
+            with m.State("RX_AB"):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done & (ab == nb)):
+                    publish(nb)
+                with m.Elif(h_done):
+                    hwrite(used_len_at(ab), 1, 0)
+                    m.d.sync += ab.eq(ab + 1)
+
+            # -- used element(s), used index, avail_event, interrupt --
+            with m.State("USED_ELEM"):
+                hwrite(dev_base + 4 + (((used_idx[qi] + nb)[:16] & qmask) << 3), 2,
+                                   Cat(head, C(0, 16), used_len))
+                m.next = "ELEM_SENT"
+            with m.State("ELEM_SENT"):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done):
+                    m.d.sync += [nb.eq(nb + 1), nbuf_q.eq(nb + 1)]
+                    with m.If(more):
+                        m.next = "RX_MORE"
+                    with m.Elif((cq == RXQ) & (nb != 0)):
+                        # the frame spans nb + 1 buffers: its header says so (a byte at a time:
+                        # the two bytes may lie in different DWs, descriptors or pages)
+                        nb_byte(nb_lo_at, (nb + 1)[:8])
+                        m.d.sync += ab.eq(0)
+                        m.next = "NB_SENT"
+                    with m.Else():
+                        publish(nb + 1)
+            with m.State("NB_SENT"):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done & (ab == 0)):
+                    nb_byte(nb_hi_at, nbuf_q[8:16])
+                    m.d.sync += ab.eq(1)
+                with m.Elif(h_done):
+                    publish(nb)
+            with m.State("AVAIL_EVT"):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done):
+                    with m.If(self.transport.ev_idx.bit_select(cf, 1)):
+                        ev_off = Signal(12)
+                        m.d.comb += ev_off.eq(4 + (qsize << 3))
+                        hwrite(dev_base + ev_off, 1, last_avail[qi], fbe=0x3)
+                        m.next = "EVT_SENT"
+                    with m.Else():
+                        hread(drv_base, 1, 0x3)                  # avail.flags
+                        m.next = "IRQ_FLAGS"
+            with m.State("EVT_SENT"):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done):
+                    ue_at = Signal(64)
+                    m.d.comb += ue_at.eq(drv_base + 4 + (qsize << 1))    # used_event
+                    hread16(ue_at)
+                    m.next = "IRQ_EVENT"
+            with m.State("IRQ_FLAGS"):
+                with m.If(h_done):
+                    with m.If(~h_err & ~h_rdata[0]):
+                        m.next = "IRQ"
+                    with m.Else():
+                        m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
+                        m.next = "QDONE"
+            with m.State("IRQ_EVENT"):
+                with m.If(h_done):
+                    ue = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
+                    new = used_idx[qi]
+                    old = Signal(16)
+                    m.d.comb += old.eq(new - pub_n)          # (a frame may use several)
+                    # vring_need_event(used_event, new, old)
+                    need = ((new - ue - 1)[:16] < (new - old)[:16])
+                    with m.If(~h_err & need):
+                        m.next = "IRQ"
+                    with m.Else():
+                        m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
+                        m.next = "QDONE"
+            with m.State("IRQ"):
+                m.d.comb += [inc["QUEUE_IRQS"].eq(1), self.irq.valid.eq(self.transport.qr_vec < nvec), self.irq.fidx.eq(cf),
+                             self.irq.vector.eq(self.transport.qr_vec[:5]),
+                             self.transport.isr_set.eq(1), self.transport.isr_fidx.eq(cf)]
+                m.next = "QDONE"
+            with m.State("QDONE"):
+                with m.If(cq == RXQ):
+                    m.next = "RX_DONE"
+                with m.Else():
+                    m.next = "NEXT"
+            with m.State("RX_DONE"):
+                # on to the next function of a flood, or back to the sender to complete its
+                # transmit buffer
+                with m.If(flood):
+                    m.next = "FLOOD"
+                with m.Elif(phase == 1):
+                    m.next = "TX_USED"
+                with m.Else():
+                    m.next = "NEXT"
+            with m.State("TX_USED"):
+                m.d.sync += [cf.eq(tx_f), cq.eq(TXQ), head.eq(tx_head), used_len.eq(0),
+                             nb.eq(0), more.eq(0),
+                             ret_used.eq(1), ret_rx.eq(0), phase.eq(0)]
+                m.next = "LOADQ0"
+
+            with m.State("BAD"):
+                m.d.comb += [self.transport.nr_set.eq(1), self.transport.nr_fidx.eq(cf), inc["DROP_BAD"].eq(1),
+                             inc["XLATE_ERRORS"].eq(hp.xerr | mx_xerr)]
+                m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                with m.If(flood):
+                    m.next = "FLOOD"              # a receiver of a flood broke: the others next
+                with m.Elif(phase == 1):
+                    m.next = "TX_USED"            # the receiver broke; the sender's frame is done
+                with m.Else():
+                    m.next = "NEXT"
+            with m.State("NEXT"):
+                m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
+                m.next = "SCAN"
+        return m

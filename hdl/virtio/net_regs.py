@@ -1,0 +1,113 @@
+"""PF BAR2 registers of the virtio-net switch: its counters and control (:class:`regmap.NetRegs`)
+and the per-function migration controls (:class:`regmap.MigRegs`).
+
+* **counters**: 32-bit, wrapping, one per event the engine reports (``events``);
+* **control**: ``NetRegs.CTRL`` DEFAULT_PF;
+* **migration**: ``MIG_SEL`` selects a function; ``MIG_CTRL`` bit 0 stops it (the engine starts
+  no transmit for it and delivers nothing into it); ``MIG_STATUS`` reads stopped and idle
+  (stopped, and the engine holds none of its work); the device-internal queue indices and the
+  pending transmit notification of the selected function read through, and are written back
+  only while it is idle (a write otherwise is ignored); ``MAC_LO`` / ``MAC_HI`` are its entry in
+  the station table (:mod:`hdl.virtio.mac_table`).
+
+The engine (:mod:`hdl.virtio.engine`) owns the indices and acts on the controls; this block
+owns the registers and turns accepted writes into strobes on ``mig``.
+"""
+
+from amaranth import *
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from regmap import NetRegs, MigRegs as MG
+
+from ..config import CardConfig
+from ..iface import RegBusSignature
+from ..pcie.regfile import RegisterFile
+from .mac_table import MacProgramSignature
+
+__all__ = ["NetRegisters", "NET_EVENTS", "NetEventsSignature", "MigrationSignature"]
+
+#: The engine's counted events, in the order of their registers.
+NET_EVENTS = ("tx_frames", "rx_frames", "uplink_out", "uplink_in", "drop_nobuf", "drop_bad",
+              "drop_unknown", "drop_size", "queue_irqs", "irq_suppressed", "xlate_errors")
+
+#: The index registers the migration window reads through and restores.
+MIG_INDICES = {"rx_avail": MG.RX_AVAIL, "rx_used": MG.RX_USED, "tx_avail": MG.TX_AVAIL,
+               "tx_used": MG.TX_USED}
+
+
+def NetEventsSignature():
+    """One-cycle strobes, one per counted event (the engine's side)."""
+    return wiring.Signature({n: Out(1) for n in NET_EVENTS})
+
+
+def MigrationSignature(num_functions):
+    """The migration controls (the registers' side): the stopped functions, DEFAULT_PF, the
+    selected function and what the engine knows of it, and restore strobes for its indices
+    (one per index, ``wdata`` the value), given only while it is idle."""
+    members = {
+        "stop":       Out(num_functions),
+        "default_pf": Out(1),
+        "sel":        Out(8),
+        "busy":       In(1),              # the engine holds work of function ``sel``
+        "tx_pend":    In(1),
+        "set_tx_pend": Out(1),
+        "wdata":      Out(16),
+    }
+    for name in MIG_INDICES:
+        members[name] = In(16)
+        members[f"set_{name}"] = Out(1)
+    return wiring.Signature(members)
+
+
+class NetRegisters(wiring.Component):
+    def __init__(self, cfg: CardConfig):
+        self._card = cfg
+        super().__init__({
+            "bus":    In(RegBusSignature()),
+            "events": In(NetEventsSignature()),
+            "mig":    Out(MigrationSignature(cfg.num_functions)),
+            "mac":    Out(MacProgramSignature()),
+        })
+
+    def elaborate(self, platform):
+        nf = self._card.num_functions
+        m = Module()
+        rf = RegisterFile(m, self.bus, "net", "migration")
+        mg = self.mig
+
+        for name in NET_EVENTS:
+            ctr = Signal(32, name=name)
+            with m.If(getattr(self.events, name)):
+                m.d.sync += ctr.eq(ctr + 1)
+            rf.read(getattr(NetRegs, name.upper()), ctr)
+
+        with m.If(rf.we(NetRegs.CTRL)):
+            m.d.sync += mg.default_pf.eq(rf.wdata[0])
+        rf.read(NetRegs.CTRL, mg.default_pf)
+
+        sel_ok = mg.sel < nf
+        stopped = mg.stop.bit_select(mg.sel, 1)
+        idle = stopped & ~mg.busy
+        with m.If(rf.we(MG.SEL)):
+            m.d.sync += mg.sel.eq(rf.wdata[:8])
+        with m.If(rf.we(MG.CTRL) & sel_ok):
+            m.d.sync += mg.stop.bit_select(mg.sel, 1).eq(rf.wdata[0])
+        rf.read(MG.SEL, mg.sel)
+        rf.read(MG.CTRL, stopped)
+        rf.read(MG.STATUS, Cat(stopped, idle))
+        restore = idle & sel_ok
+        m.d.comb += mg.wdata.eq(rf.wdata[:16])
+        for name, off in MIG_INDICES.items():
+            m.d.comb += getattr(mg, f"set_{name}").eq(rf.we(off) & restore)
+            rf.read(off, getattr(mg, name))
+        m.d.comb += mg.set_tx_pend.eq(rf.we(MG.TX_PEND) & restore)
+        rf.read(MG.TX_PEND, mg.tx_pend)
+
+        mac = self.mac
+        m.d.comb += [mac.sel.eq(mg.sel), mac.wdata.eq(rf.wdata),
+                     mac.we_lo.eq(rf.we(MG.MAC_LO)), mac.we_hi.eq(rf.we(MG.MAC_HI))]
+        rf.read(MG.MAC_LO, mac.rd_mac[:32])
+        rf.read(MG.MAC_HI, mac.rd_mac[32:])
+        rf.finish()
+        return m
