@@ -240,20 +240,15 @@ class FaultUnit(wiring.Component):
                     m.d.sync += waddr.eq(waddr + 1)
                 with m.If((k == words) & ~wvalid):
                     m.next = "FBQ"
-            with m.State("FBQ"):
-                m.d.comb += [send.eq(1), hp.req.valid.eq(1)]
-                with m.If(hp.req.ready):
-                    m.next = "FBQ_SENT"
-            with m.State("FBQ_SENT"):
-                with m.If(hp.done):
-                    m.next = "IOPF"
-            with m.State("IOPF"):
-                m.d.comb += [send.eq(2), hp.req.valid.eq(1)]
-                with m.If(hp.req.ready):
-                    m.next = "IOPF_SENT"
-            with m.State("IOPF_SENT"):
-                with m.If(hp.done):
-                    m.next = "RAISED"
+            # the FBQ entry (writes only), then the IOPF entry
+            for state, which, then in (("FBQ", 1, "IOPF"), ("IOPF", 2, "RAISED")):
+                with m.State(state):
+                    m.d.comb += [send.eq(which), hp.req.valid.eq(1)]
+                    with m.If(hp.req.ready):
+                        m.next = f"{state}_SENT"
+                with m.State(f"{state}_SENT"):
+                    with m.If(hp.done):
+                        m.next = then
             with m.State("RAISED"):
                 m.d.comb += [self.irq.valid.eq(1), self.irq.fidx.eq(0), self.irq.vector.eq(vec),
                              self.fault.done.eq(1), self.fault.slot.eq(f_slot), take.eq(1)]

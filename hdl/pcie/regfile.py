@@ -34,7 +34,7 @@ class RegisterFile:
         b = bus
         hit = 0
         for w in ws:
-            hit = hit | ((b.addr >= w.base // 4) & (b.addr < w.limit // 4))
+            hit = hit | self._in(w)
         sel = (b.bar == ws[0].bar) & hit
         if ws[0].functions == "pf":
             sel = sel & (b.fidx == 0)
@@ -52,11 +52,14 @@ class RegisterFile:
             raise ValueError(f"register {offset:#x} is outside {[w.name for w in self.windows]}")
         return offset // 4
 
+    def _in(self, w):
+        a = self.bus.addr
+        below = a < w.limit // 4
+        return below if w.base == 0 else (a >= w.base // 4) & below
+
     def within(self, name):
         """The bus addresses window ``name`` (one of this file's)."""
-        w = next(w for w in self.windows if w.name == name)
-        a = self.bus.addr
-        return self.sel & (a >= w.base // 4) & (a < w.limit // 4)
+        return self.sel & self._in(next(w for w in self.windows if w.name == name))
 
     def addressed(self, offset):
         """The bus names register ``offset`` of this file (a strobe may still be absent)."""

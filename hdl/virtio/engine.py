@@ -443,21 +443,7 @@ class VirtioNetEngine(wiring.Component):
                     m.d.sync += drop.eq(1)
                     m.next = "CHAIN_NEXT"
                 with m.Else():
-                    m.next = "TX_MOVE"
-            with m.State("TX_MOVE"):
-                # the buffer, a page at a time, into slot 0 after what the chain gave so far
-                m.d.comb += mv.cmd.valid.eq(1)
-                with m.If(mv.cmd.ready):
-                    m.next = "TX_WAIT"
-            with m.State("TX_WAIT"):
-                m.d.comb += mv.done.ready.eq(1)
-                with m.If(mv.done.valid):
-                    with m.If(mv.done.p.status == MoveStatus.OK):
-                        m.d.sync += total.eq(total + cur_len)
-                        m.next = "CHAIN_NEXT"
-                    with m.Else():
-                        m.d.sync += mx_xerr.eq(mv.done.p.status == MoveStatus.XLATE)
-                        m.next = "BAD"
+                    m.next = "MOVE"
             with m.State("TX_END"):
                 m.d.comb += [inc["TX_FRAMES"].eq(1), self.tx_ev.stb.eq(1), self.tx_ev.fidx.eq(cf),
                              self.tx_ev.amount.eq(total - P.NET_HDR)]
@@ -601,21 +587,26 @@ class VirtioNetEngine(wiring.Component):
                     for at, i in ((nb_lo_at, 10), (nb_hi_at, 11)):
                         with m.If((total <= i) & (total + share > i)):
                             m.d.sync += at.eq(space_host + (i - total))
-                    m.next = "RX_MOVE"
-            with m.State("RX_MOVE"):
+                    m.next = "MOVE"
+            with m.State("MOVE"):
+                # a transmit buffer into slot 0 after what the chain gave so far, or a receive
+                # buffer's share of the frame in ``slot``, a translated page at a time
                 m.d.comb += mv.cmd.valid.eq(1)
                 with m.If(mv.cmd.ready):
-                    m.next = "RX_WAIT"
-            with m.State("RX_WAIT"):
+                    m.next = "MOVE_WAIT"
+            with m.State("MOVE_WAIT"):
                 m.d.comb += mv.done.ready.eq(1)
                 with m.If(mv.done.valid):
-                    with m.If(mv.done.p.status == MoveStatus.OK):
+                    with m.If(mv.done.p.status != MoveStatus.OK):
+                        m.d.sync += mx_xerr.eq(mv.done.p.status == MoveStatus.XLATE)
+                        m.next = "BAD"
+                    with m.Elif(cq == TXQ):
+                        m.d.sync += total.eq(total + cur_len)
+                        m.next = "CHAIN_NEXT"
+                    with m.Else():
                         m.d.sync += [total.eq(total + cur_len), space.eq(space - cur_len),
                                      space_host.eq(space_host + cur_len)]
                         m.next = "RX_COPY"
-                    with m.Else():
-                        m.d.sync += mx_xerr.eq(mv.done.p.status == MoveStatus.XLATE)
-                        m.next = "BAD"
             with m.State("RX_END"):
                 # the end of a receive buffer (its chain), or of the frame
                 rem = frame_len + P.NET_HDR - total
