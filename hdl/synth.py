@@ -163,9 +163,10 @@ def elaborate_rtlil(cfg: CardConfig) -> tuple[str, int]:
 
 
 #: Register copies the card makes on purpose, for fanout and placement (the register bus's
-#: request, one copy in front of each target: hdl.card), which Yosys' opt_merge would otherwise
-#: fold back into one flip-flop per bit: their cells get ``keep``.
-KEEP_COPIES = "offcard.card.regslice_*/t:$dff"
+#: request, one copy in front of each target: hdl.pcie.regbus.RegBusInterconnect), which
+#: Yosys' opt_merge would otherwise fold back into one flip-flop per bit: their cells get
+#: ``keep``.
+KEEP_COPIES = "offcard.card.regbus.slice_*/t:$dff"
 
 
 def run_yosys(work: Path, timeout_s: float = 3600):
