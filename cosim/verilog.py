@@ -1,25 +1,35 @@
-"""Generated Verilog, cached per card configuration and per version of the hdl/ sources."""
+"""Generated Verilog, cached per card configuration, top and version of the sources.
+
+Two tops: ``offcard``, the card as it is synthesized, and ``offcard_sim``, the card behind the
+TLP shim of co-simulation builds (:mod:`cosim.tlp_shim`)."""
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 from hdl.config import CardConfig
 
-__all__ = ["REPO", "verilog_for", "config_key"]
+__all__ = ["REPO", "verilog_for", "config_key", "TOPS", "module_ports"]
 
 REPO = Path(__file__).resolve().parent.parent
 #: The packages the generated Verilog depends on: the gateware and the register map it reads.
 SOURCES = (REPO / "hdl", REPO / "regmap")
+#: The tops, and the sources each depends on besides SOURCES.
+TOPS = {"offcard": (), "offcard_sim": (REPO / "cosim" / "tlp_shim.py",)}
 
 
-def _hdl_digest():
+def _hdl_digest(extra=()):
     """A hash of every Python file of the gateware's packages, sub-folders included."""
     h = hashlib.sha256()
     for root in SOURCES:
         for p in sorted(root.rglob("*.py")):
             h.update(str(p.relative_to(REPO)).encode())
             h.update(p.read_bytes())
+    for p in extra:
+        h.update(str(p.relative_to(REPO)).encode())
+        h.update(p.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -28,18 +38,41 @@ def config_key(cfg: CardConfig):
     return f"vf{cfg.total_vfs}_w{cfg.data_width}_v{cfg.msix_vectors}"
 
 
-def verilog_for(cfg: CardConfig, out_dir: Path = REPO / "build" / "verilog") -> Path:
-    """Write (or reuse) the Verilog of ``cfg``; returns its path. Module name: ``offcard``."""
+def verilog_for(cfg: CardConfig, out_dir: Path = REPO / "build" / "verilog",
+                top: str = "offcard") -> Path:
+    """Write (or reuse) the Verilog of ``cfg`` with module ``top`` (one of :data:`TOPS`);
+    returns its path."""
+    if top not in TOPS:
+        raise ValueError(f"unknown top {top!r}; choose from {', '.join(TOPS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     key = config_key(cfg)
-    digest = hashlib.sha256((_hdl_digest() + json.dumps(cfg.as_dict(), sort_keys=True)).encode()).hexdigest()[:12]
-    path = out_dir / f"offcard_{key}.v"
-    stamp = out_dir / f"offcard_{key}.stamp"
+    digest = hashlib.sha256((_hdl_digest(TOPS[top]) + json.dumps(cfg.as_dict(), sort_keys=True))
+                            .encode()).hexdigest()[:12]
+    path = out_dir / f"{top}_{key}.v"
+    stamp = out_dir / f"{top}_{key}.stamp"
     if path.exists() and stamp.exists() and stamp.read_text() == digest:
         return path
     from hdl.__main__ import generate_verilog
-    tmp = path.with_suffix(".v.tmp")
-    tmp.write_text(generate_verilog(cfg, "offcard"))
+    elab = None
+    if top == "offcard_sim":
+        from .tlp_shim import SimCard
+        elab = SimCard(cfg)
+    # (a file of its own per process, so that two workers writing one file never meet)
+    tmp = path.with_suffix(f".v.{os.getpid()}.tmp")
+    tmp.write_text(generate_verilog(cfg, top, elab))
     tmp.replace(path)
-    stamp.write_text(digest)
+    tmp = stamp.with_suffix(f".stamp.{os.getpid()}.tmp")
+    tmp.write_text(digest)
+    tmp.replace(stamp)
     return path
+
+
+_HEADER = re.compile(r"^module\s+(\w+)\s*\((.*?)\)\s*;", re.S | re.M)
+
+
+def module_ports(src: Path, module: str) -> list[str]:
+    """The port names of ``module`` in the Verilog file ``src``, in its header's order."""
+    for m in _HEADER.finditer(Path(src).read_text()):
+        if m.group(1) == module:
+            return [n.strip() for n in m.group(2).split(",") if n.strip()]
+    raise ValueError(f"{src}: no module {module}")

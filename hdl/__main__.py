@@ -20,10 +20,13 @@ _ALWAYS_ONE = re.compile(r"^(\s*)always @\*$", re.M)
 _DUMP_REG = re.compile(r"^(\s*)reg (\\\$auto\$verilog_backend\.cc:\d+:dump_module\$\d+ ) = 0;$", re.M)
 
 
-def generate_verilog(cfg: CardConfig, name: str = "offcard") -> str:
+def generate_verilog(cfg: CardConfig, name: str = "offcard", top=None) -> str:
+    """The Verilog of the card (or of ``top``, a component that holds it: a simulation top),
+    as module ``name``, in the form both simulators read."""
     from amaranth.back import verilog
     from .card import Card
-    top = Card(cfg)
+    if top is None:
+        top = Card(cfg)
     text = verilog.convert(top, name=name, emit_src=False)
     text = _ALWAYS_ONE.sub(r"\1always_comb", text)
     return _DUMP_REG.sub(lambda mo: f"{mo[0]}\n`ifndef VERILATOR  // Verilator settles all logic at time zero itself\n"
