@@ -1,20 +1,31 @@
-"""cocotbext-pcie ``Device`` that hands every TLP to the RTL and sends the RTL's TLPs upstream.
+"""cocotbext-pcie ``Device``s that hand every TLP to the RTL and send the RTL's TLPs upstream.
 
-cocotbext-pcie's own ``Device`` routes to at most eight Python functions and has no ARI, so this
-bridge forwards *every* TLP (configuration included) into the card's ``rx`` stream and lets the
-RTL decide which routing IDs exist. TLPs are converted with ``Tlp.pack`` / ``Tlp.unpack``; the
-beat layout comes from :func:`hdl.pcie.tlp.TlpBeat`, so the Python side and the RTL share one
-definition of the stream.
+cocotbext-pcie's own ``Device`` routes to at most eight Python functions and has no ARI, so a
+bridge forwards *every* TLP (configuration included) to the card and lets the RTL decide which
+routing IDs exist. Two bridges, one behaviour:
 
-No coroutine here wakes on an idle bus: the driver sleeps on its queue, the monitor on a rising
-edge of ``tx__valid``.
+* :class:`TlpBridge` (the default) talks to the TLP shim of a co-simulation build
+  (:mod:`cosim.tlp_shim`, top ``offcard_sim``): it writes a whole TLP into the shim's input
+  ports and reads a whole TLP from its output ports, waking once per TLP each way; the shim
+  streams the beats cycle by cycle in the RTL. Its link to the root complex is a
+  :class:`cosim.link.LeanPort`.
+* :class:`BeatBridge` drives the card's ``rx`` and samples its ``tx`` a beat at a time from
+  Python, over cocotbext-pcie's ``SimPort`` (a Gen3 x8 link with its data link layer). It is
+  the reference the TLP path is compared with (``OFFCARD_TLP_PATH=beat`` selects it
+  everywhere).
+
+Both take TLPs as ``Tlp.pack`` / ``Tlp.unpack`` bytes; the beat layout comes from
+:func:`hdl.pcie.tlp.TlpBeat`, so the Python side and the RTL share one definition of the stream.
+No coroutine here wakes on an idle bus.
 """
 
 import logging
+import os
+from collections import deque
 
 import cocotb
 from cocotb.queue import Queue
-from cocotb.triggers import RisingEdge, Event
+from cocotb.triggers import FallingEdge, RisingEdge, Event, ReadWrite, ValueChange
 from cocotb.utils import get_sim_time
 
 from cocotbext.pcie.core import Device
@@ -22,7 +33,21 @@ from cocotbext.pcie.core.tlp import Tlp
 
 from hdl.pcie.tlp import TlpBeat
 
-__all__ = ["CardBridge", "BeatCodec"]
+from .link import LeanPort, retire
+
+__all__ = ["TlpBridge", "BeatBridge", "BeatCodec", "tlp_path", "PATHS"]
+
+#: The ways TLPs cross between Python and the RTL (``OFFCARD_TLP_PATH``).
+PATHS = ("tlp", "beat")
+
+
+def tlp_path(value=None):
+    """The TLP path chosen by ``value`` or the environment (``OFFCARD_TLP_PATH``): ``tlp``
+    (whole TLPs through the shim, the default) or ``beat`` (one beat at a time)."""
+    v = (value if value is not None else os.environ.get("OFFCARD_TLP_PATH", "")) or "tlp"
+    if v not in PATHS:
+        raise ValueError(f"OFFCARD_TLP_PATH must be one of {', '.join(PATHS)}, got {v!r}")
+    return v
 
 
 class BeatCodec:
@@ -63,52 +88,108 @@ class BeatCodec:
         return out
 
 
-class CardBridge(Device):
-    """The card as a PCIe device on a cocotbext-pcie link.
+class _Bridge(Device):
+    """What both bridges share: the counters, the hooks, the upstream side.
 
-    ``dut`` must expose ``clk``, ``rx__payload/valid/ready`` and ``tx__payload/valid/ready``.
     ``divert``: when set to a ``cocotb.queue.Queue``, TLPs from the card go there as
     ``(hdr_bytes, payload_bytes)`` instead of upstream (used by the fuzzing bench).
+    ``tx_hook(hdr, payload, first_beat_ns, last_beat_ns)`` sees every TLP the card sends,
+    ``rx_hook(tlp, first_beat_ns, last_beat_ns)`` every TLP it took from the host.
     """
 
-    def __init__(self, dut, data_width, *args, prefix="", link_speed=3, link_width=8, **kwargs):
+    #: The bridge that drives each card's ports now: ``(id(dut), prefix) -> bridge``.
+    _active = {}
+
+    def __init__(self, dut, data_width, *args, prefix="", **kwargs):
         super().__init__(*args, **kwargs)
-        # a Gen3 x8 link: the port model then spends real time on each TLP (symbol time,
-        # link delay), as the card's PCIe hard IP would see
-        self.upstream_port.max_link_speed = link_speed
-        self.upstream_port.max_link_width = link_width
+        # a bench may build a second harness on the same card within one test: the bridge
+        # before it lets go of the ports (its coroutines end)
+        old = _Bridge._active.get((id(dut), prefix))
+        if old is not None:
+            old.close()
+        _Bridge._active[(id(dut), prefix)] = self
+        self._tasks = []
         self.log = logging.getLogger("cocotb.offcard.bridge")
         self.dut = dut
+        self.prefix = prefix
         self.clk = dut.clk
         self.codec = BeatCodec(data_width)
-        self.rx_payload = getattr(dut, f"{prefix}rx__payload")
-        self.rx_valid = getattr(dut, f"{prefix}rx__valid")
-        self.rx_ready = getattr(dut, f"{prefix}rx__ready")
-        self.tx_payload = getattr(dut, f"{prefix}tx__payload")
-        self.tx_valid = getattr(dut, f"{prefix}tx__valid")
-        self.tx_ready = getattr(dut, f"{prefix}tx__ready")
-        self.rx_valid.value = 0
-        self.tx_ready.value = 1
-        self._to_rtl = Queue()       # (beats, tlp or None)
         self._to_host = Queue()
         self.divert = None
         self.tlps_in = 0             # TLPs handed to the RTL
         self.tlps_out = 0            # TLPs the RTL sent
         self.beats_in = 0
         self.beats_out = 0
-        self.tx_hook = None          # called as hook(hdr, payload, first_beat_ns, last_beat_ns)
-        self.rx_hook = None          # called as hook(tlp, first_beat_ns, last_beat_ns), host -> card
+        self.tx_hook = None
+        self.rx_hook = None
         self.idle = Event()
         self.idle.set()
-        cocotb.start_soon(self._drive())
-        cocotb.start_soon(self._monitor())
-        cocotb.start_soon(self._upstream())
+        self._start(self._upstream())
 
-    # ---- host -> card ---------------------------------------------------------------------
+    def _start(self, coro):
+        self._tasks.append(cocotb.start_soon(coro))
+
+    def close(self):
+        """Stop driving the card (a newer bridge took over its ports)."""
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        self._tasks = []
+
+    def port(self, name):
+        return getattr(self.dut, self.prefix + name)
+
     async def upstream_recv(self, tlp):
         """Called by the link for every TLP from the root complex."""
         assert tlp.check()
-        self.send_beats(self.codec.beats(tlp.pack_header(), tlp.get_data() if tlp.has_data() else b""), tlp)
+        self.send_tlp(tlp)
+
+    def _from_card(self, hdr, payload, t_first, t_last):
+        self.tlps_out += 1
+        if self.tx_hook is not None:
+            self.tx_hook(hdr, payload, t_first, t_last)
+        self._to_host.put_nowait((hdr, payload))
+
+    async def _upstream(self):
+        while True:
+            hdr, payload = await self._to_host.get()
+            if self.divert is not None:
+                self.divert.put_nowait((hdr, payload))
+                continue
+            fmt = hdr[0] >> 5
+            hdr_len = 16 if fmt & 1 else 12
+            try:
+                tlp = Tlp.unpack(hdr[:hdr_len] + payload)
+            except Exception as e:
+                raise ValueError(f"card sent a TLP the host cannot parse: header {hdr.hex()}, "
+                                 f"{len(payload)} payload bytes") from e
+            await self.send(tlp)
+
+
+class BeatBridge(_Bridge):
+    """The card's ``rx`` / ``tx`` streams driven and sampled a beat at a time from Python, on
+    cocotbext-pcie's own link model (Gen3 x8: the port model spends real time on each TLP,
+    symbol time and link delay, as the card's PCIe hard IP would see)."""
+
+    def __init__(self, dut, data_width, *args, prefix="", link_speed=3, link_width=8, **kwargs):
+        super().__init__(dut, data_width, *args, prefix=prefix, **kwargs)
+        self.upstream_port.max_link_speed = link_speed
+        self.upstream_port.max_link_width = link_width
+        self.rx_payload = self.port("rx__payload")
+        self.rx_valid = self.port("rx__valid")
+        self.rx_ready = self.port("rx__ready")
+        self.tx_payload = self.port("tx__payload")
+        self.tx_valid = self.port("tx__valid")
+        self.tx_ready = self.port("tx__ready")
+        self.rx_valid.value = 0
+        self.tx_ready.value = 1
+        self._to_rtl = Queue()       # (beats, tlp or None)
+        self._start(self._drive())
+        self._start(self._monitor())
+
+    def send_tlp(self, tlp):
+        self.send_beats(self.codec.beats(tlp.pack_header(),
+                                         tlp.get_data() if tlp.has_data() else b""), tlp)
 
     def send_beats(self, beats, tlp=None):
         """Queue raw beats (ints) for the RTL; ``tlp`` gets its flow-control credit released."""
@@ -138,7 +219,6 @@ class CardBridge(Device):
             if self._to_rtl.empty():
                 self.idle.set()
 
-    # ---- card -> host ---------------------------------------------------------------------
     async def _monitor(self):
         codec = self.codec
         hdr = None
@@ -161,22 +241,172 @@ class CardBridge(Device):
             ndw = bin(codec.field(v, "strb")).count("1")
             payload += codec.field(v, "data").to_bytes(codec.dpb * 4, "little")[:ndw * 4]
             if codec.field(v, "eop"):
-                self.tlps_out += 1
-                if self.tx_hook is not None:
-                    self.tx_hook(hdr, bytes(payload), t_first, get_sim_time("ns"))
-                self._to_host.put_nowait((hdr, bytes(payload)))
+                self._from_card(hdr, bytes(payload), t_first, get_sim_time("ns"))
 
-    async def _upstream(self):
+
+class TlpBridge(_Bridge):
+    """Whole TLPs through the TLP shim (:mod:`cosim.tlp_shim`) of an ``offcard_sim`` build, on a
+    :class:`cosim.link.LeanPort` link. ``clock_ns`` converts the shim's cycle stamps into the
+    times the hooks report."""
+
+    def __init__(self, dut, data_width, *args, prefix="", clock_ns, wire_time=False, **kwargs):
+        super().__init__(dut, data_width, *args, prefix=prefix, **kwargs)
+        retire(self.upstream_port)
+        self.set_port(LeanPort(wire_time=wire_time))
+        self.clock_ns = clock_ns
+        p = self.port
+        self.in_hdr, self.in_data, self.in_ndw = p("in_hdr"), p("in_data"), p("in_ndw")
+        self.in_seq, self.in_ack, self.in_done = p("in_seq"), p("in_ack"), p("in_done")
+        self.in_first, self.in_last = p("in_first"), p("in_last")
+        self.out_hdr, self.out_data, self.out_ndw = p("out_hdr"), p("out_data"), p("out_ndw")
+        self.out_seq, self.out_first, self.out_last = p("out_seq"), p("out_first"), p("out_last")
+        self.out_overflow = p("out_overflow")
+        self.raw, self.raw_payload = p("raw"), p("raw_rx__payload")
+        self.raw_valid, self.raw_ready = p("raw_rx__valid"), p("raw_rx__ready")
+        self.in_seq.value = 0
+        self.raw.value = 0
+        self.raw_valid.value = 0
+        self.max_dw = len(self.in_data) // 32
+        self._pending = deque()      # what waits for the shim: ("tlp", hdr, data, ndw, tlp) or
+        self._more = Event()         # ("raw", beats)
+        self._seq = 0                # TLPs written into the shim
+        self._posted = deque()       # (Tlp, DWs) in the shim, oldest first
+        self._done = 0               # TLPs the card has taken all of
+        self._taken = Event()
+        self._start(self._feed())
+        self._start(self._watch_done())
+        self._start(self._collect())
+
+    # ---- host -> card -------------------------------------------------------------------------
+    def send_tlp(self, tlp):
+        data = tlp.get_data() if tlp.has_data() else b""
+        if len(data) > 4 * self.max_dw:
+            raise ValueError(f"a {len(data)}-byte TLP for the card: the shim carries at most "
+                             f"{4 * self.max_dw}")
+        hdr = int.from_bytes(bytes(tlp.pack_header()).ljust(16, b"\0")[:16], "big")
+        self._queue(("tlp", hdr, int.from_bytes(data, "little"), len(data) // 4, tlp))
+
+    def send_beats(self, beats, tlp=None):
+        """Raw beats (ints) for the card's ``rx``, one at a time (malformed input: the fuzzing
+        bench); they go in after every TLP queued before them."""
+        self._queue(("raw", beats, tlp))
+
+    def _queue(self, item):
+        self.idle.clear()
+        self._pending.append(item)
+        self._more.set()
+
+    async def _change(self, signal):
+        """The next change of ``signal``, once every value of the clock edge that made it has
+        settled (Icarus calls back while the edge's non-blocking assignments still land: the
+        shim's other outputs may not hold their new values yet)."""
+        await ValueChange(signal)
+        await ReadWrite()
+
+    async def _wait_port_free(self):
+        """Wait until the shim has taken every TLP written, at a moment when writing the input
+        ports cannot race a clock edge: after the edge that acknowledged the last TLP, or, when
+        the port was already free, at the clock's falling edge. (A write woken by a timer can
+        land in the time step of a rising edge; Icarus may then evaluate part of the shim's
+        next state with the old inputs and part with the new, and take ``in_seq`` without the
+        TLP.)"""
+        if int(self.in_ack.value) == self._seq & 0xFF:
+            await FallingEdge(self.clk)
+            return
+        while int(self.in_ack.value) != self._seq & 0xFF:
+            await self._change(self.in_ack)
+
+    async def _wait_all_taken(self):
+        while self._done != self._seq:
+            self._taken.clear()
+            await self._taken.wait()
+
+    def _beats(self, ndw):
+        return max(1, -(-ndw // self.codec.dpb))
+
+    async def _feed(self):
         while True:
-            hdr, payload = await self._to_host.get()
-            if self.divert is not None:
-                self.divert.put_nowait((hdr, payload))
+            while not self._pending:
+                self._more.clear()
+                await self._more.wait()
+            item = self._pending.popleft()
+            if item[0] == "raw":
+                await self._wait_all_taken()
+                await self._raw(item[1], item[2])
                 continue
-            fmt = hdr[0] >> 5
-            hdr_len = 16 if fmt & 1 else 12
-            try:
-                tlp = Tlp.unpack(hdr[:hdr_len] + payload)
-            except Exception as e:
-                raise ValueError(f"card sent a TLP the host cannot parse: header {hdr.hex()}, "
-                                 f"{len(payload)} payload bytes") from e
-            await self.send(tlp)
+            _, hdr, data, ndw, tlp = item
+            await self._wait_port_free()
+            self.in_hdr.value = hdr
+            self.in_data.value = data
+            self.in_ndw.value = ndw
+            self._seq += 1
+            self._posted.append((tlp, ndw))
+            self.in_seq.value = self._seq & 0xFF
+
+    async def _watch_done(self):
+        """Count the TLPs the card has taken whole (the shim's ``in_done`` changes once per
+        TLP): the counters, ``rx_hook``, credits and ``idle`` follow."""
+        while True:
+            await self._change(self.in_done)
+            if self.dut.rst.value == 1:
+                continue                 # (the card's reset: the shim's counters go back to 0)
+            done = int(self.in_done.value)
+            while self._done & 0xFF != done:
+                if not self._posted:     # (what a bench before this one left in the shim)
+                    self._done, self._seq = done, done
+                    break
+                self._done += 1
+                tlp, ndw = self._posted.popleft()
+                self.tlps_in += 1
+                self.beats_in += self._beats(ndw)
+                if self.rx_hook is not None:
+                    now = get_sim_time("ns")
+                    span = (int(self.in_last.value) - int(self.in_first.value)) * self.clock_ns
+                    self.rx_hook(tlp, now - span, now)
+                tlp.release_fc()
+            self._taken.set()
+            if self._done == self._seq and not self._pending:
+                self.idle.set()
+
+    async def _raw(self, beats, tlp):
+        self.raw.value = 1
+        for b in beats:
+            self.raw_payload.value = b
+            self.raw_valid.value = 1
+            while True:
+                await RisingEdge(self.clk)
+                if self.raw_ready.value == 1:
+                    break
+        self.raw_valid.value = 0
+        self.raw.value = 0
+        self.beats_in += len(beats)
+        self.tlps_in += 1
+        if tlp is not None:
+            tlp.release_fc()
+        if not self._pending and self._done == self._seq:
+            self.idle.set()
+
+    # ---- card -> host -------------------------------------------------------------------------
+    async def _collect(self):
+        seq = int(self.out_seq.value)
+        while True:
+            await self._change(self.out_seq)
+            s = int(self.out_seq.value)
+            if self.dut.rst.value == 1:
+                seq = s                  # (the card's reset: the shim's counters go back to 0)
+                continue
+            if s != (seq + 1) & 0xFF:
+                raise AssertionError(f"TLP shim: {(s - seq) & 0xFF} TLPs from the card at once "
+                                     f"(one read per TLP is the contract)")
+            seq = s
+            if self.out_overflow.value == 1:
+                raise AssertionError(f"the card sent a TLP longer than the shim's {self.max_dw} DW")
+            ndw = int(self.out_ndw.value)
+            hdr = int(self.out_hdr.value).to_bytes(16, "big")
+            payload = (int(self.out_data.value) & ((1 << (32 * ndw)) - 1)).to_bytes(4 * ndw,
+                                                                                   "little")
+            now = get_sim_time("ns")
+            span = (int(self.out_last.value) - int(self.out_first.value)) * self.clock_ns
+            self.beats_out += self._beats(ndw)
+            self._from_card(hdr, payload, now - span, now)
+

@@ -4,39 +4,57 @@ This is the one place that knows how the card is built for simulation: the gener
 (:func:`cosim.verilog.verilog_for`), Icarus in IEEE 1800-2012 mode (the Verilog uses
 ``always_comb``), and for Verilator a ``.vlt`` control file that makes only the top-level
 ports public (the bench touches nothing else).
+
+The TLP path (:func:`cosim.bridge.tlp_path`, ``OFFCARD_TLP_PATH``) picks the top: ``tlp`` (the
+default) builds ``offcard_sim``, the card behind the TLP shim, where Python hands over whole
+TLPs; ``beat`` builds the card alone, ``offcard``, driven a beat at a time. The bench finds out
+which it got from the top's ports (:class:`cosim.harness.CardHarness`).
 """
 
+import os
 from pathlib import Path
 
 from hdl.config import CardConfig
 
+from .bridge import tlp_path
 from .runner import run_cocotb, SIM_BUILD
-from .verilog import verilog_for, config_key
+from .verilog import verilog_for, config_key, module_ports
 
-__all__ = ["run_card_bench", "PORTS"]
+__all__ = ["run_card_bench", "top_for", "vlt_for"]
 
-PORTS = ("clk", "rst", "rx__payload", "rx__valid", "rx__ready", "tx__payload", "tx__valid",
-         "tx__ready", "uplink_tx__payload", "uplink_tx__valid", "uplink_tx__ready",
-         "uplink_rx__payload", "uplink_rx__valid", "uplink_rx__ready", "util", "uart_rxd",
-         "uart_txd")
+#: The top each TLP path simulates.
+TOP_OF_PATH = {"tlp": "offcard_sim", "beat": "offcard"}
 
 
-def _vlt() -> Path:
-    path = SIM_BUILD / "verilog" / "offcard.vlt"
+def top_for(path=None) -> str:
+    return TOP_OF_PATH[tlp_path(path)]
+
+
+def vlt_for(src: Path, top: str, ports=None) -> Path:
+    """A Verilator control file that makes the ports of ``top`` (in ``src``) public."""
+    ports = module_ports(src, top) if ports is None else ports
+    path = SIM_BUILD / "verilog" / f"{src.stem}.vlt"
     text = "`verilator_config\n" + "".join(
-        f'public_flat_rw -module "offcard" -var "{p}"\n' for p in PORTS)
+        f'public_flat_rw -module "{top}" -var "{p}"\n' for p in ports)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
     return path
 
 
 def run_card_bench(sim, module, cfg: CardConfig = CardConfig(), *, testcase=None, extra_env=None,
-                   timeout_s=600, waves=None, build_key=None):
-    src = verilog_for(cfg)
+                   timeout_s=600, waves=None, build_key=None, path=None):
+    """Build (cached) and run the cocotb tests of ``module`` on the card of ``cfg``; ``path``
+    overrides ``OFFCARD_TLP_PATH`` (and is passed on to the bench)."""
+    top = top_for(path)
+    src = verilog_for(cfg, top=top)
+    env = dict(extra_env or {})
+    env["OFFCARD_TLP_PATH"] = tlp_path(path)
     build_args = ["-g2012"] if sim == "icarus" else []
-    return run_cocotb(sim, "offcard", [src], module, build_key or f"offcard_{config_key(cfg)}",
-                      testcase=testcase, build_args=build_args, extra_env=extra_env,
+    return run_cocotb(sim, top, [src], module, build_key or f"{top}_{config_key(cfg)}",
+                      testcase=testcase, build_args=build_args, extra_env=env,
                       timeout_s=timeout_s, waves=waves,
-                      vlt=_vlt() if sim == "verilator" else None,
+                      vlt=vlt_for(src, top) if sim == "verilator" else None,
                       run_name=module.rsplit(".", 1)[-1] + (f"_{testcase}" if testcase else ""))

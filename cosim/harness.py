@@ -14,17 +14,23 @@ from cocotb.triggers import ClockCycles, Timer
 from cocotbext.pcie.core import RootComplex
 
 from host_driver.offcard import OffcardDriver
-from .bridge import CardBridge
+from .bridge import BeatBridge, TlpBridge
 from .host import RootComplexTransport
+from .link import lean_root_port
 
 __all__ = ["CardHarness", "CLOCK_NS", "start_twin"]
 
 CLOCK_NS = 4          # 250 MHz card clock
 
 
+def has_shim(dut, prefix=""):
+    """The top is ``offcard_sim`` (the card behind the TLP shim), not the bare ``offcard``."""
+    return hasattr(dut, f"{prefix}in_seq")
+
+
 def data_width_of(dut, prefix=""):
     """Data width of the RTL, from the width of its rx payload (hdl.pcie.tlp.TlpBeat)."""
-    n = len(getattr(dut, f"{prefix}rx__payload"))
+    n = len(getattr(dut, f"{prefix}{'raw_rx' if has_shim(dut, prefix) else 'rx'}__payload"))
     w = (n - 141) * 32 // 33
     assert 141 + w + w // 32 == n, f"unexpected rx payload width {n}"
     return w
@@ -37,8 +43,13 @@ class CardHarness:
         self.data_width = data_width_of(dut, prefix)
         logging.getLogger("cocotb.pcie").setLevel(logging.WARNING)
         self.rc = RootComplex()
-        self.bridge = CardBridge(dut, self.data_width, prefix=prefix)
-        self.rc.make_port().connect(self.bridge)
+        if has_shim(dut, prefix):
+            # whole TLPs through the shim, on a lean link (cosim.link)
+            self.bridge = TlpBridge(dut, self.data_width, prefix=prefix, clock_ns=CLOCK_NS)
+            lean_root_port(self.rc).connect(self.bridge)
+        else:
+            self.bridge = BeatBridge(dut, self.data_width, prefix=prefix)
+            self.rc.make_port().connect(self.bridge)
         self.t = RootComplexTransport(self.rc)
         self.drv = OffcardDriver(self.t)
 

@@ -19,6 +19,7 @@ What it adds to cocotb's runner:
   and an optional ``.vlt`` control file instead of ``--public-flat-rw`` (much faster);
 * ``timescale=("1ns", "1ps")`` on build and test;
 * a wall-clock timeout for the simulation;
+* one build at a time per build folder (a file lock), so parallel test workers share builds;
 * an ``AssertionError`` naming the failed cocotb tests (and the log tail) instead of
   ``sys.exit``; zero tests run is a failure too;
 * :func:`cocotb_tests`: the cocotb tests a module defines (from its source, nothing imported),
@@ -28,6 +29,7 @@ What it adds to cocotb's runner:
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -360,34 +362,39 @@ def run_cocotb(
 
     t0 = time.monotonic()
     rebuilt = False
-    try:
-        up_to_date = json.loads(stamp.read_text()).get("digest") == digest
-    except (OSError, ValueError):
-        up_to_date = False
-    if not (up_to_date and _built_output(sim, build_dir, toplevel).exists()):
-        stamp.unlink(missing_ok=True)
-        build_log = build_dir / "build.log"
+    # one build at a time per folder: a second process (a pytest-xdist worker) waits for the
+    # first and then finds the build up to date
+    with open(build_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            runner.build(
-                sources=sources,
-                hdl_toplevel=toplevel,
-                build_args=args,
-                parameters=parameters,
-                defines=defines,
-                includes=includes,
-                build_dir=build_dir,
-                always=True,  # our stamp already decided a rebuild is due
-                timescale=TIMESCALE,
-                waves=waves_on,
-                log_file=build_log,
-            )
-        except (RuntimeError, SystemExit) as e:
-            raise RuntimeError(
-                f"{sim} build of {toplevel} ({build_key}) failed: {e}\n"
-                f"--- {build_log} (tail) ---\n{_tail(build_log)}"
-            ) from None
-        stamp.write_text(json.dumps({"digest": digest, "built_s": round(time.monotonic() - t0, 2)}))
-        rebuilt = True
+            up_to_date = json.loads(stamp.read_text()).get("digest") == digest
+        except (OSError, ValueError):
+            up_to_date = False
+        if not (up_to_date and _built_output(sim, build_dir, toplevel).exists()):
+            stamp.unlink(missing_ok=True)
+            build_log = build_dir / "build.log"
+            try:
+                runner.build(
+                    sources=sources,
+                    hdl_toplevel=toplevel,
+                    build_args=args,
+                    parameters=parameters,
+                    defines=defines,
+                    includes=includes,
+                    build_dir=build_dir,
+                    always=True,  # our stamp already decided a rebuild is due
+                    timescale=TIMESCALE,
+                    waves=waves_on,
+                    log_file=build_log,
+                )
+            except (RuntimeError, SystemExit) as e:
+                raise RuntimeError(
+                    f"{sim} build of {toplevel} ({build_key}) failed: {e}\n"
+                    f"--- {build_log} (tail) ---\n{_tail(build_log)}"
+                ) from None
+            stamp.write_text(json.dumps({"digest": digest,
+                                         "built_s": round(time.monotonic() - t0, 2)}))
+            rebuilt = True
     t1 = time.monotonic()
 
     name = run_name or _run_name(testcase)

@@ -11,8 +11,10 @@ from cosim.runner import cocotb_tests
 from hdl.config import CardConfig
 from test_cosim import BENCHES, Bench, bench_params
 
-#: Benches not in the table: the runner's own (tests/test_runner_smoke.py).
-RUNNER_BENCHES = {"cosim.benches.smoke_counter", "cosim.benches.smoke_fail"}
+#: Benches not in the table: the runner's own (tests/test_runner_smoke.py), and the one that
+#: compares the two TLP paths (tests/test_cosim_paths.py).
+RUNNER_BENCHES = {"cosim.benches.smoke_counter", "cosim.benches.smoke_fail",
+                  "cosim.benches.paths"}
 
 
 @pytest.fixture

@@ -329,7 +329,10 @@ class VirtioNetEngine(wiring.Component):
                                                           & self.transport.live.bit_select(ptr, 1)
                                                           & self.fn.bme.bit_select(ptr, 1)
                                                           & ~mig_stop.bit_select(ptr, 1))]
-                        with m.If(~self.transport.live.bit_select(ptr, 1)):
+                        # a notification of a function that is not live is dropped; a
+                        # stopped function's state stays as it is (what a restore wrote)
+                        with m.If(~self.transport.live.bit_select(ptr, 1)
+                                  & ~mig_stop.bit_select(ptr, 1)):
                             m.d.sync += txpend.bit_select(ptr, 1).eq(0)
                         m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
 
