@@ -30,6 +30,9 @@ class RootComplexTransport(Transport):
         self._msi_count = {}
         self._msi_event = {}
         self._msi_vec = {}
+        self._write_waiters = []         # (start, end, Event) of wait_host_write
+        for t in (TlpType.MEM_WRITE, TlpType.MEM_WRITE_64):
+            self._watch_writes(t)
 
     # ---- non-posted helper ----------------------------------------------------------------
     async def _nonposted(self, req, what):
@@ -139,6 +142,32 @@ class RootComplexTransport(Transport):
 
     async def host_write(self, addr, data):
         await self.rc.mem_address_space.write(addr, data)
+
+    def _watch_writes(self, fmt_type):
+        """Wrap the root complex's handler of the device's memory writes: once a write has
+        landed, wake the waiters whose range it touched."""
+        handler = self.rc.rx_tlp_handler[fmt_type]
+
+        async def on_write(tlp):
+            await handler(tlp)
+            if self._write_waiters:
+                a, b = tlp.address, tlp.address + 4 * tlp.length
+                keep = []
+                for w in self._write_waiters:
+                    if w[0] < b and a < w[1]:
+                        w[2].set()
+                    elif not w[2].is_set():
+                        keep.append(w)
+                self._write_waiters = keep
+        self.rc.register_rx_tlp_handler(fmt_type, on_write)
+
+    async def wait_host_write(self, addr, length, timeout_ns, poll_ns=500):
+        ev = Event()
+        w = (addr, addr + length, ev)
+        self._write_waiters.append(w)
+        await First(ev.wait(), Timer(max(1, int(timeout_ns)), "ns"))
+        if w in self._write_waiters and not ev.is_set():
+            self._write_waiters.remove(w)
 
     # ---- interrupts -------------------------------------------------------------------------
     def alloc_msi_vectors(self, n):

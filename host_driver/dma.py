@@ -80,16 +80,19 @@ class DmaQueue:
         return int.from_bytes(raw, "little")
 
     async def wait(self, index, timeout_ns=2_000_000, poll_ns=500):
-        """Wait until the card wrote the descriptor's status; returns it."""
-        waited = 0
+        """Wait until the card wrote the descriptor's status; returns it. Reads the status
+        again whenever the transport says the card wrote it (or every ``poll_ns`` where the
+        transport cannot tell)."""
+        deadline = self.t.now_ns() + timeout_ns
+        addr = self.desc_addr(index) + _STATUS_OFFSET
         while True:
             st = await self.status(index)
             if st:
                 return st
-            if waited >= timeout_ns:
+            left = deadline - self.t.now_ns()
+            if left <= 0:
                 raise TimeoutError(f"{self.fn}: descriptor {index} not done after {timeout_ns} ns")
-            await self.t.sleep_ns(poll_ns)
-            waited += poll_ns
+            await self.t.wait_host_write(addr, _STATUS_BYTES, max(1, int(left)), poll_ns)
 
     async def transfer(self, host, card, length, to_host, timeout_ns=2_000_000):
         idx = await self.post(host, card, length, to_host)

@@ -86,6 +86,14 @@ class Transport(ABC):
     async def wait_msi(self, vector: MsiVector, count: int, timeout_ns: int) -> bool:
         """Wait until ``msi_count(vector) >= count``; False on timeout."""
 
+    async def wait_host_write(self, addr: int, length: int, timeout_ns: int,
+                              poll_ns: int = 500) -> None:
+        """Return once the device may have written host memory in ``[addr, addr + length)``,
+        at the latest after ``timeout_ns``; the caller reads the memory again. This default
+        sleeps ``min(timeout_ns, poll_ns)``; a transport that sees the device's writes returns
+        at the first write into the range."""
+        await self.sleep_ns(min(timeout_ns, poll_ns))
+
     # ---- time ----
     @abstractmethod
     async def sleep_ns(self, ns: int) -> None: ...
