@@ -1,6 +1,6 @@
 # offcard — see README.md. Every target uses the project venv in .venv/.
 #   make install                 toolchain (iverilog via apt if missing) + .venv + pip install -e .
-#   make test [SIM=icarus|verilator] [WAVES=1]    all tests (cocotb sims under both simulators by default)
+#   make test [SIM=icarus|verilator] [WAVES=1] [JOBS=n]   all tests on every core (cocotb sims under both simulators by default)
 #   make sim  [SIM=...] [WAVES=1]                 only the cocotb simulation tests (pytest -m sim)
 #   make guest                   the Linux guest image of the QEMU tests (cached in build/guest/)
 
@@ -44,11 +44,17 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q -e .
 	@touch $@
 
+# Every core (pytest-xdist, -n auto; JOBS=1 runs one test at a time). tests/conftest.py hands
+# out the longest tests first (their durations are in .test_durations, which pytest-split's
+# --splits N --group K also reads to cut the suite into groups for several machines).
+JOBS ?= auto
+XDIST = $(if $(filter 1,$(JOBS)),,-n $(JOBS))
+
 test:
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 sim:
-	$(PY) -m pytest -q -m sim $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m sim $(PYTEST_ARGS)
 
 # The guest kernel (Debian's linux-image package, downloaded, not installed) and its busybox
 # initramfs, in build/guest/ (or $OFFCARD_GUEST_DIR); rebuilt only when init.sh changes.
