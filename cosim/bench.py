@@ -13,56 +13,60 @@ import shutil
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from hdl.config import CardConfig
-from .card_sim import run_card_bench
+from .bridge import PATHS as TLP_PATHS
+from .card_sim import run_card_bench, top_for
 from .runner import SIM_BUILD, selected_sims
 from .verilog import REPO, config_key
 
 CONFIGS = [CardConfig(), CardConfig(data_width=128)]
 
 
-def bench_one(sim, cfg, rounds):
-    key = f"bench_{config_key(cfg)}"
+def bench_one(sim, cfg, rounds, path):
+    key = f"bench_{top_for(path)}_{config_key(cfg)}"
     shutil.rmtree(SIM_BUILD / sim / key, ignore_errors=True)
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "rec.json"
         t0 = time.perf_counter()
-        res = run_card_bench(sim, "cosim.workloads.perf", cfg, build_key=key,
+        res = run_card_bench(sim, "cosim.workloads.perf", cfg, build_key=key, path=path,
                              extra_env={"OFFCARD_BENCH_OUT": str(out),
                                         "OFFCARD_BENCH_ROUNDS": str(rounds)})
         total = time.perf_counter() - t0
         rec = json.loads(out.read_text())
-    rec.update({"sim": sim, "config": config_key(cfg), "total_vfs": cfg.total_vfs,
+    rec.update({"sim": sim, "config": config_key(cfg), "tlp_path": path,
+                "total_vfs": cfg.total_vfs,
                 "data_width": cfg.data_width, "build_s": round(res.build_s, 2),
                 "test_process_s": round(res.test_s, 2), "total_s": round(total, 2)})
     return rec
 
 
-def bench_dma(sim, cfg):
+def bench_dma(sim, cfg, path):
     """DMA throughput rows and page-fault latency rows (:mod:`cosim.workloads.perf_dma`)."""
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "dma.json"
-        run_card_bench(sim, "cosim.workloads.perf_dma", cfg, extra_env={"OFFCARD_BENCH_OUT": str(out)})
+        run_card_bench(sim, "cosim.workloads.perf_dma", cfg, path=path,
+                       extra_env={"OFFCARD_BENCH_OUT": str(out)})
         rec = json.loads(out.read_text())
     for r in rec["dma"] + rec["page_faults"]:
-        r.update({"sim": sim, "config": config_key(cfg)})
+        r.update({"sim": sim, "config": config_key(cfg), "tlp_path": path})
     return rec["dma"], rec["page_faults"]
 
 
-def bench_virtio(sim, cfg):
+def bench_virtio(sim, cfg, path):
     """Guest-to-guest virtio-net rows (:mod:`cosim.workloads.perf_virtio`)."""
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "virtio.json"
-        run_card_bench(sim, "cosim.workloads.perf_virtio", cfg,
+        run_card_bench(sim, "cosim.workloads.perf_virtio", cfg, path=path,
                        extra_env={"OFFCARD_BENCH_OUT": str(out)})
         rows = json.loads(out.read_text())
     for r in rows:
-        r.update({"sim": sim, "config": config_key(cfg)})
+        r.update({"sim": sim, "config": config_key(cfg), "tlp_path": path})
     return rows
 
 
@@ -79,17 +83,18 @@ def bench_mgmt(sim, cfg):
     return rec["placement_latency"], rec["qos"]
 
 
-def bench_migration(sim, cfg):
+def bench_migration(sim, cfg, path):
     """Live migration between two cards (:mod:`cosim.benches.live_migration` on the two-card
     top): blackout, pause, the VF state's save and restore time."""
     from .twin import run_twin_bench
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "migration.json"
-        run_twin_bench(sim, "cosim.benches.live_migration", cfg,
-                       testcase="test_live_migration_under_traffic",
-                       extra_env={"OFFCARD_BENCH_OUT": str(out)})
+        res = run_twin_bench(sim, "cosim.benches.live_migration", cfg, path=path,
+                             testcase="test_live_migration_under_traffic",
+                             extra_env={"OFFCARD_BENCH_OUT": str(out)})
         rec = json.loads(out.read_text())
-    rec.update({"sim": sim, "config": config_key(cfg)})
+    rec.update({"sim": sim, "config": config_key(cfg), "tlp_path": path,
+                "sim_ns_per_wall_s": sim_ns_per_wall_s(res.results_xml)})
     return rec
 
 
@@ -102,6 +107,17 @@ def bench_linux(sim, cfg):
         rec = json.loads(out.read_text())
     rec.update({"sim": sim, "config": config_key(cfg)})
     return rec
+
+
+def sim_ns_per_wall_s(results_xml):
+    """Simulated ns per wall second over the tests of one cocotb results file."""
+    root = ElementTree.parse(results_xml).getroot()
+    ns = wall = 0.0
+    for tc in root.iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in tc.iter("property")}
+        ns += float(props.get("sim_time_duration", 0))
+        wall += float(tc.get("time", 0))
+    return round(ns / wall) if wall else None
 
 
 def add_table(console, md, title, cols, rows):
@@ -139,9 +155,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m cosim.bench")
     ap.add_argument("--rounds", type=int, default=50, help="MMIO rounds over PF + 16 VFs")
     ap.add_argument("-o", "--output", default=str(REPO / "bench.json"))
+    ap.add_argument("--paths", default=",".join(TLP_PATHS),
+                    help="TLP paths to measure side by side, comma-separated: tlp (whole TLPs "
+                         "through the TLP shim) and/or beat (a beat at a time); default: both")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    bad = [p for p in paths if p not in TLP_PATHS]
+    if bad or not paths:
+        print(f"error: --paths: {', '.join(bad) or 'none given'}: choose from "
+              f"{', '.join(TLP_PATHS)}", file=sys.stderr)
         return 2
     console = Console()
     rows = []
@@ -154,21 +179,24 @@ def main(argv=None):
     linux_rows = []
     for sim in selected_sims():
         for cfg in CONFIGS:
-            console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} ...")
-            rows.append(bench_one(sim, cfg, args.rounds))
-            console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} DMA and page faults ...")
-            d, f = bench_dma(sim, cfg)
-            dma_rows += d
-            fault_rows += f
-            console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} virtio-net ...")
-            virtio_rows += bench_virtio(sim, cfg)
+            for path in paths:
+                what = f"{sim} {config_key(cfg)} ({path} path)"
+                console.print(f"[bold]bench[/bold] {what} ...")
+                rows.append(bench_one(sim, cfg, args.rounds, path))
+                console.print(f"[bold]bench[/bold] {what} DMA and page faults ...")
+                d, f = bench_dma(sim, cfg, path)
+                dma_rows += d
+                fault_rows += f
+                console.print(f"[bold]bench[/bold] {what} virtio-net ...")
+                virtio_rows += bench_virtio(sim, cfg, path)
+                if cfg == CONFIGS[0]:
+                    console.print(f"[bold]bench[/bold] {what} live migration ...")
+                    migration_rows.append(bench_migration(sim, cfg, path))
             if cfg == CONFIGS[0]:
                 console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} firmware and QoS ...")
                 p, q = bench_mgmt(sim, cfg)
                 placement_rows += p
                 qos_rows += q
-                console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} live migration ...")
-                migration_rows.append(bench_migration(sim, cfg))
                 console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} Linux guests ...")
                 linux_rows.append(bench_linux(sim, cfg))
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
@@ -179,16 +207,16 @@ def main(argv=None):
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     md = []
     add_table(console, md, "enumeration + SR-IOV + MMIO",
-              ["sim", "config", "build_s", "sim_cycles", "wall_s", "cycles_per_s", "mmio_ops"], rows)
+              ["sim", "config", "tlp_path", "build_s", "sim_cycles", "wall_s", "cycles_per_s", "mmio_ops"], rows)
     add_table(console, md, "DMA (MPS 256, MRRS 512)",
-              ["sim", "config", "path", "direction", "bytes", "e2e_bytes_per_clk",
+              ["sim", "config", "tlp_path", "path", "direction", "bytes", "e2e_bytes_per_clk",
                "stream_bytes_per_clk", "stream_fraction_of_limit", "workload_cycles_per_s"],
               dma_rows)
     add_table(console, md, "I/O page faults (1 KiB write to an absent page, card clocks)",
-              ["sim", "config", "fault", "raise_clk", "host_clk", "resolve_clk", "total_clk"],
+              ["sim", "config", "tlp_path", "fault", "raise_clk", "host_clk", "resolve_clk", "total_clk"],
               fault_rows)
     add_table(console, md, "virtio-net guest to guest (VF1 -> VF2)",
-              ["sim", "config", "mode", "frame_bytes", "frames", "frames_per_wall_s",
+              ["sim", "config", "tlp_path", "mode", "frame_bytes", "frames", "frames_per_wall_s",
                "payload_bytes_per_clk", "sim_us", "traps"], virtio_rows)
     add_table(console, md, "firmware: threshold crossing to control moved (card time; UART at "
               f"{CardConfig().uart_divisor} clocks per bit)",
@@ -199,8 +227,8 @@ def main(argv=None):
                "unlimited_alone_bytes_per_clk", "unlimited_beside_bytes_per_clk"], qos_rows)
     add_table(console, md, "live migration between two cards under traffic both ways "
               "(simulated us; target: blackout under 1000)",
-              ["sim", "config", "blackout_us", "paused_us", "save_us", "restore_us",
-               "memory_bytes", "forwarded", "frames"], migration_rows)
+              ["sim", "config", "tlp_path", "sim_ns_per_wall_s", "blackout_us", "paused_us",
+               "save_us", "restore_us", "memory_bytes", "forwarded", "frames"], migration_rows)
     add_table(console, md, "Linux guests (QEMU, virtio_net) on VF1 and VF2: boot, ping to the "
               "uplink peer, 256 KiB VF1 -> VF2 over TCP",
               ["sim", "config", "guest_boot_s", "ping_replies", "ping_rtt_wall_ms",
