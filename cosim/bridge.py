@@ -139,6 +139,22 @@ class _Bridge(Device):
     def port(self, name):
         return getattr(self.dut, self.prefix + name)
 
+    async def _put_beats(self, beats, payload, valid, ready):
+        """Drive ``beats`` (ints) on a valid/ready stream, one per clock the RTL is ready;
+        returns the time of the first beat's handshake (None for no beats)."""
+        t_first = None
+        for b in beats:
+            payload.value = b
+            valid.value = 1
+            while True:
+                await RisingEdge(self.clk)
+                if ready.value == 1:
+                    break
+            if t_first is None:
+                t_first = get_sim_time("ns")
+        valid.value = 0
+        return t_first
+
     async def upstream_recv(self, tlp):
         """Called by the link for every TLP from the root complex."""
         assert tlp.check()
@@ -199,18 +215,8 @@ class BeatBridge(_Bridge):
     async def _drive(self):
         while True:
             beats, tlp = await self._to_rtl.get()
-            t_first = None
-            for b in beats:
-                self.rx_payload.value = b
-                self.rx_valid.value = 1
-                while True:
-                    await RisingEdge(self.clk)
-                    if self.rx_ready.value == 1:
-                        break
-                if t_first is None:
-                    t_first = get_sim_time("ns")
-                self.beats_in += 1
-            self.rx_valid.value = 0
+            t_first = await self._put_beats(beats, self.rx_payload, self.rx_valid, self.rx_ready)
+            self.beats_in += len(beats)
             self.tlps_in += 1
             if self.rx_hook is not None and tlp is not None:
                 self.rx_hook(tlp, t_first, get_sim_time("ns"))
@@ -370,14 +376,7 @@ class TlpBridge(_Bridge):
 
     async def _raw(self, beats, tlp):
         self.raw.value = 1
-        for b in beats:
-            self.raw_payload.value = b
-            self.raw_valid.value = 1
-            while True:
-                await RisingEdge(self.clk)
-                if self.raw_ready.value == 1:
-                    break
-        self.raw_valid.value = 0
+        await self._put_beats(beats, self.raw_payload, self.raw_valid, self.raw_ready)
         self.raw.value = 0
         self.beats_in += len(beats)
         self.tlps_in += 1

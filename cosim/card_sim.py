@@ -11,14 +11,13 @@ TLPs; ``beat`` builds the card alone, ``offcard``, driven a beat at a time. The 
 which it got from the top's ports (:class:`cosim.harness.CardHarness`).
 """
 
-import os
 from pathlib import Path
 
 from hdl.config import CardConfig
 
 from .bridge import tlp_path
 from .runner import run_cocotb, SIM_BUILD
-from .verilog import verilog_for, config_key, module_ports
+from .verilog import verilog_for, config_key, module_ports, write_if_changed
 
 __all__ = ["run_card_bench", "top_for", "vlt_for"]
 
@@ -33,15 +32,9 @@ def top_for(path=None) -> str:
 def vlt_for(src: Path, top: str, ports=None) -> Path:
     """A Verilator control file that makes the ports of ``top`` (in ``src``) public."""
     ports = module_ports(src, top) if ports is None else ports
-    path = SIM_BUILD / "verilog" / f"{src.stem}.vlt"
     text = "`verilator_config\n" + "".join(
         f'public_flat_rw -module "{top}" -var "{p}"\n' for p in ports)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return path
+    return write_if_changed(SIM_BUILD / "verilog" / f"{src.stem}.vlt", text)
 
 
 def run_card_bench(sim, module, cfg: CardConfig = CardConfig(), *, testcase=None, extra_env=None,

@@ -13,7 +13,6 @@ follow the configuration; it is rewritten only when its text changes (an unchang
 the simulator builds cached).
 """
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from hdl.config import CardConfig
 from .bridge import tlp_path
 from .card_sim import top_for, vlt_for
 from .runner import run_cocotb
-from .verilog import REPO, verilog_for, config_key
+from .verilog import REPO, verilog_for, config_key, module_header, write_if_changed
 
 __all__ = ["TOP", "SIDES", "SHARED", "Port", "card_ports", "twin_ports", "twin_verilog_for",
            "run_twin_bench"]
@@ -54,12 +53,9 @@ _DECL = re.compile(r"^\s*(input|output|inout)\s+(?:wire\s+|reg\s+)?(?:signed\s+)
 def card_ports(src: Path, module: str = "offcard") -> list[Port]:
     """The ports of ``module`` in ``src``, in its header's order, with their widths."""
     text = Path(src).read_text()
-    m = re.search(rf"^module\s+{module}\s*\((.*?)\)\s*;", text, re.S | re.M)
-    if m is None:
-        raise ValueError(f"{src}: no module {module}")
-    names = [n.strip() for n in m.group(1).split(",") if n.strip()]
-    end = text.find("\nendmodule", m.end())
-    body = text[m.end():end if end >= 0 else len(text)]
+    names, start = module_header(text, module, src)
+    end = text.find("\nendmodule", start)
+    body = text[start:end if end >= 0 else len(text)]
     found = {}
     for d in _DECL.finditer(body):
         direction, msb, lsb, name = d.groups()
@@ -100,23 +96,14 @@ def _wrapper(src: Path, card: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_if_changed(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return path
-
-
 def twin_verilog_for(cfg: CardConfig = CardConfig(), out_dir: Path = REPO / "build" / "verilog",
                      path=None) -> tuple[Path, Path]:
     """Write (or reuse) the card's Verilog and the ``offcard_twin`` wrapper around two of it for
     ``cfg`` and the TLP path; returns both paths (the card's first)."""
     card = top_for(path)
     src = verilog_for(cfg, top=card)
-    return src, _write_if_changed(out_dir / f"offcard_twin_{card}_{config_key(cfg)}.v",
-                                  _wrapper(src, card))
+    return src, write_if_changed(out_dir / f"offcard_twin_{card}_{config_key(cfg)}.v",
+                                 _wrapper(src, card))
 
 
 def run_twin_bench(sim, module, cfg: CardConfig = CardConfig(), *, testcase=None, extra_env=None,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from hdl.config import CardConfig
 
-__all__ = ["REPO", "verilog_for", "config_key", "TOPS", "module_ports"]
+__all__ = ["REPO", "verilog_for", "config_key", "TOPS", "module_ports", "module_header",
+           "write_file", "write_if_changed"]
 
 REPO = Path(__file__).resolve().parent.parent
 #: The packages the generated Verilog depends on: the gateware and the register map it reads.
@@ -57,22 +58,41 @@ def verilog_for(cfg: CardConfig, out_dir: Path = REPO / "build" / "verilog",
     if top == "offcard_sim":
         from .tlp_shim import SimCard
         elab = SimCard(cfg)
-    # (a file of its own per process, so that two workers writing one file never meet)
-    tmp = path.with_suffix(f".v.{os.getpid()}.tmp")
-    tmp.write_text(generate_verilog(cfg, top, elab))
+    write_file(path, generate_verilog(cfg, top, elab))
+    write_file(stamp, digest)
+    return path
+
+
+def write_file(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole or not at all: through a file of this process's own,
+    renamed over ``path``, so that parallel test workers writing one file never meet."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
-    tmp = stamp.with_suffix(f".stamp.{os.getpid()}.tmp")
-    tmp.write_text(digest)
-    tmp.replace(stamp)
+    return path
+
+
+def write_if_changed(path: Path, text: str) -> Path:
+    """:func:`write_file` unless ``path`` already holds ``text`` (its date then stays, and with
+    it the simulators' cached builds)."""
+    if not path.exists() or path.read_text() != text:
+        write_file(path, text)
     return path
 
 
 _HEADER = re.compile(r"^module\s+(\w+)\s*\((.*?)\)\s*;", re.S | re.M)
 
 
+def module_header(text: str, module: str, where="the Verilog") -> tuple[list[str], int]:
+    """The port names of ``module`` in Verilog ``text``, in its header's order, and the offset
+    where its body starts."""
+    for m in _HEADER.finditer(text):
+        if m.group(1) == module:
+            return [n.strip() for n in m.group(2).split(",") if n.strip()], m.end()
+    raise ValueError(f"{where}: no module {module}")
+
+
 def module_ports(src: Path, module: str) -> list[str]:
     """The port names of ``module`` in the Verilog file ``src``, in its header's order."""
-    for m in _HEADER.finditer(Path(src).read_text()):
-        if m.group(1) == module:
-            return [n.strip() for n in m.group(2).split(",") if n.strip()]
-    raise ValueError(f"{src}: no module {module}")
+    return module_header(Path(src).read_text(), module, src)[0]

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -105,7 +106,6 @@ def pytest_collection_modifyitems(session, config, items):
     """The longest tests first, so that pytest-xdist's workers do not end the run on a long
     simulation started last; tests without a measured duration keep their order, after."""
     try:
-        import json
         known = json.loads(DURATIONS.read_text())
     except (OSError, ValueError):
         return

@@ -2,17 +2,11 @@
 
 import pytest
 from cosim.runner import SIM_BUILD, SIMS, cocotb_tests, run_cocotb, sim_params
+from cosim.verilog import write_if_changed as _write_if_changed
 from pathlib import Path
 
 BENCH = "cosim.benches.smoke_counter"
 TOP = "smoke_counter"
-
-
-def _write_if_changed(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-    return path
 
 
 @pytest.fixture(scope="module")
