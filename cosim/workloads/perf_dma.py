@@ -5,8 +5,9 @@ Throughput: for each size, one descriptor host->card and one card->host, from th
 device TLB, cut at 4 KiB pages). Reported per row:
 
 * ``stream_bytes_per_clk``: payload bytes over the clocks from the first to the last beat of
-  the transfer's payload TLPs (card->host: the card's MemWr; host->card: the completions into
-  the card), and ``stream_fraction_of_limit``, that over the stream limit (``data_width/8``
+  the transfer's payload TLPs (card->host: the card's MemWr; host->card: the completions of
+  the DMA read channel's requests, whose tags are ``DMA_READ_TAGS``; the descriptor fetch's
+  completion comes before the payload and is not part of the stream), and ``stream_fraction_of_limit``, that over the stream limit (``data_width/8``
   bytes per clock: the header rides beside the data, so every beat of a payload TLP carries
   payload);
 * ``e2e_bytes_per_clk``: payload bytes over the clocks from the doorbell to the status write
@@ -28,6 +29,7 @@ import time
 import cocotb
 
 from regmap import FaultRegs, DescStatus
+from hdl.pcie.host_port import DMA_READ_TAGS
 from host_driver.dma import DmaQueue
 from host_driver.iommu import Iommu, FaultService, PAGE_SIZE
 from cosim.harness import CardHarness, CLOCK_NS
@@ -51,7 +53,7 @@ class Spans:
             self.tx.append((t0, t1, len(payload)))
 
     def on_rx(self, tlp, t0, t1):
-        if tlp.fmt_type.name == "CPL_DATA":
+        if tlp.fmt_type.name == "CPL_DATA" and tlp.tag in DMA_READ_TAGS:
             self.rx.append((t0, t1, tlp.length * 4))
 
     def clear(self):
