@@ -12,7 +12,7 @@
                     ├─ cpl cq ───► FaultUnit ◄─┘ (staging, FBQ/IOPF/CQ) ────┤ (card memory,
                     ├─ cpl vq ───► VirtioNet ◄─► VirtioPci (transport)      │  frame buffers)
                     └─ cpl dma ──► DmaReadChannel                           │
-    tx ◄─ TlpArbiter ◄─ every TLP source (ARB_SOURCES)
+    tx ◄─ DirtyLogger ◄─ TlpArbiter ◄─ every TLP source (ARB_SOURCES)
 
 The configuration space's state reaches every block that follows it through one connection
 per signature (``link``: bus number, MPS, MRRS; ``fn``: per-function enables and the reset
@@ -29,6 +29,7 @@ from amaranth.lib.wiring import In, Out
 
 from .config import CardConfig
 from .iface import UplinkBeat, XlateReq, XlateResp
+from .dma.dirty_log import DirtyLogger
 from .dma.memory import CardMemoryMap
 from .dma.mux import DmaChannelMux, LockMux
 from .dma.queue import DmaQueues
@@ -60,7 +61,7 @@ __all__ = ["Card", "ARB_SOURCES", "REG_TARGETS"]
 ARB_SOURCES = ("completer", "msix", "dma_rd", "dma_wr", "dma_q", "xlate", "fault", "virtio")
 #: The register files on the register bus (the targets of regmap.windows.WINDOWS).
 REG_TARGETS = ("funcregs", "msix", "mgmt", "dma_q", "xlate", "fault", "virtio", "vnet",
-               "mboard", "telemetry", "qos")
+               "mboard", "telemetry", "qos", "dirtylog")
 
 
 class Card(wiring.Component):
@@ -101,6 +102,7 @@ class Card(wiring.Component):
         m.submodules.xlate = xl = Translator(cfg)
         m.submodules.xl_mux = xmux = LockMux(XlateReq, XlateResp, ("queue", "virtio"))
         m.submodules.fault = fu = FaultUnit(cfg)
+        m.submodules.dirtylog = dl = DirtyLogger(cfg)
         # ---- virtio-net ---------------------------------------------------------------------
         m.submodules.virtio = vio = VirtioPci(cfg)
         m.submodules.vnet = vn = VirtioNet(cfg)
@@ -118,14 +120,15 @@ class Card(wiring.Component):
             wiring.connect(m, getattr(rr, f"cpl_{route}"), blk.cpl)
         for name, blk in zip(ARB_SOURCES, (cp, mx, drd, dwr, dq, xl, fu, vn)):
             wiring.connect(m, blk.tx, getattr(arb, f"i_{name}"))
-        wiring.connect(m, arb.o, wiring.flipped(self.tx))
+        wiring.connect(m, arb.o, dl.i)
+        wiring.connect(m, dl.o, wiring.flipped(self.tx))
 
         # configuration requests, and the configuration space's state to whoever follows it
         wiring.connect(m, cp.cfg, cs.port)
         wiring.connect(m, cp.bar, bd.lookup)
         m.d.comb += [cs.cap_bus_stb.eq(cp.cap_bus_stb), cs.cap_bus.eq(cp.cap_bus)]
         wiring.connect(m, cs.link, cp.link, mx.link, drd.link, dwr.link, dq.link, xl.link,
-                       fu.link, vn.link)
+                       fu.link, vn.link, dl.link)
         wiring.connect(m, cs.fn, mx.fn, dq.fn, xl.fn, vio.fn, vn.fn)
         wiring.connect(m, cs.bars, bd.bars)
 
@@ -133,7 +136,7 @@ class Card(wiring.Component):
         wiring.connect(m, cp.regs, ic.host)
         wiring.connect(m, mu.bus, ic.uart)
         m.d.comb += [mu.gnt.eq(ic.uart_gnt), mb.src_uart.eq(ic.mboard_uart)]
-        for name, blk in zip(REG_TARGETS, (fr, mx, mg, dq, xl, fu, vio, vn, mb, tel, qos)):
+        for name, blk in zip(REG_TARGETS, (fr, mx, mg, dq, xl, fu, vio, vn, mb, tel, qos, dl)):
             wiring.connect(m, getattr(ic, f"t_{name}"), blk.bus)
 
         # interrupts

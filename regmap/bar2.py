@@ -6,7 +6,7 @@ queues, the switch, the migration controls and the management block.
 """
 
 __all__ = ["MgmtRegs", "IommuRegs", "FaultRegs", "NetRegs", "MigRegs", "MgmtBlockRegs",
-           "Owner"]
+           "DirtyLogRegs", "Owner"]
 
 
 class MgmtRegs:
@@ -192,6 +192,37 @@ class MgmtBlockRegs:
     MBOX_DEPTH = 16
     BLOCK_ID_VALUE = 0x4D474D54   # "MGMT"
     LIMIT = 0x500        # end of the block's window
+
+
+class DirtyLogRegs:
+    """PF BAR2: dirty-page logging per function (hdl.dma.dirty_log), for live migration.
+
+    While a function's log is on, every memory write the card sends on that function's behalf
+    (DMA, used rings, received frames, fault records: every MemWr with its requester ID, except
+    MSI-X messages) marks the 4 KiB page it writes in a bitmap in host memory: bit ``i`` stands
+    for the page at ``FIRST + i * 4096``, bits in byte order, bit 0 of a byte first (the layout
+    of a vhost log). The card marks by writing the byte ``0xFF`` that holds the page's bit, as a
+    posted one-byte MemWr with the PF's requester ID, sent after the write it logs: the page and
+    up to seven of its neighbours read as dirty, and because the card never reads the bitmap, a
+    host that clears it with an atomic exchange at any time misses nothing. A write outside
+    ``FIRST .. FIRST + PAGES * 4096`` sets the function's OVERFLOW bit (the host then treats all
+    of its memory as dirty).
+
+    ``SEL`` picks the function for ``CTRL``, ``BASE_*``, ``FIRST_*`` and ``PAGES``. ``CTRL``
+    bit 0 turns the log on (set it after the other registers); bit 1 reads OVERFLOW, writing 1
+    to it clears it. ``MARKS`` counts the marking writes sent (card-wide).
+    """
+    SEL = 0x500
+    CTRL = 0x504
+    BASE_LO = 0x508      # bus address of the bitmap
+    BASE_HI = 0x50C
+    FIRST_LO = 0x510     # bus address bit 0 stands for (4 KiB aligned)
+    FIRST_HI = 0x514
+    PAGES = 0x518        # pages the bitmap covers
+    MARKS = 0x51C        # RO
+    CTRL_ON = 1 << 0
+    CTRL_OVERFLOW = 1 << 1
+    PAGE_SHIFT = 12
 
 
 class Owner:

@@ -10,7 +10,8 @@ register added on top of another one is caught before it is built.
 from dataclasses import dataclass
 
 from .bar0 import Bar0Map, FuncRegs, DmaRegs, VirtioRegs as V
-from .bar2 import MgmtRegs, IommuRegs, FaultRegs, NetRegs, MigRegs, MgmtBlockRegs as MB
+from .bar2 import (MgmtRegs, IommuRegs, FaultRegs, NetRegs, MigRegs, DirtyLogRegs,
+                   MgmtBlockRegs as MB)
 
 __all__ = ["Window", "WINDOWS", "window", "check", "MSIX_MAX_VECTORS"]
 
@@ -71,6 +72,8 @@ WINDOWS = (
     Window("qos", 2, MB.QOS_SEL, MB.QOS_TOKENS + 4, "qos", "pf", "per-function token buckets"),
     Window("mgmt_tasks", 2, MB.MBOX_H2C, MB.LIMIT, "mboard", "pf",
            "mailbox, task owners and request FIFOs"),
+    Window("dirty_log", 2, DirtyLogRegs.SEL, DirtyLogRegs.MARKS + 4, "dirtylog", "pf",
+           "per-function dirty-page logging for live migration"),
 )
 
 
