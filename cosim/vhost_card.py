@@ -23,7 +23,13 @@ QEMU keeps the device's PCI side, its configuration and the control queue; for e
 * **stop**: ``GET_VRING_BASE`` stops the VF (``MigRegs`` stop, wait until idle) and answers
   with the device's own ``last_avail`` index; a closed socket resets that VF's virtio state
   only (device status 0) and takes its guest memory away (the domain's pages unmapped, the
-  windows unregistered).
+  windows unregistered);
+* **dirty log** (QEMU's live migration): QEMU's log (``SET_LOG_BASE``, shared memory) is
+  registered in the ``RootComplex``'s host memory at a window of the VF's own
+  (:func:`log_window`), and while QEMU asks for ``VHOST_F_LOG_ALL`` the card's dirty-page
+  logger for the VF (:class:`host_driver.dirty_log.DirtyLog`) marks that bitmap itself, with
+  its bit 0 at the VF's guest window: every page the card writes into the guest's memory (used
+  rings, received frames) is marked by the card's own DMA, not by this back-end.
 
 Nothing here runs per cycle: :class:`FdPump` polls the file descriptors between simulated
 intervals while the card works, and blocks in ``select`` while the card is idle and the bench
@@ -41,14 +47,16 @@ from cocotb.utils import get_sim_time
 from cocotbext.axi.address_space import MemoryRegion as RcRegion
 
 from regmap import MigRegs as MG
+from host_driver.dirty_log import DirtyLog
 from host_driver.iommu import Iommu
 from host_driver.vf_state import CardVfState
 from host_driver.virtio import VirtioNetDriver, DirectAccess, VirtioError, RX_QUEUE, TX_QUEUE
 
-from .vhost_user import VhostUserDevice, VhostUserServer, Reactor, Deferred, ProtocolError
+from .vhost_user import (VhostUserDevice, VhostUserServer, Reactor, Deferred, ProtocolError,
+                         DEFAULT_PROTOCOL_FEATURES, PROTOCOL_F_LOG_SHMFD, VHOST_F_LOG_ALL)
 
-__all__ = ["FdPump", "VfBackend", "VhostCard", "guest_window", "GUEST_WINDOW_BASE",
-           "GUEST_WINDOW_SIZE"]
+__all__ = ["FdPump", "VfBackend", "VhostCard", "guest_window", "log_window",
+           "GUEST_WINDOW_BASE", "GUEST_WINDOW_SIZE", "LOG_WINDOW_BASE", "LOG_WINDOW_SIZE"]
 
 log = logging.getLogger("cosim.vhost_card")
 
@@ -57,9 +65,18 @@ GUEST_WINDOW_SIZE = 0x1_0000_0000       # 4 GiB of guest-physical space per func
 PAGE = 4096
 
 
+LOG_WINDOW_BASE = 0x30_0000_0000        # QEMU's dirty logs, one window per function
+LOG_WINDOW_SIZE = 0x1000_0000           # 256 MiB: the log of up to 8 TiB of guest memory
+
+
 def guest_window(fidx: int) -> int:
     """Bus address of guest-physical address 0 of the guest served by function ``fidx``."""
     return GUEST_WINDOW_BASE + fidx * GUEST_WINDOW_SIZE
+
+
+def log_window(fidx: int) -> int:
+    """Bus address of the dirty log of the guest served by function ``fidx``."""
+    return LOG_WINDOW_BASE + fidx * LOG_WINDOW_SIZE
 
 
 class FdPump:
@@ -155,6 +172,10 @@ class VfBackend(VhostUserDevice):
         self.acked = 0
         self.memory = None
         self.regions = []                # (bus base, RootComplex region) registered for it
+        self.log = None                  # QEMU's dirty log (cosim.vhost_user.DirtyLog)
+        self.log_region = None           # ... registered at log_window(fidx)
+        self.logging = False             # the card marks the log (VHOST_F_LOG_ALL acked)
+        self.log_on_ns = None            # simulated time the card's logger went on
         self.mapped = []                 # (gpa, size) mapped in the domain
         self.vrings = {}
         self.live = False                # the VF runs the guest's rings
@@ -171,13 +192,36 @@ class VfBackend(VhostUserDevice):
 
     # ---- vhost-user callbacks (never block; card work goes to the job worker) --------------
     def features(self):
-        return self._features
+        return self._features | 1 << VHOST_F_LOG_ALL
 
     def num_queues(self):
         return 2
 
     def set_features(self, features):
-        self.acked = features
+        self.acked = features & ~(1 << VHOST_F_LOG_ALL)
+        self._log_state(bool(features >> VHOST_F_LOG_ALL & 1))
+
+    def set_log_base(self, log):
+        """QEMU's log replaces the previous one at the VF's log window; the card's logger is
+        pointed at it (if logging is on) before the reply goes back."""
+        if log.size > LOG_WINDOW_SIZE:
+            raise ProtocolError(f"SET_LOG_BASE: a log of {log.size:#x} bytes; the VF's log "
+                                f"window holds {LOG_WINDOW_SIZE:#x}")
+        self._unregister_log()
+        self.log = log
+        self.log_region = RcRegion(log.size, mem=log.view())
+        self.card.h.rc.mem_address_space.register_region(self.log_region, log_window(self.fidx))
+        self.on_event(f"VF{self.fidx}: dirty log of {log.pages} pages at bus "
+                      f"{log_window(self.fidx):#x}")
+        self._log_state(self.logging, force=True)
+
+    def _log_state(self, on, force=False):
+        if on == self.logging and not force:
+            return
+        self.logging = on
+        gen = self.generation
+        self.card.jobs.put(f"VF{self.fidx} dirty log {'on' if on else 'off'}",
+                           lambda: self._apply_log(gen))
 
     def set_mem_table(self, memory):
         """Register the guest's RAM in the RootComplex's host memory at the VF's window (the
@@ -223,6 +267,8 @@ class VfBackend(VhostUserDevice):
         """The front-end went away: the VF's windows go now (the server unmaps the memory
         after this returns); its reset and the domain's pages go through the job worker."""
         self._unregister()
+        self._unregister_log()
+        self.logging = False
         self.memory = None
         self.live = False
         self.vrings = {}
@@ -237,6 +283,29 @@ class VfBackend(VhostUserDevice):
         for base, region in self.regions:
             space.regions = [e for e in space.regions if e[3] is not region]
         self.regions = []
+
+    def _unregister_log(self):
+        if self.log_region is not None:
+            space = self.card.h.rc.mem_address_space
+            space.regions = [e for e in space.regions if e[3] is not self.log_region]
+            self.log_region = None
+        self.log = None
+
+    async def _apply_log(self, gen):
+        """The card's logger for the VF: on, at QEMU's log with bit 0 at the VF's guest window
+        (GPA 0), or off."""
+        if gen != self.generation:
+            return
+        dirty = self.card.dirty
+        if self.logging and self.log is not None:
+            await dirty.start(self.fidx, guest_window(self.fidx), self.log.pages,
+                              bitmap=log_window(self.fidx))
+            self.log_on_ns = get_sim_time("ns")
+            self.on_event(f"VF{self.fidx}: the card logs every page it writes")
+        elif self.fidx in dirty.logs:
+            await dirty.stop(self.fidx)
+            del dirty.logs[self.fidx]
+            self.on_event(f"VF{self.fidx}: dirty logging off")
 
     async def _map(self, gen, spans, top):
         if gen != self.generation:
@@ -309,6 +378,9 @@ class VfBackend(VhostUserDevice):
         self.stopped = False
         st = self.card.vf_state
         await st.quiesce(self.vf)
+        if self.fidx in self.card.dirty.logs:
+            await self.card.dirty.stop(self.fidx)
+            del self.card.dirty.logs[self.fidx]
         await self.drv.reset()
         await st._sel(self.vf)
         await self.card.h.drv.mgmt_write(MG.CTRL, 0)
@@ -343,6 +415,7 @@ class VhostCard:
         self.jobs = _Jobs()
         self.vf_state = CardVfState(h.drv)
         self.iommu = Iommu(h.drv)
+        self.dirty = DirtyLog(h.drv)
         self.domains = {}
         self.backends = {}
         self.servers = {}
@@ -363,7 +436,8 @@ class VhostCard:
             for q in (RX_QUEUE, TX_QUEUE):
                 self.h.t.add_msi_callback(be.drv.vector_of(q), lambda be=be, q=q: be.msi(q))
             self.h.t.add_msi_callback(vf.msix_vectors[0], lambda be=be: self._config_irq(be))
-            server = VhostUserServer(self._paths[vf.index], be)
+            server = VhostUserServer(self._paths[vf.index], be, protocol_features=(
+                DEFAULT_PROTOCOL_FEATURES | 1 << PROTOCOL_F_LOG_SHMFD))
             server.attach(self.reactor)
             be.server = server
             self.backends[vf.index] = be

@@ -45,10 +45,18 @@ names the problem, before anything of the bad message reaches the device; the de
 :meth:`VhostUserDevice.disconnected` and the server listens again. An exception raised by a
 device callback is logged (one line with its traceback) and closes the connection the same way.
 
+Dirty-page logging, for QEMU's live migration: a device that offers ``VHOST_F_LOG_ALL`` in its
+features, behind a server that offers ``LOG_SHMFD`` (``protocol_features``), gets QEMU's log
+(``SET_LOG_BASE``: a shared-memory bitmap, a bit per 4 KiB guest page, mapped here as a
+:class:`DirtyLog`) through :meth:`VhostUserDevice.set_log_base`, and ``LOG_ALL`` in
+``set_features`` while QEMU wants every page the device writes marked in it.
+``SET_VRING_ADDR`` may then ask for used-ring logging (``VHOST_VRING_F_LOG``, the used ring's
+GPA in :attr:`Vring.log_addr`): the device logs its used-ring writes like any other.
+
 What is not supported (the connection is refused with a log line if the front-end asks):
-dirty-page logging (``SET_LOG_BASE``, ``SET_LOG_FD``, ``VHOST_VRING_F_LOG``), IOTLB, postcopy,
-in-band notifications, a back-end request channel, config space messages, memory slots. The
-protocol features offered are ``MQ`` and ``REPLY_ACK`` (both can be turned off). Rings are
+``SET_LOG_FD``, IOTLB, postcopy, in-band notifications, a back-end request channel, config
+space messages, memory slots. The protocol features offered by default are ``MQ`` and
+``REPLY_ACK`` (both can be turned off); ``LOG_SHMFD`` when asked for. Rings are
 split rings (the device decides which virtio features it offers); their size must be a power
 of two up to 32768.
 """
@@ -73,7 +81,9 @@ __all__ = [
     "VringState", "VringAddr", "MemRegionDesc", "pack_mem_table", "parse_mem_table",
     "MemoryRegion", "GuestMemory", "Vring", "Deferred", "VhostUserDevice", "Session",
     "VhostUserServer", "Reactor",
-    "F_PROTOCOL_FEATURES", "PROTOCOL_F_MQ", "PROTOCOL_F_REPLY_ACK",
+    "DirtyLog", "F_PROTOCOL_FEATURES", "PROTOCOL_F_MQ", "PROTOCOL_F_REPLY_ACK",
+    "PROTOCOL_F_LOG_SHMFD", "VHOST_F_LOG_ALL", "VHOST_VRING_F_LOG", "LOG_PAGE",
+    "DEFAULT_PROTOCOL_FEATURES", "SUPPORTED_PROTOCOL_FEATURES",
     "VERSION", "FLAG_REPLY", "FLAG_NEED_REPLY", "VRING_IDX_MASK", "VRING_NOFD",
     "MAX_VRING_NUM", "MAX_REGIONS",
 ]
@@ -132,12 +142,15 @@ FLAG_REPLY = 1 << 2            # set on every message the back-end sends
 FLAG_NEED_REPLY = 1 << 3       # front-end asks for an ack (only with PROTOCOL_F_REPLY_ACK)
 
 F_PROTOCOL_FEATURES = 30       # virtio feature bit vhost-user reuses: "protocol features exist"
-VHOST_F_LOG_ALL = 26           # dirty logging (not supported)
-VHOST_VRING_F_LOG = 1 << 0     # SET_VRING_ADDR flag: log used-ring writes (not supported)
+VHOST_F_LOG_ALL = 26           # log every page the device writes (live migration)
+VHOST_VRING_F_LOG = 1 << 0     # SET_VRING_ADDR flag: log used-ring writes too
+LOG_PAGE = 0x1000              # the log's granule: a bit per 4 KiB of guest-physical memory
 
 PROTOCOL_F_MQ = 0
+PROTOCOL_F_LOG_SHMFD = 1       # the log is shared memory (SET_LOG_BASE with an fd)
 PROTOCOL_F_REPLY_ACK = 3
-SUPPORTED_PROTOCOL_FEATURES = (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK)
+DEFAULT_PROTOCOL_FEATURES = (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK)
+SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | (1 << PROTOCOL_F_LOG_SHMFD)
 
 VRING_IDX_MASK = 0xFF          # SET_VRING_KICK/CALL/ERR: ring index in bits 0-7 ...
 VRING_NOFD = 1 << 8            # ... and bit 8 = no fd in the ancillary data
@@ -148,6 +161,7 @@ HEADER = struct.Struct("=III")         # request, flags, size (native byte order
 U64 = struct.Struct("=Q")
 STATE = struct.Struct("=II")           # index, num
 ADDR = struct.Struct("=IIQQQQ")        # index, flags, desc, used, avail, log (user addresses)
+LOG = struct.Struct("=QQ")             # SET_LOG_BASE: mmap_size, mmap_offset
 MEM_HEAD = struct.Struct("=II")        # nregions, padding
 REGION = struct.Struct("=QQQQ")        # guest_phys_addr, memory_size, userspace_addr, offset
 MAX_PAYLOAD = MEM_HEAD.size + MAX_REGIONS * REGION.size
@@ -194,11 +208,12 @@ PAYLOAD_SIZES: dict[int, frozenset[int]] = {
     Req.SET_PROTOCOL_FEATURES: frozenset({U64.size}),
     Req.GET_QUEUE_NUM: frozenset({0}),
     Req.SET_VRING_ENABLE: frozenset({STATE.size}),
+    Req.SET_LOG_BASE: frozenset({LOG.size}),
 }
 
 #: Requests whose answer is a reply of their own (REPLY_ACK adds nothing to them).
 REPLYING = frozenset({Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_NUM,
-                      Req.GET_VRING_BASE})
+                      Req.GET_VRING_BASE, Req.SET_LOG_BASE})
 
 
 @dataclass
@@ -517,11 +532,13 @@ class Vring:
     ``kick_fd`` / ``call_fd`` / ``err_fd`` are eventfds or None (no fd: poll the ring /
     nobody to tell); the server owns and closes them. ``started`` says ``vring_ready`` was
     delivered and no stop since. The device may keep this object: the server updates
-    ``call_fd`` in place when the front-end changes it."""
+    ``call_fd`` in place when the front-end changes it. ``log_addr``: the used ring's GPA when
+    the front-end asked for used-ring logging (``VHOST_VRING_F_LOG``), else None."""
     index: int
     num: int = 0
     base: int = 0
     flags: int = 0
+    log_addr: Optional[int] = None
     desc_uva: Optional[int] = None
     avail_uva: Optional[int] = None
     used_uva: Optional[int] = None
@@ -643,9 +660,77 @@ class VhostUserDevice:
     def kick(self, index: int) -> None:
         """The guest kicked started ring ``index`` (its eventfd fired)."""
 
+    def set_log_base(self, log: "DirtyLog") -> None:
+        """QEMU's dirty log (replacing any earlier one: drop views of that before returning).
+        Marking starts when ``set_features`` has ``VHOST_F_LOG_ALL`` and stops when a later
+        ``set_features`` has not. Only called when ``features`` offers ``VHOST_F_LOG_ALL``."""
+        raise ProtocolError("SET_LOG_BASE: this device does not log")
+
     def disconnected(self) -> None:
         """The front-end is gone: stop every ring, drop every view of guest memory. Called
         once per connection, whatever ended it."""
+
+
+class DirtyLog:
+    """QEMU's dirty log of one ``SET_LOG_BASE``, mapped shared: bit ``p % 8`` of byte ``p // 8``
+    stands for the guest page at GPA ``p * LOG_PAGE``. The device only ever sets bits (QEMU
+    harvests them with an atomic exchange); :meth:`mark` sets those of a GPA range (a
+    read-modify-write of whole bytes: for a device whose writes nothing else marks at the same
+    moment; the card marks through its own DMA). ``view`` is the live memory for a device that
+    writes the log itself; drop views before :meth:`close`."""
+
+    def __init__(self, mapping: mmap.mmap, delta: int, size: int) -> None:
+        self.mapping, self.delta, self.size = mapping, delta, size
+
+    @classmethod
+    def map(cls, size: int, offset: int, fd: int) -> "DirtyLog":
+        """Map ``size`` bytes of ``fd`` from ``offset``; closes ``fd``. :class:`ProtocolError`
+        if it is not a memory file that long or does not map."""
+        try:
+            if size == 0:
+                raise ProtocolError("SET_LOG_BASE: an empty log")
+            try:
+                st = os.fstat(fd)
+            except OSError as e:
+                raise ProtocolError(f"SET_LOG_BASE: log fd: {e.strerror}") from None
+            if not stat.S_ISREG(st.st_mode) or st.st_size < offset + size:
+                raise ProtocolError(f"SET_LOG_BASE: the log fd holds {st.st_size:#x} bytes, "
+                                    f"not {offset + size:#x}")
+            start = offset - offset % _ALIGN
+            try:
+                mm = mmap.mmap(fd, offset - start + size, flags=mmap.MAP_SHARED,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+            except (OSError, ValueError, OverflowError) as e:
+                raise ProtocolError(f"SET_LOG_BASE: the log does not map: {e}") from None
+            return cls(mm, offset - start, size)
+        finally:
+            _close(fd)
+
+    @property
+    def pages(self) -> int:
+        """Guest pages the log covers (from GPA 0)."""
+        return 8 * self.size
+
+    def view(self) -> memoryview:
+        return memoryview(self.mapping)[self.delta:self.delta + self.size]
+
+    def mark(self, gpa: int, length: int) -> None:
+        """Mark the pages of ``[gpa, gpa + length)`` dirty (those past the log are ignored)."""
+        if length <= 0:
+            return
+        for page in range(gpa // LOG_PAGE, min((gpa + length - 1) // LOG_PAGE + 1, self.pages)):
+            i = self.delta + page // 8
+            self.mapping[i] |= 1 << (page % 8)
+
+    def is_marked(self, gpa: int) -> bool:
+        page = gpa // LOG_PAGE
+        return page < self.pages and bool(self.mapping[self.delta + page // 8] >> (page % 8) & 1)
+
+    def close(self) -> None:
+        try:
+            self.mapping.close()
+        except BufferError:
+            log.warning("the dirty log is still viewed; the garbage collector will unmap it")
 
 
 # ---- one connection's protocol state ----------------------------------------------------------
@@ -676,6 +761,7 @@ class Session:
         self.protocol_features = 0        # acked protocol features
         self.owner = False
         self.memory: Optional[GuestMemory] = None
+        self.log: Optional[DirtyLog] = None
         self.messages = 0
         self._handlers = {
             Req.GET_FEATURES: self._get_features,
@@ -694,6 +780,7 @@ class Session:
             Req.SET_PROTOCOL_FEATURES: self._set_protocol_features,
             Req.GET_QUEUE_NUM: self._get_queue_num,
             Req.SET_VRING_ENABLE: self._set_vring_enable,
+            Req.SET_LOG_BASE: self._set_log_base,
         }
 
     # -- entry points
@@ -751,6 +838,9 @@ class Session:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     # -- helpers
 
@@ -931,10 +1021,10 @@ class Session:
         self._fds(msg, 0)
         addr = VringAddr.unpack(msg.payload)
         vring = self._vring(msg, addr.index)
-        if addr.flags & VHOST_VRING_F_LOG:
+        if addr.flags & VHOST_VRING_F_LOG and not self.device.features() >> VHOST_F_LOG_ALL & 1:
             raise ProtocolError(f"SET_VRING_ADDR: ring {addr.index} asks for used-ring logging, "
-                                f"which is not supported")
-        if addr.flags:
+                                f"which this device does not offer")
+        if addr.flags & ~VHOST_VRING_F_LOG:
             raise ProtocolError(f"SET_VRING_ADDR: ring {addr.index} flags {addr.flags:#x}")
         for name, value, align in (("desc", addr.desc, 16), ("avail", addr.avail, 2),
                                    ("used", addr.used, 4)):
@@ -952,10 +1042,33 @@ class Session:
 
         def apply():
             vring.flags = addr.flags
+            vring.log_addr = addr.log if addr.flags & VHOST_VRING_F_LOG else None
             vring.desc_uva, vring.avail_uva, vring.used_uva = addr.desc, addr.avail, addr.used
             vring.desc, vring.avail, vring.used = gpas
+        if (vring.started and gpas == (vring.desc, vring.avail, vring.used)
+                and addr.flags != vring.flags):
+            apply()          # (logging turned on or off under a running ring: no stop)
+            return []
         self._reconfigure(vring, apply)
         return []
+
+    def _set_log_base(self, msg: Message) -> list[bytes]:
+        if not self.protocol_features & (1 << PROTOCOL_F_LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without LOG_SHMFD negotiated")
+        if not self.device.features() >> VHOST_F_LOG_ALL & 1:
+            raise ProtocolError("SET_LOG_BASE: this device does not offer LOG_ALL")
+        size, offset = LOG.unpack(msg.payload)
+        dirty = DirtyLog.map(size, offset, self._fds(msg, 1)[0])
+        old, self.log = self.log, dirty
+        try:
+            self.device.set_log_base(dirty)
+        except BaseException:
+            self.log = old
+            dirty.close()
+            raise
+        if old is not None:
+            old.close()
+        return [encode(msg.request, U64.pack(0))]     # (QEMU waits for this reply)
 
     def _set_vring_base(self, msg: Message) -> list[bytes]:
         self._fds(msg, 0)
@@ -1042,7 +1155,10 @@ def describe(msg: Message, replies: Iterable[bytes] = ()) -> str:
     elif r == Req.SET_VRING_ADDR:
         a = VringAddr.unpack(p)
         text += (f" index={a.index} flags={a.flags:#x} desc={a.desc:#x} used={a.used:#x} "
-                 f"avail={a.avail:#x}")
+                 f"avail={a.avail:#x}" + (f" log={a.log:#x}" if a.flags & VHOST_VRING_F_LOG else ""))
+    elif r == Req.SET_LOG_BASE:
+        size, offset = LOG.unpack(p)
+        text += f" size={size:#x} offset={offset:#x}"
     elif r in (Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_VRING_ERR):
         v = U64.unpack(p)[0]
         text += f" index={v & VRING_IDX_MASK}" + (" nofd" if v & VRING_NOFD else " fd")
@@ -1082,7 +1198,7 @@ class VhostUserServer:
     :func:`describe` line."""
 
     def __init__(self, path: str, device: VhostUserDevice, *,
-                 protocol_features: int = SUPPORTED_PROTOCOL_FEATURES,
+                 protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
                  log_messages: bool = False, trace: Optional[list] = None) -> None:
         if protocol_features & ~SUPPORTED_PROTOCOL_FEATURES:
             raise ValueError(f"protocol features {protocol_features:#x} not supported")

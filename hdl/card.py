@@ -102,7 +102,8 @@ class Card(wiring.Component):
         m.submodules.xlate = xl = Translator(cfg)
         m.submodules.xl_mux = xmux = LockMux(XlateReq, XlateResp, ("queue", "virtio"))
         m.submodules.fault = fu = FaultUnit(cfg)
-        m.submodules.dirtylog = dl = DirtyLogger(cfg)
+        m.submodules.dirtylog = dl = DirtyLogger(cfg, len(ARB_SOURCES),
+                                                 skip=(ARB_SOURCES.index("msix"),))
         # ---- virtio-net ---------------------------------------------------------------------
         m.submodules.virtio = vio = VirtioPci(cfg)
         m.submodules.vnet = vn = VirtioNet(cfg)
@@ -121,6 +122,7 @@ class Card(wiring.Component):
         for name, blk in zip(ARB_SOURCES, (cp, mx, drd, dwr, dq, xl, fu, vn)):
             wiring.connect(m, blk.tx, getattr(arb, f"i_{name}"))
         wiring.connect(m, arb.o, dl.i)
+        m.d.comb += dl.i_src.eq(arb.o_src)
         wiring.connect(m, dl.o, wiring.flipped(self.tx))
 
         # configuration requests, and the configuration space's state to whoever follows it

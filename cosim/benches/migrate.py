@@ -11,6 +11,7 @@ from regmap import VirtioRegs as V, MigRegs as MG, NetRegs
 from host_driver.vf_state import CardVfState, VfStateError
 from cosim.scenarios.card import bring_up
 from cosim.scenarios.virtio import net, frame, receive_n
+from cosim.scenarios.dirty import WireWrites
 
 
 @cocotb.test()
@@ -169,33 +170,6 @@ async def test_fast_save_restore_under_traffic(dut):
     assert seqs == on_vf, (len(seqs), len(on_vf), first, seqs[first - 2:first + 4] if first else seqs[-4:],
                            on_vf[first - 2:first + 4] if first else on_vf[-4:])
     assert len(ledger.deliveries) > len(on_vf) > 10, "both paths must have carried frames"
-
-
-class WireWrites:
-    """The pages each function's MemWr TLPs touch on the wire (``tx_hook``), and the card's
-    marking writes (one byte of 0xFF from the PF) apart."""
-
-    def __init__(self, h):
-        self.pages = {}                  # fidx -> set of page addresses
-        self.marks = []                  # (byte address, data byte)
-        h.bridge.tx_hook = self.on_tx
-
-    def on_tx(self, hdr, payload, t0, t1):
-        if hdr[0] not in (0x40, 0x60):
-            return
-        addr = int.from_bytes(hdr[8:16] if hdr[0] & 0x20 else hdr[8:12], "big") & ~3
-        fidx = hdr[5]                    # requester ID: bus, function (ARI)
-        ndw = int.from_bytes(hdr[2:4], "big") & 0x3FF
-        first_be, last_be = hdr[7] & 0xF, hdr[7] >> 4
-        if addr >> 20 == 0xFEE:          # an MSI-X message
-            return
-        if fidx == 0 and ndw == 1 and first_be in (1, 2, 4, 8) and last_be == 0:
-            lane = first_be.bit_length() - 1
-            self.marks.append((addr + lane, payload[lane]))
-            return
-        lo = addr + (first_be & -first_be).bit_length() - 1
-        hi = addr + 4 * ndw - 1 - (4 - (last_be if ndw > 1 else first_be).bit_length())
-        self.pages.setdefault(fidx, set()).update(range(lo >> 12 << 12, hi + 1, 4096))
 
 
 @cocotb.test()

@@ -371,6 +371,13 @@ class Guest:
         self._pump()
         return total
 
+    def adopt(self, ready: Ready) -> None:
+        """This QEMU runs a guest that booted in another one and was migrated in
+        (``-incoming``): take that guest's READY line, so that commands go to its console."""
+        if self._parser.ready is None:
+            self._parser.ready = ready
+        self._pump()
+
     def send(self, cmd: str, timeout: float | None = None) -> str:
         """Queue ``cmd`` (run by ``sh -c`` in the guest, killed there after ``timeout``
         seconds if given) and return its token for :meth:`poll`. Never blocks."""

@@ -12,6 +12,7 @@ descriptors in one :class:`cosim.vhost_user.Reactor` run by a :class:`cosim.vhos
 import logging
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cocotb
@@ -54,6 +55,8 @@ class CardRig:
         self.guests = {}
         self.peer = NetPeer(PEER_MAC, PEER_IP)
         self._last = None
+        self._boot_kw = {}
+        self._qmp_pool = None
 
     def event(self, text):
         self.events.append((time.monotonic(), text))
@@ -109,9 +112,9 @@ class CardRig:
         from ..guest.image import ensure_image
         from ..guest.qemu import Guest, vhost_user_net
         image = ensure_image()
+        self._boot_kw[n] = dict(mac=vf_mac(n), ip=f"{vf_ip(n)}/24", peer=PEER_IP, **kw)
         g = Guest.start(image, netdev_args=vhost_user_net(self.socket_path(n)),
-                        mac=vf_mac(n), ip=f"{vf_ip(n)}/24", peer=PEER_IP,
-                        boot_timeout=timeout_s, **kw)
+                        boot_timeout=timeout_s, **self._boot_kw[n])
         self.guests[n] = g
         self.reactor.register(g.fileno(), g.on_readable)
         t0 = time.monotonic()
@@ -124,6 +127,35 @@ class CardRig:
         g.boot_s = time.monotonic() - t0
         self.event(f"VF{n}: guest up, eth0 {g.ready.mac} {g.ready.ip} after {g.boot_s:.1f} s")
         return g
+
+    def start_incoming(self, n, like, port):
+        """Start a QEMU on VF ``n``'s socket that waits for the guest of VF ``like`` to be
+        migrated in (``-incoming`` on loopback ``port``): the same machine and NIC (its MAC
+        too), with a QMP socket. Its console is registered; :meth:`adopt` once it runs."""
+        from ..guest.image import ensure_image
+        from ..guest.qemu import Guest, vhost_user_net
+        kw = dict(self._boot_kw[like])
+        kw["qmp"] = True
+        kw["extra_args"] = [*kw.get("extra_args", ()), "-incoming", f"tcp:127.0.0.1:{port}"]
+        g = Guest.start(ensure_image(), netdev_args=vhost_user_net(self.socket_path(n)), **kw)
+        self._boot_kw[n] = kw
+        self.guests[n] = g
+        self.reactor.register(g.fileno(), g.on_readable)
+        self.event(f"VF{n}: QEMU waiting for VF{like}'s guest on tcp:127.0.0.1:{port}")
+        return g
+
+    def adopt(self, n, like):
+        """VF ``n``'s QEMU now runs the guest migrated from VF ``like``'s: commands go there."""
+        self.guests[n].adopt(self.guests[like].ready)
+
+    async def qmp(self, n, command, timeout_s=30, **arguments):
+        """A QMP command to VF ``n``'s QEMU (started with ``qmp=True``), waited for while the
+        simulation goes on (QEMU may wait for the back-end meanwhile)."""
+        if self._qmp_pool is None:
+            self._qmp_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qmp")
+        future = self._qmp_pool.submit(self.guests[n].qmp, command, timeout_s, **arguments)
+        await self.pump.until(future.done, timeout_s + 5, f"QMP {command} on VF{n}'s QEMU")
+        return future.result()
 
     async def run(self, n, cmd, timeout_s=60):
         """Run ``cmd`` in VF ``n``'s guest; ``(rc, output)``."""
@@ -146,3 +178,5 @@ class CardRig:
         for n in list(self.guests):
             self.kill(n)
         self.card.close()
+        if self._qmp_pool is not None:
+            self._qmp_pool.shutdown(wait=False, cancel_futures=True)

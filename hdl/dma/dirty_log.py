@@ -9,8 +9,9 @@ beat's ``func``. For a MemWr of a function whose log is on, it looks the functio
 (block RAM, one read per TLP) and queues one mark: a one-byte MemWr of ``0xFF`` at
 ``BASE + (page - FIRST / 4096) / 8``, the byte of the bitmap that holds the page's bit
 (:class:`regmap.DirtyLogRegs` has the layout). Marks go out between TLPs, never inside one, so
-the marks of a write follow it on the link; a mark costs one beat. MSI-X messages (MemWr into
-the x86 interrupt range ``0xFEEx_xxxx``) are not memory and are not logged.
+the marks of a write follow it on the link; a mark costs one beat. Interrupt messages are not
+memory: TLPs from the sources named in ``skip`` (the MSI-X controller, by the arbiter's
+``o_src``) are never logged, whatever address the host gave the vectors.
 
 Nothing is missed: a write is let through only when its mark is sure to find room in the mark
 FIFO (otherwise the stream waits, the marks drain), and the card never reads the bitmap, so a
@@ -44,11 +45,16 @@ MARK_FIFO_DEPTH = 8
 
 
 class DirtyLogger(wiring.Component):
-    def __init__(self, cfg: CardConfig):
+    """``sources``: how many sources the arbiter in front has (``i_src`` is one of them);
+    ``skip``: the source indices whose TLPs are not memory writes to log (MSI-X)."""
+
+    def __init__(self, cfg: CardConfig, sources=1, skip=()):
         self._card = cfg
+        self._skip = tuple(skip)
         W = cfg.data_width
         super().__init__({
             "i": In(tlp_stream(W)),            # from the TX arbiter
+            "i_src": In(range(max(sources, 2))),   # ... and the source of its beat
             "o": Out(tlp_stream(W)),           # to the link
             "bus": In(RegBusSignature()),
             "link": In(LinkSignature()),
@@ -96,8 +102,10 @@ class DirtyLogger(wiring.Component):
         addr = Signal(64)
         m.d.comb += addr.eq(Mux(is64, Cat(hdr_dw(hdr, 3), hdr_dw(hdr, 2)), hdr_dw(hdr, 2)))
         fidx = i.p.func
-        msi = (addr[32:] == 0) & (addr[20:32] == 0xFEE)
-        loggable = (i.p.sop & ((kind == TlpKind.MWR32) | is64) & ~msi
+        skipped = 0
+        for k in self._skip:
+            skipped = skipped | (self.i_src == k)
+        loggable = (i.p.sop & ((kind == TlpKind.MWR32) | is64) & ~skipped
                     & (fidx < nf) & on.bit_select(fidx, 1))
 
         m.submodules.marks = fifo = SyncFIFOBuffered(width=64, depth=MARK_FIFO_DEPTH)

@@ -12,7 +12,8 @@ source's logic through the arbiter into another's (the card's longest paths did,
   granted source that is not offering a first beat gives the grant up as soon as another source
   is valid (MSI-X withdraws a beat when the vector gets masked meanwhile); inside a packet a
   source may pause and keeps it.
-* **output**: one pipeline register (``o.valid``/``o.p`` are flip-flops). A source sees
+* **output**: one pipeline register (``o.valid``/``o.p`` are flip-flops; ``o_src`` says which
+  source the beat came from). A source sees
   ``ready`` when it holds the grant and the register is empty or moving; a held beat never
   changes. Latency: one cycle for the granted source, two for another one, then one beat per
   cycle.
@@ -40,6 +41,7 @@ class TlpArbiter(wiring.Component):
         members = {name: In(tlp_stream(data_width)) for name in self.ports}
         members["o"] = Out(tlp_stream(data_width))
         members["tx_tlp"] = Out(1)        # strobe: a TLP went out (its first beat moved)
+        members["o_src"] = Out(range(max(self.n, 2)))   # the source of the beat on ``o``
         super().__init__(members)
 
     def elaborate(self, platform):
@@ -77,7 +79,7 @@ class TlpArbiter(wiring.Component):
         p_q = Signal.like(self.o.p, name="p_q", reset_less=True)
         m.d.comb += self.o.p.eq(p_q)
         with m.If(take):
-            m.d.sync += [p_q.eq(cur_p), self.o.valid.eq(1),
+            m.d.sync += [p_q.eq(cur_p), self.o.valid.eq(1), self.o_src.eq(grant),
                          in_pkt.eq(~cur_p.eop)]
         with m.Elif(self.o.ready):
             m.d.sync += self.o.valid.eq(0)

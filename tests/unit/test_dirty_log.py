@@ -24,7 +24,8 @@ BUS = 0x3A
 PF_RID = BUS << 8
 NF = 5                       # CardConfig(total_vfs=4): the PF and four VFs
 PAGE = 1 << R.PAGE_SHIFT
-MSI_ADDR = 0xFEE0_0000
+MSI_ADDR = 0x8000_0000       # where the RootComplex puts its MSI region (not 0xFEEx_xxxx)
+SOURCES, MSIX_SRC = 8, 1     # the arbiter's sources; the MSI-X controller's index among them
 
 # function 2: bitmap above 4 GiB (4-DW marks), logged window below 4 GiB (3-DW writes)
 BASE2, FIRST2, PAGES2 = 0x1_2345_0000, 0x8000_0000, 4096
@@ -33,7 +34,7 @@ BASE3, FIRST3, PAGES3 = 0x0040_0001, 0x3_0000_0000, 64
 
 
 def make_dut(width=64):
-    return DirtyLogger(CardConfig(total_vfs=4, data_width=width))
+    return DirtyLogger(CardConfig(total_vfs=4, data_width=width), SOURCES, skip=(MSIX_SRC,))
 
 
 def run(width, tb):
@@ -80,26 +81,28 @@ class Regs:
 
 # ---- TLPs and the model ---------------------------------------------------------------------
 
-def mwr(addr, ndw, func, rng, force64=None, bar=0):
+def mwr(addr, ndw, func, rng, force64=None, bar=0, src=0):
+    """A MemWr TLP ``(hdr, payload, func, bar, src)``; ``src`` is the arbiter source it
+    comes from (``MSIX_SRC``: an interrupt message)."""
     hdr = mem_hdr(True, addr, ndw, first_be=0xF, last_be=0 if ndw == 1 else 0xF,
                   tag=rng.randrange(256), requester_id=func, force64=force64)
-    return hdr, [rng.getrandbits(32) for _ in range(ndw)], func, bar
+    return hdr, [rng.getrandbits(32) for _ in range(ndw)], func, bar, src
 
 
 def mrd(addr, ndw, func, rng, bar=0):
     hdr = mem_hdr(False, addr, ndw, first_be=0xF, last_be=0 if ndw == 1 else 0xF,
                   tag=rng.randrange(256), requester_id=func)
-    return hdr, [], func, bar
+    return hdr, [], func, bar, 0
 
 
 def cpl(func, rng, ndw):
     hdr = cpl_hdr(ndw > 0, ndw, 0, func, 4 * ndw, rng.randrange(1 << 16), rng.randrange(256),
                   rng.randrange(128) & ~3)
-    return hdr, [rng.getrandbits(32) for _ in range(ndw)], func, 0
+    return hdr, [rng.getrandbits(32) for _ in range(ndw)], func, 0, 0
 
 
 def beats_of(tlp, width):
-    hdr, payload, func, bar = tlp
+    hdr, payload, func, bar, _ = tlp
     return pack_beats(hdr, payload, width, func=func, bar=bar)
 
 
@@ -138,13 +141,13 @@ class LogModel:
 
     def mark_of(self, tlp):
         """The byte address the TLP's mark goes to, or None (and the overflow it sets)."""
-        hdr, _, func, _ = tlp
+        hdr, _, func, _, src = tlp
         d0, _, d2, d3 = hdr_dws(hdr)
         kind = d0 >> 24
         if kind not in (TlpKind.MWR32, TlpKind.MWR64) or func not in self.logs:
             return None
         addr = (d2 << 32 | d3) if kind == TlpKind.MWR64 else d2
-        if addr >> 20 == 0xFEE:      # MSI-X (a 3-DW address in 0xFEEx_xxxx)
+        if src == MSIX_SRC:          # an interrupt message, wherever it goes
             return None
         base, first, pages = self.logs[func]
         idx = (addr >> R.PAGE_SHIFT) - (first >> R.PAGE_SHIFT)
@@ -173,6 +176,7 @@ async def stream(ctx, dut, tlps, width, rng, ready_p=1.0, gap_p=0.0, idle=12, ma
             if k < len(beats) and rng.random() >= gap_p:
                 cur = beats[k][1]
                 ctx.set(dut.i.p, cur)
+                ctx.set(dut.i_src, tlps[beats[k][0]][4])
                 ctx.set(dut.i.valid, 1)
             else:
                 junk = pack_beats(mem_hdr(True, FIRST2 + PAGE * rng.randrange(PAGES2), 1),
@@ -291,8 +295,9 @@ def test_marks(width):
         tlps.append(mwr(FIRST3 + page * PAGE + 0x100, rng.randint(1, 16), 3, rng))
     for page in (0, 1, 100, 4095):                                       # function 1: log off
         tlps.append(mwr(FIRST2 + page * PAGE, rng.randint(1, 16), 1, rng))
-    tlps.append(mwr(MSI_ADDR, 1, 2, rng))                                # MSI-X of function 2
-    tlps.append(mwr(MSI_ADDR + 0x1_0004, 1, 3, rng))                     # ... and of function 3
+    tlps.append(mwr(MSI_ADDR, 1, 2, rng, src=MSIX_SRC))                  # MSI-X of function 2
+    tlps.append(mwr(MSI_ADDR + 0x1_0004, 1, 3, rng, src=MSIX_SRC))       # ... and of function 3
+    tlps.append(mwr(FIRST2 + 20 * PAGE, 1, 2, rng, src=MSIX_SRC))        # (inside the window)
     tlps.append(mrd(FIRST2 + 3 * PAGE, 16, 2, rng))                      # reads are not logged
     tlps.append(mrd(FIRST3 + 3 * PAGE, 16, 3, rng))
     tlps.append(cpl(2, rng, 4))

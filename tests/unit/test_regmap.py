@@ -33,7 +33,7 @@ def test_windows_of_different_bars_may_share_offsets():
 def test_every_register_file_target_is_named_once_per_window():
     targets = {w.target for w in W.WINDOWS}
     assert targets == {"funcregs", "dma_q", "virtio", "msix", "mgmt", "xlate", "fault", "vnet",
-                       "mboard", "telemetry", "qos"}
+                       "mboard", "telemetry", "qos", "dirtylog"}
     assert all(w.functions == ("all" if w.bar == 0 else "pf") for w in W.WINDOWS)
 
 
