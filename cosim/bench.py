@@ -98,11 +98,12 @@ def bench_migration(sim, cfg, path):
     return rec
 
 
-def bench_linux(sim, cfg):
-    """Two Linux guests (QEMU) on VF1 and VF2 (:mod:`cosim.workloads.perf_linux`)."""
+def bench_linux(sim, cfg, workload="perf_linux"):
+    """Two Linux guests (QEMU) on VF1 and VF2 (:mod:`cosim.workloads.perf_linux`), or
+    ``workload="perf_qemu_migration"``: one migrated by QEMU from VF1 to VF2."""
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "linux.json"
-        run_card_bench(sim, "cosim.workloads.perf_linux", cfg,
+        run_card_bench(sim, f"cosim.workloads.{workload}", cfg,
                        extra_env={"OFFCARD_BENCH_OUT": str(out)}, timeout_s=1800)
         rec = json.loads(out.read_text())
     rec.update({"sim": sim, "config": config_key(cfg)})
@@ -177,6 +178,7 @@ def main(argv=None):
     qos_rows = []
     migration_rows = []
     linux_rows = []
+    qemu_mig_rows = []
     for sim in selected_sims():
         for cfg in CONFIGS:
             for path in paths:
@@ -199,11 +201,13 @@ def main(argv=None):
                 qos_rows += q
                 console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} Linux guests ...")
                 linux_rows.append(bench_linux(sim, cfg))
+                console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} QEMU live migration ...")
+                qemu_mig_rows.append(bench_linux(sim, cfg, "perf_qemu_migration"))
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
               "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows,
               "virtio_net": virtio_rows, "placement_latency": placement_rows,
               "qos": qos_rows, "migration": migration_rows, "linux_guests": linux_rows,
-              "synthesis": synthesis_rows()}
+              "qemu_migration": qemu_mig_rows, "synthesis": synthesis_rows()}
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     md = []
     add_table(console, md, "enumeration + SR-IOV + MMIO",
@@ -234,6 +238,10 @@ def main(argv=None):
               ["sim", "config", "guest_boot_s", "ping_replies", "ping_rtt_wall_ms",
                "ping_rtt_sim_us_median", "ping_rtt_sim_us_max", "transfer_exact",
                "transfer_wall_s", "frames_per_wall_s", "payload_bytes_per_clk"], linux_rows)
+    add_table(console, md, "QEMU's live migration of a Linux guest VF1 -> VF2, pinging every "
+              "100 ms (QEMU: wall ms; card pause: simulated us)",
+              ["sim", "config", "qemu_total_ms", "qemu_downtime_ms", "card_pause_us",
+               "pages_written", "pages_logged", "pings_sent", "pings_lost"], qemu_mig_rows)
     if report["synthesis"]:
         add_table(console, md, "synthesis (gathered from synth_out/synth.json, the last "
                   "`make synth`)",

@@ -176,6 +176,8 @@ class VfBackend(VhostUserDevice):
         self.log_region = None           # ... registered at log_window(fidx)
         self.logging = False             # the card marks the log (VHOST_F_LOG_ALL acked)
         self.log_on_ns = None            # simulated time the card's logger went on
+        self.stop_ns = None              # ... GET_VRING_BASE began stopping the VF
+        self.live_ns = None              # ... the VF last ran the guest's rings
         self.mapped = []                 # (gpa, size) mapped in the domain
         self.vrings = {}
         self.live = False                # the VF runs the guest's rings
@@ -305,6 +307,7 @@ class VfBackend(VhostUserDevice):
         elif self.fidx in dirty.logs:
             await dirty.stop(self.fidx)
             del dirty.logs[self.fidx]
+            self.log_on_ns = None
             self.on_event(f"VF{self.fidx}: dirty logging off")
 
     async def _map(self, gen, spans, top):
@@ -345,6 +348,7 @@ class VfBackend(VhostUserDevice):
             await st.resume(self.vf)
         self.stopped = False
         self.live = True
+        self.live_ns = get_sim_time("ns")
         for i in rings:
             await self.drv.notify(i)
         self.on_event(f"VF{self.fidx}: rings up (RX {rings[0].num} at {rings[0].desc:#x}, "
@@ -359,6 +363,7 @@ class VfBackend(VhostUserDevice):
             return
         st = self.card.vf_state
         if not self.stopped:
+            self.stop_ns = get_sim_time("ns")
             await st.quiesce(self.vf)
             self.stopped = True
             self.live = False

@@ -6,16 +6,16 @@ import logging
 import os
 import re
 import socket
-import time
 
 import cocotb
 
-from regmap import VirtioRegs as V, MigRegs as MG
+from regmap import VirtioRegs as V
 from cosim import vhost_user as VU
 from cosim.scenarios.dirty import WireWrites
-from cosim.vhost_card import guest_window, log_window
 from cosim.scenarios.guest_rig import CardRig, PEER_IP, vf_ip
-from cosim.scenarios.linux import sim_rtts_us, transfer, TRANSFER_KIB
+from cosim.scenarios.linux import sim_rtts_us, transfer, ping_summary, TRANSFER_KIB
+from cosim.scenarios.qemu_migration import (free_port, start_destination, query_migrate,
+                                            wait_migration, migrate, retire_source)
 from cosim.scenarios.virtio import counters
 
 PING_SIZES = [1, 2, 3, 7, 8, 15, 16, 31, 56, 64, 100, 255, 256, 511, 512, 999, 1000, 1400,
@@ -213,95 +213,86 @@ async def test_two_guests(dut):
         rig.close()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def set_mac(h, fidx, mac):
-    """Function ``fidx``'s address in the card's switch (a multicast one retires the entry)."""
-    await h.drv.mgmt_write(MG.SEL, fidx)
-    await h.drv.mgmt_write(MG.MAC_LO, int.from_bytes(mac[:4], "little"))
-    await h.drv.mgmt_write(MG.MAC_HI, int.from_bytes(mac[4:6], "little"))
-
-
-def ping_summary(out):
-    m = re.search(r"(\d+) packets transmitted, (\d+) packets received", out)
-    return (int(m[1]), int(m[2])) if m else (0, 0)
-
-
 @cocotb.test()
-async def test_qemu_live_migration_vf1_to_vf2(dut):
+async def test_qemu_live_migration(dut):
     """QEMU migrates a running Linux guest from the QEMU on VF1's socket to one started with
-    ``-incoming`` on VF2's socket, while the guest pings the uplink peer every 200 ms. The
+    ``-incoming`` on VF2's socket, while the guest pings the uplink peer every 200 ms and sends
+    256 KiB over TCP to a guest on VF3 (byte exact across the switch-over). The
     source back-end negotiates LOG_SHMFD and LOG_ALL, the card marks QEMU's dirty log for VF1
     (every page VF1 writes on the wire while the log is on is marked; the extra pages are the
     byte's neighbours); at switch-over GET_VRING_BASE stops VF1 and VF2 resumes from the
-    indices QEMU migrated; the switch moves the guest's MAC to VF2. Afterwards the guest's
-    traffic goes through VF2 only, its pings are answered, and VF1 is free once the source
-    QEMU quits."""
-    rig = await CardRig(dut, [1, 2]).start()
+    indices QEMU migrated; the switch moves the guest's MAC to VF2. The guest's pings go on
+    through VF2, VF1 is free once the source QEMU quits. Then back to VF1: a destination QEMU
+    killed in mid-migration leaves the guest running on VF2 (migration failed, the card's log
+    off again, pings answered), and the next attempt moves it to VF1."""
+    rig = await CardRig(dut, [1, 2, 3]).start()
     try:
         await rig.boot(1, qmp=True)
+        await rig.boot(3)                                     # the transfer's receiver
         wire = WireWrites(rig.h)
         be1, be2 = rig.card.backends[1], rig.card.backends[2]
-        port = free_port()
-        rig.start_incoming(2, like=1, port=port)
         rc, out = await rig.run(1, f"ping -c 3 -W 5 {PEER_IP}", timeout_s=120)
         assert rc == 0 and " 0% packet loss" in out, out
+        # 256 KiB over TCP to the guest on VF3, running across the switch-over
+        rc, out = await rig.run(3, "rm -f /tmp/rx; (sleep 900 | nc -l -p 5001 > /tmp/rx "
+                                   "2>/dev/null &); sleep 0.3")
+        assert rc == 0, out
+        rc, out = await rig.run(1, f"dd if=/dev/urandom of=/tmp/tx bs=1024 count={TRANSFER_KIB}"
+                                   f" 2>/dev/null; md5sum /tmp/tx")
+        md5_sent = out.split()[0]
         count = 100
-        rc, _ = await rig.run(1, f"rm -f /tmp/ping.log; (ping -i 0.2 -c {count} -W 2 {PEER_IP} "
-                                 f"> /tmp/ping.log 2>&1 &); sleep 1")
+        rc, _ = await rig.run(1, f"rm -f /tmp/ping.log /tmp/tx.done; "
+                                 f"(ping -i 0.2 -c {count} -W 2 {PEER_IP} > /tmp/ping.log 2>&1 &);"
+                                 f" (nc {vf_ip(3)} 5001 < /tmp/tx; echo $? > /tmp/tx.done) & "
+                                 f"sleep 1")
         assert rc == 0
-        await rig.qmp(1, "migrate-set-parameters", **{"downtime-limit": 2000,
-                                                      "max-bandwidth": 0})
-        await rig.qmp(1, "migrate", uri=f"tcp:127.0.0.1:{port}")
-        status = {}
-
-        async def poll_migration():
-            status.update(await rig.qmp(1, "query-migrate"))
-            return status.get("status") in ("completed", "failed", "cancelled")
-        deadline = time.monotonic() + 600
-        while not await poll_migration():
-            assert time.monotonic() < deadline, f"migration not done: {status}"
-            later = time.monotonic() + 0.5
-            await rig.pump.until(lambda: time.monotonic() > later, 5, "half a second")
-        assert status["status"] == "completed", status
-        dut._log.info("QEMU migration: %s", {k: status.get(k) for k in
-                                             ("total-time", "downtime", "setup-time")})
-        assert not be1.live and be1.stopped, "VF1 still runs the guest's rings"
-        await rig.pump.until(lambda: be2.live, 120, "VF2 runs the migrated guest's rings")
-        mac = bytes.fromhex(rig.guests[1].ready.mac.replace(":", ""))
-        await set_mac(rig.h, 1, b"\x01" + mac[1:])          # VF1's entry retired
-        await set_mac(rig.h, 2, mac)                          # the guest's address on VF2
-        rig.adopt(2, like=1)
-        # the dirty log against the wire: every page VF1 wrote while the card logged it
-        assert be1.log_on_ns is not None, "the card's logger never went on for VF1"
-        written = wire.written(1, since_ns=be1.log_on_ns)
-        marked = {m for m, v in wire.marks}
-        base, first = log_window(1), guest_window(1)
-        missed = [p for p in written if base + (p - first) // 4096 // 8 not in marked]
-        assert written and not missed, (f"VF1 wrote {len(written)} pages while logged, "
-                                        f"{len(missed)} not marked: {sorted(map(hex, missed))[:8]}")
-        logged = {first + (8 * (a - base) + b) * 4096 for a in marked for b in range(8)}
-        dut._log.info("dirty log: VF1 wrote %d pages while logged, the card marked %d bytes "
-                      "(%d pages, %d extra)", len(written), len(marked), len(logged),
-                      len(logged - written))
-        # the guest goes on, on VF2
-        kicks = dict(be2.kicks)
+        be3 = rig.card.backends[3]
+        await rig.pump.until(lambda: be3.calls[0] > 20, 120, "the transfer to VF3 under way")
+        await migrate(dut._log, rig, 1, 2, wire)
+        kicks = sum(be2.kicks.values())
         rc, out = await rig.run(2, f"sleep {count * 0.2 + 3}; cat /tmp/ping.log",
                                 timeout_s=count * 0.2 + 60)
-        sent, got = ping_summary(out)
+        sent, got, _ = ping_summary(out)
         dut._log.info("pings across the migration: %d sent, %d answered, %d lost",
                       sent, got, sent - got)
         assert sent == count and got >= count - 25, out
+        assert sum(be2.kicks.values()) > kicks, "the guest's traffic did not go through VF2"
+        rc, out = await rig.run(2, "while [ ! -e /tmp/tx.done ]; do sleep 0.5; done; "
+                                   "cat /tmp/tx.done", timeout_s=600)
+        assert rc == 0 and out.strip() == "0", f"nc in the migrated guest: {out}"
+        rc, out = await rig.run(3, "for i in $(seq 100); do pidof nc >/dev/null || break; "
+                                   "sleep 0.2; done; md5sum /tmp/rx; wc -c < /tmp/rx", timeout_s=60)
+        md5_got, size = out.split()[0], int(out.split()[-1])
+        dut._log.info("transfer across the migration: %d bytes, md5 %s sent, %s received",
+                      size, md5_sent, md5_got)
+        assert size == TRANSFER_KIB * 1024 and md5_got == md5_sent, out
+        await retire_source(rig, 1)
+        # back to VF1, the first destination killed in mid-migration
+        await start_destination(rig, 1, 2, port := free_port())
+        await rig.qmp(2, "migrate-set-parameters", **{"max-bandwidth": 200_000})
+        await rig.qmp(2, "migrate", uri=f"tcp:127.0.0.1:{port}")
+        await rig.pump.until(lambda: 2 in rig.card.dirty.logs, 60, "the card logging VF2")
+        status = await query_migrate(rig, 2)
+        assert status["status"] in ("setup", "active"), status     # (logging starts in setup)
+        rig.kill(1)                                           # the destination dies
+        status = await wait_migration(rig, 2)
+        assert status["status"] == "failed", status
+        await rig.pump.until(lambda: 2 not in rig.card.dirty.logs and rig.card.idle, 60,
+                             "the card's log for VF2 off after the failed migration")
+        assert be2.live
         rc, out = await rig.run(2, f"ping -c 5 -W 5 {PEER_IP}", timeout_s=120)
-        assert rc == 0 and " 0% packet loss" in out, out
-        assert sum(be2.kicks.values()) > sum(kicks.values())
-        rig.kill(1)
+        assert rc == 0 and " 0% packet loss" in out, f"the guest on VF2 after the failure: {out}"
         await rig.pump.until(lambda: be1.memory is None and rig.card.idle, 60,
-                             "VF1 released after the source QEMU quit")
-        assert await be1.drv.read_status() == 0
+                             "VF1 released after the killed destination")
+        rc, _ = await rig.run(2, f"rm -f /tmp/ping.log; (ping -i 0.2 -c 40 -W 2 {PEER_IP} "
+                                 f"> /tmp/ping.log 2>&1 &); sleep 1")
+        await migrate(dut._log, rig, 2, 1, wire)
+        rc, out = await rig.run(1, "sleep 10; cat /tmp/ping.log", timeout_s=120)
+        sent, got, _ = ping_summary(out)
+        dut._log.info("pings across the migration back: %d sent, %d answered", sent, got)
+        assert sent == 40 and got >= 30, f"pings across the migration back: {out}"
+        rc, out = await rig.run(1, f"ping -c 5 -W 5 {PEER_IP}", timeout_s=120)
+        assert rc == 0 and " 0% packet loss" in out, f"the guest back on VF1: {out}"
+        await retire_source(rig, 2)
     finally:
         rig.close()

@@ -136,7 +136,11 @@ class CardRig:
         from ..guest.qemu import Guest, vhost_user_net
         kw = dict(self._boot_kw[like])
         kw["qmp"] = True
-        kw["extra_args"] = [*kw.get("extra_args", ()), "-incoming", f"tcp:127.0.0.1:{port}"]
+        extra = list(kw.get("extra_args", ()))
+        while "-incoming" in extra:                   # (the source came in that way itself)
+            i = extra.index("-incoming")
+            del extra[i:i + 2]
+        kw["extra_args"] = [*extra, "-incoming", f"tcp:127.0.0.1:{port}"]
         g = Guest.start(ensure_image(), netdev_args=vhost_user_net(self.socket_path(n)), **kw)
         self._boot_kw[n] = kw
         self.guests[n] = g

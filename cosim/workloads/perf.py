@@ -4,12 +4,12 @@ Writes a JSON record (simulated cycles, wall seconds, MMIO operations) to the fi
 ``OFFCARD_BENCH_OUT``. Nothing here asserts on time; the checks are functional only.
 """
 
-import json
 import os
 import time
 
 import cocotb
 
+from cosim.workloads import bench_out
 from regmap import FuncRegs
 from cosim.harness import CardHarness
 
@@ -38,7 +38,4 @@ async def test_enum_mmio_workload(dut):
            "cycles_per_s": round(cycles / wall), "mmio_ops": ops,
            "tlps_to_card": h.bridge.tlps_in, "tlps_from_card": h.bridge.tlps_out}
     dut._log.info("bench: %s", rec)
-    out = os.environ.get("OFFCARD_BENCH_OUT")
-    if out:
-        with open(out, "w") as f:
-            json.dump(rec, f)
+    bench_out(rec)

@@ -22,12 +22,11 @@ last replayed payload byte: CQ fetch, descriptor refetch, walk, replay) and ``to
 Writes JSON ``{"dma": [...], "page_faults": [...]}`` to ``OFFCARD_BENCH_OUT``.
 """
 
-import json
-import os
 import time
 
 import cocotb
 
+from cosim.workloads import bench_out
 from regmap import FaultRegs, DescStatus
 from hdl.pcie.host_port import DMA_READ_TAGS
 from host_driver.dma import DmaQueue
@@ -158,7 +157,4 @@ async def test_dma_throughput(dut):
     for r in faults:
         dut._log.info("page fault bench: %s", r)
     dut._log.info("dma bench: %d cycles in %.2f s wall: %d cycles/s", cycles, wall, cycles / wall)
-    out = os.environ.get("OFFCARD_BENCH_OUT")
-    if out:
-        with open(out, "w") as f:
-            json.dump({"dma": rows, "page_faults": faults}, f)
+    bench_out({"dma": rows, "page_faults": faults})

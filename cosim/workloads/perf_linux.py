@@ -5,12 +5,11 @@ the uplink peer (round trip in simulated µs, from the transmit notification to 
 interrupt, and in wall ms as the guest's ping measures it); 256 KiB over TCP from VF1 to VF2
 (frames through the card per wall second, payload bytes per simulated clock)."""
 
-import json
-import os
 import statistics
 
 import cocotb
 
+from cosim.workloads import bench_out
 from cosim.scenarios.guest_rig import CardRig, PEER_IP
 from cosim.scenarios.linux import sim_rtts_us, transfer, TRANSFER_KIB, ping_summary
 from cosim.scenarios.virtio import counters
@@ -44,7 +43,4 @@ async def test_perf_linux(dut):
     finally:
         rig.close()
     dut._log.info("linux guests: %s", row)
-    path = os.environ.get("OFFCARD_BENCH_OUT")
-    if path:
-        with open(path, "w") as f:
-            json.dump(row, f)
+    bench_out(row)

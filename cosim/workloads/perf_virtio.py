@@ -6,13 +6,12 @@ bytes per simulated clock (frame bytes over the clocks from the first send to th
 received), and the hypervisor traps taken. Writes JSON to ``OFFCARD_BENCH_OUT``.
 """
 
-import json
-import os
 import random
 import time
 
 import cocotb
 
+from cosim.workloads import bench_out
 from host_driver.system.hypervisor import Hypervisor
 from cosim.harness import CardHarness, CLOCK_NS
 from cosim.scenarios.virtio import frame, receive_n
@@ -55,7 +54,4 @@ async def test_virtio_throughput(dut):
                          "traps": ga.traps + gb.traps - traps0,
                          "data_width": h.data_width})
             dut._log.info("virtio bench: %s", rows[-1])
-    out = os.environ.get("OFFCARD_BENCH_OUT")
-    if out:
-        with open(out, "w") as fh:
-            json.dump(rows, fh)
+    bench_out(rows)

@@ -474,14 +474,19 @@ def test_second_log_base_replaces_the_first(make):
     os.close(b)
 
 
-def test_disconnect_closes_the_log(make):
-    h = make()
-    f, _ = running(h)
-    fd = log_memfd(name="log-dc")
+def give_log(h, f, name):
+    """Send a log on ``f``, check the reply; (the memfd, the DirtyLog the device got)."""
+    fd = log_memfd(name=name)
     send_log_base(f, fd)
     h.pump()
     assert f.recv_exact(len(LOG_REPLY)) == LOG_REPLY
-    log = h.dev.logs[-1]
+    return fd, h.dev.logs[-1]
+
+
+def test_disconnect_closes_the_log(make):
+    h = make()
+    f, _ = running(h)
+    fd, log = give_log(h, f, "log-dc")
     os.close(fd)
     assert mappings_of("log-dc") == 1
     f.close()
@@ -497,11 +502,7 @@ def test_disconnect_closes_the_log(make):
 def test_device_refusing_the_log_keeps_the_old_one(make, caplog):
     h = make()
     f, _ = running(h)
-    a = log_memfd(name="log-keep")
-    send_log_base(f, a)
-    h.pump()
-    assert f.recv_exact(len(LOG_REPLY)) == LOG_REPLY
-    first = h.dev.logs[-1]
+    a, first = give_log(h, f, "log-keep")
 
     def refuse(log):
         raise vu.ProtocolError("SET_LOG_BASE: the device refuses")
