@@ -280,16 +280,18 @@ class VfBackend(VhostUserDevice):
         self.on_event(f"VF{self.fidx}: front-end disconnected; the VF's virtio state is reset")
 
     # ---- card work ---------------------------------------------------------------------------
-    def _unregister(self):
+    def _unregister_region(self, region):
         space = self.card.h.rc.mem_address_space
+        space.regions = [e for e in space.regions if e[3] is not region]
+
+    def _unregister(self):
         for base, region in self.regions:
-            space.regions = [e for e in space.regions if e[3] is not region]
+            self._unregister_region(region)
         self.regions = []
 
     def _unregister_log(self):
         if self.log_region is not None:
-            space = self.card.h.rc.mem_address_space
-            space.regions = [e for e in space.regions if e[3] is not self.log_region]
+            self._unregister_region(self.log_region)
             self.log_region = None
         self.log = None
 
@@ -304,9 +306,7 @@ class VfBackend(VhostUserDevice):
                               bitmap=log_window(self.fidx))
             self.log_on_ns = get_sim_time("ns")
             self.on_event(f"VF{self.fidx}: the card logs every page it writes")
-        elif self.fidx in dirty.logs:
-            await dirty.stop(self.fidx)
-            del dirty.logs[self.fidx]
+        elif await dirty.drop(self.fidx):
             self.log_on_ns = None
             self.on_event(f"VF{self.fidx}: dirty logging off")
 
@@ -383,9 +383,7 @@ class VfBackend(VhostUserDevice):
         self.stopped = False
         st = self.card.vf_state
         await st.quiesce(self.vf)
-        if self.fidx in self.card.dirty.logs:
-            await self.card.dirty.stop(self.fidx)
-            del self.card.dirty.logs[self.fidx]
+        await self.card.dirty.drop(self.fidx)
         await self.drv.reset()
         await st._sel(self.vf)
         await self.card.h.drv.mgmt_write(MG.CTRL, 0)

@@ -7,7 +7,7 @@ word; in the co-simulation nothing of the simulator runs between the read and th
 mark the card sends meanwhile lands in this harvest or the next one, never in between.
 """
 
-from regmap import DirtyLogRegs as R, MgmtRegs
+from regmap import DirtyLogRegs as R
 
 from .offcard import OffcardDriver
 
@@ -23,18 +23,12 @@ class DirtyLog:
         self.driver = driver
         self.t = driver.t
         self.logs: dict[int, tuple[int, int, int]] = {}    # fidx -> (bitmap, first, pages)
-        self._nf: int | None = None
-
-    async def _num_functions(self) -> int:
-        if self._nf is None:
-            self._nf = 1 + (await self.driver.mgmt_read(MgmtRegs.CARD_CONFIG) & 0xFFFF)
-        return self._nf
 
     async def start(self, fidx: int, first: int, pages: int, bitmap: int | None = None) -> int:
         """Log function ``fidx``'s writes to the ``pages`` pages from bus address ``first``
         (4 KiB aligned) in a bitmap at ``bitmap`` (allocated and cleared here when None; a
         given one is used as it is: a vhost log). Returns the bitmap's address."""
-        nf = await self._num_functions()
+        nf = await self.driver.num_functions()
         if not 0 <= fidx < nf:
             raise ValueError(f"function index {fidx} out of range: the card has {nf} functions")
         if first % PAGE:
@@ -62,6 +56,15 @@ class DirtyLog:
         """Stop logging ``fidx`` (the marks already sent still land; harvest after)."""
         await self.driver.mgmt_write(R.SEL, fidx)
         await self.driver.mgmt_write(R.CTRL, 0)
+
+    async def drop(self, fidx: int) -> bool:
+        """Stop logging ``fidx`` and forget its bitmap (a log someone else harvests: a vhost
+        log); False if it had none."""
+        if fidx not in self.logs:
+            return False
+        await self.stop(fidx)
+        del self.logs[fidx]
+        return True
 
     async def overflow(self, fidx: int, clear: bool = False) -> bool:
         """Whether ``fidx`` wrote outside its bitmap's range since the last clear."""

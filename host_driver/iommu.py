@@ -21,7 +21,7 @@ entries, FBQ / IOPF / CQ entries) are packed and parsed through its field tables
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from regmap import (CQ_ENTRY, FBQ_ENTRY, IOPF_ENTRY, PTE, FaultRegs, IommuRegs, MgmtRegs,
+from regmap import (CQ_ENTRY, FBQ_ENTRY, IOPF_ENTRY, PTE, FaultRegs, IommuRegs,
                     PAGE_SHIFT)
 
 from .offcard import OffcardDriver
@@ -181,14 +181,10 @@ class Iommu:
         self.driver = driver
         self.t: Transport = driver.t
         self.domains: dict[int, IommuDomain] = {}
-        self._num_functions: int | None = None
 
     async def num_functions(self) -> int:
-        """Functions the card has (the PF and TotalVFs), from ``CARD_CONFIG``."""
-        if self._num_functions is None:
-            cfg = await self.driver.mgmt_read(MgmtRegs.CARD_CONFIG)
-            self._num_functions = 1 + (cfg & 0xFFFF)
-        return self._num_functions
+        """Functions the card has (the PF and TotalVFs)."""
+        return await self.driver.num_functions()
 
     def domain(self, fidx: int) -> IommuDomain:
         try:

@@ -122,6 +122,7 @@ class OffcardDriver:
         self.vfs: list[OffcardFunction] = []
         self.sriov: SriovInfo | None = None
         self.bar2 = None
+        self._num_functions: int | None = None
 
     async def probe(self):
         """Find the card among the enumerated endpoints, check it, map its BARs, enable it."""
@@ -159,6 +160,12 @@ class OffcardDriver:
 
     async def mgmt_write(self, off, value):
         await self.t.mmio_write(self.bar2 + off, value, 4)
+
+    async def num_functions(self) -> int:
+        """Functions the card has (the PF and TotalVFs), from ``CARD_CONFIG`` (read once)."""
+        if self._num_functions is None:
+            self._num_functions = 1 + (await self.mgmt_read(MgmtRegs.CARD_CONFIG) & 0xFFFF)
+        return self._num_functions
 
     async def enable_sriov(self, num_vfs, page_size=4096):
         """Enable ``num_vfs`` VFs: System Page Size (the host's page size), NumVFs, VF BARs in

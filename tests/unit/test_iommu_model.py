@@ -5,6 +5,7 @@ import asyncio
 import struct
 import pytest
 from fakes import FakeTransport
+from host_driver.offcard import OffcardDriver
 from host_driver.iommu import Fault, FaultService, Iommu, MAPPED, PRESENT, REFUSED, TranslationError
 
 from regmap import FaultRegs, IommuRegs, MgmtRegs, PTE_PRESENT
@@ -47,16 +48,15 @@ class FakePf:
         self.masks[vector] = masked
 
 
-class FakeDriver:
+class FakeDriver(OffcardDriver):
     """The PF driver as :mod:`host_driver.iommu` uses it (an ``OffcardDriver``): PF BAR2
     through ``mgmt_read`` / ``mgmt_write`` on the transport, and the PF (none with
     ``msix=False``: its MSI-X is not set up)."""
 
     def __init__(self, t, msix=True):
-        self.t = t
+        super().__init__(t)
         self.bar2 = BAR2
         self.pf = FakePf(t) if msix else None
-        self.vfs = []
 
     async def mgmt_read(self, off):
         return await self.t.mmio_read(self.bar2 + off)
