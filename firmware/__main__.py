@@ -32,6 +32,9 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--run-for-us", metavar="N", type=_positive_float,
                    help="stop after N microseconds of card time")
     p.add_argument("--max-polls", metavar="N", type=_positive_int, help="stop after N polls")
+    p.add_argument("--link-timeout", metavar="S", type=_positive_float, default=5.0,
+                   help="seconds to wait for each reply from the card (default 5; a card in a "
+                        "loaded simulator answers in wall time many times slower than silicon)")
     p.add_argument("--check", action="store_true", help="only validate the policy")
     args = p.parse_args(argv)
     if not args.check and not args.port:
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     link = None
     try:
-        link = UartLink(args.port)
+        link = UartLink(args.port, timeout=args.link_timeout)
         fw = Firmware(Card(link), policy)
 
         def stop(signum, frame):            # finish the poll under way (a pop is logged)

@@ -280,20 +280,26 @@ async def owner_of(h, task=0):
     return await h.drv.mgmt_read(R.OWNER + 4 * task)
 
 
-async def wait_owner(h, want, timeout_us, task=0, step_cycles=1000):
+async def wait_owner(h, want, timeout_us, task=0, step_cycles=1000, alive=None):
+    """Wait for ``task``'s owner register to read ``want``; ``alive`` (if given) is called at
+    every step and raises when the process that should make it happen died."""
     t0 = h.t.now_ns()
     while h.t.now_ns() - t0 < timeout_us * 1000:
+        if alive is not None:
+            alive()
         if await owner_of(h, task) == want:
             return (h.t.now_ns() - t0) / 1000
         await ClockCycles(h.dut.clk, step_cycles)
     raise AssertionError(f"task {task} not owned by {want} after {timeout_us} us")
 
 
-async def settle_requests(h, host, timeout_us=2000):
+async def settle_requests(h, host, timeout_us=2000, alive=None):
     """Stop posting, then wait until every posted request completed."""
     host.post_every = None
     t0 = h.t.now_ns()
     while len(host.completed) < len(host.posted):
+        if alive is not None:
+            alive()
         assert h.t.now_ns() - t0 < timeout_us * 1000, \
             f"{len(host.posted) - len(host.completed)} requests never completed"
         await ClockCycles(h.dut.clk, 1000)
@@ -357,9 +363,11 @@ async def test_firmware_placement(dut):
 def spawn_firmware(url, policy, folder, tag):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     with open(Path(folder) / f"firmware-{tag}.out", "w") as log:
+        # the card answers in simulated time: at a few thousand clocks per wall second, on a
+        # loaded machine, a UART round trip can take longer than silicon's 5 s default
         return subprocess.Popen([sys.executable, "-m", "firmware", "--port", url,
-                                 "--policy", str(policy)], stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
+                                 "--policy", str(policy), "--link-timeout", "120"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 async def run_blocking(dut, fn, timeout_cycles=2_000_000):
@@ -425,11 +433,18 @@ async def test_firmware_process_killed_mid_move(dut):
             owners.append(await owner_of(h))
             await ClockCycles(dut.clk, 300)
     watch = cocotb.start_soon(watch_owner())
+    tag = "1"
+
+    def alive():
+        """The firmware we expect to be running still is (else its output, in the failure)."""
+        if proc.poll() is not None:
+            out = (Path(folder) / f"firmware-{tag}.out").read_text()
+            raise AssertionError(f"firmware {tag} exited with {proc.returncode}: {out[-2000:]}")
     try:
         # the process is up and serving on the card
         t0 = h.t.now_ns()
         while not card_served_safe(Path(folder) / "events.jsonl"):
-            assert proc.poll() is None, "firmware exited: " + (Path(folder) / "firmware-1.out").read_text()
+            alive()
             assert h.t.now_ns() - t0 < 5_000_000, "the firmware never served a request"
             await ClockCycles(dut.clk, 2000)
         # hold the host agent, cross the threshold: the firmware asks for the host VM and waits
@@ -437,6 +452,7 @@ async def test_firmware_process_killed_mid_move(dut):
         set_util(dut, processor=95)
         t0 = h.t.now_ns()
         while '"stopping_card"' not in (state.read_text() if state.exists() else ""):
+            alive()
             assert h.t.now_ns() - t0 < 5_000_000, "the move never started"
             await ClockCycles(dut.clk, 1000)
         proc.send_signal(signal.SIGKILL)
@@ -452,11 +468,12 @@ async def test_firmware_process_killed_mid_move(dut):
         await q.transfer(buf + 0x1000, 0x100, len(payload), to_host=True)
         assert await h.t.host_read(buf + 0x1000, len(payload)) == payload
         host.paused = False
-        proc = spawn_firmware(bridge.url, policy, folder, "2")
-        await wait_owner(h, Owner.HOST, 20_000)
+        tag = "2"
+        proc = spawn_firmware(bridge.url, policy, folder, tag)
+        await wait_owner(h, Owner.HOST, 20_000, alive=alive)
         set_util(dut)
-        await wait_owner(h, Owner.CARD, 20_000)
-        await settle_requests(h, host, 20_000)
+        await wait_owner(h, Owner.CARD, 20_000, alive=alive)
+        await settle_requests(h, host, 20_000, alive=alive)
     finally:
         host.running = False
         if proc.poll() is None:

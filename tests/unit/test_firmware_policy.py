@@ -164,6 +164,7 @@ def test_cli_bad_policy_exit_2(case, tmp_path):
     (("--check",), "the following arguments are required: --policy"),
     (("--port", "loop://", "--max-polls", "0"), "argument --max-polls: must be > 0"),
     (("--port", "loop://", "--bogus"), "unrecognized arguments: --bogus"),
+    (("--port", "loop://", "--link-timeout", "-1"), "argument --link-timeout: must be > 0"),
 ])
 def test_cli_bad_arguments_exit_2(args, want):
     if "--policy" not in args and args != ("--check",):
@@ -184,7 +185,8 @@ def fake_link(monkeypatch):
     card = FakeMgmtBlock()
 
     class UartLink:
-        def __init__(self, url):
+        def __init__(self, url, timeout=5.0):
+            assert timeout > 0
             if url == "fail://":
                 raise _LinkError("could not open port fail://: no such device")
             self.url, self.n = url, 0
