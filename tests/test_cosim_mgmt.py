@@ -33,7 +33,8 @@ def test_firmware_cli_on_served_card(sim, tmp_path):
         url = url_file.read_text().strip()
         assert url.startswith("socket://127.0.0.1:")
         fw = subprocess.run([sys.executable, "-m", "firmware", "--port", url, "--policy",
-                             str(policy), "--max-polls", "5"], cwd=repo, capture_output=True,
+                             str(policy), "--max-polls", "5", "--link-timeout", "120"],
+                            cwd=repo, capture_output=True,
                             text=True, timeout=600)
         assert fw.returncode == 0, fw.stderr
         assert "5 polls" in fw.stdout and "qos=card" in fw.stdout, fw.stdout
