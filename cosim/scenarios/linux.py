@@ -46,6 +46,21 @@ async def transfer(rig, src, dst, port=5000, kib=TRANSFER_KIB, timeout_s=600):
     return md5_src, md5_dst, size, time.monotonic() - t0, rig.h.cycles() - c0
 
 
+def ping_start(dst, count, interval_s):
+    """A guest command: ``count`` pings to ``dst`` every ``interval_s`` in the background, its
+    output in /tmp/ping.log and its pid in /tmp/ping.pid (:func:`ping_wait` collects them)."""
+    return (f"rm -f /tmp/ping.log /tmp/ping.pid; (ping -i {interval_s} -c {count} -W 2 {dst} "
+            f"> /tmp/ping.log 2>&1 & echo $! > /tmp/ping.pid); sleep 0.5")
+
+
+def ping_wait(limit_s):
+    """A guest command: wait (at most ``limit_s``) until the ping of :func:`ping_start` has
+    exited, then print its output; run it in whichever guest runs the pinging machine now."""
+    tenths = int(limit_s * 10)
+    return (f"p=$(cat /tmp/ping.pid); for i in $(seq {tenths}); do kill -0 $p 2>/dev/null || "
+            f"break; sleep 0.1; done; cat /tmp/ping.log")
+
+
 def ping_summary(out):
     """(transmitted, received, avg ms) from ping's last lines."""
     tx = rx = 0

@@ -13,7 +13,7 @@ import cocotb
 from cosim.workloads import bench_out
 from cosim.scenarios.dirty import WireWrites
 from cosim.scenarios.guest_rig import CardRig, PEER_IP
-from cosim.scenarios.linux import ping_summary
+from cosim.scenarios.linux import ping_start, ping_summary, ping_wait
 from cosim.scenarios.qemu_migration import migrate
 
 PINGS = 60
@@ -26,11 +26,9 @@ async def test_perf_qemu_migration(dut):
         await rig.boot(1, qmp=True)
         wire = WireWrites(rig.h)
         await rig.run(1, f"ping -c 1 -W 5 {PEER_IP}")           # (ARP)
-        await rig.run(1, f"rm -f /tmp/ping.log; (ping -i 0.1 -c {PINGS} -W 2 {PEER_IP} "
-                         f"> /tmp/ping.log 2>&1 &); sleep 1")
+        await rig.run(1, ping_start(PEER_IP, PINGS, 0.1))
         st = await migrate(dut._log, rig, 1, 2, wire)
-        rc, out = await rig.run(2, f"sleep {PINGS * 0.1 + 3}; cat /tmp/ping.log",
-                                timeout_s=PINGS * 0.1 + 60)
+        rc, out = await rig.run(2, ping_wait(PINGS * 0.1 + 30), timeout_s=PINGS * 0.1 + 90)
         sent, got, _ = ping_summary(out)
         row = {"qemu_total_ms": st.get("total-time"), "qemu_downtime_ms": st.get("downtime"),
                "card_pause_us": st["card_pause_us"], "pages_written": st["pages_written"],
