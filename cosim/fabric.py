@@ -67,6 +67,7 @@ class Fabric:
         self.uplinks = {}
         self.peer_rx: list[tuple[float, str, bytes]] = []      # (time ns, ingress, frame)
         self.now_ns = now_ns
+        self._answer = None
         self.log: list[tuple[float, str, list[str], bytes]] = []
 
     def attach(self, name: str, uplink) -> None:
@@ -78,6 +79,11 @@ class Fabric:
     async def _pump(self, name, uplink):
         while True:
             self._switch(await uplink.arrived.get(), name)
+
+    def serve_peer(self, answer) -> None:
+        """Let ``answer(frame) -> [reply, ...]`` be the peer: every frame that reaches it is
+        answered at once (a :class:`cosim.netpeer.NetPeer`'s ``handle``: ARP, ICMP echo)."""
+        self._answer = answer
 
     def from_peer(self, frame: bytes) -> None:
         self._switch(bytes(frame), PEER)
@@ -93,5 +99,8 @@ class Fabric:
         for port in out:
             if port == PEER:
                 self.peer_rx.append((self.now_ns(), ingress, frame))
+                if self._answer is not None:
+                    for reply in self._answer(frame):
+                        self._switch(bytes(reply), PEER)
             else:
                 self.uplinks[port].send(frame)

@@ -31,6 +31,11 @@ QEMU keeps the device's PCI side, its configuration and the control queue; for e
   its bit 0 at the VF's guest window: every page the card writes into the guest's memory (used
   rings, received frames) is marked by the card's own DMA, not by this back-end.
 
+* **announcement** (the end of a migration): QEMU's ``SEND_RARP`` for the guest that just
+  arrived on a VF makes the card broadcast a RARP from the guest's MAC through the PF's own
+  virtio-net queues (:meth:`VhostCard.announce`), as a hypervisor does, so that the network's
+  switches learn the guest's new port at once instead of at its next frame.
+
 Nothing here runs per cycle: :class:`FdPump` polls the file descriptors between simulated
 intervals while the card works, and blocks in ``select`` while the card is idle and the bench
 waits for the outside world (a guest booting, a ping in flight on the guest's side).
@@ -38,6 +43,7 @@ waits for the outside world (a guest booting, a ping in flight on the guest's si
 
 import logging
 import os
+import struct
 import time
 
 import cocotb
@@ -50,12 +56,14 @@ from regmap import MigRegs as MG
 from host_driver.dirty_log import DirtyLog
 from host_driver.iommu import Iommu
 from host_driver.vf_state import CardVfState
-from host_driver.virtio import VirtioNetDriver, DirectAccess, VirtioError, RX_QUEUE, TX_QUEUE
+from host_driver.virtio import (VirtioNetDriver, DirectAccess, HostMemory, VirtioError, RX_QUEUE,
+                                TX_QUEUE)
 
 from .vhost_user import (VhostUserDevice, VhostUserServer, Reactor, Deferred, ProtocolError,
-                         DEFAULT_PROTOCOL_FEATURES, PROTOCOL_F_LOG_SHMFD, VHOST_F_LOG_ALL)
+                         DEFAULT_PROTOCOL_FEATURES, PROTOCOL_F_LOG_SHMFD, PROTOCOL_F_RARP,
+                         VHOST_F_LOG_ALL)
 
-__all__ = ["FdPump", "VfBackend", "VhostCard", "guest_window", "log_window",
+__all__ = ["FdPump", "VfBackend", "VhostCard", "guest_window", "log_window", "rarp",
            "GUEST_WINDOW_BASE", "GUEST_WINDOW_SIZE", "LOG_WINDOW_BASE", "LOG_WINDOW_SIZE"]
 
 log = logging.getLogger("cosim.vhost_card")
@@ -67,6 +75,16 @@ PAGE = 4096
 
 LOG_WINDOW_BASE = 0x30_0000_0000        # QEMU's dirty logs, one window per function
 LOG_WINDOW_SIZE = 0x1000_0000           # 256 MiB: the log of up to 8 TiB of guest memory
+
+
+ETH_RARP = 0x8035
+
+
+def rarp(mac: bytes) -> bytes:
+    """The RARP request a hypervisor broadcasts for a guest that moved (``mac`` asks for its
+    own address: sender and target hardware address ``mac``, protocol addresses 0), 60 bytes."""
+    body = struct.pack(">HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return (b"\xff" * 6 + mac + ETH_RARP.to_bytes(2, "big") + body).ljust(60, b"\0")
 
 
 def guest_window(fidx: int) -> int:
@@ -183,6 +201,7 @@ class VfBackend(VhostUserDevice):
         self.live = False                # the VF runs the guest's rings
         self.stopped = False             # GET_VRING_BASE stopped it
         self.generation = 0              # bumped per connection: stale jobs do nothing
+        self.announced = 0               # SEND_RARPs from QEMU
         self.kicks = {RX_QUEUE: 0, TX_QUEUE: 0}
         self.calls = {RX_QUEUE: 0, TX_QUEUE: 0}
         self._kick_pending = set()
@@ -264,6 +283,12 @@ class VfBackend(VhostUserDevice):
         if self.live and index not in self._kick_pending:
             self._kick_pending.add(index)
             cocotb.start_soon(self._notify(index))
+
+    def send_rarp(self, mac):
+        """QEMU announces the guest that just migrated onto this VF: the card broadcasts a
+        RARP from its MAC (:meth:`VhostCard.announce`), so the network learns where it is."""
+        self.announced += 1
+        self.card.jobs.put(f"VF{self.fidx} announce", lambda: self.card.announce(mac, self))
 
     def disconnected(self):
         """The front-end went away: the VF's windows go now (the server unmaps the memory
@@ -425,6 +450,8 @@ class VhostCard:
         self.on_event = on_event or (lambda text: log.info("%s", text))
         self._paths = dict(zip((vf.index for vf in vfs), paths))
         self._vfs = vfs
+        self.pf_net = None               # the PF's virtio-net driver, for announcements
+        self.announcements = []          # (simulated ns, MAC) of each RARP broadcast
 
     async def start(self):
         """Read each VF's device features, set up its MSI-X, open its socket."""
@@ -440,13 +467,30 @@ class VhostCard:
                 self.h.t.add_msi_callback(be.drv.vector_of(q), lambda be=be, q=q: be.msi(q))
             self.h.t.add_msi_callback(vf.msix_vectors[0], lambda be=be: self._config_irq(be))
             server = VhostUserServer(self._paths[vf.index], be, protocol_features=(
-                DEFAULT_PROTOCOL_FEATURES | 1 << PROTOCOL_F_LOG_SHMFD))
+                DEFAULT_PROTOCOL_FEATURES | 1 << PROTOCOL_F_LOG_SHMFD | 1 << PROTOCOL_F_RARP))
             server.attach(self.reactor)
             be.server = server
             self.backends[vf.index] = be
             self.servers[vf.index] = server
             self.on_event(f"VF{vf.index}: serving vhost-user on {self._paths[vf.index]}")
         return self
+
+    async def announce(self, mac, be=None):
+        """Broadcast a RARP from ``mac`` on the uplink, through the PF's own virtio-net queues
+        (brought up the first time: this host's driver of its PF), as a hypervisor does for a
+        guest that moved here: the card's switch floods it to the uplink (and to the other
+        functions), and the network's switches learn the guest's new port."""
+        if self.pf_net is None:
+            pf = self.h.drv.pf
+            d = VirtioNetDriver(DirectAccess(pf), pf, HostMemory(self.h.t), queue_size=8)
+            await d.probe()
+            await d.bring_up()
+            self.pf_net = d
+        await self.pf_net.reap_tx()
+        await self.pf_net.send(rarp(mac))
+        self.announcements.append((get_sim_time("ns"), mac))
+        self.on_event(f"{'VF%d: ' % be.fidx if be else ''}RARP from {mac.hex(':')} "
+                      f"broadcast for the migrated guest")
 
     def _config_irq(self, be):
         self.jobs.put(f"VF{be.fidx} status", lambda: self._check(be))

@@ -56,7 +56,8 @@ GPA in :attr:`Vring.log_addr`): the device logs its used-ring writes like any ot
 What is not supported (the connection is refused with a log line if the front-end asks):
 ``SET_LOG_FD``, IOTLB, postcopy, in-band notifications, a back-end request channel, config
 space messages, memory slots. The protocol features offered by default are ``MQ`` and
-``REPLY_ACK`` (both can be turned off); ``LOG_SHMFD`` when asked for. Rings are
+``REPLY_ACK`` (both can be turned off); ``LOG_SHMFD`` and ``RARP`` when asked for (``RARP``:
+``SEND_RARP`` after a migration, :meth:`VhostUserDevice.send_rarp`). Rings are
 split rings (the device decides which virtio features it offers); their size must be a power
 of two up to 32768.
 """
@@ -82,7 +83,7 @@ __all__ = [
     "MemoryRegion", "GuestMemory", "Vring", "Deferred", "VhostUserDevice", "Session",
     "VhostUserServer", "Reactor",
     "DirtyLog", "F_PROTOCOL_FEATURES", "PROTOCOL_F_MQ", "PROTOCOL_F_REPLY_ACK",
-    "PROTOCOL_F_LOG_SHMFD", "VHOST_F_LOG_ALL", "VHOST_VRING_F_LOG", "LOG_PAGE",
+    "PROTOCOL_F_LOG_SHMFD", "PROTOCOL_F_RARP", "VHOST_F_LOG_ALL", "VHOST_VRING_F_LOG", "LOG_PAGE",
     "DEFAULT_PROTOCOL_FEATURES", "SUPPORTED_PROTOCOL_FEATURES",
     "VERSION", "FLAG_REPLY", "FLAG_NEED_REPLY", "VRING_IDX_MASK", "VRING_NOFD",
     "MAX_VRING_NUM", "MAX_REGIONS",
@@ -148,9 +149,11 @@ LOG_PAGE = 0x1000              # the log's granule: a bit per 4 KiB of guest-phy
 
 PROTOCOL_F_MQ = 0
 PROTOCOL_F_LOG_SHMFD = 1       # the log is shared memory (SET_LOG_BASE with an fd)
+PROTOCOL_F_RARP = 2            # SEND_RARP: announce a migrated guest's MAC on its behalf
 PROTOCOL_F_REPLY_ACK = 3
 DEFAULT_PROTOCOL_FEATURES = (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK)
-SUPPORTED_PROTOCOL_FEATURES = DEFAULT_PROTOCOL_FEATURES | (1 << PROTOCOL_F_LOG_SHMFD)
+SUPPORTED_PROTOCOL_FEATURES = (DEFAULT_PROTOCOL_FEATURES | (1 << PROTOCOL_F_LOG_SHMFD)
+                               | (1 << PROTOCOL_F_RARP))
 
 VRING_IDX_MASK = 0xFF          # SET_VRING_KICK/CALL/ERR: ring index in bits 0-7 ...
 VRING_NOFD = 1 << 8            # ... and bit 8 = no fd in the ancillary data
@@ -209,6 +212,7 @@ PAYLOAD_SIZES: dict[int, frozenset[int]] = {
     Req.GET_QUEUE_NUM: frozenset({0}),
     Req.SET_VRING_ENABLE: frozenset({STATE.size}),
     Req.SET_LOG_BASE: frozenset({LOG.size}),
+    Req.SEND_RARP: frozenset({U64.size}),
 }
 
 #: Requests whose answer is a reply of their own (REPLY_ACK adds nothing to them).
@@ -666,6 +670,12 @@ class VhostUserDevice:
         ``set_features`` has not. Only called when ``features`` offers ``VHOST_F_LOG_ALL``."""
         raise ProtocolError("SET_LOG_BASE: this device does not log")
 
+    def send_rarp(self, mac: bytes) -> None:
+        """Broadcast a RARP from ``mac`` (6 bytes) into the network on behalf of a guest that
+        just migrated here and cannot announce itself (no ``GUEST_ANNOUNCE``): the switches
+        learn where it is now. Only called behind a server that offers ``PROTOCOL_F_RARP``."""
+        raise ProtocolError("SEND_RARP: this device does not announce")
+
     def disconnected(self) -> None:
         """The front-end is gone: stop every ring, drop every view of guest memory. Called
         once per connection, whatever ended it."""
@@ -781,6 +791,7 @@ class Session:
             Req.GET_QUEUE_NUM: self._get_queue_num,
             Req.SET_VRING_ENABLE: self._set_vring_enable,
             Req.SET_LOG_BASE: self._set_log_base,
+            Req.SEND_RARP: self._send_rarp,
         }
 
     # -- entry points
@@ -1070,6 +1081,16 @@ class Session:
             old.close()
         return [encode(msg.request, U64.pack(0))]     # (QEMU waits for this reply)
 
+    def _send_rarp(self, msg: Message) -> list[bytes]:
+        self._fds(msg, 0)
+        if not self.protocol_features & (1 << PROTOCOL_F_RARP):
+            raise ProtocolError("SEND_RARP without RARP negotiated")
+        mac = msg.payload[:6]
+        if mac[0] & 1 or mac == bytes(6):
+            raise ProtocolError(f"SEND_RARP: {mac.hex(':')} is not a station's address")
+        self.device.send_rarp(mac)
+        return []
+
     def _set_vring_base(self, msg: Message) -> list[bytes]:
         self._fds(msg, 0)
         state = VringState.unpack(msg.payload)
@@ -1159,6 +1180,8 @@ def describe(msg: Message, replies: Iterable[bytes] = ()) -> str:
     elif r == Req.SET_LOG_BASE:
         size, offset = LOG.unpack(p)
         text += f" size={size:#x} offset={offset:#x}"
+    elif r == Req.SEND_RARP:
+        text += f" mac={p[:6].hex(':')}"
     elif r in (Req.SET_VRING_KICK, Req.SET_VRING_CALL, Req.SET_VRING_ERR):
         v = U64.unpack(p)[0]
         text += f" index={v & VRING_IDX_MASK}" + (" nofd" if v & VRING_NOFD else " fd")

@@ -59,6 +59,10 @@ BENCHES = [
     # logging the pages it writes into QEMU's dirty log; a destination killed in mid-migration
     Bench("linux_migration", "cosim.benches.linux_guest", one_sim_params("verilator"),
           testcase="test_qemu_live_migration", timeout_s=1800),
+    # QEMU migrates a running Linux guest from card A's VF1 to card B's and back (two cards,
+    # each on its own RootComplex, their uplinks on one switch with the peer)
+    Bench("linux_twin_migration", "cosim.benches.linux_twin", one_sim_params("verilator"),
+          twin=True, timeout_s=1800),
     # live migration of a guest between two cards, each on its own RootComplex
     Bench("live_migration", "cosim.benches.live_migration", sim_params(), twin=True,
           timeout_s=1500),

@@ -24,7 +24,7 @@ from ..netpeer import NetPeer
 from ..vhost_user import Reactor
 from ..vhost_card import VhostCard, FdPump
 
-__all__ = ["CardRig", "PEER_IP", "PEER_MAC", "vf_mac", "vf_ip"]
+__all__ = ["CardRig", "TwinRig", "PEER_IP", "PEER_MAC", "vf_mac", "vf_ip"]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,14 @@ def vf_ip(n: int) -> str:
 
 
 class CardRig:
-    def __init__(self, dut, vfs, *, num_vfs=None, sock_dir=None, on_event=None, harness=None):
+    def __init__(self, dut, vfs, *, num_vfs=None, sock_dir=None, on_event=None, harness=None,
+                 reactor=None, name=""):
         self.dut = dut
+        self.name = name                      # "A" / "B" on the two-card top ("" alone)
         self.vf_numbers = list(vfs)
         self.num_vfs = num_vfs or max(self.vf_numbers)
         self.h = harness or CardHarness(dut)
-        self.reactor = Reactor()
+        self.reactor = reactor or Reactor()
         self.sock_dir = Path(sock_dir or tempfile.mkdtemp(prefix="offcard_vhost_"))
         self.events = []
         self._on_event = on_event
@@ -59,6 +61,8 @@ class CardRig:
         self._qmp_pool = None
 
     def event(self, text):
+        if self.name:
+            text = f"{self.name}: {text}"
         self.events.append((time.monotonic(), text))
         if self._on_event:
             self._on_event(text)
@@ -68,21 +72,26 @@ class CardRig:
     def socket_path(self, n):
         return self.sock_dir / f"vf{n}.sock"
 
-    async def start(self, *, reset=True):
-        """Card up (unless ``harness`` came started), VFs enabled, peer on the uplink,
-        sockets open."""
+    async def start(self, *, reset=True, peer=True, pump=True):
+        """Card up (unless ``harness`` came started: ``reset=False``), VFs enabled, the peer on
+        the uplink (unless ``peer=False``: the uplink joins a :class:`cosim.fabric.Fabric`),
+        sockets open, the file descriptors pumped (unless ``pump=False``: a rig of two cards
+        pumps their shared reactor once, :class:`TwinRig`)."""
         h = self.h
         if reset:
             await h.start()
+        if not h.drv.pf:
             await h.drv.probe()
         self.vfs = await h.drv.enable_sriov(self.num_vfs)
         self.uplink = Uplink(self.dut, h.data_width, prefix=h.prefix)
-        cocotb.start_soon(self._peer())
+        if peer:
+            cocotb.start_soon(self._peer())
         chosen = [self.vfs[n - 1] for n in self.vf_numbers]
         self.card = await VhostCard(h, chosen, [str(self.socket_path(n))
                                                 for n in self.vf_numbers],
                                     self.reactor, self.event).start()
-        self.pump = FdPump(self.reactor, self._idle).start()
+        if pump:
+            self.pump = FdPump(self.reactor, self._idle).start()
         return self
 
     async def _peer(self):
@@ -128,13 +137,14 @@ class CardRig:
         self.event(f"VF{n}: guest up, eth0 {g.ready.mac} {g.ready.ip} after {g.boot_s:.1f} s")
         return g
 
-    def start_incoming(self, n, like, port):
-        """Start a QEMU on VF ``n``'s socket that waits for the guest of VF ``like`` to be
-        migrated in (``-incoming`` on loopback ``port``): the same machine and NIC (its MAC
-        too), with a QMP socket. Its console is registered; :meth:`adopt` once it runs."""
+    def start_incoming(self, n, like, port, source=None):
+        """Start a QEMU on VF ``n``'s socket that waits for the guest of VF ``like`` (of rig
+        ``source``'s card, by default this one's) to be migrated in (``-incoming`` on loopback
+        ``port``): the same machine and NIC (its MAC too), with a QMP socket. Its console is
+        registered; :meth:`adopt` once it runs."""
         from ..guest.image import ensure_image
         from ..guest.qemu import Guest, vhost_user_net
-        kw = dict(self._boot_kw[like])
+        kw = dict((source or self)._boot_kw[like])
         kw["qmp"] = True
         extra = list(kw.get("extra_args", ()))
         while "-incoming" in extra:                   # (the source came in that way itself)
@@ -148,9 +158,10 @@ class CardRig:
         self.event(f"VF{n}: QEMU waiting for VF{like}'s guest on tcp:127.0.0.1:{port}")
         return g
 
-    def adopt(self, n, like):
-        """VF ``n``'s QEMU now runs the guest migrated from VF ``like``'s: commands go there."""
-        self.guests[n].adopt(self.guests[like].ready)
+    def adopt(self, n, like, source=None):
+        """VF ``n``'s QEMU now runs the guest migrated from VF ``like``'s (of rig ``source``'s
+        card, by default this one's): commands go there."""
+        self.guests[n].adopt((source or self).guests[like].ready)
 
     async def qmp(self, n, command, timeout_s=30, **arguments):
         """A QMP command to VF ``n``'s QEMU (started with ``qmp=True``), waited for while the
@@ -184,3 +195,54 @@ class CardRig:
         self.card.close()
         if self._qmp_pool is not None:
             self._qmp_pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TwinRig:
+    """Two servers, each with its card serving Linux guests (the two-card top,
+    :mod:`cosim.twin`): :attr:`a` and :attr:`b` are :class:`CardRig` s on ports ``a_`` / ``b_``,
+    each with its own ``RootComplex`` and host memory, their sockets in folders of their own,
+    their file descriptors in one reactor pumped once. The cards' uplinks are joined by a
+    learning switch (:class:`cosim.fabric.Fabric`) with the peer outside both servers (ARP and
+    ICMP echo at ``PEER_IP``)."""
+
+    def __init__(self, dut, vfs_a, vfs_b, *, num_vfs=None, on_event=None):
+        from ..harness import CardHarness
+        self.dut = dut
+        self.reactor = Reactor()
+        base = Path(tempfile.mkdtemp(prefix="offcard_twin_"))
+        self.rigs = {}
+        for name, prefix, vfs in (("A", "a_", vfs_a), ("B", "b_", vfs_b)):
+            (base / name).mkdir()
+            self.rigs[name] = CardRig(dut, vfs, num_vfs=num_vfs or max([*vfs_a, *vfs_b]),
+                                      sock_dir=base / name, on_event=on_event,
+                                      harness=CardHarness(dut, prefix=prefix),
+                                      reactor=self.reactor, name=name)
+        self.a, self.b = self.rigs["A"], self.rigs["B"]
+        self.peer = NetPeer(PEER_MAC, PEER_IP)
+
+    async def start(self):
+        from ..fabric import Fabric
+        from ..harness import start_twin
+        await start_twin(self.a.h, self.b.h)
+        from .qemu_migration import retired, set_mac
+        for rig in self.rigs.values():
+            await rig.start(reset=False, peer=False, pump=False)
+            # every card gives VF n the same address (vf_mac(n)): a VF that serves no guest
+            # here must not claim the address of a guest on the other server
+            for n in range(1, rig.num_vfs + 1):
+                if n not in rig.vf_numbers:
+                    await set_mac(rig.h, n, retired(bytes.fromhex(vf_mac(n).replace(":", ""))))
+        self.pump = FdPump(self.reactor, self._idle).start()
+        self.fabric = Fabric(now_ns=self.a.h.t.now_ns)
+        self.fabric.serve_peer(self.peer.handle)
+        for name, rig in self.rigs.items():
+            rig.pump = self.pump
+            self.fabric.attach(name, rig.uplink)
+        return self
+
+    def _idle(self):
+        return all([rig._idle() for rig in self.rigs.values()])     # (each one looks)
+
+    def close(self):
+        for rig in self.rigs.values():
+            rig.close()

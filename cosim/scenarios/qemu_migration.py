@@ -10,7 +10,7 @@ import time
 from regmap import MigRegs as MG
 from cosim.vhost_card import guest_window, log_window, LOG_WINDOW_SIZE
 
-__all__ = ["free_port", "set_mac", "start_destination", "query_migrate", "wait_migration",
+__all__ = ["free_port", "retired", "set_mac", "start_destination", "query_migrate", "wait_migration",
            "migrate", "retire_source"]
 
 
@@ -20,17 +20,25 @@ def free_port():
         return s.getsockname()[1]
 
 
+def retired(mac):
+    """``mac`` with the multicast bit set: as a function's address in the card's switch it
+    retires the entry (no frame is addressed to a multicast source address's station)."""
+    return bytes([mac[0] | 1]) + bytes(mac[1:])
+
+
 async def set_mac(h, fidx, mac):
-    """Function ``fidx``'s address in the card's switch (a multicast one retires the entry)."""
+    """Function ``fidx``'s address in the card's switch (a :func:`retired` one retires the
+    entry)."""
     await h.drv.mgmt_write(MG.SEL, fidx)
     await h.drv.mgmt_write(MG.MAC_LO, int.from_bytes(mac[:4], "little"))
     await h.drv.mgmt_write(MG.MAC_HI, int.from_bytes(mac[4:6], "little"))
 
 
-async def start_destination(rig, dst, src, port):
-    """A QEMU on VF ``dst``'s socket waiting for VF ``src``'s guest on ``port``; returns once
-    its monitor answers (QEMU listens for the migration before its monitor runs)."""
-    rig.start_incoming(dst, like=src, port=port)
+async def start_destination(rig, dst, src, port, source=None):
+    """A QEMU on VF ``dst``'s socket waiting for VF ``src``'s guest (of rig ``source``'s card,
+    by default ``rig``'s) on ``port``; returns once its monitor answers (QEMU listens for the
+    migration before its monitor runs)."""
+    rig.start_incoming(dst, like=src, port=port, source=source)
     status = await rig.qmp(dst, "query-status")
     assert status["status"] == "inmigrate", status
 
@@ -52,16 +60,18 @@ async def wait_migration(rig, n, until=("completed", "failed", "cancelled"), tim
         await rig.pump.until(lambda: time.monotonic() > later, 5, "half a second")
 
 
-async def migrate(log, rig, src, dst, wire, **params):
-    """Migrate the guest of VF ``src``'s QEMU to a new QEMU on VF ``dst``'s socket; when QEMU
-    says completed, the switch gives ``dst`` the guest's MAC (``src``'s entry retired), the
-    console moves to the new QEMU, and the dirty log is checked against the wire: every page
+async def migrate(log, rig, src, dst, wire, *, to=None, **params):
+    """Migrate the guest of VF ``src``'s QEMU to a new QEMU on VF ``dst``'s socket, of the same
+    card or of rig ``to``'s card (another server); when QEMU says completed, the switches give
+    ``dst`` the guest's MAC (``src``'s entry retired), the console moves to the new QEMU, and
+    the dirty log is checked against the wire (``wire`` records the source card): every page
     ``src`` wrote while the card logged it was marked. The ``query-migrate`` result, with
     ``pages_written`` / ``pages_logged`` (the source VF's, while logged) and ``card_pause_us``
     (simulated time from the source VF's stop to the destination VF's rings up)."""
-    be_src, be_dst = rig.card.backends[src], rig.card.backends[dst]
+    to = to or rig
+    be_src, be_dst = rig.card.backends[src], to.card.backends[dst]
     port = free_port()
-    await start_destination(rig, dst, src, port)
+    await start_destination(to, dst, src, port, source=rig)
     # slow at first (200 kB/s), so that the guest's traffic goes on while the card logs it,
     # then at full speed once the source VF has written a few pages into the guest
     await rig.qmp(src, "migrate-set-parameters", **{"downtime-limit": 2000,
@@ -73,14 +83,16 @@ async def migrate(log, rig, src, dst, wire, **params):
     await rig.qmp(src, "migrate-set-parameters", **{"max-bandwidth": 0})
     status = await wait_migration(rig, src)
     assert status["status"] == "completed", status
-    log.info("QEMU migration VF%d -> VF%d: %s", src, dst,
-                  {k: status.get(k) for k in ("total-time", "downtime", "setup-time")})
+    where = f"{rig.name}'s VF{src} -> {to.name}'s VF{dst}" if to is not rig else \
+        f"VF{src} -> VF{dst}"
+    log.info("QEMU migration %s: %s", where,
+             {k: status.get(k) for k in ("total-time", "downtime", "setup-time")})
     assert not be_src.live and be_src.stopped, f"VF{src} still runs the guest's rings"
     await rig.pump.until(lambda: be_dst.live, 120, f"VF{dst} runs the migrated guest's rings")
     mac = bytes.fromhex(rig.guests[src].ready.mac.replace(":", ""))
-    await set_mac(rig.h, src, b"\x01" + mac[1:])          # the source's entry retired
-    await set_mac(rig.h, dst, mac)                          # the guest's address on dst
-    rig.adopt(dst, like=src)
+    await set_mac(rig.h, src, retired(mac))                 # the source's entry retired
+    await set_mac(to.h, dst, mac)                           # the guest's address on dst
+    to.adopt(dst, like=src, source=rig)
     # the dirty log against the wire: every page the source VF wrote while the card logged it
     assert be_src.log_on_ns is not None, f"the card's logger never went on for VF{src}"
     written = wire.written(src, since_ns=be_src.log_on_ns)

@@ -25,7 +25,7 @@ from test_vhost_user import (Dev, Front, F_PROTO, F_VERSION_1, DEVICE_FEATURES, 
                              u64, state, addr, memfd, set_memory, setup_ring)
 
 LOG_ALL = 1 << 26
-P_MQ, P_LOG_SHMFD, P_REPLY_ACK = 1 << 0, 1 << 1, 1 << 3
+P_MQ, P_LOG_SHMFD, P_RARP, P_REPLY_ACK = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 LOG_PAYLOAD = struct.Struct("=QQ")                 # mmap_size, mmap_offset
 LOG_REPLY = struct.pack("=IIIQ", 6, 0x5, 8, 0)     # what QEMU 7.2 insists on reading
 LOG_SIZE = 0x1000                                  # bytes of log: 32768 pages = 128 MiB
@@ -164,7 +164,7 @@ def test_constants_match_the_protocol():
     assert (Req.SET_LOG_BASE, vu.PROTOCOL_F_LOG_SHMFD, vu.VHOST_F_LOG_ALL) == (6, 1, 26)
     assert (vu.VHOST_VRING_F_LOG, vu.LOG_PAGE) == (1, 4096)
     assert vu.DEFAULT_PROTOCOL_FEATURES == P_MQ | P_REPLY_ACK
-    assert vu.SUPPORTED_PROTOCOL_FEATURES == P_MQ | P_REPLY_ACK | P_LOG_SHMFD
+    assert vu.SUPPORTED_PROTOCOL_FEATURES == P_MQ | P_REPLY_ACK | P_LOG_SHMFD | P_RARP
     assert vu.LOG.pack(0x1000, 0x20) == LOG_PAYLOAD.pack(0x1000, 0x20) and vu.LOG.size == 16
 
 
@@ -173,7 +173,8 @@ def test_log_shmfd_offered_only_when_asked_for(make, tmp_path):
     f = h.connect()
     f.send(Req.GET_PROTOCOL_FEATURES)
     h.pump()
-    assert f.reply() == (Req.GET_PROTOCOL_FEATURES, 0x5, u64(P_MQ | P_LOG_SHMFD | P_REPLY_ACK))
+    assert f.reply() == (Req.GET_PROTOCOL_FEATURES, 0x5,
+                         u64(P_MQ | P_LOG_SHMFD | P_RARP | P_REPLY_ACK))
     d = make(protocol_features=vu.DEFAULT_PROTOCOL_FEATURES)
     g = d.connect()
     g.send(Req.GET_PROTOCOL_FEATURES)
