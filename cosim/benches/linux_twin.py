@@ -1,14 +1,20 @@
-"""A Linux guest migrated by QEMU from one server's card to another's (issue 19), on the
-two-card top (``cosim.twin``): card A and card B, each on its own ``RootComplex`` and host
+"""A Linux guest migrated by QEMU from one server's card to another's (issue 19, seed 004), on
+the two-card top (``cosim.twin``): card A and card B, each on its own ``RootComplex`` and host
 memory, serving VFs over vhost-user (:class:`cosim.scenarios.guest_rig.TwinRig`), their uplinks
-joined by a learning switch with the peer outside both servers."""
+joined by a learning switch with the peer outside both servers. The migration is the
+orchestrator's (:class:`host_driver.system.qemu.QemuMigrationOrchestrator`: loads against T1
+and T2, the dummy VM reserving B's VF, QEMU driven over QMP, commissioning, the source freed),
+acting on real QEMUs and real cards (:class:`cosim.scenarios.qemu_migration.TwinQemuControl`)."""
 
 import cocotb
 
 from cosim.scenarios.dirty import WireWrites
 from cosim.scenarios.guest_rig import TwinRig, PEER_IP, vf_ip, vf_mac
 from cosim.scenarios.linux import ping_start, ping_summary, ping_wait, TRANSFER_KIB
-from cosim.scenarios.qemu_migration import migrate, retire_source, retired, set_mac
+from host_driver.system.live import CardServer, TransportClock
+from host_driver.system.migration import MigrationCosts, MigrationState, Network, Outcome, SlotState
+from host_driver.system.qemu import QemuMigrationOrchestrator, QemuVm
+from cosim.scenarios.qemu_migration import TwinQemuControl, retired, set_mac
 from cosim.scenarios.virtio import counters
 from cosim.vhost_card import ETH_RARP
 
@@ -24,28 +30,79 @@ def frames_from(fabric, mac, since_ns):
 
 @cocotb.test()
 async def test_qemu_migration_between_cards(dut):
-    """A guest on card A's VF1 pings the peer every 100 ms and sends 256 KiB over TCP to a
-    guest on card B's VF2 while QEMU migrates it to a QEMU on card B's VF1 (reserved: its
-    address retired in B's switch until the guest arrives). Card A logs the pages it writes into
-    QEMU's dirty log (every page on A's wire while logged is marked); after the switch-over
-    QEMU's announcement (``SEND_RARP``) makes card B broadcast a RARP from the guest's MAC, the
-    network learns the guest's new port, the transfer arrives byte-exact and the guest's frames
-    go through card B only (the fabric's ingress ports, both cards' counters); A's VF1 is free
-    once the source QEMU quits. Then the guest goes back to card A the same way."""
+    """Server A (load 0.9, above T1) runs a Linux guest on its card's VF1; server B (0.2, below
+    T2) a second guest on its VF2 and a free VF1. The orchestrator moves A's guest to B:
+
+    * the target's reservation failing (B's free VF taken as the orchestrator picks B): refused,
+      the guest runs on on A, B's VF goes back free;
+    * the destination QEMU killed in mid-migration: aborted, QEMU's migration failed, the guest
+      runs on on A's VF (pings answered), B's VF released, the dummy gone;
+    * under traffic (a ping every 100 ms, 256 KiB over TCP to B's guest): done; card A logs the
+      pages it writes into QEMU's dirty log (every page on A's wire while logged is marked);
+      QEMU's announcement makes card B broadcast a RARP from the guest's MAC; the transfer
+      arrives byte-exact; the guest's frames enter the network only at B afterwards and A's
+      transmit counter stays still; A's VF1 is free, the dummy gone;
+    * and back to A (the loads swapped) the same way."""
     rig = await TwinRig(dut, [1], [1, 2]).start()
     a, b, fabric = rig.a, rig.b, rig.fabric
     guest_mac = _mac(vf_mac(1))
+    log = dut._log
     try:
-        # B's VF1 is the reserved replacement: no address in B's switch until the guest lands
+        # B's VF1 is the free one: no address in B's switch until a guest lands on it
         await set_mac(b.h, 1, retired(guest_mac))
         await a.boot(1, qmp=True)
         await b.boot(2)                                       # the transfer's receiver on B
-        wire = WireWrites(a.h)
-        rc, out = await a.run(1, f"ping -c 3 -W 5 {PEER_IP}", timeout_s=120)
-        assert rc == 0 and " 0% packet loss" in out, out
+        clock = TransportClock(a.h.t)
+        srv_a = CardServer("A", a.h.drv, [a.vfs[0]], load=0.8)
+        srv_b = CardServer("B", b.h.drv, b.vfs[:2], load=0.1)
+        servers = {"A": srv_a, "B": srv_b}
+        network = Network()
+        vm = QemuVm("guest", 0.1, clock, guest_mac)
+        srv_a.place(vm, network)
+        receiver = QemuVm("receiver", 0.1, clock, _mac(vf_mac(2)))
+        srv_b.assign_vf(receiver.name, 2)
+        wires = {"A": WireWrites(a.h), "B": WireWrites(b.h)}
+
+        def orchestrator(control, injector=None):
+            return QemuMigrationOrchestrator(
+                servers.values(), network, t1=0.8, t2=0.5, clock=clock, control=control,
+                failure_injector=injector, costs=MigrationCosts(step_us=1))
+
+        async def pings_ok(r, n, what):
+            rc, out = await r.run(n, f"ping -c 3 -W 5 {PEER_IP}", timeout_s=120)
+            assert rc == 0 and " 0% packet loss" in out, f"{what}: {out}"
+
+        await pings_ok(a, 1, "the guest on A")
         assert set(frames_from(fabric, guest_mac, 0)) == {"A"}
         rc, out = await a.run(1, f"ping -c 3 -W 5 {vf_ip(2)}", timeout_s=120)
         assert rc == 0 and " 0% packet loss" in out, f"A's guest to B's guest: {out}"
+
+        # 1. the reservation fails: B's free VF goes to someone else as B is chosen
+        def take_b_vf(state):
+            if state is MigrationState.SELECT_TARGET:
+                srv_b.assign_vf("intruder", 1)
+        res = await orchestrator(TwinQemuControl(log, rig, wires), take_b_vf).migrate()
+        log.info("reservation failing: %s (%s)", res.outcome.value, res.reason)
+        assert res.outcome is Outcome.REFUSED, res
+        assert vm.host is srv_a and vm.vf == 1 and not srv_b.dummies and 1 not in b.guests
+        srv_b.release(1, "intruder")
+        await pings_ok(a, 1, "the guest on A after the refused reservation")
+
+        # 2. the destination QEMU dies in mid-migration
+        slow = TwinQemuControl(log, rig, wires, then_bandwidth=200_000)
+
+        def kill_destination(state):
+            if state is MigrationState.MOVE_MEMORY:
+                b.kill(1)
+        res = await orchestrator(slow, kill_destination).migrate()
+        log.info("destination killed: %s (%s)", res.outcome.value, res.reason)
+        assert res.outcome is Outcome.ABORTED and "failed" in res.reason, res
+        assert vm.host is srv_a and vm.vf == 1 and srv_a.slot(1).holder == vm.name
+        assert srv_b.slot(1).state is SlotState.FREE and not srv_b.dummies
+        assert a.card.backends[1].live and 1 not in a.card.dirty.logs
+        await pings_ok(a, 1, "the guest on A after the failed migration")
+
+        # 3. under traffic
         rc, out = await b.run(2, "rm -f /tmp/rx; (sleep 900 | nc -l -p 5001 > /tmp/rx "
                                  "2>/dev/null &); sleep 0.3")
         assert rc == 0, out
@@ -59,8 +116,15 @@ async def test_qemu_migration_between_cards(dut):
         assert rc == 0, out
         rx2 = b.card.backends[2]
         await rig.pump.until(lambda: rx2.calls[0] > 20, 120, "the transfer to B's VF2 under way")
-        st = await migrate(dut._log, a, 1, 1, wire, to=b)
+        control = TwinQemuControl(log, rig, wires)
+        res = await orchestrator(control).migrate()
+        log.info("migration A -> B: %s (%s)", res.outcome.value, res.reason)
+        assert res.outcome is Outcome.DONE, res
+        st = control.finished[-1]
         t_done = a.h.t.now_ns()
+        assert vm.host is srv_b and vm.vf == 1 and srv_b.slot(1).holder == vm.name
+        assert srv_a.slot(1).state is SlotState.FREE and not srv_b.dummies
+        assert a.card.backends[1].memory is None                # A's VF1 reset, free
         await rig.pump.until(lambda: b.card.announcements, 60, "QEMU's announcement on B")
         rarps = [i for t, i, _, f in fabric.log if f[6:12] == guest_mac
                  and int.from_bytes(f[12:14], "big") == ETH_RARP]
@@ -68,8 +132,8 @@ async def test_qemu_migration_between_cards(dut):
         ctr_a, ctr_b = await counters(a.h), await counters(b.h)
         rc, out = await b.run(1, ping_wait(count * 0.1 + 30), timeout_s=count * 0.1 + 90)
         sent, got, _ = ping_summary(out)
-        dut._log.info("pings across the migration A -> B: %d sent, %d answered, %d lost",
-                      sent, got, sent - got)
+        log.info("pings across the migration A -> B: %d sent, %d answered, %d lost",
+                 sent, got, sent - got)
         assert sent == count and got >= count - 50, out
         rc, out = await b.run(1, "while [ ! -e /tmp/tx.done ]; do sleep 0.5; done; "
                                  "cat /tmp/tx.done", timeout_s=600)
@@ -77,36 +141,36 @@ async def test_qemu_migration_between_cards(dut):
         rc, out = await b.run(2, "for i in $(seq 100); do pidof nc >/dev/null || break; "
                                  "sleep 0.2; done; md5sum /tmp/rx; wc -c < /tmp/rx", timeout_s=60)
         md5_got, size = out.split()[0], int(out.split()[-1])
-        dut._log.info("transfer across the migration A -> B: %d bytes, md5 %s sent, %s "
-                      "received", size, md5_sent, md5_got)
+        log.info("transfer across the migration A -> B: %d bytes, md5 %s sent, %s received",
+                 size, md5_sent, md5_got)
         assert size == TRANSFER_KIB * 1024 and md5_got == md5_sent, out
         # from now on the guest's frames go through card B only
-        rc, out = await b.run(1, f"ping -c 5 -W 5 {PEER_IP}", timeout_s=120)
-        assert rc == 0 and " 0% packet loss" in out, out
+        await pings_ok(b, 1, "the guest on B")
         after = frames_from(fabric, guest_mac, t_done)
         assert after and set(after) == {"B"}, after
         ctr_a2, ctr_b2 = await counters(a.h), await counters(b.h)
         assert ctr_a2["TX_FRAMES"] == ctr_a["TX_FRAMES"], (ctr_a, ctr_a2)
         assert ctr_b2["TX_FRAMES"] >= ctr_b["TX_FRAMES"] + 5, (ctr_b, ctr_b2)
-        dut._log.info("QEMU migration A -> B: %s; RARPs from B: %d",
-                      {k: st.get(k) for k in ("total-time", "downtime", "card_pause_us",
-                                              "pages_written", "pages_logged")}, len(rarps))
-        await retire_source(a, 1)                             # A's VF1 free
-        # and back to card A
-        wire_b = WireWrites(b.h)
+        log.info("QEMU migration A -> B: %s; RARPs from B: %d",
+                 {k: st.get(k) for k in ("total-time", "downtime", "card_pause_us",
+                                         "pages_written", "pages_logged")}, len(rarps))
+
+        # 4. back to A once A is the lighter server
+        srv_a.base_load, srv_b.base_load = 0.1, 0.8
         rc, out = await b.run(1, ping_start(PEER_IP, 80, 0.1))
         assert rc == 0, out
         t_back = b.h.t.now_ns()
-        await migrate(dut._log, b, 1, 1, wire_b, to=a)
+        res = await orchestrator(TwinQemuControl(log, rig, wires)).migrate()
+        log.info("migration B -> A: %s (%s)", res.outcome.value, res.reason)
+        assert res.outcome is Outcome.DONE and vm.host is srv_a and vm.vf == 1, res
+        assert srv_b.slot(1).state is SlotState.FREE and srv_b.slot(2).holder == "receiver"
         rc, out = await a.run(1, ping_wait(8 + 30), timeout_s=8 + 90)
         sent, got, _ = ping_summary(out)
-        dut._log.info("pings across the migration B -> A: %d sent, %d answered", sent, got)
+        log.info("pings across the migration B -> A: %d sent, %d answered", sent, got)
         assert sent == 80 and got >= 60, f"pings across the migration back: {out}"
-        rc, out = await a.run(1, f"ping -c 5 -W 5 {PEER_IP}", timeout_s=120)
-        assert rc == 0 and " 0% packet loss" in out, f"the guest back on card A: {out}"
+        await pings_ok(a, 1, "the guest back on A")
         t_end = a.h.t.now_ns()
         back = [i for t, i, _, f in fabric.log if t_back <= t <= t_end and f[6:12] == guest_mac]
         assert back[-1] == "A" and set(back) == {"A", "B"}, back
-        await retire_source(b, 1)
     finally:
         rig.close()

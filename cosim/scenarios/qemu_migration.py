@@ -11,7 +11,7 @@ from regmap import MigRegs as MG
 from cosim.vhost_card import guest_window, log_window, LOG_WINDOW_SIZE
 
 __all__ = ["free_port", "retired", "set_mac", "start_destination", "query_migrate", "wait_migration",
-           "migrate", "retire_source"]
+           "migrate", "begin_migration", "finish_migration", "retire_source", "TwinQemuControl"]
 
 
 def free_port():
@@ -62,27 +62,42 @@ async def wait_migration(rig, n, until=("completed", "failed", "cancelled"), tim
 
 async def migrate(log, rig, src, dst, wire, *, to=None, **params):
     """Migrate the guest of VF ``src``'s QEMU to a new QEMU on VF ``dst``'s socket, of the same
-    card or of rig ``to``'s card (another server); when QEMU says completed, the switches give
-    ``dst`` the guest's MAC (``src``'s entry retired), the console moves to the new QEMU, and
-    the dirty log is checked against the wire (``wire`` records the source card): every page
-    ``src`` wrote while the card logged it was marked. The ``query-migrate`` result, with
-    ``pages_written`` / ``pages_logged`` (the source VF's, while logged) and ``card_pause_us``
-    (simulated time from the source VF's stop to the destination VF's rings up)."""
+    card or of rig ``to``'s card (another server): :func:`begin_migration` then
+    :func:`finish_migration`, which returns QEMU's ``query-migrate`` result with the card's
+    figures."""
     to = to or rig
-    be_src, be_dst = rig.card.backends[src], to.card.backends[dst]
+    await begin_migration(rig, src, to, dst, wire, **params)
+    status = await wait_migration(rig, src)
+    assert status["status"] == "completed", status
+    return await finish_migration(log, rig, src, to, dst, wire, status)
+
+
+async def begin_migration(rig, src, to, dst, wire, then_bandwidth=0, **params):
+    """Start a QEMU on rig ``to``'s VF ``dst`` waiting for the guest of rig ``rig``'s VF
+    ``src`` and start QEMU's migration to it; returns once the source VF has written a few
+    pages into the guest while the card logged them (the migration runs slowly, 200 kB/s,
+    until then, so that the dirty-log check is never vacuous) and QEMU goes on at
+    ``then_bandwidth`` bytes/s (0: full speed)."""
+    be_src = rig.card.backends[src]
     port = free_port()
     await start_destination(to, dst, src, port, source=rig)
-    # slow at first (200 kB/s), so that the guest's traffic goes on while the card logs it,
-    # then at full speed once the source VF has written a few pages into the guest
     await rig.qmp(src, "migrate-set-parameters", **{"downtime-limit": 2000,
                                                     "max-bandwidth": 200_000, **params})
     await rig.qmp(src, "migrate", uri=f"tcp:127.0.0.1:{port}")
     await rig.pump.until(lambda: src in rig.card.dirty.logs and be_src.log_on_ns is not None
                          and len(wire.written(src, since_ns=be_src.log_on_ns)) >= 3, 120,
                          f"VF{src} writing guest pages while the card logs them")
-    await rig.qmp(src, "migrate-set-parameters", **{"max-bandwidth": 0})
-    status = await wait_migration(rig, src)
-    assert status["status"] == "completed", status
+    await rig.qmp(src, "migrate-set-parameters", **{"max-bandwidth": then_bandwidth})
+
+
+async def finish_migration(log, rig, src, to, dst, wire, status):
+    """After QEMU said completed: the source VF stopped, the destination VF runs the rings,
+    the switches give ``dst`` the guest's MAC (``src``'s entry retired), the console moves to
+    the new QEMU, and the dirty log is checked against the wire (``wire`` records the source
+    card): every page ``src`` wrote while the card logged it was marked. ``status`` gains
+    ``pages_written`` / ``pages_logged`` (the source VF's, while logged) and ``card_pause_us``
+    (simulated time from the source VF's stop to the destination VF's rings up)."""
+    be_src, be_dst = rig.card.backends[src], to.card.backends[dst]
     where = f"{rig.name}'s VF{src} -> {to.name}'s VF{dst}" if to is not rig else \
         f"VF{src} -> VF{dst}"
     log.info("QEMU migration %s: %s", where,
@@ -117,3 +132,63 @@ async def retire_source(rig, n):
     await rig.pump.until(lambda: be.memory is None and rig.card.idle, 60,
                          f"VF{n} released after its QEMU quit")
     assert await be.drv.read_status() == 0
+
+
+class TwinQemuControl:
+    """:class:`host_driver.system.qemu.QemuControl` on a :class:`cosim.scenarios.guest_rig.TwinRig`:
+    the servers are named like its rigs ("A", "B"), a VM's QEMU is the one on its server's VF,
+    and ``wires`` (a :class:`cosim.scenarios.dirty.WireWrites` per server) check each source
+    card's dirty log. ``then_bandwidth`` slows QEMU after its first phase (a bench that kills
+    the destination in mid-migration needs it still running); :attr:`finished` keeps every
+    completed migration's figures."""
+
+    def __init__(self, log, twin, wires, then_bandwidth=0):
+        self.log, self.rigs, self.wires = log, twin.rigs, wires
+        self.then_bandwidth = then_bandwidth
+        self.finished = []
+
+    async def start_incoming(self, vm, target, vf):
+        await begin_migration(self.rigs[vm.host.name], vm.vf, self.rigs[target.name], vf,
+                              self.wires[vm.host.name], then_bandwidth=self.then_bandwidth)
+
+    async def wait(self, vm):
+        return await wait_migration(self.rigs[vm.host.name], vm.vf)
+
+    async def switch_over(self, vm, source, svf, target, tvf):
+        rig = self.rigs[source.name]
+        vm.status = await finish_migration(self.log, rig, svf, self.rigs[target.name], tvf,
+                                           self.wires[source.name], vm.status)
+        self.finished.append(dict(vm.status))
+
+    async def _stop_waiting_qemu(self, target, vf):
+        rig = self.rigs[target.name]
+        if vf in rig.guests:
+            rig.kill(vf)
+        be = rig.card.backends[vf]
+        await rig.pump.until(lambda: be.memory is None and rig.card.idle, 60,
+                             f"{target.name}'s VF{vf} released")
+
+    async def cancel(self, vm, target, vf):
+        rig = self.rigs[vm.host.name]
+        status = await query_migrate(rig, vm.vf)
+        if status.get("status") not in ("completed", "failed", "cancelled", None):
+            await rig.qmp(vm.vf, "migrate_cancel")
+        status = await wait_migration(rig, vm.vf)
+        await self._stop_waiting_qemu(target, vf)
+        be = rig.card.backends[vm.vf]
+        await rig.pump.until(lambda: be.live and vm.vf not in rig.card.dirty.logs
+                             and rig.card.idle, 60,
+                             f"{vm.host.name}'s VF{vm.vf} running the guest again, unlogged")
+
+    async def revert(self, vm, source, svf, target, tvf):
+        await self._stop_waiting_qemu(target, tvf)
+        rig = self.rigs[source.name]
+        await set_mac(self.rigs[target.name].h, tvf, retired(vm.mac))
+        await set_mac(rig.h, svf, vm.mac)
+        await rig.qmp(svf, "cont")
+        be = rig.card.backends[svf]
+        await rig.pump.until(lambda: be.live, 60, f"{source.name}'s VF{svf} running the "
+                                                  f"guest again")
+
+    async def retire_source(self, vm, source, svf):
+        await retire_source(self.rigs[source.name], svf)

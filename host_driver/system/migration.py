@@ -431,6 +431,8 @@ class _Run:
     commissioned: bool = False             # the target VF is assigned to the VM
     tgt_running: bool = False              # the target VF runs (its state moved on)
     source_freed: bool = False
+    move_started: bool = False             # (a subclass moving the VM by other means, e.g.
+    move_done: bool = False                #  QEMU's own migration: host_driver.system.qemu)
 
 
 Injector = Callable[[MigrationState], None]
