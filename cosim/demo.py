@@ -6,9 +6,10 @@ Verilator) while a rich progress display follows its phases, then writes the rep
 
 * ``summary.md``: one section per phase with its numbers;
 * ``timeline.png``: card load, where the management VM runs, the guest's traffic and where
-  it runs, over simulated time (matplotlib);
+  it runs, over simulated time; below, the Linux guest's pings across its QEMU migration,
+  each by the card it entered the network at (matplotlib);
 * ``demo.json``: the same numbers, ``bench``-style (simulator and configuration on each row),
-  and the timeline samples;
+  the timeline samples and the pings;
 * ``waves.fst`` (Verilator) or ``offcard_twin.fst`` (Icarus) when ``WAVES=1``.
 
 ``--short`` shortens the traffic phases (what CI runs).
@@ -36,12 +37,14 @@ PHASES = [("enumerate", "enumerate both cards, enable VFs"),
           ("page_fault", "I/O page fault raised and resolved"),
           ("firmware", "card load: management VM to the host and back"),
           ("migration", "live migration of the guest to card B"),
-          ("linux", "two Linux guests (QEMU) on VF1 and VF2 ping")]
+          ("linux", "Linux guests (QEMU) on card A's VF1 and card B's VF2 ping"),
+          ("linux_migration", "QEMU migrates the pinging Linux guest to card B")]
 SECTIONS = ("enumeration", "traffic", "page_fault", "firmware", "migration", "simulation",
-            "linux")
+            "linux", "linux_migration")
 TITLES = {"enumeration": "Enumeration", "traffic": "Guest traffic", "page_fault": "I/O page fault",
           "firmware": "Firmware placement", "migration": "Live migration",
-          "simulation": "Simulation", "linux": "Linux guests on VF1 and VF2"}
+          "simulation": "Simulation", "linux": "Linux guests on card A's VF1 and card B's VF2",
+          "linux_migration": "Live migration of the Linux guest (QEMU, card A to card B)"}
 
 
 class _Args(argparse.ArgumentParser):
@@ -74,10 +77,9 @@ def read_events(path: Path, skip: int = 0) -> list[dict]:
 
 
 def run(sim: str, short: bool, events: Path, console: Console):
-    """The benches in a thread (the two-card story, then the Linux guests on one card: QEMU
-    attaches to a single card's sockets); the progress display follows their phase events."""
+    """The benches in a thread (the two-card story, then the Linux guests on the two cards);
+    the progress display follows their phase events."""
     from .twin import run_twin_bench
-    from .card_sim import run_card_bench
     box = {}
     env = {"OFFCARD_DEMO_EVENTS": str(events), "OFFCARD_DEMO_SHORT": "1" if short else "0"}
 
@@ -85,7 +87,7 @@ def run(sim: str, short: bool, events: Path, console: Console):
         try:
             box["res"] = run_twin_bench(sim, "cosim.workloads.demo", CardConfig(), extra_env=env,
                                         timeout_s=900)
-            run_card_bench(sim, "cosim.workloads.demo_linux", CardConfig(), extra_env=env,
+            run_twin_bench(sim, "cosim.workloads.demo_linux", CardConfig(), extra_env=env,
                            timeout_s=900)
         except BaseException as e:              # reported below, after the display stops
             box["err"] = e
@@ -117,13 +119,18 @@ def run(sim: str, short: bool, events: Path, console: Console):
     return box["res"]
 
 
-def plot(samples: list[dict], results: dict, path: Path) -> None:
+def plot(samples: list[dict], results: dict, path: Path, pings: list[dict] = ()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = [s["t_us"] for s in samples]
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, sharex=True, figsize=(9, 7))
+    fig = plt.figure(figsize=(9, 9))
+    grid = fig.add_gridspec(4, 1)
+    ax1 = fig.add_subplot(grid[0])
+    ax2 = fig.add_subplot(grid[1], sharex=ax1)
+    ax3 = fig.add_subplot(grid[2], sharex=ax1)
+    ax4 = fig.add_subplot(grid[3])                # the Linux run: a simulation of its own
     ax1.step(t, [s["load_pct"] for s in samples], where="post", color="tab:red")
     thr = results.get("firmware", {}).get("threshold_pct")
     if thr is not None:
@@ -142,7 +149,17 @@ def plot(samples: list[dict], results: dict, path: Path) -> None:
     ax3.legend(loc="upper left")
     ax3.set_ylabel("frames")
     ax3.set_xlabel("simulated time (us)")
-    fig.suptitle("offcard demo: load, placement and traffic")
+    for card, colour in (("A", "tab:orange"), ("B", "tab:purple")):
+        xs = [p["t_ns"] / 1000 for p in pings if p["card"] == card]
+        ax4.plot(xs, [1 if card == "B" else 0] * len(xs), "|", markersize=14, color=colour,
+                 label=f"echo request entered the network at card {card}")
+    ax4.set_yticks([0, 1], ["card A", "card B"])
+    ax4.set_ylim(-0.6, 1.6)
+    ax4.set_ylabel("Linux guest's pings")
+    ax4.set_xlabel("simulated time of the Linux run (us): QEMU migrates the guest A -> B")
+    if pings:
+        ax4.legend(loc="upper left", fontsize=8)
+    fig.suptitle("offcard demo: load, placement, traffic and a Linux guest's migration")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -184,18 +201,19 @@ def main(argv=None) -> int:
     evs = read_events(events)
     results = {e["section"]: e for e in evs if e["kind"] == "result"}
     samples = [e for e in evs if e["kind"] == "sample"]
+    pings = [e for e in evs if e["kind"] == "ping"]
     missing = [s for s in SECTIONS if s not in results]
     if missing:
         console.print(f"[red]demo incomplete[/red]: no {', '.join(missing)} results")
         return 1
-    plot(samples, results, out / "timeline.png")
+    plot(samples, results, out / "timeline.png", pings)
     rows = [{"sim": sim, "config": config_key(cfg), "section": sec,
              **{k: v for k, v in results[sec].items() if k not in ("kind", "section")}}
             for sec in SECTIONS]
     (out / "demo.json").write_text(json.dumps(
         {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "sim": sim, "config": config_key(cfg),
          "short": args.short, "wall_s": round(time.monotonic() - t0, 1), "results": rows,
-         "timeline": samples}, indent=2) + "\n")
+         "timeline": samples, "pings": pings}, indent=2) + "\n")
     (out / "summary.md").write_text(summary(results, sim, config_key(cfg), args.short))
     from .runner import waves_enabled
     if waves_enabled():
@@ -204,12 +222,15 @@ def main(argv=None) -> int:
             if src.exists():
                 shutil.copy(src, out / ("waves.fst" if name == "dump.fst" else name))
     m, f, lx = results["migration"], results["firmware"], results["linux"]
+    lm = results["linux_migration"]
     console.print(f"[bold]demo done[/bold] in {time.monotonic() - t0:.0f} s: migration blackout "
                   f"{m['blackout_us']} us, {m['frames_lost']} frames lost; management VM to the "
                   f"host in {f['to_host_us']} us, back in {f['back_to_card_us']} us; page fault "
                   f"resolved in {results['page_fault']['resolve_us']} us; Linux guests on VF1 "
                   f"and VF2: pings {lx['vf1_to_vf2_replies']} and {lx['vf1_to_peer_replies']} "
-                  f"answered")
+                  f"answered; QEMU migrated the Linux guest to card B in {lm['qemu_total_ms']} "
+                  f"ms ({lm['qemu_downtime_ms']} ms down), {lm['pings_lost']} of "
+                  f"{lm['pings_sent']} pings lost")
     console.print(f"report: {out}/summary.md, timeline.png, demo.json")
     return 0
 

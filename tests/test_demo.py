@@ -34,6 +34,10 @@ def test_demo_short(sim, tmp_path):
     assert all(lx[f"{k}_replies"] == "3/3"
                for k in ("vf1_to_peer", "vf2_to_peer", "vf1_to_vf2", "vf2_to_vf1")), lx
     assert "3 packets transmitted, 3 packets received" in md
+    lm = rows["linux_migration"]
+    assert lm["outcome"] == "done" and lm["pings_sent"] == 40 and lm["pings_lost"] <= 10, lm
+    assert 0 < lm["pages_written"] <= lm["pages_logged"] and lm["rarps_from_b"] > 0, lm
+    assert {p["card"] for p in doc["pings"]} == {"A", "B"}, doc["pings"]
     owners = {s["owner"] for s in doc["timeline"]}
     assert owners == {"card", "host"} and {s["guest_on"] for s in doc["timeline"]} == {"A", "B"}
 
