@@ -202,6 +202,7 @@ class VfBackend(VhostUserDevice):
         self.stopped = False             # GET_VRING_BASE stopped it
         self.generation = 0              # bumped per connection: stale jobs do nothing
         self.announced = 0               # SEND_RARPs from QEMU
+        self.on_stopped = None           # called when GET_VRING_BASE has stopped the VF
         self.kicks = {RX_QUEUE: 0, TX_QUEUE: 0}
         self.calls = {RX_QUEUE: 0, TX_QUEUE: 0}
         self._kick_pending = set()
@@ -392,6 +393,8 @@ class VfBackend(VhostUserDevice):
             await st.quiesce(self.vf)
             self.stopped = True
             self.live = False
+            if self.on_stopped is not None:
+                self.on_stopped()
         await self.card.h.drv.mgmt_write(MG.SEL, self.fidx)
         value = await self.card.h.drv.mgmt_read(MG.RX_AVAIL if index == RX_QUEUE
                                                 else MG.TX_AVAIL)
@@ -451,6 +454,7 @@ class VhostCard:
         self._paths = dict(zip((vf.index for vf in vfs), paths))
         self._vfs = vfs
         self.pf_net = None               # the PF's virtio-net driver, for announcements
+        self.host_switch = None          # the host's switch on the PF, when it runs one
         self.announcements = []          # (simulated ns, MAC) of each RARP broadcast
 
     async def start(self):
@@ -477,17 +481,22 @@ class VhostCard:
 
     async def announce(self, mac, be=None):
         """Broadcast a RARP from ``mac`` on the uplink, through the PF's own virtio-net queues
-        (brought up the first time: this host's driver of its PF), as a hypervisor does for a
-        guest that moved here: the card's switch floods it to the uplink (and to the other
-        functions), and the network's switches learn the guest's new port."""
-        if self.pf_net is None:
-            pf = self.h.drv.pf
-            d = VirtioNetDriver(DirectAccess(pf), pf, HostMemory(self.h.t), queue_size=8)
-            await d.probe()
-            await d.bring_up()
-            self.pf_net = d
-        await self.pf_net.reap_tx()
-        await self.pf_net.send(rarp(mac))
+        (the host switch's, :attr:`host_switch`, when the host runs one; else brought up here
+        the first time), as a hypervisor does for a guest that moved here: the card's switch
+        floods it to the uplink (and to the other functions), and the network's switches learn
+        the guest's new port."""
+        frame = rarp(mac)
+        if self.host_switch is not None:
+            self.host_switch.send_soon(frame)
+        else:
+            if self.pf_net is None:
+                pf = self.h.drv.pf
+                d = VirtioNetDriver(DirectAccess(pf), pf, HostMemory(self.h.t), queue_size=8)
+                await d.probe()
+                await d.bring_up()
+                self.pf_net = d
+            await self.pf_net.reap_tx()
+            await self.pf_net.send(frame)
         self.announcements.append((get_sim_time("ns"), mac))
         self.on_event(f"{'VF%d: ' % be.fidx if be else ''}RARP from {mac.hex(':')} "
                       f"broadcast for the migrated guest")

@@ -9,7 +9,7 @@ acting on real QEMUs and real cards (:class:`cosim.scenarios.qemu_migration.Twin
 import cocotb
 
 from cosim.scenarios.dirty import WireWrites
-from cosim.scenarios.guest_rig import TwinRig, PEER_IP, vf_ip, vf_mac
+from cosim.scenarios.guest_rig import TwinRig, PEER_IP, PEER_MAC, vf_ip, vf_mac
 from cosim.scenarios.linux import ping_start, ping_summary, ping_wait, TRANSFER_KIB
 from host_driver.system.live import CardServer, TransportClock
 from host_driver.system.migration import MigrationCosts, MigrationState, Network, Outcome, SlotState
@@ -39,9 +39,12 @@ async def test_qemu_migration_between_cards(dut):
       runs on on A's VF (pings answered), B's VF released, the dummy gone;
     * under traffic (a ping every 100 ms, 256 KiB over TCP to B's guest): done; card A logs the
       pages it writes into QEMU's dirty log (every page on A's wire while logged is marked);
+      frames that reach A after the switch-over go to A's host switch (its PF) and on to B's,
+      which hands them to the guest's new VF;
       QEMU's announcement makes card B broadcast a RARP from the guest's MAC; the transfer
-      arrives byte-exact; the guest's frames enter the network only at B afterwards and A's
-      transmit counter stays still; A's VF1 is free, the dummy gone;
+      arrives byte-exact; the guest's frames enter the network only at B afterwards (B's
+      transmit counter grows, card A sends only its host switch's forwarding); A's VF1 is
+      free, the dummy gone;
     * and back to A (the loads swapped) the same way."""
     rig = await TwinRig(dut, [1], [1, 2]).start()
     a, b, fabric = rig.a, rig.b, rig.fabric
@@ -62,6 +65,8 @@ async def test_qemu_migration_between_cards(dut):
         receiver = QemuVm("receiver", 0.1, clock, _mac(vf_mac(2)))
         srv_b.assign_vf(receiver.name, 2)
         wires = {"A": WireWrites(a.h), "B": WireWrites(b.h)}
+        # each host's switch on its PF forwards what reaches it for a guest that has left
+        switches = await rig.start_host_switches({"A": srv_a, "B": srv_b}, {guest_mac: vm})
 
         def orchestrator(control, injector=None):
             return QemuMigrationOrchestrator(
@@ -125,11 +130,12 @@ async def test_qemu_migration_between_cards(dut):
         assert vm.host is srv_b and vm.vf == 1 and srv_b.slot(1).holder == vm.name
         assert srv_a.slot(1).state is SlotState.FREE and not srv_b.dummies
         assert a.card.backends[1].memory is None                # A's VF1 reset, free
-        await rig.pump.until(lambda: b.card.announcements, 60, "QEMU's announcement on B")
-        rarps = [i for t, i, _, f in fabric.log if f[6:12] == guest_mac
-                 and int.from_bytes(f[12:14], "big") == ETH_RARP]
-        assert rarps and set(rarps) == {"B"}, rarps
-        ctr_a, ctr_b = await counters(a.h), await counters(b.h)
+        def rarps():
+            return [i for t, i, _, f in fabric.log if f[6:12] == guest_mac
+                    and int.from_bytes(f[12:14], "big") == ETH_RARP]
+        await rig.pump.until(rarps, 60, "QEMU's announcement through card B")
+        assert b.card.announcements and set(rarps()) == {"B"}, rarps()
+        ctr_b = await counters(b.h)
         rc, out = await b.run(1, ping_wait(count * 0.1 + 30), timeout_s=count * 0.1 + 90)
         sent, got, _ = ping_summary(out)
         log.info("pings across the migration A -> B: %d sent, %d answered, %d lost",
@@ -148,12 +154,22 @@ async def test_qemu_migration_between_cards(dut):
         await pings_ok(b, 1, "the guest on B")
         after = frames_from(fabric, guest_mac, t_done)
         assert after and set(after) == {"B"}, after
-        ctr_a2, ctr_b2 = await counters(a.h), await counters(b.h)
-        assert ctr_a2["TX_FRAMES"] == ctr_a["TX_FRAMES"], (ctr_a, ctr_a2)
+        ctr_b2 = await counters(b.h)
         assert ctr_b2["TX_FRAMES"] >= ctr_b["TX_FRAMES"] + 5, (ctr_b, ctr_b2)
-        log.info("QEMU migration A -> B: %s; RARPs from B: %d",
+        # card A puts nothing of the guest's on the network any more: only its host switch's
+        # forwarding, from A's PF
+        pf_a = switches["A"].mac
+        stray = [f[:14].hex() for t, i, _, f in fabric.log
+                 if i == "A" and t >= t_done and f[6:12] != pf_a]
+        assert not stray, stray
+        log.info("QEMU migration A -> B: %s; RARPs from B: %d; frames forwarded by A's host "
+                 "switch to B: %d, delivered there: %d",
                  {k: st.get(k) for k in ("total-time", "downtime", "card_pause_us",
-                                         "pages_written", "pages_logged")}, len(rarps))
+                                         "pages_written", "pages_logged")}, len(rarps()),
+                 len(switches["A"].forwarded), len(switches["B"].delivered))
+        lost = [f[:14].hex() for sw in switches.values() for f in sw.dropped
+                if f[:6] == guest_mac]
+        assert not lost, f"frames for the guest dropped by a host switch: {lost}"
 
         # 4. back to A once A is the lighter server
         srv_a.base_load, srv_b.base_load = 0.1, 0.8
@@ -170,6 +186,9 @@ async def test_qemu_migration_between_cards(dut):
         assert sent == 80 and got >= 60, f"pings across the migration back: {out}"
         await pings_ok(a, 1, "the guest back on A")
         t_end = a.h.t.now_ns()
+        # no host switch ever put a frame on the network under someone else's address
+        assert fabric.table.where[PEER_MAC] == "peer" and fabric.table.moves == 2, \
+            (fabric.table.where, fabric.table.moves)
         back = [i for t, i, _, f in fabric.log if t_back <= t <= t_end and f[6:12] == guest_mac]
         assert back[-1] == "A" and set(back) == {"A", "B"}, back
     finally:

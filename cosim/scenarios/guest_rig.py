@@ -219,6 +219,7 @@ class TwinRig:
                                       reactor=self.reactor, name=name)
         self.a, self.b = self.rigs["A"], self.rigs["B"]
         self.peer = NetPeer(PEER_MAC, PEER_IP)
+        self.switches = {}                    # the hosts' switches, if started
 
     async def start(self):
         from ..fabric import Fabric
@@ -240,9 +241,39 @@ class TwinRig:
             self.fabric.attach(name, rig.uplink)
         return self
 
+    async def start_host_switches(self, servers, vm_of, poll_ns=100_000):
+        """Each server's software switch on its PF (:class:`host_driver.system.live.HostSwitch`,
+        ``servers``: a :class:`host_driver.system.live.CardServer` per rig name, ``vm_of``: the
+        guests by MAC): the PF gets its own address and receive buffers, the card gives it every
+        frame for no function and for a stopped one (``NetRegs.CTRL`` DEFAULT_PF), and frames
+        that reach a server its guest has left are forwarded to the guest's new server; the
+        card's announcements go out through the same queues. ``poll_ns``: how long the switch
+        waits for an interrupt before looking at the device (its only MMIO while idle)."""
+        from regmap import NetRegs
+        from host_driver.system.live import HostSwitch
+        from host_driver.virtio import DirectAccess, HostMemory, VirtioNetDriver
+        from .qemu_migration import set_mac
+        self.switches = {}
+        for site, (name, rig) in enumerate(self.rigs.items(), 0xA):
+            h = rig.h
+            pf = h.drv.pf
+            await set_mac(h, 0, bytes([0x02, site, 0, 0, 0, 0]))
+            d = VirtioNetDriver(DirectAccess(pf), pf, HostMemory(h.t), queue_size=64)
+            await d.probe()
+            await d.bring_up()
+            await d.post_rx(48)
+            await h.drv.mgmt_write(NetRegs.CTRL, NetRegs.CTRL_DEFAULT_PF)
+            sw = self.switches[name] = HostSwitch(servers[name], d, vm_of, poll_ns=poll_ns)
+            rig.card.host_switch = sw
+            self.fabric.announce(d.mac, name)
+            cocotb.start_soon(sw.run())
+        return self.switches
+
     def _idle(self):
         return all([rig._idle() for rig in self.rigs.values()])     # (each one looks)
 
     def close(self):
+        for sw in self.switches.values():
+            sw.stop()
         for rig in self.rigs.values():
             rig.close()

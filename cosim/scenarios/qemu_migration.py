@@ -148,6 +148,11 @@ class TwinQemuControl:
         self.finished = []
 
     async def start_incoming(self, vm, target, vf):
+        # the host learns the moment QEMU stops its VF (GET_VRING_BASE at switch-over): from
+        # then on its switch holds the guest's frames instead of handing them to that VF
+        source, svf = vm.host, vm.vf
+        be = self.rigs[source.name].card.backends[svf]
+        be.on_stopped = lambda: source.running.discard(svf)
         await begin_migration(self.rigs[vm.host.name], vm.vf, self.rigs[target.name], vf,
                               self.wires[vm.host.name], then_bandwidth=self.then_bandwidth)
 
@@ -179,6 +184,8 @@ class TwinQemuControl:
         await rig.pump.until(lambda: be.live and vm.vf not in rig.card.dirty.logs
                              and rig.card.idle, 60,
                              f"{vm.host.name}'s VF{vm.vf} running the guest again, unlogged")
+        be.on_stopped = None
+        vm.host.running.add(vm.vf)
 
     async def revert(self, vm, source, svf, target, tvf):
         await self._stop_waiting_qemu(target, tvf)
@@ -187,8 +194,10 @@ class TwinQemuControl:
         await set_mac(rig.h, svf, vm.mac)
         await rig.qmp(svf, "cont")
         be = rig.card.backends[svf]
+        be.on_stopped = None
         await rig.pump.until(lambda: be.live, 60, f"{source.name}'s VF{svf} running the "
                                                   f"guest again")
 
     async def retire_source(self, vm, source, svf):
+        self.rigs[source.name].card.backends[svf].on_stopped = None
         await retire_source(self.rigs[source.name], svf)

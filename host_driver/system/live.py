@@ -143,16 +143,25 @@ class HostSwitch:
         self.forwarded: list[bytes] = []     # every frame this host forwarded (bench checks)
         self.delivered: list[bytes] = []     # forwarded frames handed to a guest here
         self.dropped: list[bytes] = []
+        self.outbound: list[bytes] = []      # frames of the host's own (send_soon)
         self._running = True
 
     def stop(self) -> None:
         self._running = False
+
+    def send_soon(self, frame: bytes) -> None:
+        """Send ``frame`` from the host (e.g. a RARP announcing a guest that arrived) at the
+        loop's next turn: the PF's queues have one user, this loop."""
+        self.outbound.append(bytes(frame))
 
     async def run(self) -> None:
         while self._running:
             for frame in await self.pf.receive(self.poll_ns):
                 self._take(frame)
             await self._move_on()
+            out, self.outbound = self.outbound, []
+            for frame in out:
+                await self.pf.send(frame)
             await self.pf.reap_tx()
 
     def _take(self, frame: bytes) -> None:
