@@ -100,11 +100,14 @@ def bench_migration(sim, cfg, path):
 
 def bench_linux(sim, cfg, workload="perf_linux"):
     """Two Linux guests (QEMU) on VF1 and VF2 (:mod:`cosim.workloads.perf_linux`), or
-    ``workload="perf_qemu_migration"``: one migrated by QEMU from VF1 to VF2."""
+    ``workload="perf_qemu_migration"``: one migrated by QEMU from VF1 to VF2, or
+    ``"perf_qemu_twin"``: one migrated from card A to card B (the two-card top)."""
+    from .twin import run_twin_bench
+    run = run_twin_bench if workload == "perf_qemu_twin" else run_card_bench
     with tempfile.TemporaryDirectory() as td:
         out = Path(td) / "linux.json"
-        run_card_bench(sim, f"cosim.workloads.{workload}", cfg,
-                       extra_env={"OFFCARD_BENCH_OUT": str(out)}, timeout_s=1800)
+        run(sim, f"cosim.workloads.{workload}", cfg,
+            extra_env={"OFFCARD_BENCH_OUT": str(out)}, timeout_s=1800)
         rec = json.loads(out.read_text())
     rec.update({"sim": sim, "config": config_key(cfg)})
     return rec
@@ -202,7 +205,11 @@ def main(argv=None):
                 console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} Linux guests ...")
                 linux_rows.append(bench_linux(sim, cfg))
                 console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} QEMU live migration ...")
-                qemu_mig_rows.append(bench_linux(sim, cfg, "perf_qemu_migration"))
+                qemu_mig_rows.append({"route": "VF1 -> VF2",
+                                      **bench_linux(sim, cfg, "perf_qemu_migration")})
+                console.print(f"[bold]bench[/bold] {sim} {config_key(cfg)} QEMU live migration "
+                              f"between two cards ...")
+                qemu_mig_rows.append(bench_linux(sim, cfg, "perf_qemu_twin"))
     report = {"generated": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine_cores": os.cpu_count(),
               "enumeration_mmio": rows, "dma": dma_rows, "page_faults": fault_rows,
               "virtio_net": virtio_rows, "placement_latency": placement_rows,
@@ -238,10 +245,12 @@ def main(argv=None):
               ["sim", "config", "guest_boot_s", "ping_replies", "ping_rtt_wall_ms",
                "ping_rtt_sim_us_median", "ping_rtt_sim_us_max", "transfer_exact",
                "transfer_wall_s", "frames_per_wall_s", "payload_bytes_per_clk"], linux_rows)
-    add_table(console, md, "QEMU's live migration of a Linux guest VF1 -> VF2, pinging every "
-              "100 ms (QEMU: wall ms; card pause: simulated us)",
-              ["sim", "config", "qemu_total_ms", "qemu_downtime_ms", "card_pause_us",
-               "pages_written", "pages_logged", "pings_sent", "pings_lost"], qemu_mig_rows)
+    add_table(console, md, "QEMU's live migration of a Linux guest between two VFs of a card "
+              "and between two cards (seed-004 orchestrator), pinging every 100 ms (QEMU: wall "
+              "ms; card pause: simulated us)",
+              ["sim", "config", "route", "qemu_total_ms", "qemu_downtime_ms", "card_pause_us",
+               "pages_written", "pages_logged", "pings_sent", "pings_lost", "forwarded_by_a"],
+              qemu_mig_rows)
     if report["synthesis"]:
         add_table(console, md, "synthesis (gathered from synth_out/synth.json, the last "
                   "`make synth`)",

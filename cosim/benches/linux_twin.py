@@ -51,8 +51,6 @@ async def test_qemu_migration_between_cards(dut):
     guest_mac = _mac(vf_mac(1))
     log = dut._log
     try:
-        # B's VF1 is the free one: no address in B's switch until a guest lands on it
-        await set_mac(b.h, 1, retired(guest_mac))
         await a.boot(1, qmp=True)
         await b.boot(2)                                       # the transfer's receiver on B
         clock = TransportClock(a.h.t)

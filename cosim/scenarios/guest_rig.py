@@ -38,6 +38,10 @@ def vf_mac(n: int) -> str:
     return ":".join(f"{b:02x}" for b in V.MAC_PREFIX + bytes([n]))
 
 
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
 def vf_ip(n: int) -> str:
     return f"{NET}.{n}"
 
@@ -51,6 +55,7 @@ class CardRig:
         self.num_vfs = num_vfs or max(self.vf_numbers)
         self.h = harness or CardHarness(dut)
         self.reactor = reactor or Reactor()
+        self.claim_on_boot = False            # (TwinRig: entries retired until a guest boots)
         self.sock_dir = Path(sock_dir or tempfile.mkdtemp(prefix="offcard_vhost_"))
         self.events = []
         self._on_event = on_event
@@ -121,6 +126,9 @@ class CardRig:
         from ..guest.image import ensure_image
         from ..guest.qemu import Guest, vhost_user_net
         image = ensure_image()
+        if self.claim_on_boot:                 # the VF takes the guest's address now
+            from .qemu_migration import set_mac
+            await set_mac(self.h, n, _mac(vf_mac(n)))
         self._boot_kw[n] = dict(mac=vf_mac(n), ip=f"{vf_ip(n)}/24", peer=PEER_IP, **kw)
         g = Guest.start(image, netdev_args=vhost_user_net(self.socket_path(n)),
                         boot_timeout=timeout_s, **self._boot_kw[n])
@@ -228,11 +236,12 @@ class TwinRig:
         from .qemu_migration import retired, set_mac
         for rig in self.rigs.values():
             await rig.start(reset=False, peer=False, pump=False)
-            # every card gives VF n the same address (vf_mac(n)): a VF that serves no guest
-            # here must not claim the address of a guest on the other server
+            # every card gives VF n the same address (vf_mac(n)): a VF that runs no guest
+            # here must not claim the address of a guest on the other server. Each entry is
+            # retired until a guest boots on the VF or migrates onto it
             for n in range(1, rig.num_vfs + 1):
-                if n not in rig.vf_numbers:
-                    await set_mac(rig.h, n, retired(bytes.fromhex(vf_mac(n).replace(":", ""))))
+                await set_mac(rig.h, n, retired(_mac(vf_mac(n))))
+            rig.claim_on_boot = True
         self.pump = FdPump(self.reactor, self._idle).start()
         self.fabric = Fabric(now_ns=self.a.h.t.now_ns)
         self.fabric.serve_peer(self.peer.handle)

@@ -11,7 +11,8 @@ from regmap import MigRegs as MG
 from cosim.vhost_card import guest_window, log_window, LOG_WINDOW_SIZE
 
 __all__ = ["free_port", "retired", "set_mac", "start_destination", "query_migrate", "wait_migration",
-           "migrate", "begin_migration", "finish_migration", "retire_source", "TwinQemuControl"]
+           "migrate", "begin_migration", "finish_migration", "retire_source", "TwinQemuControl",
+           "orchestrated_migration"]
 
 
 def free_port():
@@ -201,3 +202,45 @@ class TwinQemuControl:
     async def retire_source(self, vm, source, svf):
         self.rigs[source.name].card.backends[svf].on_stopped = None
         await retire_source(self.rigs[source.name], svf)
+
+
+async def orchestrated_migration(log, twin, pings, *, load_a=0.8, load_b=0.1):
+    """On a :class:`cosim.scenarios.guest_rig.TwinRig` whose card A runs a guest on VF1 (booted
+    with ``qmp=True``) and whose card B serves VF1: the hosts' switches up, and the seed-004
+    orchestrator (:class:`host_driver.system.qemu.QemuMigrationOrchestrator`) moving the guest
+    to B's VF1 while it pings the peer ``pings`` times, every 100 ms. Returns the orchestrator's
+    result and a row of figures (QEMU's total and down time, the card's pause, the pages the
+    source card wrote while logged and those its marks cover, pings sent and lost, frames
+    forwarded by A's switch, RARPs from B); the switches stay up (``twin.switches``)."""
+    from host_driver.system.live import CardServer, TransportClock
+    from host_driver.system.migration import MigrationCosts, Network
+    from host_driver.system.qemu import QemuMigrationOrchestrator, QemuVm
+    from .dirty import WireWrites
+    from .guest_rig import PEER_IP
+    from .linux import ping_start, ping_summary, ping_wait
+    a, b = twin.a, twin.b
+    mac = bytes.fromhex(a.guests[1].ready.mac.replace(":", ""))
+    clock = TransportClock(a.h.t)
+    srv_a = CardServer("A", a.h.drv, [a.vfs[0]], load=load_a)
+    srv_b = CardServer("B", b.h.drv, [b.vfs[0]], load=load_b)
+    network = Network()
+    vm = QemuVm("guest", 0.1, clock, mac)
+    srv_a.place(vm, network)
+    switches = await twin.start_host_switches({"A": srv_a, "B": srv_b}, {mac: vm})
+    control = TwinQemuControl(log, twin, {"A": WireWrites(a.h), "B": WireWrites(b.h)})
+    rc, out = await a.run(1, ping_start(PEER_IP, pings, 0.1))
+    assert rc == 0, out
+    res = await QemuMigrationOrchestrator(
+        [srv_a, srv_b], network, t1=load_a + 0.05, t2=0.5, clock=clock,
+        control=control, costs=MigrationCosts(step_us=1)).migrate()
+    assert res.outcome.value == "done", res
+    rc, out = await b.run(1, ping_wait(pings * 0.1 + 30), timeout_s=pings * 0.1 + 90)
+    sent, got, _ = ping_summary(out)
+    assert sent == pings, out
+    st = control.finished[-1]
+    return res, {"route": "A VF1 -> B VF1", "qemu_total_ms": st.get("total-time"),
+                 "qemu_downtime_ms": st.get("downtime"), "card_pause_us": st["card_pause_us"],
+                 "pages_written": st["pages_written"], "pages_logged": st["pages_logged"],
+                 "pings_sent": sent, "pings_lost": sent - got,
+                 "forwarded_by_a": len(switches["A"].forwarded),
+                 "rarps_from_b": len(b.card.announcements)}

@@ -1,8 +1,8 @@
 """``make demo``'s Linux phases on the two-card top: a Debian guest (QEMU) on card A's VF1 and
 another on card B's VF2, their virtio_net rings served by the RTL through our vhost-user
 back-end; they ping each other and the peer outside both servers. Then the orchestrator
-(:class:`host_driver.system.qemu.QemuMigrationOrchestrator`) migrates A's guest to card B with
-QEMU while it pings the peer every 100 ms; each echo request is sampled where it entered the
+(:class:`host_driver.system.qemu.QemuMigrationOrchestrator`, with each host's switch on its PF)
+migrates A's guest to card B with QEMU while it pings the peer every 100 ms; each echo request is sampled where it entered the
 network (card A or card B) for the timeline. Events go to ``OFFCARD_DEMO_EVENTS`` as in
 :mod:`cosim.workloads.demo` (``phase`` events, ``ping`` samples, ``result`` events of sections
 ``linux`` and ``linux_migration``)."""
@@ -13,13 +13,9 @@ import time
 
 import cocotb
 
-from host_driver.system.live import CardServer, TransportClock
-from host_driver.system.migration import MigrationCosts, Network, Outcome
-from host_driver.system.qemu import QemuMigrationOrchestrator, QemuVm
-from cosim.scenarios.dirty import WireWrites
 from cosim.scenarios.guest_rig import TwinRig, PEER_IP, PEER_MAC, vf_ip, vf_mac
-from cosim.scenarios.linux import sim_rtts_us, ping_start, ping_summary, ping_wait
-from cosim.scenarios.qemu_migration import TwinQemuControl, retired, set_mac
+from cosim.scenarios.linux import sim_rtts_us, ping_summary
+from cosim.scenarios.qemu_migration import orchestrated_migration
 from cosim.scenarios.virtio import counters
 
 ICMP_ECHO_REQUEST = 8
@@ -50,7 +46,6 @@ async def test_demo_linux(dut):
     a, b = rig.a, rig.b
     guest_mac = bytes.fromhex(vf_mac(1).replace(":", ""))
     try:
-        await set_mac(b.h, 1, retired(guest_mac))         # B's VF1: free, no address yet
         g1 = await a.boot(1, qmp=True)
         g2 = await b.boot(2)
         outputs, res = {}, {}
@@ -79,34 +74,12 @@ async def test_demo_linux(dut):
         # ---- QEMU migrates A's guest to card B while it pings the peer every 100 ms ----
         emit("phase", name="linux_migration", state="start")
         t1 = time.monotonic()
-        clock = TransportClock(a.h.t)
-        srv_a = CardServer("A", a.h.drv, [a.vfs[0]], load=0.8)
-        srv_b = CardServer("B", b.h.drv, b.vfs[:2], load=0.1)
-        network = Network()
-        vm = QemuVm("guest", 0.1, clock, guest_mac)
-        srv_a.place(vm, network)
-        srv_b.assign_vf("guest2", 2)
-        control = TwinQemuControl(dut._log, rig, {"A": WireWrites(a.h), "B": WireWrites(b.h)})
-        pings = 40 if short else 100
-        rc, out = await a.run(1, ping_start(PEER_IP, pings, 0.1))
-        assert rc == 0, out
-        res = await QemuMigrationOrchestrator(
-            [srv_a, srv_b], network, t1=0.7, t2=0.5, clock=clock, control=control,
-            costs=MigrationCosts(step_us=1)).migrate()
-        assert res.outcome is Outcome.DONE, res
-        rc, out = await b.run(1, ping_wait(pings * 0.1 + 30), timeout_s=pings * 0.1 + 90)
-        sent, got, _ = ping_summary(out)
-        assert sent == pings, out
+        res, row = await orchestrated_migration(dut._log, rig, 40 if short else 100)
         for t, card in echo_requests(rig.fabric, guest_mac):
             emit("ping", t_ns=t, card=card)
-        st = control.finished[-1]
         emit("phase", name="linux_migration", state="done")
-        emit("result", section="linux_migration", outcome=res.outcome.value,
-             route=f"{res.source} VF1 -> {res.target} VF{vm.vf}",
-             qemu_total_ms=st.get("total-time"), qemu_downtime_ms=st.get("downtime"),
-             card_pause_us=st["card_pause_us"], pages_written=st["pages_written"],
-             pages_logged=st["pages_logged"], pings_sent=sent, pings_lost=sent - got,
-             rarps_from_b=len(b.card.announcements), wall_s=round(time.monotonic() - t1, 1))
+        emit("result", section="linux_migration", outcome=res.outcome.value, **row,
+             wall_s=round(time.monotonic() - t1, 1))
     finally:
         rig.close()
 
