@@ -14,7 +14,7 @@ from cosim import vhost_user as VU
 from cosim.scenarios.dirty import WireWrites
 from cosim.scenarios.guest_rig import CardRig, PEER_IP, vf_ip
 from cosim.scenarios.linux import (sim_rtts_us, transfer, ping_start, ping_summary, ping_wait,
-                                   TRANSFER_KIB)
+                                   TrafficAcross, TRANSFER_KIB)
 from cosim.scenarios.qemu_migration import (free_port, start_destination, query_migrate,
                                             wait_migration, migrate, retire_source)
 from cosim.scenarios.virtio import counters
@@ -234,38 +234,12 @@ async def test_qemu_live_migration(dut):
         be1, be2 = rig.card.backends[1], rig.card.backends[2]
         rc, out = await rig.run(1, f"ping -c 3 -W 5 {PEER_IP}", timeout_s=120)
         assert rc == 0 and " 0% packet loss" in out, out
-        # 256 KiB over TCP to the guest on VF3, running across the switch-over
-        rc, out = await rig.run(3, "rm -f /tmp/rx; (sleep 900 | nc -l -p 5001 > /tmp/rx "
-                                   "2>/dev/null &); sleep 0.3")
-        assert rc == 0, out
-        rc, out = await rig.run(1, f"dd if=/dev/urandom of=/tmp/tx bs=1024 count={TRANSFER_KIB}"
-                                   f" 2>/dev/null; md5sum /tmp/tx")
-        md5_sent = out.split()[0]
-        count = 200                                           # 20 s, one every 100 ms
-        rc, out = await rig.run(1, f"rm -f /tmp/tx.done; {ping_start(PEER_IP, count, 0.1)}; "
-                                   f"(nc {vf_ip(3)} 5001 < /tmp/tx; echo $? > /tmp/tx.done) & "
-                                   f"sleep 0.5")
-        assert rc == 0, out
-        be3 = rig.card.backends[3]
-        await rig.pump.until(lambda: be3.calls[0] > 20, 120, "the transfer to VF3 under way")
+        # pings, and 256 KiB over TCP to the guest on VF3, running across the switch-over
+        traffic = await TrafficAcross(rig, 1, rig, 3, PEER_IP, count=200).start()
         await migrate(dut._log, rig, 1, 2, wire)
         kicks = sum(be2.kicks.values())
-        rc, out = await rig.run(2, ping_wait(count * 0.1 + 30), timeout_s=count * 0.1 + 90)
-        sent, got, _ = ping_summary(out)
-        dut._log.info("pings across the migration: %d sent, %d answered, %d lost",
-                      sent, got, sent - got)
-        # replies lost are reported; more than 5 s of them would be an outage, not a switch-over
-        assert sent == count and got >= count - 50, out
+        await traffic.finish(dut._log, rig, 2, "VF1 -> VF2")
         assert sum(be2.kicks.values()) > kicks, "the guest's traffic did not go through VF2"
-        rc, out = await rig.run(2, "while [ ! -e /tmp/tx.done ]; do sleep 0.5; done; "
-                                   "cat /tmp/tx.done", timeout_s=600)
-        assert rc == 0 and out.strip() == "0", f"nc in the migrated guest: {out}"
-        rc, out = await rig.run(3, "for i in $(seq 100); do pidof nc >/dev/null || break; "
-                                   "sleep 0.2; done; md5sum /tmp/rx; wc -c < /tmp/rx", timeout_s=60)
-        md5_got, size = out.split()[0], int(out.split()[-1])
-        dut._log.info("transfer across the migration: %d bytes, md5 %s sent, %s received",
-                      size, md5_sent, md5_got)
-        assert size == TRANSFER_KIB * 1024 and md5_got == md5_sent, out
         await retire_source(rig, 1)
         # back to VF1, the first destination killed in mid-migration
         await start_destination(rig, 1, 2, port := free_port())

@@ -10,11 +10,11 @@ import cocotb
 
 from cosim.scenarios.dirty import WireWrites
 from cosim.scenarios.guest_rig import TwinRig, PEER_IP, PEER_MAC, vf_ip, vf_mac
-from cosim.scenarios.linux import ping_start, ping_summary, ping_wait, TRANSFER_KIB
+from cosim.scenarios.linux import ping_start, ping_summary, ping_wait, TrafficAcross
 from host_driver.system.live import CardServer, TransportClock
 from host_driver.system.migration import MigrationCosts, MigrationState, Network, Outcome, SlotState
 from host_driver.system.qemu import QemuMigrationOrchestrator, QemuVm
-from cosim.scenarios.qemu_migration import TwinQemuControl, retired, set_mac
+from cosim.scenarios.qemu_migration import TwinQemuControl
 from cosim.scenarios.virtio import counters
 from cosim.vhost_card import ETH_RARP
 
@@ -106,19 +106,7 @@ async def test_qemu_migration_between_cards(dut):
         await pings_ok(a, 1, "the guest on A after the failed migration")
 
         # 3. under traffic
-        rc, out = await b.run(2, "rm -f /tmp/rx; (sleep 900 | nc -l -p 5001 > /tmp/rx "
-                                 "2>/dev/null &); sleep 0.3")
-        assert rc == 0, out
-        rc, out = await a.run(1, f"dd if=/dev/urandom of=/tmp/tx bs=1024 count={TRANSFER_KIB}"
-                                 f" 2>/dev/null; md5sum /tmp/tx")
-        md5_sent = out.split()[0]
-        count = 200                                           # 20 s, one every 100 ms
-        rc, out = await a.run(1, f"rm -f /tmp/tx.done; {ping_start(PEER_IP, count, 0.1)}; "
-                                 f"(nc {vf_ip(2)} 5001 < /tmp/tx; echo $? > /tmp/tx.done) & "
-                                 f"sleep 0.5")
-        assert rc == 0, out
-        rx2 = b.card.backends[2]
-        await rig.pump.until(lambda: rx2.calls[0] > 20, 120, "the transfer to B's VF2 under way")
+        traffic = await TrafficAcross(a, 1, b, 2, PEER_IP, count=200).start()
         control = TwinQemuControl(log, rig, wires)
         res = await orchestrator(control).migrate()
         log.info("migration A -> B: %s (%s)", res.outcome.value, res.reason)
@@ -134,20 +122,7 @@ async def test_qemu_migration_between_cards(dut):
         await rig.pump.until(rarps, 60, "QEMU's announcement through card B")
         assert b.card.announcements and set(rarps()) == {"B"}, rarps()
         ctr_b = await counters(b.h)
-        rc, out = await b.run(1, ping_wait(count * 0.1 + 30), timeout_s=count * 0.1 + 90)
-        sent, got, _ = ping_summary(out)
-        log.info("pings across the migration A -> B: %d sent, %d answered, %d lost",
-                 sent, got, sent - got)
-        assert sent == count and got >= count - 50, out
-        rc, out = await b.run(1, "while [ ! -e /tmp/tx.done ]; do sleep 0.5; done; "
-                                 "cat /tmp/tx.done", timeout_s=600)
-        assert rc == 0 and out.strip() == "0", f"nc in the migrated guest: {out}"
-        rc, out = await b.run(2, "for i in $(seq 100); do pidof nc >/dev/null || break; "
-                                 "sleep 0.2; done; md5sum /tmp/rx; wc -c < /tmp/rx", timeout_s=60)
-        md5_got, size = out.split()[0], int(out.split()[-1])
-        log.info("transfer across the migration A -> B: %d bytes, md5 %s sent, %s received",
-                 size, md5_sent, md5_got)
-        assert size == TRANSFER_KIB * 1024 and md5_got == md5_sent, out
+        await traffic.finish(log, b, 1, "A -> B")
         # from now on the guest's frames go through card B only
         await pings_ok(b, 1, "the guest on B")
         after = frames_from(fabric, guest_mac, t_done)

@@ -7,6 +7,10 @@ and serves chosen VFs over vhost-user (:class:`cosim.vhost_card.VhostCard`), all
 descriptors in one :class:`cosim.vhost_user.Reactor` run by a :class:`cosim.vhost_card.FdPump`.
 :meth:`CardRig.boot` starts a QEMU guest on a VF's socket and registers its console there too;
 :meth:`CardRig.run` runs a command in a guest while the simulation goes on.
+
+:class:`TwinRig` is the same for two servers on the two-card top: a :class:`CardRig` per card,
+one reactor, the uplinks on a learning switch (:class:`cosim.fabric.Fabric`) with the peer
+outside, and (:meth:`TwinRig.start_host_switches`) each host's software switch on its PF.
 """
 
 import logging

@@ -72,3 +72,58 @@ def ping_summary(out):
         if "round-trip" in line:
             avg = float(line.split("=")[1].split("/")[1])
     return tx, rx, avg
+
+
+class TrafficAcross:
+    """A guest's pings to ``peer`` (``count``, every 100 ms) and ``TRANSFER_KIB`` KiB over TCP
+    to a guest on ``dst_rig``'s VF ``dst``, started on ``src_rig``'s VF ``src`` and running
+    across a migration; :meth:`finish` collects both from wherever the guest runs then."""
+
+    def __init__(self, src_rig, src, dst_rig, dst, peer, count, port=5001):
+        self.src_rig, self.src, self.dst_rig, self.dst = src_rig, src, dst_rig, dst
+        self.peer, self.count, self.port = peer, count, port
+
+    async def start(self):
+        """The receiver listening, the file written, pings and the transfer under way."""
+        rc, out = await self.dst_rig.run(self.dst, f"rm -f /tmp/rx; (sleep 900 | nc -l -p "
+                                                   f"{self.port} > /tmp/rx 2>/dev/null &); "
+                                                   f"sleep 0.3")
+        assert rc == 0, out
+        rc, out = await self.src_rig.run(self.src, f"dd if=/dev/urandom of=/tmp/tx bs=1024 "
+                                                   f"count={TRANSFER_KIB} 2>/dev/null; "
+                                                   f"md5sum /tmp/tx")
+        assert rc == 0, out
+        self.md5_sent = out.split()[0]
+        from .guest_rig import vf_ip
+        dst_ip = vf_ip(self.dst)
+        rc, out = await self.src_rig.run(
+            self.src, f"rm -f /tmp/tx.done; {ping_start(self.peer, self.count, 0.1)}; "
+                      f"(nc {dst_ip} {self.port} < /tmp/tx; echo $? > /tmp/tx.done) & sleep 0.5")
+        assert rc == 0, out
+        rx = self.dst_rig.card.backends[self.dst]
+        await self.dst_rig.pump.until(lambda: rx.calls[0] > 20, 120,
+                                      f"the transfer to VF{self.dst} under way")
+        return self
+
+    async def finish(self, log, rig, n, what):
+        """Pings and transfer collected in ``rig``'s VF ``n`` guest (where the migrated guest
+        runs now): ``(sent, answered)``; asserts the transfer arrived byte-exact and that no
+        more than 5 s of replies were lost (an outage, not a switch-over)."""
+        rc, out = await rig.run(n, ping_wait(self.count * 0.1 + 30),
+                                timeout_s=self.count * 0.1 + 90)
+        sent, got, _ = ping_summary(out)
+        log.info("pings across the migration %s: %d sent, %d answered, %d lost",
+                 what, sent, got, sent - got)
+        assert sent == self.count and got >= self.count - 50, out
+        rc, out = await rig.run(n, "while [ ! -e /tmp/tx.done ]; do sleep 0.5; done; "
+                                   "cat /tmp/tx.done", timeout_s=600)
+        assert rc == 0 and out.strip() == "0", f"nc in the migrated guest: {out}"
+        rc, out = await self.dst_rig.run(self.dst, "for i in $(seq 100); do pidof nc "
+                                                   ">/dev/null || break; sleep 0.2; done; "
+                                                   "md5sum /tmp/rx; wc -c < /tmp/rx",
+                                         timeout_s=60)
+        md5_got, size = out.split()[0], int(out.split()[-1])
+        log.info("transfer across the migration %s: %d bytes, md5 %s sent, %s received",
+                 what, size, self.md5_sent, md5_got)
+        assert size == TRANSFER_KIB * 1024 and md5_got == self.md5_sent, out
+        return sent, got

@@ -656,15 +656,20 @@ class MigrationOrchestrator:
             run.src_stopped = False
         if run.sriov:
             vm.datapath = Datapath.VF
+        self._release_target(run)
+        return True
+
+    @staticmethod
+    def _release_target(run: _Run) -> None:
+        """The end of every rollback: the target's VF released (by the dummy, or by the VM if
+        it was commissioned), the dummy retired, the VM's configuration its own again."""
         if run.tvf is not None:
-            holder = vm.name if run.commissioned else run.dummy.name
-            tgt.release(run.tvf, holder)
+            run.target.release(run.tvf, run.vm.name if run.commissioned else run.dummy.name)
             run.tvf = None
         if run.dummy is not None:
-            tgt.dummies.pop(run.dummy.name, None)
+            run.target.dummies.pop(run.dummy.name, None)
             run.dummy.retired = True
-        vm.config_vf = None
-        return True
+        run.vm.config_vf = None
 
     # ---- accounting ----
     def _account(self, run: _Run, res: MigrationResult) -> None:

@@ -151,11 +151,5 @@ class QemuMigrationOrchestrator(MigrationOrchestrator):
             self.network.route[vm.name] = src
         elif run.move_started:
             await self.control.cancel(vm, tgt, run.tvf)
-        if run.tvf is not None:
-            tgt.release(run.tvf, vm.name if run.commissioned else run.dummy.name)
-            run.tvf = None
-        if run.dummy is not None:
-            tgt.dummies.pop(run.dummy.name, None)
-            run.dummy.retired = True
-        vm.config_vf = None
+        self._release_target(run)
         return True
