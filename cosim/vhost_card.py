@@ -365,10 +365,8 @@ class VfBackend(VhostUserDevice):
                 for i, v in rings.items()}
         if any(v.base for v in rings.values()) or any(used.values()) or self.stopped:
             await st.quiesce(self.vf)
-            for i, (avail_reg, used_reg) in ((RX_QUEUE, (MG.RX_AVAIL, MG.RX_USED)),
-                                             (TX_QUEUE, (MG.TX_AVAIL, MG.TX_USED))):
-                await self.card.h.drv.mgmt_write(avail_reg, rings[i].base)
-                await self.card.h.drv.mgmt_write(used_reg, used[i])
+            await st.write_indices(self.vf, rings[RX_QUEUE].base, used[RX_QUEUE],
+                                   rings[TX_QUEUE].base, used[TX_QUEUE])
         await self.drv.driver_ok()
         if self.stopped or any(v.base for v in rings.values()) or any(used.values()):
             await st.resume(self.vf)

@@ -82,11 +82,39 @@ class CardVfState:
         """Stop the function's queues and wait until the engine holds none of its work."""
         await self._sel(fn)
         await self.drv.mgmt_write(MG.CTRL, 1)
+        await self._wait_idle(fn, "after the stop")
+
+    async def _wait_idle(self, fn, when):
+        """Until the (selected, stopped) function reads idle. A stopped function is not idle
+        for a few clocks now and then: while the engine drops a frame addressed to it."""
         t0 = fn.t.now_ns()
-        while not (await self.drv.mgmt_read(MG.STATUS)) & 2:
+        while True:
+            status = await self.drv.mgmt_read(MG.STATUS)
+            if not status & 1:
+                raise VfStateError(f"{fn}: not stopped {when}")
+            if status & 2:
+                return
             if fn.t.now_ns() - t0 > self.idle_timeout_ns:
-                raise VfStateError(f"{fn}: not idle {self.idle_timeout_ns} ns after the stop")
+                raise VfStateError(f"{fn}: not idle {self.idle_timeout_ns} ns {when}")
             await fn.t.sleep_ns(self.poll_ns)
+
+    async def write_indices(self, fn, rx_avail, rx_used, tx_avail, tx_used, tx_pending=None):
+        """The device's ring indices (and pending transmit notification) of the stopped
+        function ``fn``. The card takes them only while the function is idle and ignores them
+        otherwise, so each one is read back and written again until it holds."""
+        want = {MG.RX_AVAIL: rx_avail, MG.RX_USED: rx_used, MG.TX_AVAIL: tx_avail,
+                MG.TX_USED: tx_used}
+        if tx_pending is not None:
+            want[MG.TX_PEND] = tx_pending
+        await self._sel(fn)
+        for attempt in range(8):
+            await self._wait_idle(fn, "to take its indices")
+            for reg, value in want.items():
+                await self.drv.mgmt_write(reg, value)
+            got = {reg: await self.drv.mgmt_read(reg) for reg in want}
+            if all(got[reg] == value & 0xFFFF for reg, value in want.items()):
+                return
+        raise VfStateError(f"{fn}: the card kept ignoring its indices (wrote {want}, reads {got})")
 
     async def resume(self, fn):
         """Let the function run again. Its transmit queue is looked at once first (a pending
@@ -100,8 +128,7 @@ class CardVfState:
     async def export_state(self, fn) -> bytes:
         """The function's state (it must be quiesced)."""
         await self._sel(fn)
-        if (await self.drv.mgmt_read(MG.STATUS)) & 3 != 3:
-            raise VfStateError(f"{fn}: export needs a stopped, idle function")
+        await self._wait_idle(fn, "for its export")
         c = V.COMMON
         status = await self._r(fn, c + V.STATUS, 1)
         feats = 0
@@ -196,9 +223,5 @@ class CardVfState:
         await self._w(fn, c + V.STATUS, st["status"], 1)
         # the device's indices last: the engine clears a pending transmit notification of a
         # function that is not live, so they go in once the status is back (it stays stopped)
-        await self._sel(fn)
-        for (avail_reg, used_reg), qs in zip(((MG.RX_AVAIL, MG.RX_USED), (MG.TX_AVAIL, MG.TX_USED)),
-                                             st["queues"]):
-            await self.drv.mgmt_write(avail_reg, qs[6])
-            await self.drv.mgmt_write(used_reg, qs[7])
-        await self.drv.mgmt_write(MG.TX_PEND, st["tx_pending"])
+        (*_, rx_avail, rx_used), (*_, tx_avail, tx_used) = st["queues"]
+        await self.write_indices(fn, rx_avail, rx_used, tx_avail, tx_used, st["tx_pending"])
