@@ -9,7 +9,7 @@ acting on real QEMUs and real cards (:class:`cosim.scenarios.qemu_migration.Twin
 import cocotb
 
 from cosim.scenarios.dirty import WireWrites
-from cosim.scenarios.guest_rig import TwinRig, PEER_IP, PEER_MAC, vf_ip, vf_mac
+from cosim.scenarios.guest_rig import TwinRig, PEER_IP, PEER_MAC, mac_bytes, vf_ip, vf_mac
 from cosim.scenarios.linux import ping_start, ping_summary, ping_wait, TrafficAcross
 from host_driver.system.live import CardServer, TransportClock
 from host_driver.system.migration import MigrationCosts, MigrationState, Network, Outcome, SlotState
@@ -17,10 +17,6 @@ from host_driver.system.qemu import QemuMigrationOrchestrator, QemuVm
 from cosim.scenarios.qemu_migration import TwinQemuControl
 from cosim.scenarios.virtio import counters
 from cosim.vhost_card import ETH_RARP
-
-
-def _mac(text):
-    return bytes.fromhex(text.replace(":", ""))
 
 
 def frames_from(fabric, mac, since_ns):
@@ -48,7 +44,7 @@ async def test_qemu_migration_between_cards(dut):
     * and back to A (the loads swapped) the same way."""
     rig = await TwinRig(dut, [1], [1, 2]).start()
     a, b, fabric = rig.a, rig.b, rig.fabric
-    guest_mac = _mac(vf_mac(1))
+    guest_mac = mac_bytes(vf_mac(1))
     log = dut._log
     try:
         await a.boot(1, qmp=True)
@@ -60,7 +56,7 @@ async def test_qemu_migration_between_cards(dut):
         network = Network()
         vm = QemuVm("guest", 0.1, clock, guest_mac)
         srv_a.place(vm, network)
-        receiver = QemuVm("receiver", 0.1, clock, _mac(vf_mac(2)))
+        receiver = QemuVm("receiver", 0.1, clock, mac_bytes(vf_mac(2)))
         srv_b.assign_vf(receiver.name, 2)
         wires = {"A": WireWrites(a.h), "B": WireWrites(b.h)}
         # each host's switch on its PF forwards what reaches it for a guest that has left

@@ -21,14 +21,17 @@ from pathlib import Path
 
 import cocotb
 
-from regmap import VirtioRegs as V
-from ..harness import CardHarness
+from regmap import MigRegs as MG, NetRegs, VirtioRegs as V
+from host_driver.virtio import DirectAccess, HostMemory, VirtioNetDriver
+from ..fabric import Fabric
+from ..harness import CardHarness, start_twin
 from ..uplink import Uplink
 from ..netpeer import NetPeer
 from ..vhost_user import Reactor
 from ..vhost_card import VhostCard, FdPump
 
-__all__ = ["CardRig", "TwinRig", "PEER_IP", "PEER_MAC", "vf_mac", "vf_ip"]
+__all__ = ["CardRig", "TwinRig", "PEER_IP", "PEER_MAC", "vf_mac", "vf_ip", "mac_bytes",
+           "retired", "set_mac"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,23 @@ def vf_mac(n: int) -> str:
     return ":".join(f"{b:02x}" for b in V.MAC_PREFIX + bytes([n]))
 
 
-def _mac(text: str) -> bytes:
+def mac_bytes(text: str) -> bytes:
+    """``"02:0f:fc:00:00:01"`` as its 6 bytes."""
     return bytes.fromhex(text.replace(":", ""))
+
+
+def retired(mac):
+    """``mac`` with the multicast bit set: as a function's address in the card's switch it
+    retires the entry (no frame is addressed to a multicast source address's station)."""
+    return bytes([mac[0] | 1]) + bytes(mac[1:])
+
+
+async def set_mac(h, fidx, mac):
+    """Function ``fidx``'s address in the card's switch (a :func:`retired` one retires the
+    entry)."""
+    await h.drv.mgmt_write(MG.SEL, fidx)
+    await h.drv.mgmt_write(MG.MAC_LO, int.from_bytes(mac[:4], "little"))
+    await h.drv.mgmt_write(MG.MAC_HI, int.from_bytes(mac[4:6], "little"))
 
 
 def vf_ip(n: int) -> str:
@@ -131,8 +149,7 @@ class CardRig:
         from ..guest.qemu import Guest, vhost_user_net
         image = ensure_image()
         if self.claim_on_boot:                 # the VF takes the guest's address now
-            from .qemu_migration import set_mac
-            await set_mac(self.h, n, _mac(vf_mac(n)))
+            await set_mac(self.h, n, mac_bytes(vf_mac(n)))
         self._boot_kw[n] = dict(mac=vf_mac(n), ip=f"{vf_ip(n)}/24", peer=PEER_IP, **kw)
         g = Guest.start(image, netdev_args=vhost_user_net(self.socket_path(n)),
                         boot_timeout=timeout_s, **self._boot_kw[n])
@@ -218,7 +235,6 @@ class TwinRig:
     ICMP echo at ``PEER_IP``)."""
 
     def __init__(self, dut, vfs_a, vfs_b, *, num_vfs=None, on_event=None):
-        from ..harness import CardHarness
         self.dut = dut
         self.reactor = Reactor()
         base = Path(tempfile.mkdtemp(prefix="offcard_twin_"))
@@ -234,17 +250,14 @@ class TwinRig:
         self.switches = {}                    # the hosts' switches, if started
 
     async def start(self):
-        from ..fabric import Fabric
-        from ..harness import start_twin
         await start_twin(self.a.h, self.b.h)
-        from .qemu_migration import retired, set_mac
         for rig in self.rigs.values():
             await rig.start(reset=False, peer=False, pump=False)
             # every card gives VF n the same address (vf_mac(n)): a VF that runs no guest
             # here must not claim the address of a guest on the other server. Each entry is
             # retired until a guest boots on the VF or migrates onto it
             for n in range(1, rig.num_vfs + 1):
-                await set_mac(rig.h, n, retired(_mac(vf_mac(n))))
+                await set_mac(rig.h, n, retired(mac_bytes(vf_mac(n))))
             rig.claim_on_boot = True
         self.pump = FdPump(self.reactor, self._idle).start()
         self.fabric = Fabric(now_ns=self.a.h.t.now_ns)
@@ -262,10 +275,7 @@ class TwinRig:
         that reach a server its guest has left are forwarded to the guest's new server; the
         card's announcements go out through the same queues. ``poll_ns``: how long the switch
         waits for an interrupt before looking at the device (its only MMIO while idle)."""
-        from regmap import NetRegs
         from host_driver.system.live import HostSwitch
-        from host_driver.virtio import DirectAccess, HostMemory, VirtioNetDriver
-        from .qemu_migration import set_mac
         self.switches = {}
         for site, (name, rig) in enumerate(self.rigs.items(), 0xA):
             h = rig.h

@@ -7,11 +7,11 @@ import socket
 import time
 
 
-from regmap import MigRegs as MG
 from cosim.vhost_card import guest_window, log_window, LOG_WINDOW_SIZE
+from .guest_rig import mac_bytes, retired, set_mac
 
 __all__ = ["free_port", "retired", "set_mac", "start_destination", "query_migrate", "wait_migration",
-           "migrate", "begin_migration", "finish_migration", "retire_source", "TwinQemuControl",
+           "migrate", "begin_migration", "finish_migration", "release_vf", "retire_source", "TwinQemuControl",
            "orchestrated_migration"]
 
 
@@ -19,20 +19,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def retired(mac):
-    """``mac`` with the multicast bit set: as a function's address in the card's switch it
-    retires the entry (no frame is addressed to a multicast source address's station)."""
-    return bytes([mac[0] | 1]) + bytes(mac[1:])
-
-
-async def set_mac(h, fidx, mac):
-    """Function ``fidx``'s address in the card's switch (a :func:`retired` one retires the
-    entry)."""
-    await h.drv.mgmt_write(MG.SEL, fidx)
-    await h.drv.mgmt_write(MG.MAC_LO, int.from_bytes(mac[:4], "little"))
-    await h.drv.mgmt_write(MG.MAC_HI, int.from_bytes(mac[4:6], "little"))
 
 
 async def start_destination(rig, dst, src, port, source=None):
@@ -105,7 +91,7 @@ async def finish_migration(log, rig, src, to, dst, wire, status):
              {k: status.get(k) for k in ("total-time", "downtime", "setup-time")})
     assert not be_src.live and be_src.stopped, f"VF{src} still runs the guest's rings"
     await rig.pump.until(lambda: be_dst.live, 120, f"VF{dst} runs the migrated guest's rings")
-    mac = bytes.fromhex(rig.guests[src].ready.mac.replace(":", ""))
+    mac = mac_bytes(rig.guests[src].ready.mac)
     await set_mac(rig.h, src, retired(mac))                 # the source's entry retired
     await set_mac(to.h, dst, mac)                           # the guest's address on dst
     to.adopt(dst, like=src, source=rig)
@@ -126,12 +112,20 @@ async def finish_migration(log, rig, src, to, dst, wire, status):
     return status
 
 
+async def release_vf(rig, n, what="its QEMU quit"):
+    """VF ``n``'s QEMU (if still there) killed; returns once its back-end has reset the VF
+    and dropped the guest's memory."""
+    be = rig.card.backends[n]
+    if n in rig.guests:
+        rig.kill(n)
+    await rig.pump.until(lambda: be.memory is None and rig.card.idle, 60,
+                         f"{rig.name or 'the card'}'s VF{n} released after {what}")
+    return be
+
+
 async def retire_source(rig, n):
     """The source QEMU (paused after the migration) quits; its VF is reset and free."""
-    be = rig.card.backends[n]
-    rig.kill(n)
-    await rig.pump.until(lambda: be.memory is None and rig.card.idle, 60,
-                         f"VF{n} released after its QEMU quit")
+    be = await release_vf(rig, n)
     assert await be.drv.read_status() == 0
 
 
@@ -166,21 +160,13 @@ class TwinQemuControl:
                                            self.wires[source.name], vm.status)
         self.finished.append(dict(vm.status))
 
-    async def _stop_waiting_qemu(self, target, vf):
-        rig = self.rigs[target.name]
-        if vf in rig.guests:
-            rig.kill(vf)
-        be = rig.card.backends[vf]
-        await rig.pump.until(lambda: be.memory is None and rig.card.idle, 60,
-                             f"{target.name}'s VF{vf} released")
-
     async def cancel(self, vm, target, vf):
         rig = self.rigs[vm.host.name]
         status = await query_migrate(rig, vm.vf)
         if status.get("status") not in ("completed", "failed", "cancelled", None):
             await rig.qmp(vm.vf, "migrate_cancel")
         status = await wait_migration(rig, vm.vf)
-        await self._stop_waiting_qemu(target, vf)
+        await release_vf(self.rigs[target.name], vf, "the abort")
         be = rig.card.backends[vm.vf]
         await rig.pump.until(lambda: be.live and vm.vf not in rig.card.dirty.logs
                              and rig.card.idle, 60,
@@ -189,7 +175,7 @@ class TwinQemuControl:
         vm.host.running.add(vm.vf)
 
     async def revert(self, vm, source, svf, target, tvf):
-        await self._stop_waiting_qemu(target, tvf)
+        await release_vf(self.rigs[target.name], tvf, "the revert")
         rig = self.rigs[source.name]
         await set_mac(self.rigs[target.name].h, tvf, retired(vm.mac))
         await set_mac(rig.h, svf, vm.mac)
@@ -219,7 +205,7 @@ async def orchestrated_migration(log, twin, pings, *, load_a=0.8, load_b=0.1):
     from .guest_rig import PEER_IP
     from .linux import ping_start, ping_summary, ping_wait
     a, b = twin.a, twin.b
-    mac = bytes.fromhex(a.guests[1].ready.mac.replace(":", ""))
+    mac = mac_bytes(a.guests[1].ready.mac)
     clock = TransportClock(a.h.t)
     srv_a = CardServer("A", a.h.drv, [a.vfs[0]], load=load_a)
     srv_b = CardServer("B", b.h.drv, [b.vfs[0]], load=load_b)

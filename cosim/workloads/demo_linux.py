@@ -13,7 +13,7 @@ import time
 
 import cocotb
 
-from cosim.scenarios.guest_rig import TwinRig, PEER_IP, PEER_MAC, vf_ip, vf_mac
+from cosim.scenarios.guest_rig import TwinRig, PEER_IP, PEER_MAC, mac_bytes, vf_ip, vf_mac
 from cosim.scenarios.linux import sim_rtts_us, ping_summary
 from cosim.scenarios.qemu_migration import orchestrated_migration
 from cosim.scenarios.virtio import counters
@@ -44,7 +44,7 @@ async def test_demo_linux(dut):
     t0 = time.monotonic()
     rig = await TwinRig(dut, [1], [1, 2]).start()
     a, b = rig.a, rig.b
-    guest_mac = bytes.fromhex(vf_mac(1).replace(":", ""))
+    guest_mac = mac_bytes(vf_mac(1))
     try:
         g1 = await a.boot(1, qmp=True)
         g2 = await b.boot(2)
