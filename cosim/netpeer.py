@@ -27,8 +27,14 @@ Reply format (the model of a plain host, deterministic so tests can compare byte
 
 The IPv4 total length decides where a packet ends: Ethernet padding after it is ignored.
 
-Helpers for tests: :func:`arp_request` and :func:`icmp_echo_request` build frames,
-:func:`inet_checksum` is the RFC 1071 checksum.
+TCP and UDP segments to its address are not answered, but their checksum is checked against
+the pseudo-header (a bad one lands in ``bad_checksum``, a good one in ``ignored``): the peer is
+where the card's transmit checksum offload is judged.
+
+Helpers for tests: :func:`arp_request`, :func:`icmp_echo_request` and :func:`l4_frame` (TCP or
+UDP over IPv4 or IPv6, checksummed or with the partial checksum a driver hands a device that
+offers ``VIRTIO_NET_F_CSUM``) build frames, :func:`inet_checksum` is the RFC 1071 checksum and
+:func:`l4_checksum_ok` judges a frame's TCP or UDP checksum.
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ import struct
 from dataclasses import asdict, dataclass
 
 __all__ = ["NetPeer", "PeerStats", "inet_checksum", "arp_request", "icmp_echo_request",
-           "ETH_P_IP", "ETH_P_ARP", "BROADCAST", "MIN_FRAME"]
+           "l4_frame", "l4_checksum_ok", "IPPROTO_TCP", "IPPROTO_UDP", "ETH_P_IPV6", "ETH_P_IP", "ETH_P_ARP", "BROADCAST", "MIN_FRAME"]
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
 BROADCAST = b"\xff" * 6
 MIN_FRAME = 60                 # minimum Ethernet frame, FCS excluded
 ETH = struct.Struct("!6s6sH")
@@ -49,6 +56,8 @@ ARP = struct.Struct("!HHBBH6s4s6s4s")
 IPV4 = struct.Struct("!BBHHHBBH4s4s")
 ICMP_ECHO = struct.Struct("!BBHHH")
 IPPROTO_ICMP = 1
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+L4_CSUM_AT = {IPPROTO_TCP: 16, IPPROTO_UDP: 6}     # the checksum field in the L4 header
 ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
 TTL = 64
 
@@ -72,6 +81,78 @@ def _ipv4_header(src: bytes, dst: bytes, payload_len: int, *, tos: int = 0, iden
                  flags_frag: int = 0, ttl: int = TTL, proto: int = IPPROTO_ICMP) -> bytes:
     head = IPV4.pack(0x45, tos, 20 + payload_len, ident, flags_frag, ttl, proto, 0, src, dst)
     return head[:10] + struct.pack("!H", inet_checksum(head)) + head[12:]
+
+
+def _sum16(data: bytes) -> int:
+    """The one's complement sum (not complemented) of ``data``'s 16-bit big-endian words."""
+    return ~inet_checksum(data) & 0xFFFF
+
+
+def _pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
+    """The pseudo-header TCP and UDP sum over (RFC 793 / RFC 8200 8.1)."""
+    if len(src) == 4:
+        return src + dst + struct.pack("!BBH", 0, proto, length)
+    return src + dst + struct.pack("!IxxxB", length, proto)
+
+
+def l4_frame(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, proto: int,
+             payload: bytes, *, sport: int = 4000, dport: int = 5000, seq: int = 1,
+             partial: bool = False, corrupt: bool = False) -> tuple[bytes, int, int]:
+    """An Ethernet frame with a TCP (20-byte header, ACK|PSH) or UDP segment carrying
+    ``payload``, over IPv4 or IPv6 (from the address family of ``src_ip``), not padded. The
+    checksum is right, or with ``partial`` the pseudo-header sum a driver leaves for the device
+    (virtio 1.2, 5.1.6.2), or with ``corrupt`` wrong by one. Returns ``(frame, csum_start,
+    csum_offset)``."""
+    v6 = ":" in src_ip
+    fam = socket.AF_INET6 if v6 else socket.AF_INET
+    src, dst = socket.inet_pton(fam, src_ip), socket.inet_pton(fam, dst_ip)
+    if proto == IPPROTO_TCP:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x18, 0xFFFF, 0, 0)
+    elif proto == IPPROTO_UDP:
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
+    else:
+        raise ValueError(f"proto must be TCP (6) or UDP (17), got {proto}")
+    l4 += payload
+    at = L4_CSUM_AT[proto]
+    seed = _sum16(_pseudo(src, dst, proto, len(l4)))
+    value = seed if partial else inet_checksum(_pseudo(src, dst, proto, len(l4)) + l4)
+    if proto == IPPROTO_UDP and not partial and value == 0:
+        value = 0xFFFF                           # UDP sends a computed 0 as 0xFFFF
+    if corrupt:
+        value ^= 1
+    l4 = l4[:at] + struct.pack("!H", value) + l4[at + 2:]
+    if v6:
+        ip = struct.pack("!IHBB", 6 << 28, len(l4), proto, TTL) + src + dst
+        eth = ETH.pack(dst_mac, src_mac, ETH_P_IPV6)
+    else:
+        ip = _ipv4_header(src, dst, len(l4), proto=proto)
+        eth = ETH.pack(dst_mac, src_mac, ETH_P_IP)
+    start = ETH.size + len(ip)
+    return eth + ip + l4, start, at
+
+
+def l4_checksum_ok(frame: bytes) -> bool | None:
+    """Whether the TCP or UDP checksum of ``frame`` (IPv4 without fragments, or IPv6 without
+    extension headers) holds; ``None`` for a frame that carries no such segment."""
+    frame = bytes(frame)
+    if len(frame) < ETH.size:
+        return None
+    ethertype = ETH.unpack_from(frame)[2]
+    ip = frame[ETH.size:]
+    if ethertype == ETH_P_IP and len(ip) >= IPV4.size and ip[0] >> 4 == 4:
+        ihl = (ip[0] & 0xF) * 4
+        total, flags_frag, proto = struct.unpack_from("!H2xHxB", ip, 2)
+        if flags_frag & 0x3FFF or not ihl <= total <= len(ip):
+            return None
+        src, dst, l4 = ip[12:16], ip[16:20], ip[ihl:total]
+    elif ethertype == ETH_P_IPV6 and len(ip) >= 40 and ip[0] >> 4 == 6:
+        length, proto = struct.unpack_from("!HB", ip, 4)
+        src, dst, l4 = ip[8:24], ip[24:40], ip[40:40 + length]
+    else:
+        return None
+    if proto not in L4_CSUM_AT or len(l4) < L4_CSUM_AT[proto] + 2:
+        return None
+    return inet_checksum(_pseudo(src, dst, proto, len(l4)) + l4) == 0
 
 
 def arp_request(src_mac: bytes, src_ip: str, target_ip: str) -> bytes:
@@ -103,7 +184,7 @@ class PeerStats:
     echo_replies: int = 0
     not_for_us: int = 0          # Ethernet destination neither our MAC nor broadcast
     fragments: int = 0           # IPv4 fragments (not reassembled)
-    bad_checksum: int = 0        # IPv4 header or ICMP checksum wrong
+    bad_checksum: int = 0        # IPv4 header, ICMP, TCP or UDP checksum wrong
     malformed: int = 0           # too short, or lengths that do not add up
     ignored: int = 0             # well-formed but not for this model (other protocol, type...)
 
@@ -173,6 +254,12 @@ class NetPeer:
             return []
         if flags_frag & 0x3FFF:                  # MF set or a fragment offset
             self.stats.fragments += 1
+            return []
+        if proto in L4_CSUM_AT:                 # not answered, but judged
+            if l4_checksum_ok(ETH.pack(self.mac, eth_src, ETH_P_IP) + ip[:total]) is False:
+                self.stats.bad_checksum += 1
+            else:
+                self.stats.ignored += 1
             return []
         if proto != IPPROTO_ICMP:
             self.stats.ignored += 1

@@ -32,6 +32,7 @@ from .offcard import OffcardFunction
 __all__ = ["VirtioError", "RegisterAccess", "DirectAccess", "TrappedAccess", "DmaMemory",
            "HostMemory", "DomainMemory", "Virtqueue", "VirtioNetDriver", "VirtioStructure",
            "vring_need_event", "FEATURE_NAMES", "DRIVER_FEATURES", "NET_HDR_LEN",
+           "NET_HDR_F_NEEDS_CSUM", "NET_HDR_F_DATA_VALID",
            "RX_QUEUE", "TX_QUEUE", "CONFIG_VECTOR", "RX_VECTOR", "TX_VECTOR"]
 
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -55,6 +56,9 @@ MAX_QUEUE_SIZE = 1 << 15
 
 # virtio-net
 NET_HDR_LEN = 12                # struct virtio_net_hdr with num_buffers (VERSION_1)
+NET_HDR = struct.Struct("<BBHHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start,
+                                      # csum_offset, num_buffers
+NET_HDR_F_NEEDS_CSUM, NET_HDR_F_DATA_VALID = 1, 2
 BUF_SIZE = 2048                 # one receive buffer, one transmit slot
 TX_FRAME_OFF = 64               # the frame's place in a transmit slot (the header is at 0)
 MAX_FRAME = 1518
@@ -63,6 +67,8 @@ CONFIG_VECTOR, RX_VECTOR, TX_VECTOR = 0, 1, 2
 QUEUE_VECTORS = {RX_QUEUE: RX_VECTOR, TX_QUEUE: TX_VECTOR}
 
 FEATURE_NAMES = {
+    "CSUM": V.F_NET_CSUM,
+    "GUEST_CSUM": V.F_NET_GUEST_CSUM,
     "MAC": V.F_NET_MAC,
     "MRG_RXBUF": V.F_NET_MRG_RXBUF,
     "STATUS": V.F_NET_STATUS,
@@ -481,6 +487,9 @@ class VirtioNetDriver:
         self.rx_buf_size = rx_buf_size
         self._partial: list[bytes] = []           # buffers of a merged frame so far
         self._partial_want = 0
+        self._partial_flags = 0
+        #: the virtio_net_hdr flags of each frame received, in order (DATA_VALID = 2)
+        self.rx_flags: list[int] = []
         self.access = access
         self.fn = fn
         self.t = fn.t
@@ -784,10 +793,13 @@ class VirtioNetDriver:
         if await self.queues[q].kick_needed():
             await self.notify(q)
 
-    async def send(self, frame: bytes, indirect: bool = False) -> int:
-        """Queue ``frame`` for transmission behind an all-zero virtio-net header, in two
-        device-readable descriptors or (``indirect``) one indirect descriptor, and notify the
-        device if it asks for it. Waits up to ``tx_timeout_ns`` for room. Returns the head id."""
+    async def send(self, frame: bytes, indirect: bool = False,
+                   csum: tuple[int, int] | None = None) -> int:
+        """Queue ``frame`` for transmission behind a virtio-net header, in two device-readable
+        descriptors or (``indirect``) one indirect descriptor, and notify the device if it asks
+        for it. The header is all zero, or with ``csum = (csum_start, csum_offset)`` asks the
+        device to fill in the checksum (``NEEDS_CSUM``; the frame carries the pseudo-header sum
+        there). Waits up to ``tx_timeout_ns`` for room. Returns the head id."""
         self._need_queues()
         if not 0 < len(frame) <= MAX_FRAME:
             raise ValueError(f"frame length must be 1..{MAX_FRAME}, got {len(frame)}")
@@ -795,7 +807,10 @@ class VirtioNetDriver:
             raise VirtioError(f"{self.fn}: INDIRECT_DESC was not negotiated")
         await self._wait_tx_room(1 if indirect else 2)
         slot = self._pool[TX_QUEUE].pop()
-        await self.mem.write(slot, bytes(NET_HDR_LEN))
+        hdr = bytes(NET_HDR_LEN)
+        if csum is not None:
+            hdr = NET_HDR.pack(NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum, 0)
+        await self.mem.write(slot, hdr)
         await self.mem.write(slot + TX_FRAME_OFF, frame)
         head = await self.tx.add_buffer([(slot, NET_HDR_LEN), (slot + TX_FRAME_OFF, len(frame))],
                                         indirect=indirect)
@@ -860,10 +875,12 @@ class VirtioNetDriver:
                 if nbuf != 1 and not (mrg and nbuf > 1):
                     raise VirtioError(f"{self.fn}: receive buffer {head}: num_buffers {nbuf}")
                 self._partial_want = nbuf
+                self._partial_flags = data[0]
                 data = data[NET_HDR_LEN:]
             self._partial.append(data)
             if len(self._partial) == self._partial_want:
                 frames.append(b"".join(self._partial))
+                self.rx_flags.append(self._partial_flags)
                 if self._partial_want > 1:
                     self.stats["merged"] += 1
                 self._partial = []

@@ -77,13 +77,15 @@ class VirtioRegs:
     S_FAILED = 128
     NO_VECTOR = 0xFFFF
     # features offered
+    F_NET_CSUM = 0           # the device fills in a transmitted frame's partial checksum
+    F_NET_GUEST_CSUM = 1     # the device checks received TCP / UDP checksums (DATA_VALID)
     F_NET_MAC = 5
     F_NET_MRG_RXBUF = 15
     F_NET_STATUS = 16
     F_RING_INDIRECT_DESC = 28
     F_RING_EVENT_IDX = 29
     F_VERSION_1 = 32
-    FEATURES = ((1 << F_NET_MAC) | (1 << F_NET_MRG_RXBUF) | (1 << F_NET_STATUS)
+    FEATURES = ((1 << F_NET_CSUM) | (1 << F_NET_GUEST_CSUM) | (1 << F_NET_MAC) | (1 << F_NET_MRG_RXBUF) | (1 << F_NET_STATUS)
                 | (1 << F_RING_INDIRECT_DESC) | (1 << F_RING_EVENT_IDX) | (1 << F_VERSION_1))
     NUM_QUEUES_VALUE = 2     # receiveq1, transmitq1 (the layout leaves room for more pairs)
     QUEUE_SIZE_MAX = 256

@@ -100,6 +100,10 @@ class NetRegs:
     CTRL         = 0x32C   # bit 0 DEFAULT_PF: an uplink frame for no function, and any frame
                            # for a stopped function (MigRegs.CTRL), goes to the PF
     CTRL_DEFAULT_PF = 1 << 0
+    CSUM_FILLED  = 0x330   # transmitted frames whose partial checksum the card filled in
+    CSUM_VALID   = 0x334   # frames delivered with DATA_VALID (their TCP / UDP checksum held)
+    CSUM_BAD     = 0x338   # TCP / UDP frames checked for a receiver whose checksum was wrong
+    DROP_CSUM    = 0x33C   # NEEDS_CSUM with csum_start + csum_offset outside the frame
 
 
 class MigRegs:

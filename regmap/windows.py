@@ -61,7 +61,7 @@ WINDOWS = (
            "translation domains, device TLB"),
     Window("fault", 2, FaultRegs.FBQ_LO, FaultRegs.CQ_BAD + 4, "fault", "pf",
            "I/O page fault queues"),
-    Window("net", 2, NetRegs.TX_FRAMES, NetRegs.CTRL + 4, "vnet", "pf",
+    Window("net", 2, NetRegs.TX_FRAMES, NetRegs.DROP_CSUM + 4, "vnet", "pf",
            "the virtio-net switch's counters and control"),
     Window("migration", 2, MigRegs.SEL, MigRegs.MAC_HI + 4, "vnet", "pf",
            "per-function quiesce, device queue indices, station address"),

@@ -36,7 +36,8 @@ async def net(h, fn, trapped=False, queue_size=64, **kw):
 async def counters(h):
     return {n: await h.drv.mgmt_read(getattr(NetRegs, n)) for n in
             ("TX_FRAMES", "RX_FRAMES", "UPLINK_OUT", "UPLINK_IN", "DROP_NOBUF", "DROP_BAD",
-             "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED", "XLATE_ERRORS")}
+             "DROP_UNKNOWN", "DROP_SIZE", "QUEUE_IRQS", "IRQ_SUPPRESSED", "XLATE_ERRORS",
+             "CSUM_FILLED", "CSUM_VALID", "CSUM_BAD", "DROP_CSUM")}
 
 
 async def receive_n(d, n, timeout_ns=400_000):

@@ -23,6 +23,12 @@ robin (one transmitted frame per visit):
 * **completion**: the used element (id, length) and index of each queue, ``avail_event`` when
   VIRTIO_F_EVENT_IDX is negotiated, and the queue's MSI-X vector unless suppressed
   (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag);
+* **checksums** (:mod:`hdl.virtio.csum`): a transmitted frame with ``NEEDS_CSUM`` from a
+  function that negotiated ``VIRTIO_NET_F_CSUM`` gets its checksum filled in before it goes
+  anywhere (offsets outside the frame drop it, ``DROP_CSUM``); a frame for a function that
+  negotiated ``VIRTIO_NET_F_GUEST_CSUM`` has its TCP / UDP checksum checked, and its receive
+  header says ``DATA_VALID`` when it holds. Both take a pass over the frame's first words only;
+  a frame nobody asked this of skips it;
 * frames from the uplink port (``uplink_rx``) are delivered by destination MAC likewise; one
   for no function is dropped, or with ``NetRegs.CTRL`` DEFAULT_PF delivered to the PF (the
   host's own switch port). DEFAULT_PF also sends the PF the unicast frames of a stopped
@@ -58,6 +64,7 @@ from ..iface import (IrqRequestSignature, XlateReq, XlateResp, EventSignature, P
 from ..dma.mover import MoveSignature, MoveStatus
 from ..pcie.host_port import HostPort, HOST_TAGS
 from ..pcie.tlp import tlp_stream
+from .csum import ChecksumUnit, DATA_VALID
 from .mac_table import MacLookupSignature
 from .net_regs import NET_EVENTS, NetEventsSignature, MigrationSignature
 from .transport import NQ, VirtqSignature
@@ -226,6 +233,29 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(sn.en[lane]):
                     m.d.sync += dst.word_select(lane, 8).eq(sn.data[8 * lane:8 * lane + 8])
 
+        # the checksum unit sees every write into the frame buffers; it borrows their ports
+        # for its pass
+        m.submodules.csum = cu = ChecksumUnit(W)
+        m.d.comb += [cu.snoop.addr.eq(sn.addr), cu.snoop.data.eq(sn.data), cu.snoop.en.eq(sn.en),
+                     cu.rd.data.eq(self.pm_rd.data)]
+        with m.If(cu.busy):
+            m.d.comb += [self.pm_own.eq(1), self.pm_rd.addr.eq(cu.rd.addr),
+                         self.pm_rd.en.eq(cu.rd.en), self.pm_wr.addr.eq(cu.wr.addr),
+                         self.pm_wr.data.eq(cu.wr.data), self.pm_wr.en.eq(cu.wr.en)]
+        gcsum = self.transport.gcsum
+        data_valid = Signal()               # the frame's TCP / UDP checksum was checked, held
+
+        def checksum_pass(fill, check, nxt):
+            """Start the checksum unit on the frame in ``slot`` (in the state after the frame's
+            length is set) unless it has nothing to do; ``nxt`` is where the frame goes on."""
+            m.d.comb += [cu.slot.eq(slot), cu.length.eq(frame_len), cu.fill.eq(fill),
+                         cu.check.eq(check), cu.start.eq(fill | check)]
+            m.d.sync += data_valid.eq(0)
+            with m.If(fill | check):
+                m.next = "CSUM_WAIT"
+            with m.Else():
+                m.next = nxt
+
         def card_addr(s, off):
             return P.BASE + s * P.SLOT + HDR_OFF + off
 
@@ -308,6 +338,7 @@ class VirtioNetEngine(wiring.Component):
                 m.d.sync += [phase.eq(0), drop.eq(0), flood.eq(0), fl_g.eq(0)]
                 with m.If(self.uplink_rx.valid):
                     m.d.sync += [k.eq(0), total.eq(0), dst.eq(0)]
+                    m.d.comb += cu.clear.eq(1)
                     m.next = "UPIN"
                 with m.Else():
                     # receive-queue notifications need no action: buffers are looked up when a
@@ -322,6 +353,7 @@ class VirtioNetEngine(wiring.Component):
                                 & self.tx_allow.bit_select(ptr, 1)):
                         m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0),
                                      nb.eq(0)]
+                        m.d.comb += cu.clear.eq(1)
                         m.next = "LOADQ0"
                     with m.Else():
                         m.d.comb += [self.qos_wait.fidx.eq(ptr),
@@ -455,7 +487,27 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(drop | (total < P.NET_HDR + P.MIN_FRAME)):
                     m.d.comb += inc["DROP_SIZE"].eq(1)
                     m.next = "TX_USED"
-                with m.Elif(dst[0] | ~is_ours):
+                with m.Else():
+                    m.next = "TX_CSUM"
+            with m.State("TX_CSUM"):
+                # fill in the sender's checksum; check it for a receiver that wants DATA_VALID
+                # (a flood: for any function that might)
+                want = Mux(dst[0], gcsum != 0, is_ours & gcsum.bit_select(mt.hit_fidx, 1))
+                checksum_pass(self.transport.csum.bit_select(cf, 1), want, "TX_ROUTE")
+            with m.State("CSUM_WAIT"):
+                with m.If(~cu.busy):
+                    m.d.comb += [inc["CSUM_FILLED"].eq(cu.filled),
+                                 inc["CSUM_BAD"].eq(cu.l4 & ~cu.valid)]
+                    m.d.sync += data_valid.eq(cu.valid)
+                    with m.If(cu.bad_offsets):
+                        m.d.comb += inc["DROP_CSUM"].eq(1)
+                        m.next = "TX_USED"
+                    with m.Elif(phase == 2):
+                        m.next = "UP_ROUTE"
+                    with m.Else():
+                        m.next = "TX_ROUTE"
+            with m.State("TX_ROUTE"):
+                with m.If(dst[0] | ~is_ours):
                     # (a broadcast or multicast frame goes to the other functions too, after)
                     m.d.sync += [k.eq(0), nwords.eq((total - P.NET_HDR + WB - 1) >> LB),
                                  flood.eq(dst[0]), phase.eq(1)]
@@ -513,7 +565,16 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(drop | (total < P.MIN_FRAME) | (total > PKT_MAX - P.NET_HDR)):
                     m.d.comb += inc["DROP_SIZE"].eq(1)
                     m.next = "NEXT"
-                with m.Elif(dst[0]):
+                with m.Else():
+                    m.next = "UP_CSUM"
+            with m.State("UP_CSUM"):
+                # a receiver that wants DATA_VALID (by address, else the PF by DEFAULT_PF; a
+                # flood: any function)
+                want = Mux(dst[0], gcsum != 0,
+                           Mux(is_ours, gcsum.bit_select(mt.hit_fidx, 1), net_ctrl & gcsum[0]))
+                checksum_pass(0, want, "UP_ROUTE")
+            with m.State("UP_ROUTE"):
+                with m.If(dst[0]):
                     m.d.sync += flood.eq(1)            # broadcast / multicast: every function
                     m.next = "FLOOD"
                 with m.Elif(~(is_ours | net_ctrl)):
@@ -559,12 +620,20 @@ class VirtioNetEngine(wiring.Component):
             with m.State("RX_HDRW"):
                 # a fresh virtio_net_hdr in the slot before the frame (num_buffers 1): the
                 # receive buffers get the slot's header and frame as one byte string
+                # (flags: DATA_VALID for a function that negotiated GUEST_CSUM, when the
+                # frame's TCP / UDP checksum was checked and held)
                 m.d.comb += self.pm_own.eq(1)
+                valid = data_valid & gcsum.bit_select(cf, 1)
                 with m.Switch(k):
                     for i, (word, val, en) in enumerate(hdr_words):
                         with m.Case(i):
+                            flags = 0
+                            if word == HDR_OFF // WB:
+                                flags = Mux(valid, DATA_VALID, 0) << (8 * (HDR_OFF % WB))
                             m.d.comb += [self.pm_wr.addr.eq(slot * (P.SLOT // WB) + word),
-                                         self.pm_wr.data.eq(val), self.pm_wr.en.eq(en)]
+                                         self.pm_wr.data.eq(val | flags), self.pm_wr.en.eq(en)]
+                            if i == 0:
+                                m.d.comb += inc["CSUM_VALID"].eq(valid)
                 m.d.sync += k.eq(k + 1)
                 with m.If(k == len(hdr_words) - 1):
                     m.next = "LOADQ0"

@@ -29,7 +29,8 @@ __all__ = ["NetRegisters", "NET_EVENTS", "NetEventsSignature", "MigrationSignatu
 
 #: The engine's counted events, in the order of their registers.
 NET_EVENTS = ("tx_frames", "rx_frames", "uplink_out", "uplink_in", "drop_nobuf", "drop_bad",
-              "drop_unknown", "drop_size", "queue_irqs", "irq_suppressed", "xlate_errors")
+              "drop_unknown", "drop_size", "queue_irqs", "irq_suppressed", "xlate_errors",
+              "csum_filled", "csum_valid", "csum_bad", "drop_csum")
 
 #: The index registers the migration window reads through and restores.
 MIG_INDICES = {"rx_avail": MG.RX_AVAIL, "rx_used": MG.RX_USED, "tx_avail": MG.TX_AVAIL,

@@ -35,8 +35,8 @@ __all__ = ["VirtioPci", "NQ", "OFFERED", "VirtqSignature"]
 
 NQ = V.NUM_QUEUES_VALUE
 # the feature bits the device offers; each function keeps one accepted-flag per offer
-OFFERED = (V.F_NET_MAC, V.F_NET_MRG_RXBUF, V.F_NET_STATUS, V.F_RING_INDIRECT_DESC,
-           V.F_RING_EVENT_IDX, V.F_VERSION_1)
+OFFERED = (V.F_NET_CSUM, V.F_NET_GUEST_CSUM, V.F_NET_MAC, V.F_NET_MRG_RXBUF, V.F_NET_STATUS,
+           V.F_RING_INDIRECT_DESC, V.F_RING_EVENT_IDX, V.F_VERSION_1)
 
 
 def _dw(off):
@@ -65,6 +65,8 @@ def VirtqSignature(num_functions):
         "ev_idx":   In(nf),         # VIRTIO_F_EVENT_IDX negotiated
         "indirect": In(nf),         # VIRTIO_F_INDIRECT_DESC negotiated
         "mrg":      In(nf),         # VIRTIO_NET_F_MRG_RXBUF negotiated
+        "csum":     In(nf),         # VIRTIO_NET_F_CSUM negotiated (the device fills checksums)
+        "gcsum":    In(nf),         # VIRTIO_NET_F_GUEST_CSUM negotiated (DATA_VALID given)
         "kick":     In(nf * NQ),    # notified, not yet acknowledged; bit = fidx * NQ + q
         "kick_ack": Out(1),
         "kick_idx": Out(range(nf * NQ)),
@@ -294,6 +296,8 @@ class VirtioPci(wiring.Component):
                 self.engine.ev_idx[g].eq(gf[g][OFFERED.index(V.F_RING_EVENT_IDX)]),
                 self.engine.indirect[g].eq(gf[g][OFFERED.index(V.F_RING_INDIRECT_DESC)]),
                 self.engine.mrg[g].eq(gf[g][OFFERED.index(V.F_NET_MRG_RXBUF)]),
+                self.engine.csum[g].eq(gf[g][OFFERED.index(V.F_NET_CSUM)]),
+                self.engine.gcsum[g].eq(gf[g][OFFERED.index(V.F_NET_GUEST_CSUM)]),
             ]
         with m.If(self.engine.kick_ack):
             m.d.sync += kick.bit_select(self.engine.kick_idx, 1).eq(0)

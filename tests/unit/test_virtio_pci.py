@@ -266,11 +266,11 @@ def test_handshake_goes_live(features, ev, ind):
 @pytest.mark.parametrize("features,order", [
     (F_MAC | F_STATUS | F_EVIDX, (0, 1)),            # no VERSION_1
     (0, (0, 1)),
-    (F_V1 | 1, (1, 0)),                              # bit 0 not offered, high word first
-    (F_V1 | 1, (0, 1)),                              # bit 0 not offered, low word first (Linux)
+    (F_V1 | 1 << 3, (1, 0)),                         # bit 3 not offered, high word first
+    (F_V1 | 1 << 3, (0, 1)),                         # bit 3 not offered, low word first (Linux)
     (F_V1 | (1 << 33), (0, 1)),                      # bit 33 not offered
     (F_V1 | (1 << 64), (0, 1, 2)),                   # bit 64 (select 2) not offered
-], ids=["no_v1", "none", "bit0_hi_first", "bit0_lo_first", "bit33", "bit64"])
+], ids=["no_v1", "none", "bit3_hi_first", "bit3_lo_first", "bit33", "bit64"])
 def test_features_ok_refused(features, order):
     async def tb(ctx, dut, v):
         f = 2
