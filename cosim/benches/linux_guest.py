@@ -157,12 +157,23 @@ async def guest_features(rig, n):
     return sum(1 << i for i, c in enumerate(bits) if c == "1")
 
 
+async def tcp_csum_errors(rig, n):
+    """The guest kernel's count of TCP segments that failed its checksum check."""
+    rc, out = await rig.run(n, "grep Tcp: /proc/net/snmp")
+    assert rc == 0, out
+    names, values = (line.split()[1:] for line in out.strip().splitlines()[-2:])
+    return int(dict(zip(names, values))["InCsumErrors"])
+
+
 @cocotb.test()
 async def test_two_guests(dut):
     """Two Linux guests on VF1 and VF2 ping each other through the card's switch (ARP by the
     switch's broadcast flood) and move 256 KiB over TCP byte exact (md5 in both guests), with
-    MRG_RXBUF; QEMU killed in mid-transfer resets VF1 only while VF2 goes on pinging the peer;
-    a new QEMU on VF1's socket, without MRG_RXBUF, takes a 256 KiB transfer from VF2."""
+    MRG_RXBUF and both checksum offloads (the card fills in the sender's TCP checksums and
+    gives the receiver DATA_VALID; the receiving kernel counts no checksum error); QEMU killed
+    in mid-transfer resets VF1 only while VF2 goes on pinging the peer; a new QEMU on VF1's
+    socket, without MRG_RXBUF and without the checksum offloads, takes a 256 KiB transfer from
+    VF2 (whose checksums the card still fills in; VF1's kernel checks them itself)."""
     rig = await CardRig(dut, [1, 2]).start()
     try:
         await rig.boot(1)
@@ -171,14 +182,23 @@ async def test_two_guests(dut):
             rc, out = await rig.run(a, f"ping -c 3 -W 5 {vf_ip(b)}", timeout_s=120)
             assert rc == 0 and " 0% packet loss" in out, out
         for n in (1, 2):
-            assert await guest_features(rig, n) >> V.F_NET_MRG_RXBUF & 1
-            assert rig.card.backends[n].drv.features >> V.F_NET_MRG_RXBUF & 1
+            for bit in (V.F_NET_MRG_RXBUF, V.F_NET_CSUM, V.F_NET_GUEST_CSUM):
+                assert await guest_features(rig, n) >> bit & 1, (n, bit)
+                assert rig.card.backends[n].drv.features >> bit & 1, (n, bit)
+        ctr_a = await counters(rig.h)
         s, d, size, wall, cyc = await transfer(rig, 1, 2)
         assert size == TRANSFER_KIB * 1024 and s == d, (s, d, size)
-        dut._log.info("VF1 -> VF2 %d KiB with MRG_RXBUF: %.1f s wall, %d cycles", TRANSFER_KIB,
-                      wall, cyc)
+        dut._log.info("VF1 -> VF2 %d KiB with MRG_RXBUF and checksum offload: %.1f s wall, "
+                      "%d cycles", TRANSFER_KIB, wall, cyc)
         ctr0 = await counters(rig.h)
         assert ctr0["DROP_BAD"] == 0 and ctr0["DROP_SIZE"] == 0, ctr0
+        filled = ctr0["CSUM_FILLED"] - ctr_a["CSUM_FILLED"]
+        valid = ctr0["CSUM_VALID"] - ctr_a["CSUM_VALID"]
+        # (about 180 full segments one way, their ACKs the other: every one filled and valid)
+        assert filled >= 180 and valid >= 180, (ctr_a, ctr0)
+        assert ctr0["CSUM_BAD"] == ctr_a["CSUM_BAD"] and ctr0["DROP_CSUM"] == 0, (ctr_a, ctr0)
+        for n in (1, 2):
+            assert await tcp_csum_errors(rig, n) == 0
         # QEMU on VF1 killed in mid-transfer
         await rig.run(2, "rm -f /tmp/rx; (sleep 900 | nc -l -p 5001 > /tmp/rx 2>/dev/null &); "
                          "sleep 0.3")
@@ -200,13 +220,15 @@ async def test_two_guests(dut):
         # NEEDS_RESET, since cleared by the reset; nothing of that after this point)
         ctr1 = await counters(rig.h)
         # a new QEMU on the same socket, without MRG_RXBUF
-        await rig.boot(1, nic_opts=["mrg_rxbuf=off"])
-        assert not await guest_features(rig, 1) >> V.F_NET_MRG_RXBUF & 1
-        assert not rig.card.backends[1].drv.features >> V.F_NET_MRG_RXBUF & 1
+        await rig.boot(1, nic_opts=["mrg_rxbuf=off", "csum=off", "guest_csum=off"])
+        for bit in (V.F_NET_MRG_RXBUF, V.F_NET_CSUM, V.F_NET_GUEST_CSUM):
+            assert not await guest_features(rig, 1) >> bit & 1, bit
+            assert not rig.card.backends[1].drv.features >> bit & 1, bit
         s, d, size, wall, cyc = await transfer(rig, 2, 1, port=5002)
         assert size == TRANSFER_KIB * 1024 and s == d, (s, d, size)
-        dut._log.info("VF2 -> VF1 %d KiB without MRG_RXBUF: %.1f s wall, %d cycles",
-                      TRANSFER_KIB, wall, cyc)
+        dut._log.info("VF2 -> VF1 %d KiB without MRG_RXBUF, VF1 without checksum offload: "
+                      "%.1f s wall, %d cycles", TRANSFER_KIB, wall, cyc)
+        assert await tcp_csum_errors(rig, 1) == 0
         ctr = await counters(rig.h)
         dut._log.info("counters %s (before the kill %s)", ctr, ctr0)
         assert ctr["DROP_BAD"] == ctr1["DROP_BAD"] and ctr["DROP_SIZE"] == 0, (ctr1, ctr)
