@@ -25,11 +25,11 @@ from collections import deque
 
 import cocotb
 from cocotb.queue import Queue
-from cocotb.triggers import FallingEdge, RisingEdge, Event, ReadWrite, ValueChange
+from cocotb.triggers import FallingEdge, RisingEdge, Event, ReadWrite, ValueChange, Timer
 from cocotb.utils import get_sim_time
 
 from cocotbext.pcie.core import Device
-from cocotbext.pcie.core.tlp import Tlp
+from cocotbext.pcie.core.tlp import Tlp, TlpType
 
 from hdl.pcie.tlp import TlpBeat
 
@@ -39,6 +39,23 @@ __all__ = ["TlpBridge", "BeatBridge", "BeatCodec", "tlp_path", "PATHS"]
 
 #: The ways TLPs cross between Python and the RTL (``OFFCARD_TLP_PATH``).
 PATHS = ("tlp", "beat")
+
+
+def host_read_ns(value=None):
+    """The host's added read latency in ns (``OFFCARD_HOST_READ_NS``, default 0): every
+    completion the host sends the card arrives that much later, in order."""
+    v = value if value is not None else os.environ.get("OFFCARD_HOST_READ_NS", "") or "0"
+    try:
+        ns = int(v)
+    except ValueError:
+        ns = -1
+    if ns < 0:
+        raise ValueError(f"OFFCARD_HOST_READ_NS must be a whole number of ns >= 0, got {v!r}")
+    return ns
+
+
+_COMPLETIONS = frozenset({TlpType.CPL, TlpType.CPL_DATA, TlpType.CPL_LOCKED,
+                          TlpType.CPL_LOCKED_DATA})
 
 
 def tlp_path(value=None):
@@ -95,6 +112,10 @@ class _Bridge(Device):
     ``(hdr_bytes, payload_bytes)`` instead of upstream (used by the fuzzing bench).
     ``tx_hook(hdr, payload, first_beat_ns, last_beat_ns)`` sees every TLP the card sends,
     ``rx_hook(tlp, first_beat_ns, last_beat_ns)`` every TLP it took from the host.
+    ``read_latency_ns`` (:func:`host_read_ns` at start, settable any time) delays every
+    completion for the card's reads by that much, in order: a server's host memory answers in
+    0.5-1 us, the root complex model at once (posted and non-posted requests from the host may
+    pass the delayed completions, as PCIe ordering allows).
     """
 
     #: The bridge that drives each card's ports now: ``(id(dut), prefix) -> bridge``.
@@ -124,7 +145,11 @@ class _Bridge(Device):
         self.rx_hook = None
         self.idle = Event()
         self.idle.set()
+        self.read_latency_ns = host_read_ns()
+        self._late = deque()         # (due ns, Tlp): completions held back
+        self._late_more = Event()
         self._start(self._upstream())
+        self._start(self._deliver_late())
 
     def _start(self, coro):
         self._tasks.append(cocotb.start_soon(coro))
@@ -158,7 +183,24 @@ class _Bridge(Device):
     async def upstream_recv(self, tlp):
         """Called by the link for every TLP from the root complex."""
         assert tlp.check()
+        if tlp.fmt_type in _COMPLETIONS and (self.read_latency_ns or self._late):
+            # (also behind an earlier completion still held back: they stay in order)
+            self._late.append((get_sim_time("ns") + self.read_latency_ns, tlp))
+            self._late_more.set()
+            return
         self.send_tlp(tlp)
+
+    async def _deliver_late(self):
+        while True:
+            while not self._late:
+                self._late_more.clear()
+                await self._late_more.wait()
+            due, tlp = self._late[0]
+            wait = due - get_sim_time("ns")
+            if wait > 0:
+                await Timer(wait, "ns")
+            self._late.popleft()
+            self.send_tlp(tlp)
 
     def _from_card(self, hdr, payload, t_first, t_last):
         self.tlps_out += 1

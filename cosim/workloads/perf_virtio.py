@@ -1,9 +1,11 @@
 """``make bench`` workload: virtio-net frames between two guests through the card.
 
 For 64-byte and 1500-byte frames, guest 1 (VF1) sends ``N`` frames to guest 2 (VF2), both in
-direct mode and both in trap mode. Reported per row: frames per second of wall time, payload
-bytes per simulated clock (frame bytes over the clocks from the first send to the last frame
-received), and the hypervisor traps taken. Writes JSON to ``OFFCARD_BENCH_OUT``.
+direct mode and both in trap mode; direct mode once more with the host's memory answering the
+card's reads 1 us late (``host_read_ns``, :attr:`cosim.bridge._Bridge.read_latency_ns`), a
+server's figure. Reported per row: frames per second of wall time, payload bytes per simulated
+clock (frame bytes over the clocks from the first send to the last frame received) and clocks
+per frame, and the hypervisor traps taken. Writes JSON to ``OFFCARD_BENCH_OUT``.
 """
 
 import random
@@ -17,6 +19,8 @@ from cosim.harness import CardHarness, CLOCK_NS
 from cosim.scenarios.virtio import frame, receive_n
 
 N = {64: 64, 1500: 32}
+#: host read latencies (ns) each mode runs with
+LATENCIES = {"direct": (0, 1000), "trap": (0,)}
 
 
 @cocotb.test()
@@ -34,7 +38,8 @@ async def test_virtio_throughput(dut):
         gb = await hv.create_guest(f"{mode}-b", [vb], mode)
         a, b = ga.nics[0], gb.nics[0]
         await b.post_rx(32)
-        for size, n in N.items():
+        for lat, (size, n) in ((lat, sn) for lat in LATENCIES[mode] for sn in N.items()):
+            h.bridge.read_latency_ns = lat
             frames = [frame(b.mac, a.mac, size, rnd) for _ in range(n)]
             traps0 = ga.traps + gb.traps
             wall0, t0 = time.perf_counter(), h.t.now_ns()
@@ -47,11 +52,13 @@ async def test_virtio_throughput(dut):
             t1, wall1 = h.t.now_ns(), time.perf_counter()
             assert got == frames
             clocks = (t1 - t0) / CLOCK_NS
-            rows.append({"mode": mode, "frame_bytes": size, "frames": n,
+            rows.append({"mode": mode, "host_read_ns": lat, "frame_bytes": size, "frames": n,
                          "frames_per_wall_s": round(n / (wall1 - wall0), 1),
                          "payload_bytes_per_clk": round(n * size / clocks, 3),
+                         "clocks_per_frame": round(clocks / n, 1),
                          "sim_us": round((t1 - t0) / 1000, 1),
                          "traps": ga.traps + gb.traps - traps0,
                          "data_width": h.data_width})
             dut._log.info("virtio bench: %s", rows[-1])
+    h.bridge.read_latency_ns = 0
     bench_out(rows)
