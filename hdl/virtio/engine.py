@@ -53,7 +53,8 @@ NEEDS_RESET before anything moves there (counted in ``XLATE_ERRORS``).
 """
 
 from amaranth import *
-from amaranth.lib import stream, wiring
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
@@ -69,9 +70,10 @@ from .mac_table import MacLookupSignature
 from .net_regs import NET_EVENTS, NetEventsSignature, MigrationSignature
 from .transport import NQ, VirtqSignature
 
-__all__ = ["VirtioNetEngine"]
+__all__ = ["VirtioNetEngine", "AVAIL_WINDOW"]
 RXQ, TXQ = 0, 1
 DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
+AVAIL_WINDOW = 8                   # available-ring entries one read fetches at most (4 DWs)
 
 
 class VirtioNetEngine(wiring.Component):
@@ -215,7 +217,6 @@ class VirtioNetEngine(wiring.Component):
         nb_hi_at = Signal(64)
         pub_n = Signal(16)                 # used elements the last used-index write added
         nbuf_q = Signal(16)                # num_buffers of a frame that spans buffers
-        aidx_q = Signal(16)                # the available index last read
         ab = Signal(16)                    # used elements taken back so far (RX_AB)
         flood = Signal()                   # a broadcast / multicast frame: to every function
         fl_g = Signal(range(nf + 1))       # the next function to flood to
@@ -264,6 +265,42 @@ class VirtioNetEngine(wiring.Component):
         m.d.comb += mt.dst.eq(dst)
         is_ours = mt.hit
 
+        # the available ring's entry for the next buffer (``nb`` of this frame already taken)
+        pos = Signal(16)                   # that entry's position (free-running index)
+        ring_at = Signal(64)
+        m.d.comb += [pos.eq(last_avail[qi] + nb),
+                     ring_at.eq(drv_base + 4 + ((pos & qmask) << 1))]
+
+        # ---- the available-ring cache, per queue (block RAM): the available index last read
+        #      and a window of the entries after the next one to take, fetched by one read.
+        #      Entries the driver has made available do not change until they are used
+        #      (virtio 1.2, 2.7.13), so a queue visit needs neither read while the window
+        #      lasts. ``cval`` (per queue) says the record is good; a reset, a restore of the
+        #      indices or NEEDS_RESET clears it.
+        cache_rec = data.StructLayout({"idx": 16, "base": 16, "cnt": range(AVAIL_WINDOW + 1),
+                                       "heads": data.ArrayLayout(16, AVAIL_WINDOW)})
+        m.submodules.avail_cache = cmem = Memory(shape=cache_rec, depth=nf * NQ, init=[])
+        c_rd = cmem.read_port()
+        c_wr = cmem.write_port()
+        cval = Signal(nf * NQ)
+        cur = Signal(cache_rec)            # the current queue's record (loaded at LOADQ3)
+        c_ok = Signal()                    # ... and it is good
+        c_wb = Signal()                    # write ``cur`` back next cycle
+        c_lost = Signal()                  # the current function's records were invalidated
+        inv_cur = Signal()                 # ... in this very cycle
+        m.d.comb += [c_rd.addr.eq(qi), c_rd.en.eq(1),
+                     c_wr.addr.eq(qi), c_wr.data.eq(cur), c_wr.en.eq(c_wb)]
+        m.d.sync += c_wb.eq(0)
+        with m.If(c_wb & ~c_lost):
+            m.d.sync += cval.bit_select(qi, 1).eq(1)
+
+        def invalidate(g):
+            """Function ``g``'s records are no good any more."""
+            m.d.sync += cval.word_select(g, NQ).eq(0)
+            with m.If(g == cf):
+                m.d.comb += inv_cur.eq(1)
+                m.d.sync += [c_lost.eq(1), c_ok.eq(0), cur.cnt.eq(0)]
+
         def clear_indices(g):
             """Function ``g``'s ring indices back to 0."""
             return [s.eq(0) for q in range(NQ)
@@ -272,23 +309,23 @@ class VirtioNetEngine(wiring.Component):
         with m.If(self.transport.vreset):
             g = self.transport.vreset_fidx
             m.d.sync += [txpend.bit_select(g, 1).eq(0), *clear_indices(g)]
+            invalidate(g)
         with m.If(self.fn.vf_reset):
             m.d.sync += txpend.eq(txpend & 1)
             for g in range(1, nf):
                 m.d.sync += clear_indices(g)
+                invalidate(g)
         # restoring a stopped, idle function's indices (the engine does not touch them then)
         for name, arr, q in (("rx_avail", last_avail, 0), ("rx_used", used_idx, 0),
                              ("tx_avail", last_avail, 1), ("tx_used", used_idx, 1)):
             with m.If(getattr(mg, f"set_{name}")):
                 m.d.sync += arr[mig_sel * NQ + q].eq(mg.wdata)
+                invalidate(mig_sel)
         with m.If(mg.set_tx_pend):
             m.d.sync += txpend.bit_select(mig_sel, 1).eq(mg.wdata[0])
 
         limit = Mux(ind, ind_n, qsize)
 
-        # the available ring's entry for the next buffer (``nb`` of this frame already taken)
-        ring_at = Signal(64)
-        m.d.comb += ring_at.eq(drv_base + 4 + (((last_avail[qi] + nb)[:16] & qmask) << 1))
 
         def used_len_at(i):
             """The length field of this frame's used element ``i``."""
@@ -382,7 +419,11 @@ class VirtioNetEngine(wiring.Component):
                 m.d.sync += drv_base.eq(self.transport.qa_data)
                 m.next = "LOADQ3"
             with m.State("LOADQ3"):
-                m.d.sync += dev_base.eq(self.transport.qa_data)
+                good = cval.bit_select(qi, 1) & ~inv_cur
+                m.d.sync += [dev_base.eq(self.transport.qa_data), cur.eq(c_rd.data),
+                             c_ok.eq(good), c_lost.eq(inv_cur)]
+                with m.If(~good):
+                    m.d.sync += cur.cnt.eq(0)
                 with m.If(ret_used):
                     m.next = "USED_ELEM"
                 with m.Elif(~self.transport.qr_en | (qsize == 0)):
@@ -393,16 +434,25 @@ class VirtioNetEngine(wiring.Component):
                         m.d.sync += txpend.bit_select(cf, 1).eq(0)
                         m.next = "NEXT"
                 with m.Else():
+                    m.next = "AVAIL_CHECK"
+
+            # -- the available index and the head of the next chain (from the cache when it
+            #    has them) --
+            with m.State("AVAIL_CHECK"):
+                c_ahead = Signal(16)
+                m.d.comb += c_ahead.eq(cur.idx - last_avail[qi])
+                with m.If(c_ok & (c_ahead > nb) & (c_ahead <= qsize)):
+                    m.next = "HEAD_GET"
+                with m.Else():
                     hread(drv_base, 1)                       # avail.flags and avail.idx
                     m.next = "AVAIL_IDX"
-
-            # -- the available index and the head of the next chain --
             with m.State("AVAIL_IDX"):
                 with m.If(h_done):
                     aidx = h_rdata[16:32]
                     ahead = Signal(16)                   # entries made available, not taken
                     m.d.comb += ahead.eq(aidx - last_avail[qi])
-                    m.d.sync += aidx_q.eq(aidx)
+                    with m.If(~h_err):
+                        m.d.sync += [cur.idx.eq(aidx), c_ok.eq(~c_lost), c_wb.eq(1)]
                     with m.If(h_err | (ahead > qsize) | (ahead < nb)):
                         m.next = "BAD"
                     with m.Elif(ahead == nb):
@@ -415,20 +465,65 @@ class VirtioNetEngine(wiring.Component):
                         with m.Else():
                             m.next = "RX_ABORT"          # out of buffers in mid-frame
                     with m.Else():
-                        hread16(ring_at)
-                        m.next = "AVAIL_HEAD"
+                        m.next = "HEAD_GET"
+            with m.State("HEAD_GET"):
+                off = Signal(16)
+                m.d.comb += off.eq(pos - cur.base)
+                with m.If(c_ok & (off < cur.cnt)):
+                    m.next = "AVAIL_HEAD"
+                with m.Else():
+                    # a window of entries from ``pos``: up to 4 DWs, not past the ring's end,
+                    # the entries made available or the page
+                    lane0 = ring_at[1]
+                    to_end = Signal(16)
+                    avail = Signal(16)
+                    want = Signal(16)
+                    need = Signal(3)
+                    ndw = Signal(3)
+                    page_dw = Signal(11)             # DWs to the end of the page
+                    m.d.comb += [to_end.eq(qsize - (pos & qmask)), avail.eq(cur.idx - pos),
+                                 want.eq(Mux(to_end < avail, to_end, avail)),
+                                 page_dw.eq(1024 - ring_at[2:12])]
+                    need_dw = (want + lane0 + 1) >> 1
+                    m.d.comb += [need.eq(Mux(need_dw > 4, 4, need_dw)),
+                                 ndw.eq(Mux(page_dw < need, page_dw, need))]
+                    got = Signal(4)
+                    m.d.comb += got.eq((ndw << 1) - lane0)
+                    # the last half read past the ring's end is masked off
+                    hi_ok = (got <= to_end)
+                    m.d.comb += [hp.req.valid.eq(1), hp.req.p.write.eq(0),
+                                 hp.req.p.addr.eq(Cat(C(0, 2), ring_at[2:])),
+                                 hp.req.p.ndw.eq(ndw),
+                                 hp.req.p.fbe.eq(Mux(ndw == 1,
+                                                     Mux(lane0, 0xC, Mux(hi_ok, 0xF, 0x3)),
+                                                     Mux(lane0, 0xC, 0xF))),
+                                 hp.req.p.lbe.eq(Mux(ndw == 1, 0, Mux(hi_ok, 0xF, 0x3)))]
+                    m.d.sync += [cur.base.eq(pos),
+                                 cur.cnt.eq(Mux(got > want, want, got)), k.eq(lane0)]
+                    m.next = "HEAD_WIN"
+            with m.State("HEAD_WIN"):
+                with m.If(h_done & h_err):
+                    m.d.sync += cur.cnt.eq(0)
+                    m.next = "BAD"
+                with m.Elif(h_done):
+                    win = h_rdata >> Mux(k[0], 16, 0)
+                    m.d.sync += [cur.heads[i].eq(win[16 * i:16 * i + 16])
+                                 for i in range(AVAIL_WINDOW)]
+                    m.d.sync += [c_ok.eq(~c_lost), c_wb.eq(1)]
+                    m.next = "AVAIL_HEAD"
             with m.State("AVAIL_HEAD"):
-                with m.If(h_done):
-                    hd = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
-                    with m.If(h_err | (hd >= qsize)):
-                        m.next = "BAD"
-                    with m.Else():
-                        # (a receive buffer after the first goes on where the frame stands)
-                        m.d.sync += [head.eq(hd), di.eq(hd), ind.eq(0), count.eq(0),
-                                     total.eq(Mux(cq == TXQ, 0, total)),
-                                     buf_start.eq(Mux(cq == TXQ, 0, total)),
-                                     first.eq(1), used_len.eq(0)]
-                        m.next = "DESC"
+                # the next entry, from the window
+                hd = Signal(16)
+                m.d.comb += hd.eq(cur.heads[(pos - cur.base)[:exact_log2(AVAIL_WINDOW)]])
+                with m.If(hd >= qsize):
+                    m.next = "BAD"
+                with m.Else():
+                    # (a receive buffer after the first goes on where the frame stands)
+                    m.d.sync += [head.eq(hd), di.eq(hd), ind.eq(0), count.eq(0),
+                                 total.eq(Mux(cq == TXQ, 0, total)),
+                                 buf_start.eq(Mux(cq == TXQ, 0, total)),
+                                 first.eq(1), used_len.eq(0)]
+                    m.next = "DESC"
 
             # -- walk the chain --
             with m.State("DESC"):
@@ -704,12 +799,7 @@ class VirtioNetEngine(wiring.Component):
                 # the next buffer of a frame that spans several (MRG_RXBUF); at most a queue's
                 # worth: AVAIL_IDX never lets ``nb`` pass what the driver made available, so a
                 # ring too small for the frame ends in RX_ABORT
-                with m.If(aidx_q != (last_avail[qi] + nb)[:16]):
-                    hread16(ring_at)
-                    m.next = "AVAIL_HEAD"
-                with m.Else():
-                    hread(drv_base, 1)                   # more may have been made available
-                    m.next = "AVAIL_IDX"
+                m.next = "AVAIL_CHECK"                  # (more may have been made available)
             with m.State("RX_ABORT"):
                 # out of buffers in mid-frame: the buffers taken go back with length 0 (the
                 # driver frees them as runts), the frame is dropped
@@ -820,6 +910,7 @@ class VirtioNetEngine(wiring.Component):
                 m.next = "LOADQ0"
 
             with m.State("BAD"):
+                invalidate(cf)
                 m.d.comb += [self.transport.nr_set.eq(1), self.transport.nr_fidx.eq(cf), inc["DROP_BAD"].eq(1),
                              inc["XLATE_ERRORS"].eq(hp.xerr | mx_xerr)]
                 m.d.sync += txpend.bit_select(cf, 1).eq(0)
