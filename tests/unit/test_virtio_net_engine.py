@@ -177,6 +177,7 @@ class World:
         self.live = self.bme = (1 << NF) - 1
         self.ev_idx, self.indirect, self.mrg = ev_idx, indirect, mrg
         self.kick = 0
+        self.vresets = deque()    # functions to give a virtio reset strobe, one per cycle
         self.xlate_limit = xlate_limit
         self.xoff = xoff          # a domain: bus address = IOVA + xoff (0: bypass)
         self.vq = {(f, q): Vq(self, QSIZE, f) for f in range(NF) for q in range(NQ)}
@@ -453,6 +454,9 @@ class World:
             if k_ack:
                 self.kick_acks.append(k_idx)
                 self.kick &= ~(1 << k_idx)
+            vr = self.vresets.popleft() if self.vresets else None
+            drive(e.transport.vreset, int(vr is not None))
+            drive(e.transport.vreset_fidx, vr or 0)
             drive(e.transport.kick, self.kick)
             drive(e.transport.live, self.live)
             drive(e.fn.bme, self.bme)
@@ -1081,4 +1085,80 @@ def test_buffer_past_top_of_address_space(direction):
         w.notify(0, TXQ)
         await w.settle(ctx)
         w.check_rx(good, rx_addr, ok_frame, 0, rx_head)
+    w.run(body)
+
+
+# ---- the available-ring cache --------------------------------------------------------------
+
+def avail_reads(w, f, q, since=0):
+    """The reads the engine made of queue ``(f, q)``'s available index and entries (from TLP
+    ``since`` on; not those of the flags alone, for interrupt suppression): (address, DWs)."""
+    vq = w.vq[f, q]
+    return [(a, n) for kind, a, n, fbe, *_ in w.tlps[since:]
+            if kind == "rd" and vq.avail <= a < vq.avail + r4(6 + 2 * vq.size)
+            and not (a == vq.avail and fbe == 0x3)]
+
+
+def test_avail_window_one_read_for_several_frames():
+    """Six frames made available at once cost each queue one read of the available index and
+    one window of entries (not two reads per frame); the next six cross the ring's end, where a
+    window stops (2 entries), and arrive byte exact."""
+    w = World()
+    frames = [make_frame(mac(2), mac(1), 60 + 7 * i, seed=i) for i in range(12)]
+
+    async def body(ctx):
+        for k, batch in enumerate((frames[:6], frames[6:])):
+            first = len(w.tlps)
+            rx = [w.post_rx(2) for _ in batch]
+            for f in batch:
+                w.send(1, f, single=True)
+            w.notify(1, TXQ)
+            await w.settle(ctx)
+            base = w.vq[2, RXQ].used_idx - len(batch)
+            for i, ((head, addr), f) in enumerate(zip(rx, batch)):
+                w.check_rx(2, addr, f, base + i, head)
+            tx = avail_reads(w, 1, TXQ, first)
+            rx_reads = avail_reads(w, 2, RXQ, first)
+            yield_ = (tx, rx_reads)         # (for the messages)
+            if k == 0:
+                # TX: the index, one window of 6 (3 DWs), the index again when it runs out;
+                # RX: the index, one window
+                assert [n for _, n in tx] == [1, 3, 1], yield_
+                assert [n for _, n in rx_reads] == [1, 3], yield_
+            else:
+                # entries 6..11: a window of 2 up to the ring's end, then one of 4 from 0
+                assert [n for _, n in tx] == [1, 1, 2, 1], yield_
+                assert [n for _, n in rx_reads] == [1, 1, 2], yield_
+        ctr = await w.counters(ctx)
+        expect(ctr, TX_FRAMES=12, RX_FRAMES=12, QUEUE_IRQS=24)
+    w.run(body)
+
+
+def test_avail_cache_forgotten_at_reset():
+    """Entries cached from a ring are not used after the function's virtio reset: the new ring
+    (other descriptor indices) is read afresh."""
+    w = World()
+
+    async def body(ctx):
+        bufs = [w.post_rx(2) for _ in range(4)]
+        f1 = make_frame(mac(2), mac(1), 80, seed=1)
+        w.send(1, f1)
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        w.check_rx(2, bufs[0][1], f1, 0, bufs[0][0])
+        # function 2 reset; its driver sets the receive queue up again elsewhere
+        w.vresets.append(2)
+        vq = w.vq[2, RXQ] = Vq(w, QSIZE, 2)
+        vq.next_desc = 5
+        i = 2 * NQ + RXQ
+        for k, a in enumerate((vq.desc, vq.avail, vq.used)):
+            ctx.set(w.top.qaddr[4 * i + k], a)
+        head, addr = w.post_rx(2)
+        assert head == 5
+        f2 = make_frame(mac(2), mac(1), 90, seed=2)
+        w.send(1, f2)
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        w.check_rx(2, addr, f2, 0, head)
+        assert w.nrs == []
     w.run(body)
