@@ -236,7 +236,8 @@ def main(argv=None):
               placement_rows)
     add_table(console, md, "QoS token bucket on the virtio transmit path (uplink, 512 B frames)",
               ["sim", "config", "limit_bytes_per_clk", "limited_bytes_per_clk", "error_pct",
-               "unlimited_alone_bytes_per_clk", "unlimited_beside_bytes_per_clk"], qos_rows)
+               "unlimited_alone_bytes_per_clk", "unlimited_beside_bytes_per_clk", "isolation_pct"],
+              qos_rows)
     add_table(console, md, "live migration between two cards under traffic both ways "
               "(simulated us; target: blackout under 1000)",
               ["sim", "config", "tlp_path", "sim_ns_per_wall_s", "blackout_us", "paused_us",

@@ -253,13 +253,16 @@ async def test_telemetry_and_qos(dut):
     assert t1["qos_wait"] > 0 and t2["qos_wait"] == 0, (t1, t2)
     # the unlimited function kept sending while the limited one waited
     b_rate = uplink_rate(up, b.mac, 2, t_both)
-    dut._log.info("QoS: unlimited VF2 beside it: %.3f B/clk", b_rate)
+    left = solo_rate - lim_rate                          # what the limited one leaves it
+    dut._log.info("QoS: unlimited VF2 beside it: %.3f B/clk, %.1f %% of the %.3f left to it",
+                  b_rate, 100 * b_rate / left, left)
     assert b_rate > 0.9 * (solo_rate - lim_rate), (b_rate, solo_rate, lim_rate)
     bench_record("qos", [{"frame_bytes": size, "limit_bytes_per_clk": rate,
                           "limited_bytes_per_clk": round(lim_rate, 4),
                           "error_pct": round(100 * (lim_rate - rate) / rate, 2),
                           "unlimited_alone_bytes_per_clk": round(solo_rate, 4),
-                          "unlimited_beside_bytes_per_clk": round(b_rate, 4)}])
+                          "unlimited_beside_bytes_per_clk": round(b_rate, 4),
+                          "isolation_pct": round(100 * b_rate / left, 1)}])
 
 
 # ---- the firmware in the loop ----------------------------------------------------------------
