@@ -104,6 +104,12 @@ class NetRegs:
     CSUM_VALID   = 0x334   # frames delivered with DATA_VALID (their TCP / UDP checksum held)
     CSUM_BAD     = 0x338   # TCP / UDP frames checked for a receiver whose checksum was wrong
     DROP_CSUM    = 0x33C   # NEEDS_CSUM with csum_start + csum_offset outside the frame
+    COAL         = 0x370   # bits 7:0: used elements a queue may hold back before it publishes
+                           # them (and interrupts); 0 or 1: each frame at once. Bits 31:16:
+                           # clocks the oldest held-back one may wait. Held back elements are
+                           # also published once the engine has nothing else to do, and a
+                           # transmit queue's last known entry at once.
+    COAL_RESET = 8 | 1024 << 16
 
 
 class MigRegs:

@@ -63,6 +63,8 @@ WINDOWS = (
            "I/O page fault queues"),
     Window("net", 2, NetRegs.TX_FRAMES, NetRegs.DROP_CSUM + 4, "vnet", "pf",
            "the virtio-net switch's counters and control"),
+    Window("net_coal", 2, NetRegs.COAL, NetRegs.COAL + 4, "vnet", "pf",
+           "the virtio-net engine's used-ring coalescing"),
     Window("migration", 2, MigRegs.SEL, MigRegs.MAC_HI + 4, "vnet", "pf",
            "per-function quiesce, device queue indices, station address"),
     Window("mgmt_block", 2, MB.BLOCK_ID, MB.CYCLES_HI + 4, "mboard", "pf",

@@ -130,6 +130,8 @@ class VirtioNetEngine(wiring.Component):
         inc = {n.upper(): getattr(self.events, n) for n in NET_EVENTS}
         mg = self.mig
         mig_sel, mig_stop, net_ctrl = mg.sel, mg.stop, mg.default_pf
+        coal = mg.coal               # used elements a queue may hold back (0, 1: none)
+        coal_time = mg.coal_time     # ... and clocks the oldest may wait
         mig_busy = mg.busy           # the engine holds work of function ``mig_sel``
         mt = self.mac
         # the selected function's device-internal state, for the registers to read
@@ -222,6 +224,7 @@ class VirtioNetEngine(wiring.Component):
         fl_g = Signal(range(nf + 1))       # the next function to flood to
         ret_rx = Signal()                  # LOADQ returns to the receive path
         ret_used = Signal()                # ... to the transmit completion
+        ret_flush = Signal()               # ... to publish what the queue held back
         ptr = Signal(range(nf))
         k = Signal(range(P.SLOT // WB + 2))
         nwords = Signal(range(P.SLOT // WB + 2))
@@ -278,11 +281,18 @@ class VirtioNetEngine(wiring.Component):
         #      lasts. ``cval`` (per queue) says the record is good; a reset, a restore of the
         #      indices or NEEDS_RESET clears it.
         cache_rec = data.StructLayout({"idx": 16, "base": 16, "cnt": range(AVAIL_WINDOW + 1),
-                                       "heads": data.ArrayLayout(16, AVAIL_WINDOW)})
+                                       "heads": data.ArrayLayout(16, AVAIL_WINDOW),
+                                       # used elements written, not yet published
+                                       "unpub": 9})
         m.submodules.avail_cache = cmem = Memory(shape=cache_rec, depth=nf * NQ, init=[])
         c_rd = cmem.read_port()
         c_wr = cmem.write_port()
         cval = Signal(nf * NQ)
+        pend_pub = Signal(nf * NQ)         # the queue holds used elements back (``unpub``)
+        pub_age = Signal(16)               # clocks since some queue began holding back
+        idle_run = Signal(range(nf + 1))   # scan steps in a row that found nothing to do
+        m.d.sync += pub_age.eq(Mux(pend_pub == 0, 0, Mux(pub_age == 0xFFFF, pub_age,
+                                                             pub_age + 1)))
         cur = Signal(cache_rec)            # the current queue's record (loaded at LOADQ3)
         c_ok = Signal()                    # ... and it is good
         c_wb = Signal()                    # write ``cur`` back next cycle
@@ -296,7 +306,7 @@ class VirtioNetEngine(wiring.Component):
 
         def invalidate(g):
             """Function ``g``'s records are no good any more."""
-            m.d.sync += cval.word_select(g, NQ).eq(0)
+            m.d.sync += [cval.word_select(g, NQ).eq(0), pend_pub.word_select(g, NQ).eq(0)]
             with m.If(g == cf):
                 m.d.comb += inv_cur.eq(1)
                 m.d.sync += [c_lost.eq(1), c_ok.eq(0), cur.cnt.eq(0)]
@@ -327,21 +337,45 @@ class VirtioNetEngine(wiring.Component):
         limit = Mux(ind, ind_n, qsize)
 
 
+        # the used ring's next free element (after those held back)
+        used_at = Signal(16)
+        m.d.comb += used_at.eq(used_idx[qi] + cur.unpub)
+
         def used_len_at(i):
             """The length field of this frame's used element ``i``."""
-            return dev_base + 4 + (((used_idx[qi] + i)[:16] & qmask) << 3) + 4
+            return dev_base + 4 + (((used_at + i)[:16] & qmask) << 3) + 4
 
         def nb_byte(at, value):
             """Write one byte of num_buffers at IOVA ``at``."""
             hwrite(at & ~3, 1, value << Cat(C(0, 3), at[:2]), fbe=(C(1, 4) << at[:2])[:4])
 
         def publish(n):
-            """Issue the used index write for ``n`` new elements (the caller's state waits for
-            no more host-port results) and go on to avail_event / the interrupt."""
-            hwrite(dev_base, 1, Cat(C(0, 16), (used_idx[qi] + n)[:16]), fbe=0xC)
-            m.d.sync += [used_idx[qi].eq(used_idx[qi] + n),
-                         last_avail[qi].eq(last_avail[qi] + n), pub_n.eq(n)]
+            """Issue the used index write for ``n`` new elements and those held back (the
+            caller's state waits for no more host-port results) and go on to avail_event / the
+            interrupt."""
+            tot = Signal(10, name="pub_tot")
+            m.d.comb += tot.eq(cur.unpub + n)
+            hwrite(dev_base, 1, Cat(C(0, 16), (used_idx[qi] + tot)[:16]), fbe=0xC)
+            m.d.sync += [used_idx[qi].eq(used_idx[qi] + tot),
+                         last_avail[qi].eq(last_avail[qi] + n), pub_n.eq(tot),
+                         cur.unpub.eq(0), pend_pub.bit_select(qi, 1).eq(0), c_wb.eq(1)]
             m.next = "AVAIL_EVT"
+
+        def finish(n):
+            """``n`` used elements written for a frame: publish them, or hold them back (with
+            those before) while fewer than ``coal`` wait and, on a transmit queue, more entries
+            are known to be available (the last frame of a burst is published at once, so a
+            queue that goes idle has avail_event armed and read behind it). What is held back
+            is published when the scan passes the function with nothing to transmit."""
+            more = c_ok & ((cur.idx - last_avail[qi] - n)[:16] != 0)
+            hold = ((coal > 1) & ((cur.unpub + n) < coal) & ~mig_stop.bit_select(cf, 1)
+                    & ((cq == RXQ) | more))
+            with m.If(hold):
+                m.d.sync += [last_avail[qi].eq(last_avail[qi] + n), cur.unpub.eq(cur.unpub + n),
+                             pend_pub.bit_select(qi, 1).eq(1), c_wb.eq(1)]
+                m.next = "QDONE"
+            with m.Else():
+                publish(n)
 
         # the words of a slot that a fresh virtio_net_hdr (num_buffers 1) takes: (word, data,
         # byte enables), the header being the NET_HDR bytes before the frame
@@ -368,11 +402,18 @@ class VirtioNetEngine(wiring.Component):
                      mv.cmd.p.length.eq(cur_len),
                      mv.cmd.p.iova.eq(Mux(cq == RXQ, space_host, cur_addr))]
 
+        def flush(g):
+            """Publish what function ``g``'s queues held back (the receive queue first)."""
+            m.d.sync += [cf.eq(g), ret_rx.eq(0), ret_used.eq(0), ret_flush.eq(1), nb.eq(0),
+                         cq.eq(Mux(pend_pub.bit_select(g * NQ + RXQ, 1), RXQ, TXQ))]
+            m.next = "LOADQ0"
+
         with m.FSM(name="engine") as engine:
-            m.d.comb += mig_busy.eq(~engine.ongoing("SCAN")
-                                    & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
+            m.d.comb += mig_busy.eq((~engine.ongoing("SCAN")
+                                     & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
+                                    | (pend_pub.word_select(mig_sel, NQ) != 0))
             with m.State("SCAN"):
-                m.d.sync += [phase.eq(0), drop.eq(0), flood.eq(0), fl_g.eq(0)]
+                m.d.sync += [phase.eq(0), drop.eq(0), flood.eq(0), fl_g.eq(0), idle_run.eq(0)]
                 with m.If(self.uplink_rx.valid):
                     m.d.sync += [k.eq(0), total.eq(0), dst.eq(0)]
                     m.d.comb += cu.clear.eq(1)
@@ -385,14 +426,19 @@ class VirtioNetEngine(wiring.Component):
                     with m.Elif(self.transport.kick.bit_select(ptr * NQ + TXQ, 1)):
                         m.d.comb += [self.transport.kick_ack.eq(1), self.transport.kick_idx.eq(ptr * NQ + TXQ)]
                         m.d.sync += txpend.bit_select(ptr, 1).eq(1)
+                    with m.Elif(pend_pub.word_select(ptr, NQ).any() & (pub_age >= coal_time)):
+                        flush(ptr)          # (before its transmit: it may wait no longer)
                     with m.Elif(txpend.bit_select(ptr, 1) & self.transport.live.bit_select(ptr, 1)
                                 & self.fn.bme.bit_select(ptr, 1) & ~mig_stop.bit_select(ptr, 1)
                                 & self.tx_allow.bit_select(ptr, 1)):
                         m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0),
-                                     nb.eq(0)]
+                                     ret_flush.eq(0), nb.eq(0)]
                         m.d.comb += cu.clear.eq(1)
                         m.next = "LOADQ0"
+                    with m.Elif(pend_pub.word_select(ptr, NQ).any() & (idle_run == nf)):
+                        flush(ptr)          # the engine has nothing else to do
                     with m.Else():
+                        m.d.sync += idle_run.eq(Mux(idle_run == nf, nf, idle_run + 1))
                         m.d.comb += [self.qos_wait.fidx.eq(ptr),
                                      self.qos_wait.stb.eq(txpend.bit_select(ptr, 1)
                                                           & self.transport.live.bit_select(ptr, 1)
@@ -423,9 +469,11 @@ class VirtioNetEngine(wiring.Component):
                 m.d.sync += [dev_base.eq(self.transport.qa_data), cur.eq(c_rd.data),
                              c_ok.eq(good), c_lost.eq(inv_cur)]
                 with m.If(~good):
-                    m.d.sync += cur.cnt.eq(0)
+                    m.d.sync += [cur.cnt.eq(0), cur.idx.eq(last_avail[qi]), cur.unpub.eq(0)]
                 with m.If(ret_used):
                     m.next = "USED_ELEM"
+                with m.Elif(ret_flush):
+                    m.next = "FLUSH"
                 with m.Elif(~self.transport.qr_en | (qsize == 0)):
                     with m.If(ret_rx):
                         m.d.comb += inc["DROP_NOBUF"].eq(1)
@@ -685,7 +733,8 @@ class VirtioNetEngine(wiring.Component):
                         & ~mig_stop.bit_select(g, 1))
 
             def deliver_to(g):
-                m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), drop.eq(0),
+                m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), ret_flush.eq(0),
+                             drop.eq(0),
                              nb.eq(0), total.eq(0), k.eq(0)]
 
             with m.State("RX_START"):
@@ -818,7 +867,7 @@ class VirtioNetEngine(wiring.Component):
 
             # -- used element(s), used index, avail_event, interrupt --
             with m.State("USED_ELEM"):
-                hwrite(dev_base + 4 + (((used_idx[qi] + nb)[:16] & qmask) << 3), 2,
+                hwrite(dev_base + 4 + (((used_at + nb)[:16] & qmask) << 3), 2,
                                    Cat(head, C(0, 16), used_len))
                 m.next = "ELEM_SENT"
             with m.State("ELEM_SENT"):
@@ -835,7 +884,7 @@ class VirtioNetEngine(wiring.Component):
                         m.d.sync += ab.eq(0)
                         m.next = "NB_SENT"
                     with m.Else():
-                        publish(nb + 1)
+                        finish(nb + 1)
             with m.State("NB_SENT"):
                 with m.If(h_done & h_err):
                     m.next = "BAD"
@@ -843,7 +892,15 @@ class VirtioNetEngine(wiring.Component):
                     nb_byte(nb_hi_at, nbuf_q[8:16])
                     m.d.sync += ab.eq(1)
                 with m.Elif(h_done):
-                    publish(nb)
+                    finish(nb)
+            with m.State("FLUSH"):
+                # publish what a queue held back (the scan found its function with nothing
+                # to transmit)
+                with m.If(cur.unpub != 0):
+                    publish(0)
+                with m.Else():
+                    m.d.sync += pend_pub.bit_select(qi, 1).eq(0)
+                    m.next = "QDONE"
             with m.State("AVAIL_EVT"):
                 with m.If(h_done & h_err):
                     m.next = "BAD"
@@ -906,7 +963,7 @@ class VirtioNetEngine(wiring.Component):
             with m.State("TX_USED"):
                 m.d.sync += [cf.eq(tx_f), cq.eq(TXQ), head.eq(tx_head), used_len.eq(0),
                              nb.eq(0), more.eq(0),
-                             ret_used.eq(1), ret_rx.eq(0), phase.eq(0)]
+                             ret_used.eq(1), ret_rx.eq(0), ret_flush.eq(0), phase.eq(0)]
                 m.next = "LOADQ0"
 
             with m.State("BAD"):
@@ -921,6 +978,6 @@ class VirtioNetEngine(wiring.Component):
                 with m.Else():
                     m.next = "NEXT"
             with m.State("NEXT"):
-                m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
+                m.d.sync += [ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1)), idle_run.eq(0)]
                 m.next = "SCAN"
         return m

@@ -54,6 +54,8 @@ def MigrationSignature(num_functions):
         "tx_pend":    In(1),
         "set_tx_pend": Out(1),
         "wdata":      Out(16),
+        "coal":       Out(8),             # NetRegs.COAL: used elements a queue may hold back
+        "coal_time":  Out(16),            # ... and clocks the oldest of them may wait
     }
     for name in MIG_INDICES:
         members[name] = In(16)
@@ -74,7 +76,7 @@ class NetRegisters(wiring.Component):
     def elaborate(self, platform):
         nf = self._card.num_functions
         m = Module()
-        rf = RegisterFile(m, self.bus, "net", "migration")
+        rf = RegisterFile(m, self.bus, "net", "migration", "net_coal")
         mg = self.mig
 
         for name in NET_EVENTS:
@@ -86,6 +88,11 @@ class NetRegisters(wiring.Component):
         with m.If(rf.we(NetRegs.CTRL)):
             m.d.sync += mg.default_pf.eq(rf.wdata[0])
         rf.read(NetRegs.CTRL, mg.default_pf)
+        coal = Signal(32, init=NetRegs.COAL_RESET)
+        with m.If(rf.we(NetRegs.COAL)):
+            m.d.sync += coal.eq(rf.wdata & 0xFFFF_00FF)
+        rf.read(NetRegs.COAL, coal)
+        m.d.comb += [mg.coal.eq(coal[:8]), mg.coal_time.eq(coal[16:])]
 
         sel_ok = mg.sel < nf
         stopped = mg.stop.bit_select(mg.sel, 1)
