@@ -684,7 +684,11 @@ class VirtioNetEngine(wiring.Component):
                         with m.If(flood):
                             m.next = "FLOOD"
                     with m.Else():
-                        m.next = "UP_RD"
+                        # the next word, read as this one leaves: a word per clock (the read
+                        # port holds its data while the uplink is not ready)
+                        m.d.comb += [self.pm_rd.en.eq(1),
+                                     self.pm_rd.addr.eq(slot * (P.SLOT // WB) + FRAME_OFF // WB
+                                                        + k + 1)]
 
             # -- uplink in: take a frame into slot 1 --
             with m.State("UPIN"):

@@ -179,6 +179,7 @@ class World:
         self.kick = 0
         self.vresets = deque()    # functions to give a virtio reset strobe, one per cycle
         self.coal = coal          # NetRegs.COAL (1: every used element published at once)
+        self.uplink_ready = lambda cycle: 1     # uplink_tx.ready, per cycle
         self.xlate_limit = xlate_limit
         self.xoff = xoff          # a domain: bus address = IOVA + xoff (0: bypass)
         self.vq = {(f, q): Vq(self, QSIZE, f) for f in range(NF) for q in range(NQ)}
@@ -324,6 +325,7 @@ class World:
         rd_job = None             # snoop words still to show, then rd_done
         wr_pending = False
         up_beats = []
+        ut_ready = 1              # what uplink_tx.ready was in the cycle sampled
         shown = {}
 
         def drive(sig, v):
@@ -432,12 +434,14 @@ class World:
                                                    "little"))
 
             # -- uplink --
-            if ut_v:
+            if ut_v and ut_ready:
                 u = fields(L_up, ut_p)
                 up_beats.append(u)
                 if u["last"]:
                     self.uplink_frames.append(up_beats)
                     up_beats = []
+            ut_ready = self.uplink_ready(self.cycle)
+            drive(e.uplink_tx.ready, ut_ready)
             if ur_v and ur_r:
                 self.urx.popleft()
             if self.urx:
@@ -1222,3 +1226,36 @@ def test_coalescing_time_limit():
         steps = sorted(set(seen) - {0})
         assert len(steps) >= 3 and steps[-1] == 6, steps
     w.run(body)
+
+
+@pytest.mark.parametrize("W", [64, 128])
+def test_uplink_out_a_word_per_clock_and_back_pressure(W):
+    """A frame leaves by the uplink a word per clock when the uplink is ready, and intact
+    when it is not ready in random clocks."""
+    import random
+    rnd = random.Random(W)
+    for pattern in ("always", "random"):
+        w = World(W)
+        if pattern == "random":
+            w.uplink_ready = lambda cycle: int(rnd.random() < 0.5)
+        frame = make_frame(b"\x02\x11\x22\x33\x44\x55", mac(1), 1514, seed=3)
+        w.send(1, frame)
+        valid_clocks = []
+
+        async def body(ctx):
+            w.notify(1, TXQ)
+            for _ in range(20000):
+                await ctx.tick()
+                if ctx.get(w.top.eng.uplink_tx.valid):
+                    valid_clocks.append(w.cycle)
+                if w.uplink_frames:
+                    break
+            await w.settle(ctx)
+            beats = w.uplink_frames[0]
+            got = b"".join(b["data"].to_bytes(w.WB, "little")[:bin(b["keep"]).count("1")]
+                           for b in beats)
+            assert got == frame
+            if pattern == "always":
+                n = (len(frame) + w.WB - 1) // w.WB
+                assert len(valid_clocks) == n and valid_clocks[-1] - valid_clocks[0] == n - 1
+        w.run(body)
