@@ -163,7 +163,7 @@ class ChecksumUnit(wiring.Component):
         slot_base = Mux(slot, SW, 0) + F0
         m.d.comb += rd.addr.eq(slot_base + k)
 
-        with m.FSM(name="csum") as fsm:
+        with m.FSM(name="pass") as fsm:
             m.d.comb += self.busy.eq(~fsm.ongoing("IDLE"))
             with m.State("IDLE"):
                 with m.If(self.start):
@@ -225,9 +225,9 @@ class ChecksumUnit(wiring.Component):
             rot = Mux(cs[0], Cat(fsum[8:], fsum[:8]), fsum)
             value = Signal(16)
             m.d.comb += value.eq(~rot)
-            csum = Signal(16)
+            fill_value = Signal(16)
             with m.State("SUM"):
-                m.d.sync += csum.eq(Mux(value == 0, 0xFFFF, value))
+                m.d.sync += fill_value.eq(Mux(value == 0, 0xFFFF, value))
                 with m.If(do_fill):
                     m.next = "FILL_HI"
                 with m.Else():
@@ -240,7 +240,8 @@ class ChecksumUnit(wiring.Component):
                     m.d.comb += [at.eq(f_at + i),
                                  wr.addr.eq(slot_base + (at >> LB)),
                                  wr.en.eq(1 << at[:LB]),
-                                 wr.data.eq(Mux(i == 0, csum[8:], csum[:8]).replicate(WB))]
+                                 wr.data.eq(Mux(i == 0, fill_value[8:],
+                                                fill_value[:8]).replicate(WB))]
                     if i == 0:
                         m.d.comb += [corr.eq(old_w), corr_en.eq(1)]
                     m.next = nxt
