@@ -44,7 +44,8 @@ import struct
 from dataclasses import asdict, dataclass
 
 __all__ = ["NetPeer", "PeerStats", "inet_checksum", "arp_request", "icmp_echo_request",
-           "l4_frame", "l4_checksum_ok", "IPPROTO_TCP", "IPPROTO_UDP", "ETH_P_IPV6", "ETH_P_IP", "ETH_P_ARP", "BROADCAST", "MIN_FRAME"]
+           "l4_frame", "l4_checksum_ok", "IPPROTO_TCP", "IPPROTO_UDP", "ETH_P_IPV6", "ETH_P_IP",
+           "ETH_P_ARP", "BROADCAST", "MIN_FRAME"]
 
 ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806

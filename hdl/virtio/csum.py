@@ -264,6 +264,7 @@ class ChecksumUnit(wiring.Component):
                 total = Signal(ACC_BITS + 1)
                 m.d.comb += total.eq(acc - pre_l4 + Mux(is6, addr6, addr4) + proto + l4_len)
                 ok = fold(m, total, "check") == 0xFFFF
-                m.d.sync += [self.l4.eq(do_check & eligible), self.valid.eq(do_check & eligible & ok)]
+                m.d.sync += [self.l4.eq(do_check & eligible),
+                             self.valid.eq(do_check & eligible & ok)]
                 m.next = "IDLE"
         return m
