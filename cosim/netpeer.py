@@ -115,8 +115,8 @@ def l4_frame(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, proto: in
         raise ValueError(f"proto must be TCP (6) or UDP (17), got {proto}")
     l4 += payload
     at = L4_CSUM_AT[proto]
-    seed = _sum16(_pseudo(src, dst, proto, len(l4)))
-    value = seed if partial else inet_checksum(_pseudo(src, dst, proto, len(l4)) + l4)
+    pseudo = _pseudo(src, dst, proto, len(l4))
+    value = _sum16(pseudo) if partial else inet_checksum(pseudo + l4)
     if proto == IPPROTO_UDP and not partial and value == 0:
         value = 0xFFFF                           # UDP sends a computed 0 as 0xFFFF
     if corrupt:
@@ -151,6 +151,12 @@ def l4_checksum_ok(frame: bytes) -> bool | None:
         src, dst, l4 = ip[8:24], ip[24:40], ip[40:40 + length]
     else:
         return None
+    return _l4_ok(src, dst, proto, l4)
+
+
+def _l4_ok(src: bytes, dst: bytes, proto: int, l4: bytes) -> bool | None:
+    """Whether TCP / UDP segment ``l4`` between addresses ``src`` and ``dst`` is checksummed
+    right; ``None`` for another protocol or a segment too short to hold the field."""
     if proto not in L4_CSUM_AT or len(l4) < L4_CSUM_AT[proto] + 2:
         return None
     return inet_checksum(_pseudo(src, dst, proto, len(l4)) + l4) == 0
@@ -257,7 +263,7 @@ class NetPeer:
             self.stats.fragments += 1
             return []
         if proto in L4_CSUM_AT:                 # not answered, but judged
-            if l4_checksum_ok(ETH.pack(self.mac, eth_src, ETH_P_IP) + ip[:total]) is False:
+            if _l4_ok(src, dst, proto, ip[ihl:total]) is False:
                 self.stats.bad_checksum += 1
             else:
                 self.stats.ignored += 1

@@ -8,7 +8,8 @@ from cocotb.triggers import ClockCycles
 
 from regmap import VirtioRegs as V
 from host_driver.virtio import (VirtioNetDriver, VirtioError, DirectAccess, HostMemory,
-                                RX_QUEUE, TX_QUEUE)
+                                RX_QUEUE, TX_QUEUE, NET_HDR_F_DATA_VALID as DV)
+from cosim.netpeer import l4_frame, l4_checksum_ok, IPPROTO_TCP, IPPROTO_UDP
 from cosim.uplink import Uplink
 from cosim.scenarios.card import bring_up
 from cosim.scenarios.virtio import diff, mac_of, frame, net, counters, receive_n
@@ -391,8 +392,6 @@ async def test_checksum_offload(dut):
     TCP / UDP checksum holds (a bad one, a non-IP frame, a padded one: no flag); a driver that
     did not negotiate them is left alone both ways; NEEDS_CSUM with the field outside the frame
     drops that frame only, counted."""
-    from host_driver.virtio import NET_HDR_F_DATA_VALID as DV
-    from cosim.netpeer import l4_frame, l4_checksum_ok, IPPROTO_TCP, IPPROTO_UDP
     h, pf, vfs = await bring_up(dut, 3)
     up = Uplink(dut, h.data_width)
     rnd = random.Random(20)

@@ -53,16 +53,8 @@ async def test_virtio_throughput(dut):
                 if k % 16 == 15:
                     got += await receive_n(b, k + 1 - len(got))
             got += await receive_n(b, n - len(got))
-            t1, wall1 = h.t.now_ns(), time.perf_counter()
+            rows.append(_row(mode, lat, size, n, wall0, t0, h, ga.traps + gb.traps - traps0))
             assert got == frames
-            clocks = (t1 - t0) / CLOCK_NS
-            rows.append({"mode": mode, "host_read_ns": lat, "frame_bytes": size, "frames": n,
-                         "frames_per_wall_s": round(n / (wall1 - wall0), 1),
-                         "payload_bytes_per_clk": round(n * size / clocks, 3),
-                         "clocks_per_frame": round(clocks / n, 1),
-                         "sim_us": round((t1 - t0) / 1000, 1),
-                         "traps": ga.traps + gb.traps - traps0,
-                         "data_width": h.data_width})
             dut._log.info("virtio bench: %s", rows[-1])
     # the uplink, both ways, with the direct pair
     up = Uplink(dut, h.data_width)
@@ -92,11 +84,12 @@ async def test_virtio_throughput(dut):
     bench_out(rows)
 
 
-def _row(mode, lat, size, n, wall0, t0, h):
+def _row(mode, lat, size, n, wall0, t0, h, traps=0):
+    """One row: ``n`` frames of ``size`` bytes from simulated ``t0`` / wall ``wall0`` to now."""
     t1, wall1 = h.t.now_ns(), time.perf_counter()
     clocks = (t1 - t0) / CLOCK_NS
     return {"mode": mode, "host_read_ns": lat, "frame_bytes": size, "frames": n,
             "frames_per_wall_s": round(n / (wall1 - wall0), 1),
             "payload_bytes_per_clk": round(n * size / clocks, 3),
             "clocks_per_frame": round(clocks / n, 1), "sim_us": round((t1 - t0) / 1000, 1),
-            "traps": 0, "data_width": h.data_width}
+            "traps": traps, "data_width": h.data_width}

@@ -1125,16 +1125,16 @@ def test_avail_window_one_read_for_several_frames():
                 w.check_rx(2, addr, f, base + i, head)
             tx = avail_reads(w, 1, TXQ, first)
             rx_reads = avail_reads(w, 2, RXQ, first)
-            yield_ = (tx, rx_reads)         # (for the messages)
+            msg = (tx, rx_reads)
             if k == 0:
                 # TX: the index, one window of 6 (3 DWs), the index again when it runs out;
                 # RX: the index, one window
-                assert [n for _, n in tx] == [1, 3, 1], yield_
-                assert [n for _, n in rx_reads] == [1, 3], yield_
+                assert [n for _, n in tx] == [1, 3, 1], msg
+                assert [n for _, n in rx_reads] == [1, 3], msg
             else:
                 # entries 6..11: a window of 2 up to the ring's end, then one of 4 from 0
-                assert [n for _, n in tx] == [1, 1, 2, 1], yield_
-                assert [n for _, n in rx_reads] == [1, 1, 2], yield_
+                assert [n for _, n in tx] == [1, 1, 2, 1], msg
+                assert [n for _, n in rx_reads] == [1, 1, 2], msg
         ctr = await w.counters(ctx)
         expect(ctr, TX_FRAMES=12, RX_FRAMES=12, QUEUE_IRQS=24)
     w.run(body)
