@@ -6,7 +6,7 @@ the driver imports only those constants, never the gateware.
 
 from dataclasses import dataclass
 
-from regmap import Bar0Map, FuncRegs, MgmtRegs
+from regmap import Bar0Map, FuncRegs, MgmtRegs, MigRegs, NetRegs, VirtioRegs
 
 from .pci import PciFunction, CAP_PCIE, CAP_MSIX, ECAP_ARI, ECAP_SRIOV
 from .transport import Transport, MsiVector
@@ -160,6 +160,32 @@ class OffcardDriver:
 
     async def mgmt_write(self, off, value):
         await self.t.mmio_write(self.bar2 + off, value, 4)
+
+    async def set_coalescing(self, count, clocks, fidx=None, queue=None):
+        """Used-ring coalescing: a queue publishes its used elements (and interrupts) once
+        ``count`` are due or the oldest has waited ``clocks`` card clocks (``count`` 0 or 1:
+        every element at once). Without ``fidx`` the default of every queue
+        (``NetRegs.COAL``); else queue ``queue`` of function ``fidx`` only (``COAL_Q``)."""
+        if not 0 <= count <= 0xFF or not 0 <= clocks <= 0xFFFF:
+            raise ValueError(f"coalescing count must be 0..255 and clocks 0..65535, "
+                             f"got {count} and {clocks}")
+        value = count | clocks << 16
+        if fidx is None:
+            await self.mgmt_write(NetRegs.COAL, value)
+        else:
+            await self._queue_coal(fidx, queue, value | NetRegs.COAL_Q_OWN)
+
+    async def default_coalescing(self, fidx, queue):
+        """Queue ``queue`` of function ``fidx`` goes back to the default (``NetRegs.COAL``)."""
+        await self._queue_coal(fidx, queue, 0)
+
+    async def _queue_coal(self, fidx, queue, value):
+        nq, nf = VirtioRegs.NUM_QUEUES_VALUE, await self.num_functions()
+        if queue is None or not 0 <= queue < nq or not 0 <= fidx < nf:
+            raise ValueError(f"no queue {queue} of function {fidx} "
+                             f"({nf} functions, {nq} queues each)")
+        await self.mgmt_write(MigRegs.SEL, fidx)
+        await self.mgmt_write(NetRegs.COAL_Q + 4 * queue, value)
 
     async def num_functions(self) -> int:
         """Functions the card has (the PF and TotalVFs), from ``CARD_CONFIG`` (read once)."""

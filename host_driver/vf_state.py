@@ -9,8 +9,8 @@ The card keeps the state a virtio-net function needs to resume in two places:
 * what only the device knows (each queue's ``last_avail`` and ``used`` index, a pending
   transmit notification): PF BAR2 :class:`regmap.MigRegs`, writable while the function is
   stopped and idle;
-* what the PF driver gave it: its MAC address in the card's switch (``MigRegs.MAC_LO/HI``),
-  which moves with the guest.
+* what the PF driver gave it: its MAC address in the card's switch (``MigRegs.MAC_LO/HI``)
+  and each queue's own used-ring coalescing (``NetRegs.COAL_Q``), which move with the guest.
 
 :class:`CardVfState` implements ``quiesce`` / ``export_state`` / ``import_state`` / ``resume``
 on a real card (through any :class:`host_driver.transport.Transport`). The blob is versioned:
@@ -18,17 +18,18 @@ on a real card (through any :class:`host_driver.transport.Transport`). The blob 
 """
 
 import struct
-from regmap import MigRegs as MG, VirtioRegs as V, Bar0Map
+from regmap import MigRegs as MG, NetRegs, VirtioRegs as V, Bar0Map
 
 __all__ = ["CardVfState", "VfStateError", "STATE_VERSION"]
 
 MAGIC = b"VFST"
-STATE_VERSION = 2                           # 2: the MAC address joined the device fields
+STATE_VERSION = 3                           # 2: the MAC address joined the device fields;
+                                            # 3: each queue's coalescing (NetRegs.COAL_Q)
 _HEAD = struct.Struct("<4sHH")              # magic, version, function index
 _DEV = struct.Struct("<BQH6s")              # device status, driver features, config vector,
                                             # MAC address
-_QUEUE = struct.Struct("<HHHQQQHH")         # size, vector, enable, desc, driver, device,
-                                            # last_avail, used
+_QUEUE = struct.Struct("<HHHQQQHHI")        # size, vector, enable, desc, driver, device,
+                                            # last_avail, used, coalescing
 _TAIL = struct.Struct("<BB")                # tx pending, MSI-X vectors that follow
 _MSIX = struct.Struct("<IIII")              # address lo, hi, data, vector control
 
@@ -144,7 +145,8 @@ class CardVfState:
                 await self._r(fn, c + V.Q_SIZE, 2), await self._r(fn, c + V.Q_MSIX, 2),
                 await self._r(fn, c + V.Q_ENABLE, 2), await self._r64(fn, c + V.Q_DESC),
                 await self._r64(fn, c + V.Q_DRIVER), await self._r64(fn, c + V.Q_DEVICE),
-                await self.drv.mgmt_read(avail), await self.drv.mgmt_read(used)))
+                await self.drv.mgmt_read(avail), await self.drv.mgmt_read(used),
+                await self.drv.mgmt_read(NetRegs.COAL_Q + 4 * q)))
         nvec = len(fn.msix_vectors)
         out.append(_TAIL.pack(await self.drv.mgmt_read(MG.TX_PEND), nvec))
         table = fn.bar0 + fn.msix_table_off if nvec else 0
@@ -203,7 +205,7 @@ class CardVfState:
         if not (await self._r(fn, c + V.STATUS, 1)) & V.S_FEATURES_OK:
             raise VfStateError(f"{fn}: the saved features were refused")
         await self._w(fn, c + V.MSIX_CONFIG, st["config_vector"], 2)
-        for q, (size, vec, en, desc, drv_, dev, _, _) in enumerate(st["queues"]):
+        for q, (size, vec, en, desc, drv_, dev, *_) in enumerate(st["queues"]):
             await self._w(fn, c + V.Q_SELECT, q, 2)
             await self._w(fn, c + V.Q_SIZE, size, 2)
             await self._w(fn, c + V.Q_MSIX, vec, 2)
@@ -220,8 +222,10 @@ class CardVfState:
                 for i, v in enumerate(entry):
                     await fn.t.mmio_write(table + 16 * k + 4 * i, v, 4)
         await self.set_mac(fn, st["mac"])
+        for q, (*_, coal) in enumerate(st["queues"]):
+            await self.drv.mgmt_write(NetRegs.COAL_Q + 4 * q, coal)     # (set_mac selected fn)
         await self._w(fn, c + V.STATUS, st["status"], 1)
         # the device's indices last: the engine clears a pending transmit notification of a
         # function that is not live, so they go in once the status is back (it stays stopped)
-        (*_, rx_avail, rx_used), (*_, tx_avail, tx_used) = st["queues"]
+        (*_, rx_avail, rx_used, _), (*_, tx_avail, tx_used, _) = st["queues"]
         await self.write_indices(fn, rx_avail, rx_used, tx_avail, tx_used, st["tx_pending"])

@@ -110,6 +110,12 @@ class NetRegs:
                            # also published once the engine has nothing else to do, and a
                            # transmit queue's last known entry at once.
     COAL_RESET = 8 | 1024 << 16
+    COAL_Q       = 0x374   # + 4 * q: queue q of the function MigRegs.SEL selects (0 receiveq1,
+                           # 1 transmitq1): bits 7:0 and 31:16 as in COAL, bit 8 OWN: the
+                           # queue uses these rather than COAL. Cleared by the card's reset
+                           # only: they are the PF's policy for the queue, not the function's
+                           # state.
+    COAL_Q_OWN = 1 << 8
 
 
 class MigRegs:

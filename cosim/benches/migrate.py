@@ -30,11 +30,15 @@ async def test_vf_save_restore(dut):
         await a.send(f)
     assert await receive_n(b, len(first)) == first
     await a.reap_tx()
+    # the PF gave VF1's transmit queue its own coalescing: it moves with the state
+    coal = 3 | 500 << 16 | NetRegs.COAL_Q_OWN
+    await h.drv.set_coalescing(3, 500, fidx=vfs[0].index, queue=1)
     st = CardVfState(h.drv)
     await st.quiesce(vfs[0])
     blob = await st.export_state(vfs[0])
     parsed = st.parse(blob)
     assert parsed["queues"][1][6] == len(first) and parsed["queues"][1][7] == len(first)
+    assert [q[8] for q in parsed["queues"]] == [0, coal], parsed["queues"]
     assert parsed["status"] & V.S_DRIVER_OK
     # a stopped function takes no new transmit
     pending = frame(b.mac, a.mac, 128, rnd)
@@ -42,8 +46,10 @@ async def test_vf_save_restore(dut):
     tx0 = await h.drv.mgmt_read(NetRegs.TX_FRAMES)
     await ClockCycles(dut.clk, 3000)
     assert await h.drv.mgmt_read(NetRegs.TX_FRAMES) == tx0
-    # lose the state: a virtio reset clears the device's indices
+    # lose the state: a virtio reset clears the device's indices; the PF forgets the queue's
+    # coalescing
     await a.access.write(V.COMMON + V.STATUS, 0, 1)
+    await h.drv.default_coalescing(vfs[0].index, 1)
     await h.drv.mgmt_write(MG.SEL, vfs[0].index)
     assert await h.drv.mgmt_read(MG.TX_AVAIL) == 0
     # a bad blob is refused with nothing written

@@ -130,8 +130,8 @@ class VirtioNetEngine(wiring.Component):
         inc = {n.upper(): getattr(self.events, n) for n in NET_EVENTS}
         mg = self.mig
         mig_sel, mig_stop, net_ctrl = mg.sel, mg.stop, mg.default_pf
-        coal = mg.coal               # used elements a queue may hold back (0, 1: none)
-        coal_time = mg.coal_time     # ... and clocks the oldest may wait
+        coal = mg.coal               # used elements the current queue may hold back (0, 1:
+        coal_time = mg.coal_time     # none) and clocks the oldest may wait (from its LOADQ1)
         mig_busy = mg.busy           # the engine holds work of function ``mig_sel``
         mt = self.mac
         # the selected function's device-internal state, for the registers to read
@@ -289,16 +289,22 @@ class VirtioNetEngine(wiring.Component):
         c_wr = cmem.write_port()
         cval = Signal(nf * NQ)
         pend_pub = Signal(nf * NQ)         # the queue holds used elements back (``unpub``)
-        pub_age = Signal(16)               # clocks since some queue began holding back
+        # clocks until the earliest deadline of what the queues hold back (each queue's own
+        # time limit, counted from its first element held back); at 0 the scan publishes
+        # everything held back as it passes the functions
+        pub_left = Signal(16)
+        hold_new = Signal()                # the current queue holds back (another) element
         idle_run = Signal(range(nf + 1))   # scan steps in a row that found nothing to do
-        m.d.sync += pub_age.eq(Mux(pend_pub == 0, 0, Mux(pub_age == 0xFFFF, pub_age,
-                                                             pub_age + 1)))
+        with m.If(hold_new & ((pend_pub == 0) | (coal_time < pub_left))):
+            m.d.sync += pub_left.eq(coal_time)
+        with m.Elif(pub_left != 0):
+            m.d.sync += pub_left.eq(pub_left - 1)
         cur = Signal(cache_rec)            # the current queue's record (loaded at LOADQ3)
         c_ok = Signal()                    # ... and it is good
         c_wb = Signal()                    # write ``cur`` back next cycle
         c_lost = Signal()                  # the current function's records were invalidated
         inv_cur = Signal()                 # ... in this very cycle
-        m.d.comb += [c_rd.addr.eq(qi), c_rd.en.eq(1),
+        m.d.comb += [c_rd.addr.eq(qi), c_rd.en.eq(1), mg.coal_q.eq(qi),
                      c_wr.addr.eq(qi), c_wr.data.eq(cur), c_wr.en.eq(c_wb)]
         m.d.sync += c_wb.eq(0)
         with m.If(c_wb & ~c_lost):
@@ -371,6 +377,7 @@ class VirtioNetEngine(wiring.Component):
             hold = ((coal > 1) & ((cur.unpub + n) < coal) & ~mig_stop.bit_select(cf, 1)
                     & ((cq == RXQ) | more))
             with m.If(hold):
+                m.d.comb += hold_new.eq(1)
                 m.d.sync += [last_avail[qi].eq(last_avail[qi] + n), cur.unpub.eq(cur.unpub + n),
                              pend_pub.bit_select(qi, 1).eq(1), c_wb.eq(1)]
                 m.next = "QDONE"
@@ -426,7 +433,7 @@ class VirtioNetEngine(wiring.Component):
                     with m.Elif(self.transport.kick.bit_select(ptr * NQ + TXQ, 1)):
                         m.d.comb += [self.transport.kick_ack.eq(1), self.transport.kick_idx.eq(ptr * NQ + TXQ)]
                         m.d.sync += txpend.bit_select(ptr, 1).eq(1)
-                    with m.Elif(pend_pub.word_select(ptr, NQ).any() & (pub_age >= coal_time)):
+                    with m.Elif(pend_pub.word_select(ptr, NQ).any() & (pub_left == 0)):
                         flush(ptr)          # (before its transmit: it may wait no longer)
                     with m.Elif(txpend.bit_select(ptr, 1) & self.transport.live.bit_select(ptr, 1)
                                 & self.fn.bme.bit_select(ptr, 1) & ~mig_stop.bit_select(ptr, 1)

@@ -3,6 +3,9 @@ and the per-function migration controls (:class:`regmap.MigRegs`).
 
 * **counters**: 32-bit, wrapping, one per event the engine reports (``events``);
 * **control**: ``NetRegs.CTRL`` DEFAULT_PF;
+* **coalescing**: ``NetRegs.COAL``, how many used elements a queue may hold back and for how
+  long, and ``NetRegs.COAL_Q``, the same per queue of the function ``MIG_SEL`` selects (a queue
+  without its own setting uses ``COAL``);
 * **migration**: ``MIG_SEL`` selects a function; ``MIG_CTRL`` bit 0 stops it (the engine starts
   no transmit for it and delivers nothing into it); ``MIG_STATUS`` reads stopped and idle
   (stopped, and the engine holds none of its work); the device-internal queue indices and the
@@ -16,6 +19,7 @@ owns the registers and turns accepted writes into strobes on ``mig``.
 
 from amaranth import *
 from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from regmap import NetRegs, MigRegs as MG
@@ -24,6 +28,7 @@ from ..config import CardConfig
 from ..iface import RegBusSignature
 from ..pcie.regfile import RegisterFile
 from .mac_table import MacProgramSignature
+from .transport import NQ
 
 __all__ = ["NetRegisters", "NET_EVENTS", "NetEventsSignature", "MigrationSignature"]
 
@@ -54,7 +59,10 @@ def MigrationSignature(num_functions):
         "tx_pend":    In(1),
         "set_tx_pend": Out(1),
         "wdata":      Out(16),
-        "coal":       Out(8),             # NetRegs.COAL: used elements a queue may hold back
+        # used-ring coalescing of queue ``coal_q`` (fidx * NQ + q), a cycle after it is given:
+        # NetRegs.COAL_Q where the queue has its own, else NetRegs.COAL
+        "coal_q":     In(range(num_functions * NQ)),
+        "coal":       Out(8),             # used elements the queue may hold back
         "coal_time":  Out(16),            # ... and clocks the oldest of them may wait
     }
     for name in MIG_INDICES:
@@ -88,13 +96,8 @@ class NetRegisters(wiring.Component):
         with m.If(rf.we(NetRegs.CTRL)):
             m.d.sync += mg.default_pf.eq(rf.wdata[0])
         rf.read(NetRegs.CTRL, mg.default_pf)
-        coal = Signal(32, init=NetRegs.COAL_RESET)
-        with m.If(rf.we(NetRegs.COAL)):
-            m.d.sync += coal.eq(rf.wdata & 0xFFFF_00FF)
-        rf.read(NetRegs.COAL, coal)
-        m.d.comb += [mg.coal.eq(coal[:8]), mg.coal_time.eq(coal[16:])]
-
         sel_ok = mg.sel < nf
+        self._coalescing(m, rf, sel_ok)
         stopped = mg.stop.bit_select(mg.sel, 1)
         idle = stopped & ~mg.busy
         with m.If(rf.we(MG.SEL)):
@@ -119,3 +122,41 @@ class NetRegisters(wiring.Component):
         rf.read(MG.MAC_HI, mac.rd_mac[32:])
         rf.finish()
         return m
+
+    def _coalescing(self, m, rf, sel_ok):
+        """NetRegs.COAL, the default, and NetRegs.COAL_Q, each queue's own (block RAM; an OWN
+        flag per queue in a register, so the card's reset returns every queue to the
+        default)."""
+        nf = self._card.num_functions
+        mg = self.mig
+        coal = Signal(32, init=NetRegs.COAL_RESET)
+        with m.If(rf.we(NetRegs.COAL)):
+            m.d.sync += coal.eq(rf.wdata & 0xFFFF_00FF)
+        rf.read(NetRegs.COAL, coal)
+
+        per_q = Memory(shape=24, depth=nf * NQ, init=[])     # count, time
+        own = Signal(nf * NQ)
+        wr = per_q.write_port()
+        eng_rd = per_q.read_port()
+        bus_rd = per_q.read_port()
+        m.submodules.coal_q = per_q
+        qn = Signal(range(NQ))                 # the queue the bus names in the window
+        m.d.comb += qn.eq(rf.bus.addr - NetRegs.COAL_Q // 4)
+        at = Signal(range(nf * NQ))
+        m.d.comb += at.eq(mg.sel * NQ + qn)
+        in_q = rf.within("net_coal") & (rf.bus.addr >= NetRegs.COAL_Q // 4)
+        with m.If(in_q & rf.bus.we & (rf.bus.be == 0xF) & sel_ok):
+            m.d.comb += [wr.en.eq(1), wr.addr.eq(at),
+                         wr.data.eq(Cat(rf.wdata[:8], rf.wdata[16:]))]
+            m.d.sync += own.bit_select(at, 1).eq(rf.wdata[8])
+        own_bus = Signal()
+        ok_bus = Signal()
+        m.d.sync += [own_bus.eq(own.bit_select(at, 1)), ok_bus.eq(sel_ok)]
+        m.d.comb += bus_rd.addr.eq(at)
+        rf.read_late(in_q, Mux(ok_bus, Cat(bus_rd.data[:8], own_bus, C(0, 7), bus_rd.data[8:]), 0))
+
+        own_eng = Signal()
+        m.d.sync += own_eng.eq(own.bit_select(mg.coal_q, 1))
+        m.d.comb += [eng_rd.addr.eq(mg.coal_q),
+                     mg.coal.eq(Mux(own_eng, eng_rd.data[:8], coal[:8])),
+                     mg.coal_time.eq(Mux(own_eng, eng_rd.data[8:], coal[16:]))]

@@ -32,7 +32,7 @@ from hdl.virtio.net import VirtioNet
 from hdl.virtio.transport import NQ
 from helpers import CLK, cpl_hdr, hdr_dws, pack_beats, unpack_dws, RegBus
 
-from regmap import NetRegs, VirtioRegs as V
+from regmap import MigRegs, NetRegs, VirtioRegs as V
 
 VQ_TAG = HOST_TAGS["vq"]
 
@@ -1223,6 +1223,82 @@ def test_coalescing_time_limit():
                 break
         await w.settle(ctx)
         # published in several steps while VF1's burst went on, not all at the end
+        steps = sorted(set(seen) - {0})
+        assert len(steps) >= 3 and steps[-1] == 6, steps
+    w.run(body)
+
+
+async def set_queue_coal(ctx, w, f, q, value):
+    """NetRegs.COAL_Q of function ``f``'s queue ``q`` (through MigRegs.SEL)."""
+    bus = RegBus(ctx, w.top.eng.bus)
+    await bus.wr(0, MigRegs.SEL, f, bar=2)
+    await bus.wr(0, NetRegs.COAL_Q + 4 * q, value, bar=2)
+
+
+def test_queue_coalescing_registers_read_back():
+    """COAL_Q keeps a setting per queue of the selected function: what was written reads back
+    (bits 7:0, OWN, 31:16; the rest reads 0), a queue never written reads 0, and a write
+    while SEL names no function is ignored (and reads 0)."""
+    w = World()
+
+    async def body(ctx):
+        bus = RegBus(ctx, w.top.eng.bus)
+        await set_queue_coal(ctx, w, 2, RXQ, 0xFFFF_FFFF)
+        await set_queue_coal(ctx, w, 1, TXQ, 5 | 77 << 16)          # not OWN
+        await set_queue_coal(ctx, w, 0xFF, RXQ, NetRegs.COAL_Q_OWN | 9)
+        got = {}
+        for f in range(3):
+            await bus.wr(0, MigRegs.SEL, f, bar=2)
+            for q in (RXQ, TXQ):
+                got[f, q] = await bus.rd(0, NetRegs.COAL_Q + 4 * q, bar=2)
+        assert got == {(0, RXQ): 0, (0, TXQ): 0, (1, RXQ): 0, (1, TXQ): 5 | 77 << 16,
+                       (2, RXQ): 0xFFFF_01FF, (2, TXQ): 0}
+        assert await bus.rd(0, NetRegs.COAL, bar=2) == w.coal
+    w.run(body)
+
+
+@pytest.mark.parametrize("own", [1, 3])
+def test_queue_coalescing_overrides_the_default(own):
+    """With COAL = 8 for every queue, VF2's receive queue set to its own count ``own`` (OWN)
+    publishes every ``own`` elements while VF1's transmit queue, on the default, publishes
+    once; a queue's own setting without OWN changes nothing."""
+    w = World(coal=8 | 1024 << 16)
+    frames = [make_frame(mac(2), mac(1), 64 + i, seed=i) for i in range(6)]
+
+    async def body(ctx):
+        await set_queue_coal(ctx, w, 2, RXQ, NetRegs.COAL_Q_OWN | own | 1024 << 16)
+        await set_queue_coal(ctx, w, 1, TXQ, 1 | 1024 << 16)          # not OWN: ignored
+        rx = [w.post_rx(2) for _ in frames]
+        for f in frames:
+            w.send(1, f, single=True)
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        for i, ((head, addr), f) in enumerate(zip(rx, frames)):
+            w.check_rx(2, addr, f, i, head)
+        assert (used_idx_writes(w, 1, TXQ), used_idx_writes(w, 2, RXQ)) == (1, 6 // own)
+    w.run(body)
+
+
+def test_queue_coalescing_own_time_limit():
+    """A receive queue with its own short time limit is published in steps while the sender's
+    burst goes on, though the default would hold it until the burst ends."""
+    w = World(coal=200 | 60000 << 16)
+    frames = [make_frame(mac(2), mac(1), 600, seed=i) for i in range(6)]
+
+    async def body(ctx):
+        await set_queue_coal(ctx, w, 2, RXQ, NetRegs.COAL_Q_OWN | 200 | 60 << 16)
+        for _ in frames:
+            w.post_rx(2)
+        for f in frames:
+            w.send(1, f, single=True)
+        w.notify(1, TXQ)
+        seen = []
+        for _ in range(6000):
+            await ctx.tick()
+            seen.append(w.vq[2, RXQ].used_idx)
+            if seen[-1] == 6:
+                break
+        await w.settle(ctx)
         steps = sorted(set(seen) - {0})
         assert len(steps) >= 3 and steps[-1] == 6, steps
     w.run(body)
