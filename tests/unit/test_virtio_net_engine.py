@@ -1179,6 +1179,13 @@ def used_idx_writes(w, f, q, since=0):
                if kind == "wr" and a == vq.used and n == 1 and fbe == 0xC)
 
 
+async def set_queue_coal(ctx, w, f, q, value):
+    """NetRegs.COAL_Q of function ``f``'s queue ``q`` (through MigRegs.SEL)."""
+    bus = RegBus(ctx, w.top.eng.bus)
+    await bus.wr(0, MigRegs.SEL, f, bar=2)
+    await bus.wr(0, NetRegs.COAL_Q + 4 * q, value, bar=2)
+
+
 @pytest.mark.parametrize("coal,pubs", [(8, (1, 1)), (3, (2, 2)), (1, (6, 6))])
 def test_coalescing_publishes_in_batches(coal, pubs):
     """Six frames VF1 -> VF2 with COAL = ``coal``: the transmit queue publishes when ``coal``
@@ -1203,13 +1210,17 @@ def test_coalescing_publishes_in_batches(coal, pubs):
     w.run(body)
 
 
-def test_coalescing_time_limit():
+@pytest.mark.parametrize("own", [False, True])
+def test_coalescing_time_limit(own):
     """A receiver held back while another function keeps the engine busy is published within
-    the time limit (COAL bits 31:16), not only when the engine goes idle."""
-    w = World(coal=200 | 60 << 16)
+    the time limit (COAL bits 31:16), not only when the engine goes idle; with ``own`` the
+    default would hold it to the end and the queue's own limit (COAL_Q) applies."""
+    w = World(coal=200 | (60000 if own else 60) << 16)
     frames = [make_frame(mac(2), mac(1), 600, seed=i) for i in range(6)]
 
     async def body(ctx):
+        if own:
+            await set_queue_coal(ctx, w, 2, RXQ, NetRegs.COAL_Q_OWN | 200 | 60 << 16)
         for _ in frames:
             w.post_rx(2)
         for f in frames:
@@ -1226,13 +1237,6 @@ def test_coalescing_time_limit():
         steps = sorted(set(seen) - {0})
         assert len(steps) >= 3 and steps[-1] == 6, steps
     w.run(body)
-
-
-async def set_queue_coal(ctx, w, f, q, value):
-    """NetRegs.COAL_Q of function ``f``'s queue ``q`` (through MigRegs.SEL)."""
-    bus = RegBus(ctx, w.top.eng.bus)
-    await bus.wr(0, MigRegs.SEL, f, bar=2)
-    await bus.wr(0, NetRegs.COAL_Q + 4 * q, value, bar=2)
 
 
 def test_queue_coalescing_registers_read_back():
@@ -1276,31 +1280,6 @@ def test_queue_coalescing_overrides_the_default(own):
         for i, ((head, addr), f) in enumerate(zip(rx, frames)):
             w.check_rx(2, addr, f, i, head)
         assert (used_idx_writes(w, 1, TXQ), used_idx_writes(w, 2, RXQ)) == (1, 6 // own)
-    w.run(body)
-
-
-def test_queue_coalescing_own_time_limit():
-    """A receive queue with its own short time limit is published in steps while the sender's
-    burst goes on, though the default would hold it until the burst ends."""
-    w = World(coal=200 | 60000 << 16)
-    frames = [make_frame(mac(2), mac(1), 600, seed=i) for i in range(6)]
-
-    async def body(ctx):
-        await set_queue_coal(ctx, w, 2, RXQ, NetRegs.COAL_Q_OWN | 200 | 60 << 16)
-        for _ in frames:
-            w.post_rx(2)
-        for f in frames:
-            w.send(1, f, single=True)
-        w.notify(1, TXQ)
-        seen = []
-        for _ in range(6000):
-            await ctx.tick()
-            seen.append(w.vq[2, RXQ].used_idx)
-            if seen[-1] == 6:
-                break
-        await w.settle(ctx)
-        steps = sorted(set(seen) - {0})
-        assert len(steps) >= 3 and steps[-1] == 6, steps
     w.run(body)
 
 
