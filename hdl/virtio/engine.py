@@ -152,6 +152,21 @@ class VirtioNetEngine(wiring.Component):
         m.d.comb += [hp.bus_num.eq(self.link.bus_num), self.unexp.eq(hp.unexp), hp.req.p.fidx.eq(cf)]
         h_done, h_err, h_rdata = hp.done, hp.err, hp.rdata
         mx_xerr = Signal()         # a buffer piece's translation failed (until the next access)
+        # a descriptor read ahead while a transmit buffer moved (the chain's next one, or
+        # the head of the queue's next chain): queue, table (indirect or not) and index, and
+        # its 16 bytes; used once, by the walk that comes to it. An available chain's
+        # descriptors do not change until it is used (virtio 1.2, 2.7.13); a reset, a restore
+        # or NEEDS_RESET forgets it
+        pd = Signal(128)
+        pd_ok = Signal()
+        pd_qi = Signal(range(nf * NQ))
+        pd_ind = Signal()
+        pd_di = Signal(16)
+        pd_kill = Signal()         # forget it (wins over the engine's own updates)
+        use_pd = Signal()          # the walk takes the descriptor from ``pd``
+        ra_wait = Signal()         # a read ahead is out
+        mv_seen = Signal()         # the move's status came (``mv_status``)
+        mv_status = Signal(2)
         with m.If(hp.req.valid & hp.req.ready):
             m.d.sync += mx_xerr.eq(0)
 
@@ -192,10 +207,11 @@ class VirtioNetEngine(wiring.Component):
         ind_base = Signal(64)
         ind_n = Signal(16)
         count = Signal(17)
-        d_addr = h_rdata[0:64]
-        d_len = h_rdata[64:96]
-        d_flags = h_rdata[96:112]
-        d_next = h_rdata[112:128]
+        d_raw = Signal(128)
+        d_addr = d_raw[0:64]
+        d_len = d_raw[64:96]
+        d_flags = d_raw[96:112]
+        d_next = d_raw[112:128]
         cur_addr = Signal(64)
         cur_len = Signal(32)
         cur_flags = Signal(16)
@@ -311,8 +327,10 @@ class VirtioNetEngine(wiring.Component):
             m.d.sync += cval.bit_select(qi, 1).eq(1)
 
         def invalidate(g):
-            """Function ``g``'s records are no good any more."""
+            """Function ``g``'s records are no good any more (nor the descriptor read
+            ahead, whoever's it is)."""
             m.d.sync += [cval.word_select(g, NQ).eq(0), pend_pub.word_select(g, NQ).eq(0)]
+            m.d.comb += pd_kill.eq(1)
             with m.If(g == cf):
                 m.d.comb += inv_cur.eq(1)
                 m.d.sync += [c_lost.eq(1), c_ok.eq(0), cur.cnt.eq(0)]
@@ -582,14 +600,20 @@ class VirtioNetEngine(wiring.Component):
 
             # -- walk the chain --
             with m.State("DESC"):
-                hread(Mux(ind, ind_base, desc_base) + (di << 4), 4)
+                # (from ``pd`` when it was read ahead)
+                with m.If(pd_ok & (pd_qi == qi) & (pd_ind == ind) & (pd_di == di)):
+                    m.d.sync += [use_pd.eq(1), pd_ok.eq(0)]
+                with m.Else():
+                    hread(Mux(ind, ind_base, desc_base) + (di << 4), 4)
+                    m.d.sync += use_pd.eq(0)
                 m.d.sync += count.eq(count + 1)
                 m.next = "DESC_WAIT"
             with m.State("DESC_WAIT"):
-                with m.If(h_done):
+                m.d.comb += d_raw.eq(Mux(use_pd, pd, h_rdata[:128]))
+                with m.If(h_done | use_pd):
                     m.d.sync += [cur_addr.eq(d_addr), cur_len.eq(d_len), cur_flags.eq(d_flags),
-                                 cur_next.eq(d_next)]
-                    with m.If(h_err | (count > limit)):
+                                 cur_next.eq(d_next), use_pd.eq(0)]
+                    with m.If((h_err & ~use_pd) | (count > limit)):
                         m.next = "BAD"                    # unreadable, or a loop
                     with m.Elif(d_flags & DESC_INDIRECT):
                         ok = (self.transport.indirect.bit_select(cf, 1) & ~ind & ~(d_flags & DESC_NEXT)[0]
@@ -817,15 +841,42 @@ class VirtioNetEngine(wiring.Component):
                     m.next = "MOVE"
             with m.State("MOVE"):
                 # a transmit buffer into slot 0 after what the chain gave so far, or a receive
-                # buffer's share of the frame in ``slot``, a translated page at a time
+                # buffer's share of the frame in ``slot``, a translated page at a time. While a
+                # transmit buffer is read, the chain's next descriptor is read too (the host
+                # port is free; the chain is read to its end anyway)
                 m.d.comb += mv.cmd.valid.eq(1)
+                # the next chain's head, when the available-ring window holds it
+                nxt_off = Signal(16)
+                nxt_head = Signal(16)
+                m.d.comb += [nxt_off.eq(pos + 1 - cur.base),
+                             nxt_head.eq(cur.heads[nxt_off[:exact_log2(AVAIL_WINDOW)]])]
+                chain_on = (cur_flags & DESC_NEXT).bool()
+                in_chain = chain_on & (cur_next < limit)
+                next_chain = ~chain_on & c_ok & (nxt_off < cur.cnt) & (nxt_head < qsize)
                 with m.If(mv.cmd.ready):
+                    ahead = (cq == TXQ) & (in_chain | next_chain)
+                    with m.If(ahead):
+                        at = Mux(in_chain, Mux(ind, ind_base, desc_base) + (cur_next << 4),
+                                 desc_base + (nxt_head << 4))
+                        hread(at, 4)
+                        m.d.sync += [pd_qi.eq(qi), pd_ind.eq(in_chain & ind),
+                                     pd_di.eq(Mux(in_chain, cur_next, nxt_head)), pd_ok.eq(0)]
+                    m.d.sync += [ra_wait.eq(ahead), mv_seen.eq(0)]
                     m.next = "MOVE_WAIT"
             with m.State("MOVE_WAIT"):
-                m.d.comb += mv.done.ready.eq(1)
-                with m.If(mv.done.valid):
-                    with m.If(mv.done.p.status != MoveStatus.OK):
-                        m.d.sync += mx_xerr.eq(mv.done.p.status == MoveStatus.XLATE)
+                # the move's status, and the descriptor read ahead (the state is left only
+                # once both are in: the host port takes no request while a read is out)
+                m.d.comb += mv.done.ready.eq(~mv_seen)
+                with m.If(h_done & ra_wait):
+                    # (not kept when the function's records were forgotten meanwhile)
+                    m.d.sync += [ra_wait.eq(0), pd.eq(h_rdata[:128]),
+                                 pd_ok.eq(~h_err & ~c_lost & ~inv_cur)]
+                with m.If(mv.done.valid & ~mv_seen):
+                    m.d.sync += [mv_seen.eq(1), mv_status.eq(mv.done.p.status)]
+                st = Mux(mv_seen, mv_status, mv.done.p.status)
+                with m.If((mv_seen | mv.done.valid) & ~(ra_wait & ~h_done)):
+                    with m.If(st != MoveStatus.OK):
+                        m.d.sync += [mx_xerr.eq(st == MoveStatus.XLATE), pd_ok.eq(0)]
                         m.next = "BAD"
                     with m.Elif(cq == TXQ):
                         m.d.sync += total.eq(total + cur_len)
@@ -991,4 +1042,6 @@ class VirtioNetEngine(wiring.Component):
             with m.State("NEXT"):
                 m.d.sync += [ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1)), idle_run.eq(0)]
                 m.next = "SCAN"
+        with m.If(pd_kill):
+            m.d.sync += pd_ok.eq(0)
         return m

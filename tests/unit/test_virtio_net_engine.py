@@ -185,6 +185,8 @@ class World:
         self.vq = {(f, q): Vq(self, QSIZE, f) for f in range(NF) for q in range(NQ)}
         # records
         self.tlps = []            # (kind 'rd'/'wr', addr, ndw, fbe, lbe, rid, tag)
+        self.tlp_at = []          # ... and the cycle each was sent
+        self.rd_done_at = []      # the cycles the DMA read channel reported a command done
         self.rid_errors = []
         self.rd_cmds, self.wr_cmds, self.xreqs = [], [], []
         self.irqs, self.isrs, self.nrs, self.kick_acks = [], [], [], []
@@ -380,6 +382,7 @@ class World:
             # -- DMA read channel: host -> packet buffer, seen on snoop --
             if rd_v and rd_r:
                 rd_job = None
+                self.rd_done_at.append(self.cycle)
                 drive(e.rd_done.valid, 0)
             if rc_v:
                 assert rd_job is None
@@ -478,6 +481,7 @@ class World:
         addr = ((d2 << 32) | (d3 & ~3)) if fmt & 1 else (d2 & ~3)
         write = bool(fmt & 2)
         self.tlps.append(("wr" if write else "rd", addr, ndw, fbe, lbe, rid, tag))
+        self.tlp_at.append(self.cycle)
         o = self.owner(addr - self.xoff)
         if o is None or rid != (BUS << 8 | o):
             self.rid_errors.append((hex(addr), ndw, hex(rid), o))
@@ -725,6 +729,7 @@ def test_uplink_out_and_in():
         w.inject_uplink(inbound)
         await w.settle(ctx)
         w.check_rx(2, rx_addr, inbound, 1, rx_head)
+        print("DBG", w.vq[2, RXQ].used_idx, [(hex(c["host"]), c["length"]) for c in w.rd_cmds], w.nrs, await w.counters(ctx), w.kick_acks)
         assert w.vq[2, RXQ].used_idx == 2
         ctr = await w.counters(ctx)
         expect(ctr, TX_FRAMES=1, UPLINK_OUT=1, UPLINK_IN=1, RX_FRAMES=2, DROP_NOBUF=1,
@@ -765,7 +770,11 @@ def test_broadcast_from_uplink_floods_every_function_up():
 
 # ---- 6. translation ----------------------------------------------------------------------
 
-def test_blocked_buffer_needs_reset():
+@pytest.mark.parametrize("blocked_first", [False, True])
+def test_blocked_buffer_needs_reset(blocked_first):
+    """A transmit buffer outside the function's domain sets NEEDS_RESET with nothing moved
+    from it, whether it comes last or first (then its move fails while the next descriptor
+    is being read ahead)."""
     LIMIT = 0x80000
     w = World(xlate_limit=LIMIT)
     frame = make_frame(mac(2), mac(1), 100)
@@ -774,7 +783,8 @@ def test_blocked_buffer_needs_reset():
     far = 0x90000                                          # outside function 1's domain
     w.regions.append((far, far + len(frame), 1))
     w.put(far, frame)
-    vq.chain([(hdr, P.NET_HDR, 0), (far, len(frame), 0)])
+    bufs = [(hdr, P.NET_HDR, 0), (far, len(frame), 0)]
+    vq.chain(bufs[::-1] if blocked_first else bufs)
     w.post_rx(2)
 
     async def body(ctx):
@@ -1167,6 +1177,130 @@ def test_avail_cache_forgotten_at_reset():
         await w.settle(ctx)
         w.check_rx(2, addr, f2, 0, head)
         assert w.nrs == []
+    w.run(body)
+
+
+# ---- descriptors read ahead ------------------------------------------------------------------
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_next_descriptor_read_while_buffer_moves(indirect):
+    """A transmit chain's next descriptor is read while the buffer before it moves (each read
+    goes out before the move of the buffer before it is done), directly and in an indirect
+    table, and the frame arrives whole."""
+    w = World(indirect=0b010 if indirect else 0)     # (negotiated by VF1)
+    f = make_frame(mac(2), mac(1), 1400, seed=3)
+    data = bytes(P.NET_HDR) + f
+    cut = [0, 700, 1000, len(data)]                  # three buffers: 700, 300, the rest
+
+    async def body(ctx):
+        head_rx, addr = w.post_rx(2)
+        bufs = [(w.buffer(data[a:b], 1), b - a, 0) for a, b in zip(cut, cut[1:])]
+        tx = w.vq[1, TXQ]
+        if indirect:
+            table = w.alloc(16 * len(bufs), 16, 1)
+            for i, (a, n, _) in enumerate(bufs):
+                last = i == len(bufs) - 1
+                tx.write_desc(i, a, n, 0 if last else D_NEXT, 0 if last else i + 1, table=table)
+            tx.chain([(table, 16 * len(bufs), D_INDIRECT)])
+            desc_at = [table + 16 * i for i in range(1, len(bufs))]
+        else:
+            tx.chain(bufs)
+            desc_at = [tx.desc + 16 * i for i in range(1, len(bufs))]
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        w.check_rx(2, addr, f, 0, head_rx)
+        reads = {a: c for (kind, a, *_), c in zip(w.tlps, w.tlp_at) if kind == "rd"}
+        for i, a in enumerate(desc_at):
+            assert reads[a] < w.rd_done_at[i], (i, reads[a], w.rd_done_at)
+        assert w.nrs == []
+    w.run(body)
+
+
+@pytest.mark.parametrize("W", [64, 128])
+def test_next_chain_head_read_while_frame_moves(W):
+    """Frames in one descriptor each: the next frame's head descriptor (from the
+    available-ring window) is read while the frame before it moves, once (it is not read
+    again when its turn comes), and every frame arrives whole and in order."""
+    w = World(W)
+    frames = [make_frame(mac(2), mac(1), 200 + 40 * i, seed=i) for i in range(5)]
+
+    async def body(ctx):
+        rx = [w.post_rx(2) for _ in frames]
+        heads = [w.send(1, f, single=True) for f in frames]
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        for i, ((head, addr), f) in enumerate(zip(rx, frames)):
+            w.check_rx(2, addr, f, i, head)
+        tx = w.vq[1, TXQ]
+        desc_reads = [(a, c) for (kind, a, *_), c in zip(w.tlps, w.tlp_at)
+                      if kind == "rd" and tx.desc <= a < tx.desc + 16 * tx.size]
+        assert [a for a, _ in desc_reads] == [tx.desc + 16 * h for h in heads]
+        for k in range(1, len(frames)):
+            assert desc_reads[k][1] < w.rd_done_at[k - 1], (k, desc_reads, w.rd_done_at)
+    w.run(body)
+
+
+def test_read_ahead_forgotten_at_reset():
+    """A head descriptor read ahead is not used after the function's virtio reset: VF1 is
+    stopped while its first frame moves (the second frame's head is read ahead then), reset,
+    and its driver sets the queue up again with another frame at the same head index; that
+    frame is the one that leaves."""
+    w = World()
+    old = [make_frame(mac(2), mac(1), 300, seed=i) for i in range(2)]
+    new = make_frame(mac(2), mac(1), 500, seed=9)
+
+    async def body(ctx):
+        bus = RegBus(ctx, w.top.eng.bus)
+        rx = [w.post_rx(2) for _ in range(3)]
+        for f in old:
+            w.send(1, f, single=True)
+        w.notify(1, TXQ)
+        for _ in range(2000):
+            await ctx.tick()
+            if w.rd_cmds:
+                break
+        await bus.wr(0, MigRegs.SEL, 1, bar=2)
+        await bus.wr(0, MigRegs.CTRL, 1, bar=2)          # stop: the second frame waits
+        await w.settle(ctx)
+        assert len(w.rd_cmds) == 1
+        w.vresets.append(1)
+        await w.settle(ctx)
+        # the driver starts over: fresh rings, head 1 now describes ``new``
+        w.vq[1, TXQ] = fresh = Vq(w, QSIZE, 1)
+        i = 1 * NQ + TXQ
+        for k, at in enumerate((fresh.desc, fresh.avail, fresh.used)):
+            ctx.set(w.top.qaddr[4 * i + k], at)
+        fresh.next_desc = 1
+        fresh.chain([(w.buffer(bytes(P.NET_HDR) + new, 1), P.NET_HDR + len(new), 0)])
+        await bus.wr(0, MigRegs.CTRL, 0, bar=2)
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        # VF2 got the first frame and then ``new`` (never the frame the old head 1 described)
+        assert w.vq[2, RXQ].used_idx == 2
+        w.check_rx(2, rx[0][1], old[0], 0, rx[0][0])
+        w.check_rx(2, rx[1][1], new, 1, rx[1][0])
+    w.run(body)
+
+
+def test_descriptor_read_ahead_of_the_wrong_direction():
+    """The descriptor read ahead is judged like any other: a device-writable one in a
+    transmit chain sets NEEDS_RESET once the buffer before it has moved, and nothing is
+    moved from it."""
+    w = World()
+    frame = make_frame(mac(2), mac(1), 100)
+    hdr = w.buffer(bytes(P.NET_HDR), 1)
+    fa = w.buffer(frame, 1)
+    w.vq[1, TXQ].chain([(hdr, P.NET_HDR, 0), (fa, len(frame), D_WRITE)])
+    w.post_rx(2)
+
+    async def body(ctx):
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert w.nrs == [1]
+        assert [c["host"] for c in w.rd_cmds] == [hdr]
+        assert w.wr_cmds == [] and w.vq[1, TXQ].used_idx == 0
+        ctr = await w.counters(ctx)
+        expect(ctr, DROP_BAD=1)
     w.run(body)
 
 
