@@ -4,7 +4,7 @@ handshake, frames between functions and through the uplink, bad queues, isolatio
 import random
 
 import cocotb
-from cocotb.triggers import ClockCycles
+from cocotb.triggers import ClockCycles, Event
 
 from regmap import MigRegs, VirtioRegs as V
 from host_driver.virtio import (VirtioNetDriver, VirtioError, DirectAccess, HostMemory,
@@ -508,4 +508,50 @@ async def test_queue_coalescing(dut):
             raise AssertionError(f"set_coalescing{bad} was accepted")
         except ValueError as e:
             assert "\n" not in str(e)
+    await h.drv.set_coalescing(8, 1024)
+
+
+@cocotb.test()
+async def test_reset_while_a_frame_is_delivered(dut):
+    """VF2's driver resets its function while the card is delivering a frame into it (the
+    card is reading VF2's receive descriptor; host reads answered 3 us late): the reset
+    completes (status reads 0) only once the card has let the function go, and nothing is
+    written with VF2's requester ID after that. The driver sets VF2 up again and the frames
+    sent then all arrive, in order (the device's indices started over with the rings)."""
+    h, pf, vfs = await bring_up(dut, 2)
+    rnd = random.Random(22)
+    a, b = await net(h, vfs[0]), await net(h, vfs[1])
+    await h.drv.set_coalescing(1, 1024)
+    await b.post_rx(16)
+    reading = Event()
+    writes = []                    # when the card wrote with VF2's requester ID (not MSI-X)
+    msi = {v.addr for v in vfs[1].msix_vectors}
+    rxq = b.rx
+
+    def hook(hdr, payload, t0, t1):
+        if int.from_bytes(hdr[4:6], "big") != vfs[1].rid:
+            return
+        addr = int.from_bytes(hdr[8:16] if hdr[0] & 0x20 else hdr[8:12], "big") & ~3
+        if hdr[0] in (0x00, 0x20) and rxq.desc <= addr < rxq.desc + 16 * rxq.size:
+            reading.set()
+        elif hdr[0] in (0x40, 0x60) and addr not in msi:
+            writes.append(t1)
+    h.bridge.tx_hook = hook
+    h.bridge.read_latency_ns = 3000
+    for f in [frame(b.mac, a.mac, 200, rnd) for _ in range(3)]:
+        await a.send(f)
+    await reading.wait()
+    await b.reset()
+    done_ns = h.t.now_ns()
+    h.bridge.read_latency_ns = 0
+    await ClockCycles(dut.clk, 4000)
+    h.bridge.tx_hook = None
+    assert writes and [t for t in writes if t > done_ns] == [], (done_ns, writes)
+    await b.bring_up()
+    await b.post_rx(16)
+    await a.reap_tx()
+    sent = [frame(b.mac, a.mac, 60 + 90 * i, rnd) for i in range(6)]
+    for f in sent:
+        await a.send(f)
+    assert await receive_n(b, len(sent)) == sent
     await h.drv.set_coalescing(8, 1024)

@@ -178,7 +178,9 @@ class VirtioNetEngine(wiring.Component):
         desc_base = Signal(64)
         drv_base = Signal(64)
         dev_base = Signal(64)
-        qsize = Signal(9)
+        qsize = Signal(9)          # the queue's size, enable and vector (registered at LOADQ0)
+        q_en = Signal()
+        q_vec = Signal(16)
         qmask = Signal(9)
         m.d.comb += qmask.eq(qsize - 1)
 
@@ -437,6 +439,11 @@ class VirtioNetEngine(wiring.Component):
             m.d.comb += mig_busy.eq((~engine.ongoing("SCAN")
                                      & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
                                     | (pend_pub.word_select(mig_sel, NQ) != 0))
+            # the functions whose frame is under way (the transport holds back their virtio
+            # reset until they are let go: nothing is written for a function after its reset)
+            m.d.comb += self.transport.holds.eq(
+                Mux(engine.ongoing("SCAN"), 0,
+                    (C(1, nf) << cf)[:nf] | Mux(phase == 1, (C(1, nf) << tx_f)[:nf], 0)))
             with m.State("SCAN"):
                 m.d.sync += [phase.eq(0), drop.eq(0), flood.eq(0), fl_g.eq(0), idle_run.eq(0)]
                 with m.If(self.uplink_rx.valid):
@@ -479,7 +486,8 @@ class VirtioNetEngine(wiring.Component):
             # -- load the current queue's addresses (qa port: a cycle of latency) --
             with m.State("LOADQ0"):
                 m.d.comb += self.transport.qa_sel.eq(0)
-                m.d.sync += qsize.eq(self.transport.qr_size)
+                m.d.sync += [qsize.eq(self.transport.qr_size), q_en.eq(self.transport.qr_en),
+                             q_vec.eq(self.transport.qr_vec)]
                 m.next = "LOADQ1"
             with m.State("LOADQ1"):
                 m.d.comb += self.transport.qa_sel.eq(1)
@@ -499,7 +507,7 @@ class VirtioNetEngine(wiring.Component):
                     m.next = "USED_ELEM"
                 with m.Elif(ret_flush):
                     m.next = "FLUSH"
-                with m.Elif(~self.transport.qr_en | (qsize == 0)):
+                with m.Elif(~q_en | (qsize == 0)):
                     with m.If(ret_rx):
                         m.d.comb += inc["DROP_NOBUF"].eq(1)
                         m.next = "RX_DONE"
@@ -1004,8 +1012,8 @@ class VirtioNetEngine(wiring.Component):
                         m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
                         m.next = "QDONE"
             with m.State("IRQ"):
-                m.d.comb += [inc["QUEUE_IRQS"].eq(1), self.irq.valid.eq(self.transport.qr_vec < nvec), self.irq.fidx.eq(cf),
-                             self.irq.vector.eq(self.transport.qr_vec[:5]),
+                m.d.comb += [inc["QUEUE_IRQS"].eq(1), self.irq.valid.eq(q_vec < nvec), self.irq.fidx.eq(cf),
+                             self.irq.vector.eq(q_vec[:5]),
                              self.transport.isr_set.eq(1), self.transport.isr_fidx.eq(cf)]
                 m.next = "QDONE"
             with m.State("QDONE"):

@@ -76,6 +76,7 @@ def VirtqSignature(num_functions):
         "nr_fidx":  Out(8),
         "vreset":   In(1),          # strobe: function ``vreset_fidx``'s virtio state reset
         "vreset_fidx": In(8),
+        "holds":    Out(nf),        # functions whose work the engine holds (a frame under way)
     })
 
 
@@ -147,9 +148,29 @@ class VirtioPci(wiring.Component):
         offered_hi = V.FEATURES >> 32
 
         # ---- resets ------------------------------------------------------------------------
+        # A driver's reset (status 0) waits while the engine holds a frame of the function:
+        # meanwhile the function is not live (the engine takes no new work for it) and its
+        # registers, status included, read as before; the reset is done, and status reads 0,
+        # once the engine has let it go, so nothing is written for the function after the
+        # driver has seen its reset complete (virtio 1.2, 4.1.4.3.2).
         rst = Signal()
         rst_f = Signal(8)
+        rst_pend = Signal(nf)              # resets waiting for the engine
+        wr_rst = Signal()                  # the driver of function ``b.fidx`` writes status 0
         m.d.comb += [self.engine.vreset.eq(rst), self.engine.vreset_fidx.eq(rst_f)]
+        ready = Signal(nf)
+        m.d.comb += ready.eq(rst_pend & ~self.engine.holds)
+        at_once = wr_rst & ~self.engine.holds.bit_select(b.fidx, 1) & ~self.fn.flr
+        with m.If(at_once):
+            m.d.comb += [rst.eq(1), rst_f.eq(b.fidx)]
+        with m.Elif(~self.fn.flr):
+            for g in reversed(range(nf)):          # the lowest function first
+                with m.If(ready[g]):
+                    m.d.comb += [rst.eq(1), rst_f.eq(g)]
+        with m.If(rst):
+            m.d.sync += rst_pend.bit_select(rst_f, 1).eq(0)
+        with m.If(wr_rst & ~at_once):
+            m.d.sync += rst_pend.bit_select(b.fidx, 1).eq(1)
 
         def reset_function(g):
             stm = [status[g].eq(0), gf[g].eq(0), gf_bad.word_select(g, 3).eq(0),
@@ -217,7 +238,7 @@ class VirtioPci(wiring.Component):
                 with m.Case(_dw(V.STATUS)):
                     with m.If(be[0]):
                         with m.If(wd[:8] == 0):
-                            m.d.comb += [rst.eq(1), rst_f.eq(f)]
+                            m.d.comb += wr_rst.eq(1)
                         with m.Else():
                             # FEATURES_OK sticks only for a valid feature set
                             ok = (gf_bad.word_select(f, 3) == 0) & gf[f][OFFERED.index(V.F_VERSION_1)]
@@ -292,7 +313,8 @@ class VirtioPci(wiring.Component):
         for g in range(nf):
             base_st = status[g]
             m.d.comb += [
-                self.engine.live[g].eq(base_st[2] & base_st[3] & ~base_st[6] & ~base_st[7]),
+                self.engine.live[g].eq(base_st[2] & base_st[3] & ~base_st[6] & ~base_st[7]
+                                       & ~rst_pend[g]),
                 self.engine.ev_idx[g].eq(gf[g][OFFERED.index(V.F_RING_EVENT_IDX)]),
                 self.engine.indirect[g].eq(gf[g][OFFERED.index(V.F_RING_INDIRECT_DESC)]),
                 self.engine.mrg[g].eq(gf[g][OFFERED.index(V.F_NET_MRG_RXBUF)]),
@@ -317,8 +339,10 @@ class VirtioPci(wiring.Component):
             m.d.sync += reset_function(rst_f)
         with m.If(self.fn.flr):
             m.d.comb += [self.engine.vreset.eq(1), self.engine.vreset_fidx.eq(self.fn.flr_fidx)]
-            m.d.sync += reset_function(self.fn.flr_fidx)
+            m.d.sync += [*reset_function(self.fn.flr_fidx),
+                         rst_pend.bit_select(self.fn.flr_fidx, 1).eq(0)]
         with m.If(self.fn.vf_reset):
+            m.d.sync += rst_pend.eq(rst_pend & 1)
             for g in range(1, nf):
                 m.d.sync += reset_function(g)
         return m

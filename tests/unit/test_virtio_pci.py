@@ -333,6 +333,41 @@ def test_status_zero_resets_only_that_function():
     run_v(tb)
 
 
+def test_reset_waits_while_the_engine_holds_the_function():
+    """A status write of 0 while the engine holds a frame of the function: the function stops
+    being live at once, but its registers (status included) read as before and no reset
+    strobe comes until the engine lets it go; then the reset is done. Another function's
+    reset is not held up."""
+    async def tb(ctx, dut, v):
+        for f in range(NF):
+            await configure(v, f, f)
+        ctx.set(dut.engine.holds, 0b010)
+        strobes = []
+
+        async def tick(n):
+            for _ in range(n):
+                if ctx.get(dut.engine.vreset):
+                    strobes.append(ctx.get(dut.engine.vreset_fidx))
+                await ctx.tick()
+        ctx.set(dut.bus.fidx, 1)                  # (the write's cycle is watched too)
+        await v.set_status(1, 0)
+        await tick(20)
+        assert strobes == []
+        assert ctx.get(dut.engine.live) == 0b101
+        assert await v.status(1) == 15
+        for q in range(NQ):                       # everything as it was, but live
+            await v.select(1, q)
+            assert (await v.qsize(1), await v.qen(1)) == (16 << q, 1)
+        await v.set_status(2, 0)                  # not held: at once
+        await expect_reset(v, 2)
+        ctx.set(dut.engine.holds, 0)
+        await tick(5)
+        assert strobes == [1]
+        await expect_reset(v, 1)
+        await expect_configured(v, 0, 0)
+    run_v(tb)
+
+
 def test_reset_by_status_write_of_other_lanes_does_not_reset():
     async def tb(ctx, dut, v):
         await configure(v, 1, 1)
