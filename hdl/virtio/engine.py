@@ -29,6 +29,13 @@ robin (one transmitted frame per visit):
   negotiated ``VIRTIO_NET_F_GUEST_CSUM`` has its TCP / UDP checksum checked, and its receive
   header says ``DATA_VALID`` when it holds. Both take a pass over the frame's first words only;
   a frame nobody asked this of skips it;
+* **read ahead**: while a transmit buffer moves (a round trip to host memory), the host port
+  reads the descriptor the walk needs next (the chain's next one, or the head of the queue's
+  next chain when the available-ring window holds it) into a one-entry store; the walk takes
+  it from there once, and a reset, a restore or NEEDS_RESET forgets it;
+* **resets**: the engine reports the functions whose frame it holds (``transport.holds``); the
+  transport holds a driver's reset of such a function back until the engine lets it go, so
+  nothing is written for a function after its driver saw the reset complete;
 * frames from the uplink port (``uplink_rx``) are delivered by destination MAC likewise; one
   for no function is dropped, or with ``NetRegs.CTRL`` DEFAULT_PF delivered to the PF (the
   host's own switch port). DEFAULT_PF also sends the PF the unicast frames of a stopped
@@ -1012,7 +1019,8 @@ class VirtioNetEngine(wiring.Component):
                         m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
                         m.next = "QDONE"
             with m.State("IRQ"):
-                m.d.comb += [inc["QUEUE_IRQS"].eq(1), self.irq.valid.eq(q_vec < nvec), self.irq.fidx.eq(cf),
+                m.d.comb += [inc["QUEUE_IRQS"].eq(1), self.irq.valid.eq(q_vec < nvec),
+                             self.irq.fidx.eq(cf),
                              self.irq.vector.eq(q_vec[:5]),
                              self.transport.isr_set.eq(1), self.transport.isr_fidx.eq(cf)]
                 m.next = "QDONE"

@@ -5,11 +5,12 @@ notifications, ISR status and the virtio-net device configuration, in BAR0 at
 
 Per function: feature negotiation (the device offers ``VirtioRegs.FEATURES``; FEATURES_OK only
 sticks when the driver's features are a subset that includes VERSION_1), the device status
-handshake (writing 0 resets the function's virtio state; NEEDS_RESET is set by the device and
-raises a configuration-change interrupt), and two queues (receiveq1, transmitq1) with size
-(power of two, at most 256), MSI-X vector (NO_VECTOR when the vector does not exist), enable
-and the three ring addresses. Queue fields of a queue that does not exist read 0 and ignore
-writes.
+handshake (writing 0 resets the function's virtio state, once the queue engine holds no frame
+of the function: until then status reads as before and the function is not live; NEEDS_RESET
+is set by the device and raises a configuration-change interrupt), and two queues (receiveq1,
+transmitq1) with size (power of two, at most 256), MSI-X vector (NO_VECTOR when the vector does
+not exist), enable and the three ring addresses. Queue fields of a queue that does not exist
+read 0 and ignore writes.
 
 The queue engine reads the queue state through ``qr_*`` (combinational) and the ring addresses
 through ``qa_*`` (block RAM, data a cycle after the address); it sees notifications as

@@ -729,7 +729,6 @@ def test_uplink_out_and_in():
         w.inject_uplink(inbound)
         await w.settle(ctx)
         w.check_rx(2, rx_addr, inbound, 1, rx_head)
-        print("DBG", w.vq[2, RXQ].used_idx, [(hex(c["host"]), c["length"]) for c in w.rd_cmds], w.nrs, await w.counters(ctx), w.kick_acks)
         assert w.vq[2, RXQ].used_idx == 2
         ctr = await w.counters(ctx)
         expect(ctr, TX_FRAMES=1, UPLINK_OUT=1, UPLINK_IN=1, RX_FRAMES=2, DROP_NOBUF=1,
