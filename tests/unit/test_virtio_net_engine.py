@@ -268,6 +268,18 @@ class World:
             at += n
         return self.vq[f, RXQ].chain(bufs), a
 
+    async def burst(self, ctx, frames, src=1, dst=2):
+        """A receive buffer on ``dst`` per frame, the frames queued on ``src`` in one
+        descriptor each, one notification; once the engine is quiet every frame must be in
+        ``dst``'s buffers, in order. Returns the transmit heads."""
+        rx = [self.post_rx(dst) for _ in frames]
+        heads = [self.send(src, f, single=True) for f in frames]
+        self.notify(src, TXQ)
+        await self.settle(ctx)
+        for i, ((head, addr), f) in enumerate(zip(rx, frames)):
+            self.check_rx(dst, addr, f, i, head)
+        return heads
+
     def notify(self, f, q=TXQ):
         self.kick |= 1 << (f * NQ + q)
 
@@ -1224,12 +1236,7 @@ def test_next_chain_head_read_while_frame_moves(W):
     frames = [make_frame(mac(2), mac(1), 200 + 40 * i, seed=i) for i in range(5)]
 
     async def body(ctx):
-        rx = [w.post_rx(2) for _ in frames]
-        heads = [w.send(1, f, single=True) for f in frames]
-        w.notify(1, TXQ)
-        await w.settle(ctx)
-        for i, ((head, addr), f) in enumerate(zip(rx, frames)):
-            w.check_rx(2, addr, f, i, head)
+        heads = await w.burst(ctx, frames)
         tx = w.vq[1, TXQ]
         desc_reads = [(a, c) for (kind, a, *_), c in zip(w.tlps, w.tlp_at)
                       if kind == "rd" and tx.desc <= a < tx.desc + 16 * tx.size]
@@ -1329,12 +1336,7 @@ def test_coalescing_publishes_in_batches(coal, pubs):
     frames = [make_frame(mac(2), mac(1), 64 + i, seed=i) for i in range(6)]
 
     async def body(ctx):
-        rx = [w.post_rx(2) for _ in frames]
-        heads = [w.send(1, f, single=True) for f in frames]
-        w.notify(1, TXQ)
-        await w.settle(ctx)
-        for i, ((head, addr), f) in enumerate(zip(rx, frames)):
-            w.check_rx(2, addr, f, i, head)
+        heads = await w.burst(ctx, frames)
         tx = w.vq[1, TXQ]
         assert tx.used_idx == 6 and [tx.used_elem(i)[0] for i in range(6)] == heads
         assert (used_idx_writes(w, 1, TXQ), used_idx_writes(w, 2, RXQ)) == pubs
