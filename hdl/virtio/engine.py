@@ -131,6 +131,8 @@ class VirtioNetEngine(wiring.Component):
         # ---- per-queue indices ---------------------------------------------------------------
         last_avail = Array(Signal(16, name=f"last_avail{i}") for i in range(nf * NQ))
         used_idx = Array(Signal(16, name=f"used_idx{i}") for i in range(nf * NQ))
+        la = Signal(16)            # the current queue's last_avail and used index (working
+        ui = Signal(16)            # copies loaded at LOADQ0, written back with every change)
         txpend = Signal(nf)
 
         # ---- the registers' block: counted events, migration controls ----------------------
@@ -296,7 +298,7 @@ class VirtioNetEngine(wiring.Component):
         # the available ring's entry for the next buffer (``nb`` of this frame already taken)
         pos = Signal(16)                   # that entry's position (free-running index)
         ring_at = Signal(64)
-        m.d.comb += [pos.eq(last_avail[qi] + nb),
+        m.d.comb += [pos.eq(la + nb),
                      ring_at.eq(drv_base + 4 + ((pos & qmask) << 1))]
 
         # ---- the available-ring cache, per queue (block RAM): the available index last read
@@ -345,7 +347,10 @@ class VirtioNetEngine(wiring.Component):
                 m.d.sync += [c_lost.eq(1), c_ok.eq(0), cur.cnt.eq(0)]
 
         def clear_indices(g):
-            """Function ``g``'s ring indices back to 0."""
+            """Function ``g``'s ring indices back to 0 (the working copies too, when it is the
+            current function)."""
+            with m.If(g == cf):
+                m.d.sync += [la.eq(0), ui.eq(0)]
             return [s.eq(0) for q in range(NQ)
                     for s in (last_avail[g * NQ + q], used_idx[g * NQ + q])]
 
@@ -372,7 +377,7 @@ class VirtioNetEngine(wiring.Component):
 
         # the used ring's next free element (after those held back)
         used_at = Signal(16)
-        m.d.comb += used_at.eq(used_idx[qi] + cur.unpub)
+        m.d.comb += used_at.eq(ui + cur.unpub)
 
         def used_len_at(i):
             """The length field of this frame's used element ``i``."""
@@ -388,9 +393,9 @@ class VirtioNetEngine(wiring.Component):
             interrupt."""
             tot = Signal(10, name="pub_tot")
             m.d.comb += tot.eq(cur.unpub + n)
-            hwrite(dev_base, 1, Cat(C(0, 16), (used_idx[qi] + tot)[:16]), fbe=0xC)
-            m.d.sync += [used_idx[qi].eq(used_idx[qi] + tot),
-                         last_avail[qi].eq(last_avail[qi] + n), pub_n.eq(tot),
+            hwrite(dev_base, 1, Cat(C(0, 16), (ui + tot)[:16]), fbe=0xC)
+            m.d.sync += [used_idx[qi].eq(ui + tot), ui.eq(ui + tot),
+                         last_avail[qi].eq(la + n), la.eq(la + n), pub_n.eq(tot),
                          cur.unpub.eq(0), pend_pub.bit_select(qi, 1).eq(0), c_wb.eq(1)]
             m.next = "AVAIL_EVT"
 
@@ -400,12 +405,12 @@ class VirtioNetEngine(wiring.Component):
             are known to be available (the last frame of a burst is published at once, so a
             queue that goes idle has avail_event armed and read behind it). What is held back
             is published when the scan passes the function with nothing to transmit."""
-            more = c_ok & ((cur.idx - last_avail[qi] - n)[:16] != 0)
+            more = c_ok & ((cur.idx - la - n)[:16] != 0)
             hold = ((coal > 1) & ((cur.unpub + n) < coal) & ~mig_stop.bit_select(cf, 1)
                     & ((cq == RXQ) | more))
             with m.If(hold):
                 m.d.comb += hold_new.eq(1)
-                m.d.sync += [last_avail[qi].eq(last_avail[qi] + n), cur.unpub.eq(cur.unpub + n),
+                m.d.sync += [last_avail[qi].eq(la + n), la.eq(la + n), cur.unpub.eq(cur.unpub + n),
                              pend_pub.bit_select(qi, 1).eq(1), c_wb.eq(1)]
                 m.next = "QDONE"
             with m.Else():
@@ -494,7 +499,8 @@ class VirtioNetEngine(wiring.Component):
             with m.State("LOADQ0"):
                 m.d.comb += self.transport.qa_sel.eq(0)
                 m.d.sync += [qsize.eq(self.transport.qr_size), q_en.eq(self.transport.qr_en),
-                             q_vec.eq(self.transport.qr_vec)]
+                             q_vec.eq(self.transport.qr_vec), la.eq(last_avail[qi]),
+                             ui.eq(used_idx[qi])]
                 m.next = "LOADQ1"
             with m.State("LOADQ1"):
                 m.d.comb += self.transport.qa_sel.eq(1)
@@ -509,7 +515,7 @@ class VirtioNetEngine(wiring.Component):
                 m.d.sync += [dev_base.eq(self.transport.qa_data), cur.eq(c_rd.data),
                              c_ok.eq(good), c_lost.eq(inv_cur)]
                 with m.If(~good):
-                    m.d.sync += [cur.cnt.eq(0), cur.idx.eq(last_avail[qi]), cur.unpub.eq(0)]
+                    m.d.sync += [cur.cnt.eq(0), cur.idx.eq(la), cur.unpub.eq(0)]
                 with m.If(ret_used):
                     m.next = "USED_ELEM"
                 with m.Elif(ret_flush):
@@ -528,7 +534,7 @@ class VirtioNetEngine(wiring.Component):
             #    has them) --
             with m.State("AVAIL_CHECK"):
                 c_ahead = Signal(16)
-                m.d.comb += c_ahead.eq(cur.idx - last_avail[qi])
+                m.d.comb += c_ahead.eq(cur.idx - la)
                 with m.If(c_ok & (c_ahead > nb) & (c_ahead <= qsize)):
                     m.next = "HEAD_GET"
                 with m.Else():
@@ -538,7 +544,7 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(h_done):
                     aidx = h_rdata[16:32]
                     ahead = Signal(16)                   # entries made available, not taken
-                    m.d.comb += ahead.eq(aidx - last_avail[qi])
+                    m.d.comb += ahead.eq(aidx - la)
                     with m.If(~h_err):
                         m.d.sync += [cur.idx.eq(aidx), c_ok.eq(~c_lost), c_wb.eq(1)]
                     with m.If(h_err | (ahead > qsize) | (ahead < nb)):
@@ -985,7 +991,7 @@ class VirtioNetEngine(wiring.Component):
                     with m.If(self.transport.ev_idx.bit_select(cf, 1)):
                         ev_off = Signal(12)
                         m.d.comb += ev_off.eq(4 + (qsize << 3))
-                        hwrite(dev_base + ev_off, 1, last_avail[qi], fbe=0x3)
+                        hwrite(dev_base + ev_off, 1, la, fbe=0x3)
                         m.next = "EVT_SENT"
                     with m.Else():
                         hread(drv_base, 1, 0x3)                  # avail.flags
@@ -1008,7 +1014,7 @@ class VirtioNetEngine(wiring.Component):
             with m.State("IRQ_EVENT"):
                 with m.If(h_done):
                     ue = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
-                    new = used_idx[qi]
+                    new = ui
                     old = Signal(16)
                     m.d.comb += old.eq(new - pub_n)          # (a frame may use several)
                     # vring_need_event(used_event, new, old)
