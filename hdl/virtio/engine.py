@@ -162,10 +162,16 @@ class VirtioNetEngine(wiring.Component):
         h_done, h_err, h_rdata = hp.done, hp.err, hp.rdata
         mx_xerr = Signal()         # a buffer piece's translation failed (until the next access)
         # a descriptor read ahead while a transmit buffer moved (the chain's next one, or
-        # the head of the queue's next chain): queue, table (indirect or not) and index, and
-        # its 16 bytes; used once, by the walk that comes to it. An available chain's
-        # descriptors do not change until it is used (virtio 1.2, 2.7.13); a reset, a restore
-        # or NEEDS_RESET forgets it
+        # the head of the queue's next chain): table (indirect or not), index and its 16
+        # bytes, one per function's transmit queue (block RAM, ``pd_val`` says it is good) and
+        # a working copy of the current queue's; used once, by the walk that comes to it. An
+        # available chain's descriptors do not change until it is used (virtio 1.2, 2.7.13);
+        # a reset, a restore or NEEDS_RESET forgets it
+        pd_rec = data.StructLayout({"desc": 128, "di": 16, "ind": 1})
+        m.submodules.read_ahead = pd_mem = Memory(shape=pd_rec, depth=nf, init=[])
+        pd_rd = pd_mem.read_port()
+        pd_wr = pd_mem.write_port()
+        pd_val = Signal(nf)
         pd = Signal(128)
         pd_ok = Signal()
         pd_qi = Signal(range(nf * NQ))
@@ -331,6 +337,7 @@ class VirtioNetEngine(wiring.Component):
         c_wb = Signal()                    # write ``cur`` back next cycle
         c_lost = Signal()                  # the current function's records were invalidated
         inv_cur = Signal()                 # ... in this very cycle
+        m.d.comb += [pd_rd.addr.eq(cf), pd_wr.addr.eq(cf)]
         m.d.comb += [c_rd.addr.eq(qi), c_rd.en.eq(1), mg.coal_q.eq(qi),
                      c_wr.addr.eq(qi), c_wr.data.eq(cur), c_wr.en.eq(c_wb)]
         m.d.sync += c_wb.eq(0)
@@ -342,6 +349,7 @@ class VirtioNetEngine(wiring.Component):
             ahead, whoever's it is)."""
             m.d.sync += [cval.word_select(g, NQ).eq(0), pend_pub.word_select(g, NQ).eq(0)]
             m.d.comb += pd_kill.eq(1)
+            m.d.sync += pd_val.bit_select(g, 1).eq(0)
             with m.If(g == cf):
                 m.d.comb += inv_cur.eq(1)
                 m.d.sync += [c_lost.eq(1), c_ok.eq(0), cur.cnt.eq(0)]
@@ -504,6 +512,10 @@ class VirtioNetEngine(wiring.Component):
                 m.next = "LOADQ1"
             with m.State("LOADQ1"):
                 m.d.comb += self.transport.qa_sel.eq(1)
+                with m.If(cq == TXQ):         # the queue's descriptor read ahead, if any
+                    m.d.sync += [pd.eq(pd_rd.data.desc), pd_di.eq(pd_rd.data.di),
+                                 pd_ind.eq(pd_rd.data.ind), pd_qi.eq(qi),
+                                 pd_ok.eq(pd_val.bit_select(cf, 1) & ~inv_cur)]
                 m.d.sync += desc_base.eq(self.transport.qa_data)
                 m.next = "LOADQ2"
             with m.State("LOADQ2"):
@@ -623,7 +635,7 @@ class VirtioNetEngine(wiring.Component):
             with m.State("DESC"):
                 # (from ``pd`` when it was read ahead)
                 with m.If(pd_ok & (pd_qi == qi) & (pd_ind == ind) & (pd_di == di)):
-                    m.d.sync += [use_pd.eq(1), pd_ok.eq(0)]
+                    m.d.sync += [use_pd.eq(1), pd_ok.eq(0), pd_val.bit_select(cf, 1).eq(0)]
                 with m.Else():
                     hread(Mux(ind, ind_base, desc_base) + (di << 4), 4)
                     m.d.sync += use_pd.eq(0)
@@ -890,14 +902,18 @@ class VirtioNetEngine(wiring.Component):
                 m.d.comb += mv.done.ready.eq(~mv_seen)
                 with m.If(h_done & ra_wait):
                     # (not kept when the function's records were forgotten meanwhile)
-                    m.d.sync += [ra_wait.eq(0), pd.eq(h_rdata[:128]),
-                                 pd_ok.eq(~h_err & ~c_lost & ~inv_cur)]
+                    good = ~h_err & ~c_lost & ~inv_cur
+                    m.d.sync += [ra_wait.eq(0), pd.eq(h_rdata[:128]), pd_ok.eq(good),
+                                 pd_val.bit_select(cf, 1).eq(good)]
+                    m.d.comb += [pd_wr.en.eq(1), pd_wr.data.desc.eq(h_rdata[:128]),
+                                 pd_wr.data.di.eq(pd_di), pd_wr.data.ind.eq(pd_ind)]
                 with m.If(mv.done.valid & ~mv_seen):
                     m.d.sync += [mv_seen.eq(1), mv_status.eq(mv.done.p.status)]
                 st = Mux(mv_seen, mv_status, mv.done.p.status)
                 with m.If((mv_seen | mv.done.valid) & ~(ra_wait & ~h_done)):
                     with m.If(st != MoveStatus.OK):
-                        m.d.sync += [mx_xerr.eq(st == MoveStatus.XLATE), pd_ok.eq(0)]
+                        m.d.sync += [mx_xerr.eq(st == MoveStatus.XLATE), pd_ok.eq(0),
+                                     pd_val.bit_select(cf, 1).eq(0)]
                         m.next = "BAD"
                     with m.Elif(cq == TXQ):
                         m.d.sync += total.eq(total + cur_len)
