@@ -167,6 +167,8 @@ async def test_demo(dut):
     await sampler
     problems = rig.lost_or_duplicated()
     assert not problems, problems
+    # (the blackout is read now that traffic has gone on through card B for a while)
+    assert res.blackout_us is not None, "no frame of the guest went through card B"
     ev.emit("phase", name="migration", state="done")
     ev.emit("result", section="migration", vm=res.vm, source=res.source, target=res.target,
             blackout_us=round(res.blackout_us, 2), paused_us=round(res.paused_us, 2),

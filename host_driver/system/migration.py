@@ -393,8 +393,20 @@ class MigrationResult:
     error: BaseException | None = None
     forwarded: int = 0                     # frames the source forwarded to the target
     paused_us: float = 0.0                 # time the VM spent paused for the final copy
-    last_source_us: float | None = None    # the guest's last frame through the source
-    first_target_us: float | None = None   # and its first through the target
+    # the guest's frames since the migration began, read when asked: the first frame through
+    # the target may arrive after migrate() has returned
+    trace: Callable[[], tuple[float | None, float | None]] | None = \
+        field(default=None, repr=False, compare=False)
+
+    @property
+    def last_source_us(self) -> float | None:
+        """The guest's last frame through the source (so far)."""
+        return self.trace()[0] if self.trace else None
+
+    @property
+    def first_target_us(self) -> float | None:
+        """The guest's first frame through the target (None until one has come)."""
+        return self.trace()[1] if self.trace else None
 
     @property
     def blackout_us(self) -> float | None:
@@ -682,10 +694,12 @@ class MigrationOrchestrator:
         res.paused_us = run.paused_us
         if tgt is None:
             return
-        seen = [d for ledger, mark in zip((vm.rx, vm.tx), run.marks)
-                for d in ledger.deliveries[mark:]]
-        on = lambda d, s: d.hops[-1].split("@")[1] == s.name           # noqa: E731
-        src_t = [d.t_us for d in seen if on(d, src)]
-        tgt_t = [d.t_us for d in seen if on(d, tgt)]
-        res.last_source_us = max(src_t, default=None)
-        res.first_target_us = min(tgt_t, default=None)
+        marks = run.marks
+
+        def trace():
+            seen = [d for ledger, mark in zip((vm.rx, vm.tx), marks)
+                    for d in ledger.deliveries[mark:]]
+            via = lambda d: d.hops[-1].split("@")[1]                    # noqa: E731
+            return (max((d.t_us for d in seen if via(d) == src.name), default=None),
+                    min((d.t_us for d in seen if via(d) == tgt.name), default=None))
+        res.trace = trace

@@ -8,8 +8,8 @@ import pytest
 from concurrent.futures import ThreadPoolExecutor
 from fakes import CardError, FakeVfCard
 from host_driver.system.migration import (Datapath, MigrationCosts, MigrationOrchestrator,
-                                          MigrationState as S, Network, NoFreeVf, Outcome, Server,
-                                          SlotState, VfBusy, VirtualClock, Vm)
+                                          MigrationResult, MigrationState as S, Network, NoFreeVf,
+                                          Outcome, Server, SlotState, VfBusy, VirtualClock, Vm)
 from hypothesis import given, settings, strategies as st
 
 ALL = [s for s in S if s is not S.DONE]
@@ -127,6 +127,20 @@ def test_migration_under_traffic_moves_vm_to_target_vf():
         assert res.blackout_us == pytest.approx(res.paused_us)
         assert res.last_source_us < res.first_target_us
     asyncio.run(main())
+
+
+def test_blackout_is_read_when_asked():
+    """The blackout is taken from the frames when it is asked for: before the guest's first
+    frame through the target it is unknown (None), afterwards it is known, although
+    migrate() returned before that frame came."""
+    frames = [(5.0, "A")]                          # (time, server) of the guest's frames
+    res = MigrationResult(Outcome.DONE)
+    res.trace = lambda: (max((t for t, s in frames if s == "A"), default=None),
+                         min((t for t, s in frames if s == "B"), default=None))
+    assert (res.last_source_us, res.first_target_us, res.blackout_us) == (5.0, None, None)
+    frames += [(12.5, "B"), (14.0, "B")]
+    assert (res.first_target_us, res.blackout_us) == (12.5, 7.5)
+    assert MigrationResult(Outcome.NO_TARGET).blackout_us is None
 
 
 def test_vm_without_direct_assignment_moves_without_vf_steps():
