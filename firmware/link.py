@@ -8,7 +8,14 @@ Retries are only made when the card's error reply proves the request was not exe
 or cut short on the way in). A reply that never comes, or comes damaged, raises
 :class:`LinkError` without a retry: the request may have run, and a second run of a
 side-effecting access (a push, a pop) would duplicate or lose a request.
+
+A reply with another sequence number is a late one: the card answers in order, so it belongs to
+a request made before this one (by a firmware process that was killed while the card was still
+answering it, say) and is passed over (counted in :attr:`UartLink.stale`). The sequence starts
+at a random number, so a new process does not begin where a dead one was likely to stand.
 """
+
+import os
 
 import serial
 
@@ -34,7 +41,8 @@ class UartLink:
         self.retries = retries
         self.round_trips = 0
         self.retried = 0
-        self._seq = 0
+        self.stale = 0                 # late replies passed over
+        self._seq = os.urandom(1)[0]
 
     def close(self):
         self.port.close()
@@ -68,17 +76,19 @@ class UartLink:
             self.port.reset_input_buffer()
             self.port.write(build(seq))
             self.port.flush()
-            try:
-                reply = parse_reply(self._read_reply())
-            except FrameError as e:
-                raise LinkError(f"{self.url}: {what}: damaged reply ({e})") from None
+            while True:
+                try:
+                    reply = parse_reply(self._read_reply())
+                except FrameError as e:
+                    raise LinkError(f"{self.url}: {what}: damaged reply ({e})") from None
+                if reply.seq == seq:
+                    break
+                self.stale += 1            # a late reply to an earlier request
             self.round_trips += 1
             if reply.error and reply.status in (P.BAD_CRC, P.TRUNCATED) \
                     and attempt < self.retries:
                 self.retried += 1          # the card dropped the request unexecuted
                 continue
-            if reply.seq != seq:
-                raise LinkError(f"{self.url}: {what}: reply to sequence {reply.seq}, sent {seq}")
             if reply.status == P.OK and not reply.error:
                 return reply
             raise LinkError(f"{self.url}: {what}: card says "

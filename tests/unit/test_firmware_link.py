@@ -1,0 +1,62 @@
+"""firmware.link: a late reply (to a request of a firmware process killed while the card was
+answering it) is passed over, the caller's own reply is taken; a link that gets no reply of its
+own within the timeout says so in one line."""
+
+import struct
+
+import pytest
+from firmware.link import LinkError, UartLink
+from firmware.protocol import P, crc8
+
+
+def reply(seq, value, cmd=P.READ):
+    body = bytes([5, cmd | 0x80, seq, P.OK]) + struct.pack("<I", value)
+    return bytes([P.SYNC_REPLY]) + body + bytes([crc8(body)])
+
+
+class FakePort:
+    """A card that answers each read with ``answer(addr)``, after the late replies queued in
+    ``late`` (they arrive once the request is out, as on the wire)."""
+
+    def __init__(self, late=(), answer=lambda addr: 0x1234_0000 | addr, silent=False):
+        self.late = list(late)
+        self.answer = answer
+        self.silent = silent
+        self.rx = bytearray()
+
+    def reset_input_buffer(self):
+        self.rx.clear()
+
+    def write(self, frame):
+        seq, addr = frame[3], struct.unpack("<H", frame[4:6])[0]
+        self.rx += b"".join(self.late)
+        self.late = []
+        if not self.silent:
+            self.rx += reply(seq, self.answer(addr))
+
+    def flush(self):
+        pass
+
+    def read(self, n):
+        out, self.rx[:n] = bytes(self.rx[:n]), b""
+        return out
+
+    def close(self):
+        pass
+
+
+def test_late_replies_are_passed_over():
+    port = FakePort(late=[reply(28, 0xDEAD), reply(29, 0xBEEF)])
+    link = UartLink("fake", port=port)
+    assert link.read(0x408) == 0x1234_0408
+    assert link.read(0x40C) == 0x1234_040C
+    assert (link.stale, link.round_trips) == (2, 2)
+
+
+def test_a_late_reply_alone_is_not_taken_for_the_answer():
+    port = FakePort(late=[reply(7, 0xDEAD)], silent=True)
+    link = UartLink("fake", port=port, timeout=0.01)
+    link._seq = 40                                  # (the next request is sequence 41)
+    with pytest.raises(LinkError, match="no reply from the card") as e:
+        link.read(0x408)
+    assert "\n" not in str(e.value) and link.stale == 1
