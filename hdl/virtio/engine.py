@@ -31,8 +31,9 @@ robin (one transmitted frame per visit):
   a frame nobody asked this of skips it;
 * **read ahead**: while a transmit buffer moves (a round trip to host memory), the host port
   reads the descriptor the walk needs next (the chain's next one, or the head of the queue's
-  next chain when the available-ring window holds it) into a one-entry store; the walk takes
-  it from there once, and a reset, a restore or NEEDS_RESET forgets it;
+  next chain when the available-ring window holds it) into a store of one entry per function's
+  transmit queue; the walk takes it from there once, and a reset, a restore or NEEDS_RESET
+  forgets it;
 * **resets**: the engine reports the functions whose frame it holds (``transport.holds``); the
   transport holds a driver's reset of such a function back until the engine lets it go, so
   nothing is written for a function after its driver saw the reset complete;
@@ -638,7 +639,6 @@ class VirtioNetEngine(wiring.Component):
                     m.d.sync += [use_pd.eq(1), pd_ok.eq(0), pd_val.bit_select(cf, 1).eq(0)]
                 with m.Else():
                     hread(Mux(ind, ind_base, desc_base) + (di << 4), 4)
-                    m.d.sync += use_pd.eq(0)
                 m.d.sync += count.eq(count + 1)
                 m.next = "DESC_WAIT"
             with m.State("DESC_WAIT"):

@@ -410,9 +410,10 @@ class MigrationResult:
 
     @property
     def blackout_us(self) -> float | None:
-        if self.last_source_us is None or self.first_target_us is None:
+        last, first = self.trace() if self.trace else (None, None)
+        if last is None or first is None:
             return None
-        return self.first_target_us - self.last_source_us
+        return first - last
 
 
 class _Stop(Exception):
