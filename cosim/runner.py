@@ -287,6 +287,31 @@ def _tail(path: Path, n: int = 60) -> str:
     return "\n".join(lines[-n:])
 
 
+def _failure_excerpts(path: Path, failed: Sequence[str], before: int = 8,
+                      after: int = 40) -> str:
+    """Each failed test's verdict line in the log with the traceback under it (and a few lines
+    before): put last in a failure message, so that a CI page showing only the tail of the
+    output still shows why."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    out = []
+    for name in failed:
+        short = name.rsplit(".", 1)[-1]
+        end = next((i for i, ln in enumerate(lines) if ln.rstrip().endswith(f"{short} failed")),
+                   None)
+        if end is None:
+            continue
+        tb = end + 1
+        while tb < len(lines) and tb - end <= after and lines[tb][:1].isspace() \
+                and "****" not in lines[tb]:
+            tb += 1
+        block = [ln[:300] for ln in lines[max(0, end - before):tb]]
+        out.append(f"--- why {short} failed ---\n" + "\n".join(block))
+    return "\n".join(out)
+
+
 def _read_results(path: Path) -> tuple[int, list[str], list[str]]:
     """(number of tests, failed test names, all test names) from a cocotb results XML."""
     root = ElementTree.parse(path).getroot()
@@ -438,7 +463,8 @@ def run_cocotb(
         raise AssertionError(
             f"{where}: {what} ({len(failed)} of {num_tests})"
             f"{' [' + exit_note + ']' if exit_note else ''}\n"
-            f"--- {log_file} (tail) ---\n{_tail(log_file)}"
+            f"--- {log_file} (tail) ---\n{_tail(log_file)}\n"
+            f"{_failure_excerpts(log_file, failed)}"
         )
     if exit_note:
         raise AssertionError(f"{where}: all tests passed but {exit_note}\n{_tail(log_file)}")

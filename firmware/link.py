@@ -5,9 +5,10 @@ pty path for the simulated card, ``/dev/ttyUSB0`` for a board. Every call is one
 and one reply frame (a *round trip*, counted in :attr:`UartLink.round_trips`).
 
 Retries are only made when the card's error reply proves the request was not executed (bad CRC
-or cut short on the way in). A reply that never comes, or comes damaged, raises
-:class:`LinkError` without a retry: the request may have run, and a second run of a
-side-effecting access (a push, a pop) would duplicate or lose a request.
+or cut short on the way in). A reply that never comes, or comes damaged (it is then skipped
+like line noise, and no reply of this request's comes), raises :class:`LinkError` without a
+retry: the request may have run, and a second run of a side-effecting access (a push, a pop)
+would duplicate or lose a request.
 
 A reply with another sequence number is a late one: the card answers in order, so it belongs to
 a request made before this one (by a firmware process that was killed while the card was still
@@ -19,7 +20,7 @@ import os
 
 import serial
 
-from .protocol import P, FrameError, parse_reply, ping_request, read_request, write_request, \
+from .protocol import P, FrameError, Reply, parse_reply, ping_request, read_request, write_request, \
     STATUS_NAMES
 
 __all__ = ["UartLink", "LinkError"]
@@ -42,6 +43,8 @@ class UartLink:
         self.round_trips = 0
         self.retried = 0
         self.stale = 0                 # late replies passed over
+        self.skipped = 0               # candidate frames that were not replies (resync)
+        self._rx = bytearray()
         self._seq = os.urandom(1)[0]
 
     def close(self):
@@ -53,34 +56,51 @@ class UartLink:
     def __exit__(self, *exc):
         self.close()
 
-    def _read_reply(self) -> bytes:
-        # skip anything before the sync byte (line noise, a late reply)
+    def _next_reply(self) -> Reply:
+        """The next well-formed reply frame on the line.
+
+        Bytes before a sync byte are skipped (line noise, the tail of a reply whose start went to
+        a firmware process that died). A candidate that is not a reply (an impossible length, a
+        bad CRC: a sync value inside such a tail, or a damaged frame) is skipped from its sync
+        byte on, and the scan goes on in the bytes after it, so a reply right behind the
+        fragment is still found. Raises :class:`LinkError` when no reply completes within the
+        timeout."""
+        buf = self._rx
         while True:
-            b = self.port.read(1)
-            if not b:
+            i = buf.find(P.SYNC_REPLY)
+            del buf[:len(buf) if i < 0 else i]
+            need = 2
+            if len(buf) >= 2:
+                n = buf[1]
+                if not 1 <= n <= P.MAX_REPLY_LEN:
+                    del buf[:1]
+                    self.skipped += 1
+                    continue
+                need = n + 5
+                if len(buf) >= need:
+                    try:
+                        reply = parse_reply(bytes(buf[:need]))
+                    except FrameError:
+                        del buf[:1]
+                        self.skipped += 1
+                        continue
+                    del buf[:need]
+                    return reply
+            got = self.port.read(need - len(buf))
+            if not got:
                 raise LinkError(f"{self.url}: no reply from the card within {self.timeout} s")
-            if b[0] == P.SYNC_REPLY:
-                break
-        head = self.port.read(1)
-        if not head:
-            raise LinkError(f"{self.url}: reply cut short")
-        rest = self.port.read(head[0] + 3)
-        if len(rest) != head[0] + 3:
-            raise LinkError(f"{self.url}: reply cut short")
-        return bytes([P.SYNC_REPLY]) + head + rest
+            buf += got
 
     def _transact(self, build, what):
         for attempt in range(self.retries + 1):
             self._seq = (self._seq + 1) & 0xFF
             seq = self._seq
             self.port.reset_input_buffer()
+            self._rx.clear()
             self.port.write(build(seq))
             self.port.flush()
             while True:
-                try:
-                    reply = parse_reply(self._read_reply())
-                except FrameError as e:
-                    raise LinkError(f"{self.url}: {what}: damaged reply ({e})") from None
+                reply = self._next_reply()
                 if reply.seq == seq:
                     break
                 self.stale += 1            # a late reply to an earlier request

@@ -37,6 +37,7 @@ class UartProto:
     ERROR = 0xFF
     OK, BAD_CRC, TRUNCATED, UNKNOWN_CMD, BAD_LEN, BAD_ADDR = 0, 1, 2, 3, 4, 5
     MAX_LEN = 6
+    MAX_REPLY_LEN = 5        # STATUS + a u32: the longest reply any command gets
     GAP_BITS = 256
     CRC_POLY = 0x07
 

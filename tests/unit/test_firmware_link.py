@@ -60,3 +60,40 @@ def test_a_late_reply_alone_is_not_taken_for_the_answer():
     with pytest.raises(LinkError, match="no reply from the card") as e:
         link.read(0x408)
     assert "\n" not in str(e.value) and link.stale == 1
+
+
+@pytest.mark.parametrize("cut", range(1, 10))
+def test_the_tail_of_a_reply_cut_by_a_process_s_death_is_skipped(cut):
+    """A firmware process killed while the card sent a reply leaves its tail on the line for
+    the next process. The tail holds the sync value (0x5A in the data): a reader that took it
+    for a frame start waited for a length the line never delivers, or took the real reply's
+    first bytes as the fragment's rest. The scan skips such a candidate and finds the reply."""
+    late = reply(28, 0x5A5A_5A5A)
+    port = FakePort(late=[late[cut:]])
+    link = UartLink("fake", port=port, timeout=0.01)
+    assert link.read(0x408) == 0x1234_0408
+    assert link.read(0x40C) == 0x1234_040C
+
+
+def test_line_noise_with_sync_values_and_a_bad_frame_before_the_reply():
+    bad = bytearray(reply(41, 0xDEAD))
+    bad[-1] ^= 0xFF                                 # a CRC that does not hold
+    noise = bytes([P.SYNC_REPLY, 0xF0, 0x00, P.SYNC_REPLY, 0x00, P.SYNC_REPLY])
+    port = FakePort(late=[noise, bytes(bad)])
+    link = UartLink("fake", port=port, timeout=0.01)
+    link._seq = 40
+    assert link.read(0x408) == 0x1234_0408
+    assert link.skipped >= 4 and link.stale == 0
+
+
+def test_a_damaged_reply_alone_is_no_reply():
+    """A damaged reply to this very request is skipped too: the request may have run, so the
+    link says it got no reply (no retry) rather than taking a damaged one."""
+    class Damaging(FakePort):
+        def write(self, frame):
+            super().write(frame)
+            self.rx[-1] ^= 0xFF
+    link = UartLink("fake", port=Damaging(), timeout=0.01)
+    with pytest.raises(LinkError, match="no reply from the card"):
+        link.read(0x408)
+    assert link.retried == 0
