@@ -17,7 +17,7 @@
 The configuration space's state reaches every block that follows it through one connection
 per signature (``link``: bus number, MPS, MRRS; ``fn``: per-function enables and the reset
 strobes; ``bars``: the BAR decoder's). Completions find their requester by tag
-(:data:`hdl.pcie.host_port.HOST_TAGS`). The RX router and the TX arbiter are each one register
+(:data:`hdl.pcie.host_port.CPL_ROUTES`). The RX router and the TX arbiter are each one register
 stage and the register bus two (one after the master mux, one in front of each target), so the
 blocks' logic starts and ends at flip-flops at those crossings (the synthesis report in
 ``hdl/synth.py`` names the path that limits the clock now).
@@ -46,7 +46,7 @@ from .pcie.bar_decode import BarDecoder
 from .pcie.completer import Completer
 from .pcie.config_space import ConfigSpace
 from .pcie.func_regs import FuncRegisters
-from .pcie.host_port import HOST_TAGS
+from .pcie.host_port import CPL_ROUTES
 from .pcie.msix import MsixController
 from .pcie.regbus import RegBusInterconnect
 from .pcie.rx_router import RxRouter
@@ -84,7 +84,7 @@ class Card(wiring.Component):
         W = cfg.data_width
         m = Module()
         # ---- PCIe transaction layer ---------------------------------------------------------
-        m.submodules.rxroute = rr = RxRouter(W, HOST_TAGS)
+        m.submodules.rxroute = rr = RxRouter(W, CPL_ROUTES)
         m.submodules.txarb = arb = TlpArbiter(ARB_SOURCES, W)
         m.submodules.completer = cp = Completer(cfg)
         m.submodules.cfgspace = cs = ConfigSpace(cfg)

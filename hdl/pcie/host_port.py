@@ -29,7 +29,7 @@ from amaranth.utils import exact_log2
 from ..iface import CPL_TIMEOUT, XlateReq, XlateResp, XlateStatus
 from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
 
-__all__ = ["HostPort", "HostReq", "HOST_TAGS", "DMA_READ_TAGS"]
+__all__ = ["HostPort", "HostReq", "HOST_TAGS", "CPL_ROUTES", "DMA_READ_TAGS"]
 
 #: The tag of every engine that reads host memory one request at a time, by route name. The
 #: RX router (:class:`hdl.pcie.rx_router.RxRouter`) sends each its completions; every other
@@ -39,7 +39,11 @@ HOST_TAGS = {
     "walk": 1,     # the page-table walker (hdl.iommu.translate)
     "cq":   2,     # the fault unit's completion-queue fetch (hdl.iommu.fault)
     "vq":   3,     # the virtio-net engine's rings (hdl.virtio)
+    "vqe":  4,     # ... and its notification unit's used_event / avail.flags reads
 }
+#: The RX router's completion routes: a block's name and the tags of its host ports.
+CPL_ROUTES = {"desc": HOST_TAGS["desc"], "walk": HOST_TAGS["walk"], "cq": HOST_TAGS["cq"],
+              "vq": (HOST_TAGS["vq"], HOST_TAGS["vqe"])}
 #: The DMA read channel's tag pool (hdl.dma.read).
 DMA_READ_TAGS = range(32, 64)
 

@@ -2,9 +2,9 @@
 
 The decision is made on the ``sop`` beat and held until ``eop``. The card's engines that read
 host memory one request at a time each own a fixed tag (``routes``, by name: the table is
-:data:`hdl.pcie.host_port.HOST_TAGS`); a completion with one of those tags goes to
-``cpl_<name>``, every other completion to the DMA read channel (``cpl_dma``, which counts the
-ones that match no outstanding request of its own).
+:data:`hdl.pcie.host_port.CPL_ROUTES`; a block with several such ports owns a tuple of tags); a
+completion with one of those tags goes to ``cpl_<name>``, every other completion to the DMA read
+channel (``cpl_dma``, which counts the ones that match no outstanding request of its own).
 
 The router is one pipeline register: the beat and its destination are registered, so every
 consumer's logic starts at a flip-flop instead of at the header decode (one cycle of latency;
@@ -22,9 +22,11 @@ __all__ = ["RxRouter"]
 
 class RxRouter(wiring.Component):
     def __init__(self, data_width, routes):
-        self.routes = dict(routes)
-        if len(set(self.routes.values())) != len(self.routes):
-            raise ValueError(f"two routes share a tag: {self.routes}")
+        self.routes = {name: (t,) if isinstance(t, int) else tuple(t)
+                       for name, t in dict(routes).items()}
+        tags = [t for ts in self.routes.values() for t in ts]
+        if len(set(tags)) != len(tags) or not all(self.routes.values()):
+            raise ValueError(f"two routes share a tag, or a route has none: {routes}")
         members = {"i": In(tlp_stream(data_width)), "req": Out(tlp_stream(data_width))}
         for name in self.routes:
             members[f"cpl_{name}"] = Out(tlp_stream(data_width))
@@ -42,8 +44,9 @@ class RxRouter(wiring.Component):
         # a beat without sop outside a packet goes to the completer, which counts it malformed;
         # a sop always decides anew (a TLP cut short by the next one ends there)
         by_tag = len(outs) - 1
-        for n, t in reversed(list(enumerate(self.routes.values()))):
-            by_tag = Mux(tag == t, n + 1, by_tag)
+        for n, ts in reversed(list(enumerate(self.routes.values()))):
+            for t in ts:
+                by_tag = Mux(tag == t, n + 1, by_tag)
         dest_now = Signal(range(len(outs)))
         m.d.comb += dest_now.eq(Mux(is_cpl & self.i.p.sop, by_tag, 0))
         # the output register: one beat and its destination (inside a packet, the packet's)

@@ -22,7 +22,10 @@ robin (one transmitted frame per visit):
   and the frame is counted in ``DROP_NOBUF``;
 * **completion**: the used element (id, length) and index of each queue, ``avail_event`` when
   VIRTIO_F_EVENT_IDX is negotiated, and the queue's MSI-X vector unless suppressed
-  (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag);
+  (``used_event`` with EVENT_IDX, else the available ring's NO_INTERRUPT flag). That field is
+  read after the used index is written, by the notification unit (:mod:`hdl.virtio.notify`,
+  its own host port and tag): the engine hands it the decision and goes on with the next
+  frame while the read is out;
 * **checksums** (:mod:`hdl.virtio.csum`): a transmitted frame with ``NEEDS_CSUM`` from a
   function that negotiated ``VIRTIO_NET_F_CSUM`` gets its checksum filled in before it goes
   anywhere (offsets outside the frame drop it, ``DROP_CSUM``); a frame for a function that
@@ -72,10 +75,13 @@ from ..iface import (IrqRequestSignature, XlateReq, XlateResp, EventSignature, P
                      PktWritePort, UplinkBeat, LinkSignature, FunctionStateSignature)
 from ..dma.mover import MoveSignature, MoveStatus
 from ..pcie.host_port import HostPort, HOST_TAGS
-from ..pcie.tlp import tlp_stream
+from ..pcie.tlp import tlp_stream, Dw0, CplDw2, hdr_dw
+from ..pcie.tx_arbiter import TlpArbiter
+from ..dma.mux import LockMux
 from .csum import ChecksumUnit, DATA_VALID
 from .mac_table import MacLookupSignature
 from .net_regs import NET_EVENTS, NetEventsSignature, MigrationSignature
+from .notify import NotifyUnit
 from .transport import NQ, VirtqSignature
 
 __all__ = ["VirtioNetEngine", "AVAIL_WINDOW"]
@@ -155,11 +161,43 @@ class VirtioNetEngine(wiring.Component):
         #      domain (HOST_TAGS["vq"], the function's requester ID) ----------------------------
         cf = Signal(8)                               # the function being served
         m.submodules.hport = hp = HostPort(W, HOST_TAGS["vq"], max_dw=4, translate=True)
-        wiring.connect(m, hp.tx, wiring.flipped(self.tx))
-        wiring.connect(m, wiring.flipped(self.cpl), hp.cpl)
-        wiring.connect(m, hp.xreq, wiring.flipped(self.xreq))
-        wiring.connect(m, wiring.flipped(self.xresp), hp.xresp)
-        m.d.comb += [hp.bus_num.eq(self.link.bus_num), self.unexp.eq(hp.unexp), hp.req.p.fidx.eq(cf)]
+        # ... and the notification unit's (tag HOST_TAGS["vqe"]): the interrupt decisions, off
+        # the engine's path. Their TLPs share the engine's stream (the unit's read follows the
+        # writes it depends on), their translations the engine's translator port, and their
+        # completions come in on ``cpl``, told apart by tag.
+        m.submodules.notify = nt = NotifyUnit(W, nf, nvec)
+        m.submodules.tx_arb = tx_arb = TlpArbiter(("port", "notify"), W)
+        m.submodules.x_mux = x_mux = LockMux(XlateReq, XlateResp, ("port", "notify"))
+        wiring.connect(m, hp.tx, tx_arb.i_port)
+        wiring.connect(m, nt.tx, tx_arb.i_notify)
+        wiring.connect(m, tx_arb.o, wiring.flipped(self.tx))
+        wiring.connect(m, hp.xreq, x_mux.port_cmd)
+        wiring.connect(m, x_mux.port_done, hp.xresp)
+        wiring.connect(m, nt.xreq, x_mux.notify_cmd)
+        wiring.connect(m, x_mux.notify_done, nt.xresp)
+        wiring.connect(m, x_mux.cmd, wiring.flipped(self.xreq))
+        wiring.connect(m, wiring.flipped(self.xresp), x_mux.done)
+        c = self.cpl
+        ctag = Cat(data.View(CplDw2, hdr_dw(c.p.hdr, 2)).tag,
+                   data.View(Dw0, hdr_dw(c.p.hdr, 0)).tag8,
+                   data.View(Dw0, hdr_dw(c.p.hdr, 0)).tag9)
+        c_nt_pkt = Signal()        # the completion under way is the unit's
+        c_nt = Signal()
+        m.d.comb += c_nt.eq(Mux(c.p.sop, ctag == HOST_TAGS["vqe"], c_nt_pkt))
+        with m.If(c.valid & c.ready):
+            m.d.sync += c_nt_pkt.eq(c_nt)
+        m.d.comb += [hp.cpl.p.eq(c.p), nt.cpl.p.eq(c.p), hp.cpl.valid.eq(c.valid & ~c_nt),
+                     nt.cpl.valid.eq(c.valid & c_nt),
+                     c.ready.eq(Mux(c_nt, nt.cpl.ready, hp.cpl.ready))]
+        m.d.comb += [hp.bus_num.eq(self.link.bus_num), nt.bus_num.eq(self.link.bus_num),
+                     self.unexp.eq(hp.unexp | nt.unexp), hp.req.p.fidx.eq(cf)]
+        # the unit's interrupts and counts
+        wiring.connect(m, nt.irq, wiring.flipped(self.irq))
+        m.d.comb += [self.transport.isr_set.eq(nt.isr_set),
+                     self.transport.isr_fidx.eq(nt.isr_fidx),
+                     inc["QUEUE_IRQS"].eq(nt.fired), inc["IRQ_SUPPRESSED"].eq(nt.suppressed)]
+        nt_ev = Signal()           # the ask the engine hands the unit: used_event or flags,
+        nt_addr = Signal(64)       # and where
         h_done, h_err, h_rdata = hp.done, hp.err, hp.rdata
         mx_xerr = Signal()         # a buffer piece's translation failed (until the next access)
         # a descriptor read ahead while a transmit buffer moved (the chain's next one, or
@@ -206,12 +244,6 @@ class VirtioNetEngine(wiring.Component):
             m.d.comb += [hp.req.valid.eq(1), hp.req.p.write.eq(0), hp.req.p.addr.eq(addr),
                          hp.req.p.ndw.eq(ndw), hp.req.p.fbe.eq(fbe),
                          hp.req.p.lbe.eq(0 if ndw == 1 else 0xF)]
-
-        def hread16(addr):
-            """Read the u16 at ``addr`` (2-byte aligned): one DW, only its two bytes enabled
-            (the host structure may end right after it); the value is in half ``k[0]``."""
-            hread(addr & ~3, 1, Mux(addr[1], 0xC, 0x3))
-            m.d.sync += k.eq(addr[1])
 
         def hwrite(addr, ndw, wdata, fbe=0xF, lbe=0xF):
             m.d.comb += [hp.req.valid.eq(1), hp.req.p.write.eq(1), hp.req.p.addr.eq(addr),
@@ -459,12 +491,15 @@ class VirtioNetEngine(wiring.Component):
         with m.FSM(name="engine") as engine:
             m.d.comb += mig_busy.eq((~engine.ongoing("SCAN")
                                      & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
-                                    | (pend_pub.word_select(mig_sel, NQ) != 0))
+                                    | (pend_pub.word_select(mig_sel, NQ) != 0)
+                                    | nt.holds.bit_select(mig_sel, 1))
             # the functions whose frame is under way (the transport holds back their virtio
             # reset until they are let go: nothing is written for a function after its reset)
+            # (and those of the interrupt decisions the notification unit holds)
             m.d.comb += self.transport.holds.eq(
-                Mux(engine.ongoing("SCAN"), 0,
-                    (C(1, nf) << cf)[:nf] | Mux(phase == 1, (C(1, nf) << tx_f)[:nf], 0)))
+                nt.holds
+                | Mux(engine.ongoing("SCAN"), 0,
+                      (C(1, nf) << cf)[:nf] | Mux(phase == 1, (C(1, nf) << tx_f)[:nf], 0)))
             with m.State("SCAN"):
                 m.d.sync += [phase.eq(0), drop.eq(0), flood.eq(0), fl_g.eq(0), idle_run.eq(0)]
                 with m.If(self.uplink_rx.valid):
@@ -1010,42 +1045,23 @@ class VirtioNetEngine(wiring.Component):
                         hwrite(dev_base + ev_off, 1, la, fbe=0x3)
                         m.next = "EVT_SENT"
                     with m.Else():
-                        hread(drv_base, 1, 0x3)                  # avail.flags
-                        m.next = "IRQ_FLAGS"
+                        m.d.sync += [nt_ev.eq(0), nt_addr.eq(drv_base)]    # avail.flags
+                        m.next = "NOTIFY"
             with m.State("EVT_SENT"):
                 with m.If(h_done & h_err):
                     m.next = "BAD"
                 with m.Elif(h_done):
-                    ue_at = Signal(64)
-                    m.d.comb += ue_at.eq(drv_base + 4 + (qsize << 1))    # used_event
-                    hread16(ue_at)
-                    m.next = "IRQ_EVENT"
-            with m.State("IRQ_FLAGS"):
-                with m.If(h_done):
-                    with m.If(~h_err & ~h_rdata[0]):
-                        m.next = "IRQ"
-                    with m.Else():
-                        m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
-                        m.next = "QDONE"
-            with m.State("IRQ_EVENT"):
-                with m.If(h_done):
-                    ue = Mux(k[0], h_rdata[16:32], h_rdata[0:16])
-                    new = ui
-                    old = Signal(16)
-                    m.d.comb += old.eq(new - pub_n)          # (a frame may use several)
-                    # vring_need_event(used_event, new, old)
-                    need = ((new - ue - 1)[:16] < (new - old)[:16])
-                    with m.If(~h_err & need):
-                        m.next = "IRQ"
-                    with m.Else():
-                        m.d.comb += inc["IRQ_SUPPRESSED"].eq(1)
-                        m.next = "QDONE"
-            with m.State("IRQ"):
-                m.d.comb += [inc["QUEUE_IRQS"].eq(1), self.irq.valid.eq(q_vec < nvec),
-                             self.irq.fidx.eq(cf),
-                             self.irq.vector.eq(q_vec[:5]),
-                             self.transport.isr_set.eq(1), self.transport.isr_fidx.eq(cf)]
-                m.next = "QDONE"
+                    m.d.sync += [nt_ev.eq(1),
+                                 nt_addr.eq(drv_base + 4 + (qsize << 1))]   # used_event
+                    m.next = "NOTIFY"
+            with m.State("NOTIFY"):
+                # the interrupt decision goes to the notification unit (its read follows the
+                # writes above); the engine goes on
+                m.d.comb += [nt.ask.valid.eq(1), nt.ask.p.fidx.eq(cf), nt.ask.p.vector.eq(q_vec),
+                             nt.ask.p.ev_idx.eq(nt_ev), nt.ask.p.addr.eq(nt_addr),
+                             nt.ask.p.new.eq(ui), nt.ask.p.added.eq(pub_n)]
+                with m.If(nt.ask.ready):
+                    m.next = "QDONE"
             with m.State("QDONE"):
                 with m.If(cq == RXQ):
                     m.next = "RX_DONE"

@@ -10,7 +10,9 @@
      (transport's device config)          ▼              ▼
                                     DMA channels    host port TLPs (tx / cpl)
 
-* :class:`hdl.virtio.engine.VirtioNetEngine` -- the split virtqueues and the frame switch;
+* :class:`hdl.virtio.engine.VirtioNetEngine` -- the split virtqueues and the frame switch, with
+  its notification unit (:class:`hdl.virtio.notify.NotifyUnit`: the interrupt decisions, a
+  second host port whose TLPs and completions share the engine's ``tx`` / ``cpl``);
 * :class:`hdl.virtio.net_regs.NetRegisters` -- its counters and migration controls (PF BAR2);
 * :class:`hdl.virtio.mac_table.MacTable` -- the station table;
 * :class:`hdl.dma.mover.PieceMover` -- buffers between host and card memory, a translated
@@ -45,7 +47,7 @@ class VirtioNet(wiring.Component):
         W = cfg.data_width
         super().__init__({
             "bus":       In(RegBusSignature()),         # NetRegs, MigRegs (PF BAR2)
-            "tx":        Out(tlp_stream(W)),            # the engine's host port
+            "tx":        Out(tlp_stream(W)),            # the engine's host ports
             "cpl":       In(tlp_stream(W)),
             "unexp":     Out(1),
             "rd_cmd":    Out(stream.Signature(DmaCmd)),  # the DMA channels, for the mover

@@ -8,8 +8,8 @@ from hdl.pcie.rx_router import RxRouter
 from helpers import beat_dict, cpl_hdr, mem_hdr, run_sim
 
 DW = 64
-ROUTES = {"a": 0x10, "b": 0x20, "c": 0x30}
-TAGS = tuple(ROUTES.values())
+ROUTES = {"a": 0x10, "b": 0x20, "c": (0x30, 0x31)}     # (a block with two host ports: "c")
+TAGS = (0x10, 0x20, 0x30, 0x31)
 
 
 def hdr(kind, tag):
@@ -22,7 +22,7 @@ def hdr(kind, tag):
 def expected_port(kind, tag):
     if kind != "cpl":
         return "req"
-    names = {t: n for n, t in ROUTES.items()}
+    names = {t: n for n, ts in ROUTES.items() for t in ((ts,) if isinstance(ts, int) else ts)}
     return f"cpl_{names[tag]}" if tag in names else "cpl_dma"
 
 
@@ -105,3 +105,5 @@ def test_full_rate_and_latency():
 def test_two_routes_on_one_tag_are_refused():
     with pytest.raises(ValueError, match="share a tag"):
         RxRouter(DW, {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match="share a tag"):
+        RxRouter(DW, {"a": (1, 2), "b": 2})

@@ -35,6 +35,7 @@ from helpers import CLK, cpl_hdr, hdr_dws, pack_beats, unpack_dws, RegBus
 from regmap import MigRegs, NetRegs, VirtioRegs as V
 
 VQ_TAG = HOST_TAGS["vq"]
+VQE_TAG = HOST_TAGS["vqe"]        # (the engine's notification unit)
 
 RXQ, TXQ = 0, 1
 D_NEXT, D_WRITE, D_INDIRECT = 1, 2, 4
@@ -165,8 +166,10 @@ class Vq:
 
 
 class World:
-    def __init__(self, W=64, ev_idx=0, indirect=0, xlate_limit=None, xoff=0, mrg=0, coal=1):
+    def __init__(self, W=64, ev_idx=0, indirect=0, xlate_limit=None, xoff=0, mrg=0, coal=1,
+                 cpl_lat=CPL_LAT):
         self.cfg = CardConfig(total_vfs=2, data_width=W)
+        self.cpl_lat = cpl_lat
         assert self.cfg.num_functions == NF
         self.W, self.WB = W, W // 8
         self.top = Top(self.cfg)
@@ -506,11 +509,11 @@ class World:
                     if (be >> j) & 1:
                         self.mem[addr + 4 * i + j] = (dw >> (8 * j)) & 0xFF
         else:
-            assert tag == VQ_TAG and not dws
+            assert tag in (VQ_TAG, VQE_TAG) and not dws
             payload = [int.from_bytes(self.mem[addr + 4 * i:addr + 4 * i + 4], "little")
                        for i in range(ndw)]
             h = cpl_hdr(True, ndw, 0, 0, (4 * ndw) & 0xFFF, rid, tag, addr & 0x7F)
-            cpl_q.append((self.cycle + CPL_LAT, pack_beats(h, payload, self.W)))
+            cpl_q.append((self.cycle + self.cpl_lat, pack_beats(h, payload, self.W)))
 
     async def settle(self, ctx, quiet=40, limit=20000):
         """Tick until the engine has been idle (no request, command or stream beat, no
@@ -705,6 +708,37 @@ def test_no_interrupt_flag_suppresses():
         assert w.isrs == [1]
         ctr = await w.counters(ctx)
         expect(ctr, TX_FRAMES=1, RX_FRAMES=1, QUEUE_IRQS=1, IRQ_SUPPRESSED=1)
+    w.run(body)
+
+
+def test_interrupt_decisions_do_not_hold_the_engine():
+    """The used_event reads go out through the notification unit (tag vqe), each after the
+    used index write it judges, and the engine sends its next accesses while the read is out
+    (it used to wait for the answer); every frame arrives, every publication is decided once."""
+    lat = 40
+    w = World(ev_idx=0b110, cpl_lat=lat)
+    frames = [make_frame(mac(2), mac(1), 80 + 8 * i, seed=i) for i in range(4)]
+    w.vq[2, RXQ].set_used_event(0)
+    w.vq[1, TXQ].set_used_event(0)
+
+    async def body(ctx):
+        await w.burst(ctx, frames)
+        ue = {w.vq[f, q].avail + 4 + 2 * QSIZE: (f, q) for f, q in ((2, RXQ), (1, TXQ))}
+        reads = [(i, a) for i, (kind, a, _, _, _, _, tag) in enumerate(w.tlps)
+                 if kind == "rd" and tag == VQE_TAG]
+        assert reads and all(a & ~3 in {u & ~3 for u in ue} for _, a in reads), reads
+        for i, a in reads:
+            f, q = next(v for u, v in ue.items() if u & ~3 == a)
+            idx_writes = [j for j, (kind, wa, n, fbe, *_) in enumerate(w.tlps[:i])
+                          if kind == "wr" and wa == w.vq[f, q].used and fbe == 0xC]
+            assert idx_writes, f"the used_event read at {i} came before any used index write"
+        overlapped = [i for i, _ in reads
+                      if any(w.tlp_at[i] < c < w.tlp_at[i] + lat
+                             for j, c in enumerate(w.tlp_at) if w.tlps[j][6] != VQE_TAG)]
+        assert overlapped, "the engine sent nothing while a notification read was out"
+        ctr = await w.counters(ctx)
+        assert ctr["QUEUE_IRQS"] + ctr["IRQ_SUPPRESSED"] == len(reads)
+        assert ctr["RX_FRAMES"] == len(frames)
     w.run(body)
 
 
