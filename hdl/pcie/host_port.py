@@ -39,11 +39,12 @@ HOST_TAGS = {
     "walk": 1,     # the page-table walker (hdl.iommu.translate)
     "cq":   2,     # the fault unit's completion-queue fetch (hdl.iommu.fault)
     "vq":   3,     # the virtio-net engine's rings (hdl.virtio)
-    "vqe":  4,     # ... and its notification unit's used_event / avail.flags reads
+    "vqe":  4,     # ... its notification unit's used_event / avail.flags reads
+    "vqp":  5,     # ... and its receive descriptors read ahead
 }
 #: The RX router's completion routes: a block's name and the tags of its host ports.
 CPL_ROUTES = {"desc": HOST_TAGS["desc"], "walk": HOST_TAGS["walk"], "cq": HOST_TAGS["cq"],
-              "vq": (HOST_TAGS["vq"], HOST_TAGS["vqe"])}
+              "vq": (HOST_TAGS["vq"], HOST_TAGS["vqe"], HOST_TAGS["vqp"])}
 #: The DMA read channel's tag pool (hdl.dma.read).
 DMA_READ_TAGS = range(32, 64)
 

@@ -36,7 +36,10 @@ robin (one transmitted frame per visit):
   reads the descriptor the walk needs next (the chain's next one, or the head of the queue's
   next chain when the available-ring window holds it) into a store of one entry per function's
   transmit queue; the walk takes it from there once, and a reset, a restore or NEEDS_RESET
-  forgets it;
+  forgets it. When a delivery ends, the function's next receive head (when the window holds
+  it) is read by the prefetch unit (:mod:`hdl.virtio.prefetch`, its own host port and tag)
+  into a record per function tied to its ring position, which the next frame for the function
+  takes instead of a round trip;
 * **resets**: the engine reports the functions whose frame it holds (``transport.holds``); the
   transport holds a driver's reset of such a function back until the engine lets it go, so
   nothing is written for a function after its driver saw the reset complete;
@@ -82,6 +85,7 @@ from .csum import ChecksumUnit, DATA_VALID
 from .mac_table import MacLookupSignature
 from .net_regs import NET_EVENTS, NetEventsSignature, MigrationSignature
 from .notify import NotifyUnit
+from .prefetch import RxPrefetch
 from .transport import NQ, VirtqSignature
 
 __all__ = ["VirtioNetEngine", "AVAIL_WINDOW"]
@@ -165,32 +169,35 @@ class VirtioNetEngine(wiring.Component):
         # the engine's path. Their TLPs share the engine's stream (the unit's read follows the
         # writes it depends on), their translations the engine's translator port, and their
         # completions come in on ``cpl``, told apart by tag.
+        # ... and the receive prefetch unit's (tag HOST_TAGS["vqp"]): the next receive chain's
+        # head descriptor, per function, read while the engine goes on
         m.submodules.notify = nt = NotifyUnit(W, nf, nvec)
-        m.submodules.tx_arb = tx_arb = TlpArbiter(("port", "notify"), W)
-        m.submodules.x_mux = x_mux = LockMux(XlateReq, XlateResp, ("port", "notify"))
-        wiring.connect(m, hp.tx, tx_arb.i_port)
-        wiring.connect(m, nt.tx, tx_arb.i_notify)
+        m.submodules.prefetch = pf = RxPrefetch(W, nf)
+        ports = {"port": hp, "notify": nt, "prefetch": pf}
+        m.submodules.tx_arb = tx_arb = TlpArbiter(tuple(ports), W)
+        m.submodules.x_mux = x_mux = LockMux(XlateReq, XlateResp, tuple(ports))
+        for name, port in ports.items():
+            wiring.connect(m, port.tx, getattr(tx_arb, f"i_{name}"))
+            wiring.connect(m, port.xreq, getattr(x_mux, f"{name}_cmd"))
+            wiring.connect(m, getattr(x_mux, f"{name}_done"), port.xresp)
         wiring.connect(m, tx_arb.o, wiring.flipped(self.tx))
-        wiring.connect(m, hp.xreq, x_mux.port_cmd)
-        wiring.connect(m, x_mux.port_done, hp.xresp)
-        wiring.connect(m, nt.xreq, x_mux.notify_cmd)
-        wiring.connect(m, x_mux.notify_done, nt.xresp)
         wiring.connect(m, x_mux.cmd, wiring.flipped(self.xreq))
         wiring.connect(m, wiring.flipped(self.xresp), x_mux.done)
         c = self.cpl
         ctag = Cat(data.View(CplDw2, hdr_dw(c.p.hdr, 2)).tag,
                    data.View(Dw0, hdr_dw(c.p.hdr, 0)).tag8,
                    data.View(Dw0, hdr_dw(c.p.hdr, 0)).tag9)
-        c_nt_pkt = Signal()        # the completion under way is the unit's
-        c_nt = Signal()
-        m.d.comb += c_nt.eq(Mux(c.p.sop, ctag == HOST_TAGS["vqe"], c_nt_pkt))
+        c_pkt = Signal(2)          # the port whose completion is under way
+        c_to = Signal(2)
+        m.d.comb += c_to.eq(Mux(c.p.sop, Mux(ctag == HOST_TAGS["vqe"], 1,
+                                             Mux(ctag == HOST_TAGS["vqp"], 2, 0)), c_pkt))
         with m.If(c.valid & c.ready):
-            m.d.sync += c_nt_pkt.eq(c_nt)
-        m.d.comb += [hp.cpl.p.eq(c.p), nt.cpl.p.eq(c.p), hp.cpl.valid.eq(c.valid & ~c_nt),
-                     nt.cpl.valid.eq(c.valid & c_nt),
-                     c.ready.eq(Mux(c_nt, nt.cpl.ready, hp.cpl.ready))]
-        m.d.comb += [hp.bus_num.eq(self.link.bus_num), nt.bus_num.eq(self.link.bus_num),
-                     self.unexp.eq(hp.unexp | nt.unexp), hp.req.p.fidx.eq(cf)]
+            m.d.sync += c_pkt.eq(c_to)
+        for k, port in enumerate(ports.values()):
+            m.d.comb += [port.cpl.p.eq(c.p), port.cpl.valid.eq(c.valid & (c_to == k)),
+                         port.bus_num.eq(self.link.bus_num)]
+        m.d.comb += [c.ready.eq(Array(port.cpl.ready for port in ports.values())[c_to]),
+                     self.unexp.eq(hp.unexp | nt.unexp | pf.unexp), hp.req.p.fidx.eq(cf)]
         # the unit's interrupts and counts
         wiring.connect(m, nt.irq, wiring.flipped(self.irq))
         m.d.comb += [self.transport.isr_set.eq(nt.isr_set),
@@ -370,7 +377,7 @@ class VirtioNetEngine(wiring.Component):
         c_wb = Signal()                    # write ``cur`` back next cycle
         c_lost = Signal()                  # the current function's records were invalidated
         inv_cur = Signal()                 # ... in this very cycle
-        m.d.comb += [pd_rd.addr.eq(cf), pd_wr.addr.eq(cf)]
+        m.d.comb += [pd_rd.addr.eq(cf), pd_wr.addr.eq(cf), pf.rd_fidx.eq(cf)]
         m.d.comb += [c_rd.addr.eq(qi), c_rd.en.eq(1), mg.coal_q.eq(qi),
                      c_wr.addr.eq(qi), c_wr.data.eq(cur), c_wr.en.eq(c_wb)]
         m.d.sync += c_wb.eq(0)
@@ -381,7 +388,7 @@ class VirtioNetEngine(wiring.Component):
             """Function ``g``'s records are no good any more (nor the descriptor read
             ahead, whoever's it is)."""
             m.d.sync += [cval.word_select(g, NQ).eq(0), pend_pub.word_select(g, NQ).eq(0)]
-            m.d.comb += pd_kill.eq(1)
+            m.d.comb += [pd_kill.eq(1), pf.forget.bit_select(g, 1).eq(1)]
             m.d.sync += pd_val.bit_select(g, 1).eq(0)
             with m.If(g == cf):
                 m.d.comb += inv_cur.eq(1)
@@ -495,9 +502,10 @@ class VirtioNetEngine(wiring.Component):
                                     | nt.holds.bit_select(mig_sel, 1))
             # the functions whose frame is under way (the transport holds back their virtio
             # reset until they are let go: nothing is written for a function after its reset)
-            # (and those of the interrupt decisions the notification unit holds)
+            # (and those of the interrupt decisions the notification unit holds, and of a
+            # receive descriptor being read ahead)
             m.d.comb += self.transport.holds.eq(
-                nt.holds
+                nt.holds | pf.holds
                 | Mux(engine.ongoing("SCAN"), 0,
                       (C(1, nf) << cf)[:nf] | Mux(phase == 1, (C(1, nf) << tx_f)[:nf], 0)))
             with m.State("SCAN"):
@@ -552,6 +560,12 @@ class VirtioNetEngine(wiring.Component):
                     m.d.sync += [pd.eq(pd_rd.data.desc), pd_di.eq(pd_rd.data.di),
                                  pd_ind.eq(pd_rd.data.ind), pd_qi.eq(qi),
                                  pd_ok.eq(pd_val.bit_select(cf, 1) & ~inv_cur)]
+                with m.Else():                # the receive chain's head, when prefetched for
+                    pf_here = pf.val.bit_select(cf, 1) & (pf.rd.pos == la)   # this position
+                    m.d.sync += [pd.eq(pf.rd.desc), pd_di.eq(pf.rd.head), pd_ind.eq(0),
+                                 pd_qi.eq(qi), pd_ok.eq(pf_here & ~inv_cur)]
+                    with m.If(pf.val.bit_select(cf, 1) & ~pf_here):
+                        m.d.comb += pf.forget.bit_select(cf, 1).eq(1)       # a stale one
                 m.d.sync += desc_base.eq(self.transport.qa_data)
                 m.next = "LOADQ2"
             with m.State("LOADQ2"):
@@ -671,7 +685,11 @@ class VirtioNetEngine(wiring.Component):
             with m.State("DESC"):
                 # (from ``pd`` when it was read ahead)
                 with m.If(pd_ok & (pd_qi == qi) & (pd_ind == ind) & (pd_di == di)):
-                    m.d.sync += [use_pd.eq(1), pd_ok.eq(0), pd_val.bit_select(cf, 1).eq(0)]
+                    m.d.sync += [use_pd.eq(1), pd_ok.eq(0)]
+                    with m.If(cq == TXQ):
+                        m.d.sync += pd_val.bit_select(cf, 1).eq(0)
+                    with m.Else():
+                        m.d.comb += pf.forget.bit_select(cf, 1).eq(1)
                 with m.Else():
                     hread(Mux(ind, ind_base, desc_base) + (di << 4), 4)
                 m.d.sync += count.eq(count + 1)
@@ -1064,6 +1082,18 @@ class VirtioNetEngine(wiring.Component):
                     m.next = "QDONE"
             with m.State("QDONE"):
                 with m.If(cq == RXQ):
+                    # the function's next receive chain, when the window holds its head: its
+                    # descriptor is read ahead for the next frame (when the unit is free)
+                    nxt = Signal(16)
+                    nxt_hd = Signal(16)
+                    m.d.comb += [nxt.eq(la - cur.base),
+                                 nxt_hd.eq(cur.heads[nxt[:exact_log2(AVAIL_WINDOW)]]),
+                                 pf.ask.p.fidx.eq(cf), pf.ask.p.pos.eq(la),
+                                 pf.ask.p.head.eq(nxt_hd),
+                                 pf.ask.p.addr.eq(desc_base + (nxt_hd << 4)),
+                                 pf.ask.valid.eq(c_ok & ~c_lost & ~inv_cur & (nxt < cur.cnt)
+                                                 & (nxt_hd < qsize)
+                                                 & ~pf.val.bit_select(cf, 1))]
                     m.next = "RX_DONE"
                 with m.Else():
                     m.next = "NEXT"

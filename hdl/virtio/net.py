@@ -11,8 +11,9 @@
                                     DMA channels    host port TLPs (tx / cpl)
 
 * :class:`hdl.virtio.engine.VirtioNetEngine` -- the split virtqueues and the frame switch, with
-  its notification unit (:class:`hdl.virtio.notify.NotifyUnit`: the interrupt decisions, a
-  second host port whose TLPs and completions share the engine's ``tx`` / ``cpl``);
+  its notification unit (:class:`hdl.virtio.notify.NotifyUnit`: the interrupt decisions) and
+  receive prefetch unit (:class:`hdl.virtio.prefetch.RxPrefetch`), each with a host port of
+  its own whose TLPs and completions share the engine's ``tx`` / ``cpl``;
 * :class:`hdl.virtio.net_regs.NetRegisters` -- its counters and migration controls (PF BAR2);
 * :class:`hdl.virtio.mac_table.MacTable` -- the station table;
 * :class:`hdl.dma.mover.PieceMover` -- buffers between host and card memory, a translated

@@ -249,3 +249,52 @@ class RegBus:
         self.ctx.set(self.bus.we, 1)
         await self.ctx.tick()
         self.ctx.set(self.bus.we, 0)
+
+
+class ReadHost:
+    """The host side of one translating host port (:class:`hdl.pcie.host_port.HostPort` inside
+    a block with ``tx`` / ``cpl`` / ``xreq`` / ``xresp``): translations bypassed, each MemRd
+    (a 32-bit address, no payload) answered ``lat`` cycles later with ``read(addr, ndw)`` (a
+    list of DWs), or UR when the address is in ``ur``. Call :meth:`step` once a cycle before
+    the tick; ``reads`` records (cycle, addr, ndw, fbe, tag, requester ID)."""
+
+    def __init__(self, read, data_width, lat, ur=()):
+        self.read, self.W, self.lat, self.ur = read, data_width, lat, set(ur)
+        self.reads = []
+        self.cycle = 0
+        self._pending, self._cur, self._xlate = [], [], None
+
+    def step(self, ctx, dut):
+        ctx.set(dut.tx.ready, 1)
+        ctx.set(dut.xreq.ready, 1)
+        if self._xlate is not None:
+            ctx.set(dut.xresp.p, {"status": 0, "bypass": 1, "phys": self._xlate, "vm": 0})
+            ctx.set(dut.xresp.valid, 1)
+            if ctx.get(dut.xresp.ready):
+                self._xlate = None
+        else:
+            ctx.set(dut.xresp.valid, 0)
+        if ctx.get(dut.xreq.valid):
+            self._xlate = ctx.get(dut.xreq.p.iova)
+        if ctx.get(dut.tx.valid):
+            b = beat_dict(ctx.get(dut.tx.p))
+            d0, d1, d2, _ = hdr_dws(b["hdr"])
+            assert (d0 >> 24) == 0x00 and b["sop"] and b["eop"], "a 32-bit MemRd"
+            addr, ndw, fbe, tag, rid = d2 & ~3, (d0 & 0x3FF) or 1024, d1 & 0xF, \
+                (d1 >> 8) & 0xFF, d1 >> 16
+            self.reads.append((self.cycle, addr, ndw, fbe, tag, rid))
+            if addr in self.ur:
+                beats = pack_beats(cpl_hdr(False, 0, 1, 0, 4 * ndw, rid, tag, addr & 0x7F), [],
+                                   self.W)
+            else:
+                beats = pack_beats(cpl_hdr(True, ndw, 0, 0, (4 * ndw) & 0xFFF, rid, tag,
+                                           addr & 0x7F), self.read(addr, ndw), self.W)
+            self._pending.append((self.cycle + self.lat, beats))
+        if self._cur and ctx.get(dut.cpl.ready):
+            self._cur.pop(0)
+        if not self._cur and self._pending and self._pending[0][0] <= self.cycle:
+            self._cur = self._pending.pop(0)[1]
+        ctx.set(dut.cpl.valid, int(bool(self._cur)))
+        if self._cur:
+            ctx.set(dut.cpl.p, self._cur[0])
+        self.cycle += 1

@@ -10,60 +10,27 @@ import pytest
 
 from hdl.pcie.host_port import HOST_TAGS
 from hdl.virtio.notify import NotifyUnit
-from helpers import run_sim, hdr_dws, cpl_hdr, pack_beats, beat_dict
+from helpers import run_sim, ReadHost
 
 W, NF, NVEC, BUS, LAT = 64, 4, 8, 0x21, 12
 TAG = HOST_TAGS["vqe"]
 
 
-class Host:
-    """The unit's host side: MemRd answered from ``fields`` (IOVA -> u16), UR for addresses in
-    ``ur``; every read recorded as (cycle, addr, fbe, tag, rid)."""
+class Host(ReadHost):
+    """The unit's host side: u16 fields (IOVA -> value) read through :class:`ReadHost`, and
+    what the unit raised."""
 
     def __init__(self, fields, ur=()):
-        self.fields, self.ur = dict(fields), set(ur)
-        self.reads, self.irqs, self.isrs, self.fired, self.suppressed = [], [], [], 0, 0
+        self.fields = dict(fields)
+        super().__init__(lambda addr, ndw: [self.fields.get(addr, 0xAAAA)
+                                            | self.fields.get(addr + 2, 0xBBBB) << 16],
+                         W, LAT, ur)
+        self.irqs, self.isrs, self.fired, self.suppressed = [], [], 0, 0
         self.holds = []                 # (cycle, holds)
-        self.cycle = 0
 
     async def run(self, ctx, dut, cycles):
-        pending = []                    # (cycle due, beats)
-        cur = []
-        ctx.set(dut.tx.ready, 1)
-        ctx.set(dut.xreq.ready, 1)
-        xlate = None                    # a translation asked for, answered the next cycle
         for _ in range(cycles):
-            if xlate is not None:
-                ctx.set(dut.xresp.p, {"status": 0, "bypass": 1, "phys": xlate, "vm": 0})
-                ctx.set(dut.xresp.valid, 1)
-                if ctx.get(dut.xresp.ready):
-                    xlate = None
-            else:
-                ctx.set(dut.xresp.valid, 0)
-            if ctx.get(dut.xreq.valid):
-                xlate = ctx.get(dut.xreq.p.iova)
-            if ctx.get(dut.tx.valid):
-                b = beat_dict(ctx.get(dut.tx.p))
-                d0, d1, d2, _ = hdr_dws(b["hdr"])
-                addr, fbe, tag, rid = d2 & ~3, d1 & 0xF, (d1 >> 8) & 0xFF, d1 >> 16
-                assert (d0 >> 24) == 0x00 and b["sop"] and b["eop"], "a one-DW 32-bit MemRd"
-                self.reads.append((self.cycle, addr, fbe, tag, rid))
-                if addr in self.ur:
-                    h = cpl_hdr(False, 0, 1, 0, 4, rid, tag, addr & 0x7F)
-                    beats = pack_beats(h, [], W)
-                else:
-                    lo = self.fields.get(addr, 0xAAAA)
-                    hi = self.fields.get(addr + 2, 0xBBBB)
-                    h = cpl_hdr(True, 1, 0, 0, 4, rid, tag, addr & 0x7F)
-                    beats = pack_beats(h, [lo | hi << 16], W)
-                pending.append((self.cycle + LAT, beats))
-            if cur and ctx.get(dut.cpl.ready):
-                cur.pop(0)
-            if not cur and pending and pending[0][0] <= self.cycle:
-                cur = pending.pop(0)[1]
-            ctx.set(dut.cpl.valid, int(bool(cur)))
-            if cur:
-                ctx.set(dut.cpl.p, cur[0])
+            self.step(ctx, dut)
             if ctx.get(dut.irq.valid):
                 self.irqs.append((ctx.get(dut.irq.fidx), ctx.get(dut.irq.vector)))
             if ctx.get(dut.isr_set):
@@ -72,7 +39,6 @@ class Host:
             self.suppressed += ctx.get(dut.suppressed)
             self.holds.append((self.cycle, ctx.get(dut.holds)))
             await ctx.tick()
-            self.cycle += 1
 
 
 def ask(fidx, addr, new, added, ev_idx=1, vector=None):
@@ -119,8 +85,7 @@ def run(asks, fields, ur=(), cycles=300):
 def test_event_idx_decision(used_event, new, added, fire):
     at = 0x1000_0006                          # the upper half of its DW
     host, _ = run([ask(2, at, new, added)], {at: used_event})
-    assert [(c_addr, fbe, tag, rid) for _, c_addr, fbe, tag, rid in host.reads] == \
-        [(0x1000_0004, 0xC, TAG, BUS << 8 | 2)]
+    assert [r[1:] for r in host.reads] == [(0x1000_0004, 1, 0xC, TAG, BUS << 8 | 2)]
     assert host.irqs == ([(2, 3)] if fire else [])
     assert host.isrs == ([2] if fire else [])
     assert (host.fired, host.suppressed) == ((1, 0) if fire else (0, 1))
@@ -130,7 +95,7 @@ def test_event_idx_decision(used_event, new, added, fire):
 def test_no_interrupt_flag(flags, fire):
     at = 0x2000_0000                          # avail.flags, the lower half
     host, _ = run([ask(1, at, 7, 1, ev_idx=0)], {at: flags, at + 2: 0x0001})
-    assert [r[2] for r in host.reads] == [0x3]
+    assert [r[3] for r in host.reads] == [0x3]
     assert host.irqs == ([(1, 2)] if fire else [])
 
 
