@@ -29,7 +29,8 @@ from amaranth.utils import exact_log2
 from ..iface import CPL_TIMEOUT, XlateReq, XlateResp, XlateStatus
 from .tlp import tlp_stream, mem_hdr, Dw0, CplDw1, hdr_dw
 
-__all__ = ["HostPort", "HostReq", "HOST_TAGS", "CPL_ROUTES", "DMA_READ_TAGS"]
+__all__ = ["HostPort", "HostReq", "HOST_TAGS", "CPL_ROUTES", "DMA_READ_TAGS", "embed_host_port",
+           "host_port_members"]
 
 #: The tag of every engine that reads host memory one request at a time, by route name. The
 #: RX router (:class:`hdl.pcie.rx_router.RxRouter`) sends each its completions; every other
@@ -206,3 +207,23 @@ class HostPort(wiring.Component):
             with m.If(c.p.sop):
                 m.d.comb += self.unexp.eq(1)
         return m
+
+
+def host_port_members(data_width):
+    """The signature members of a block with its own host port (see :func:`embed_host_port`)."""
+    return {"tx": Out(tlp_stream(data_width)), "cpl": In(tlp_stream(data_width)),
+            "xreq": Out(stream.Signature(XlateReq)), "xresp": In(stream.Signature(XlateResp)),
+            "bus_num": In(8), "unexp": Out(1)}
+
+
+def embed_host_port(m, block, data_width, tag, max_dw):
+    """A translating :class:`HostPort` in module ``m`` whose link side is ``block``'s own
+    ``tx`` / ``cpl`` / ``xreq`` / ``xresp`` / ``bus_num`` / ``unexp`` (a small unit that reads
+    host memory beside an engine, e.g. :mod:`hdl.virtio.notify`); returns the port."""
+    m.submodules.hport = hp = HostPort(data_width, tag, max_dw=max_dw, translate=True)
+    wiring.connect(m, hp.tx, wiring.flipped(block.tx))
+    wiring.connect(m, wiring.flipped(block.cpl), hp.cpl)
+    wiring.connect(m, hp.xreq, wiring.flipped(block.xreq))
+    wiring.connect(m, wiring.flipped(block.xresp), hp.xresp)
+    m.d.comb += [hp.bus_num.eq(block.bus_num), block.unexp.eq(hp.unexp)]
+    return hp

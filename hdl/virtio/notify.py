@@ -28,9 +28,8 @@ from amaranth import *
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..iface import IrqRequestSignature, XlateReq, XlateResp
-from ..pcie.host_port import HostPort, HOST_TAGS
-from ..pcie.tlp import tlp_stream
+from ..iface import IrqRequestSignature
+from ..pcie.host_port import HOST_TAGS, embed_host_port, host_port_members
 
 __all__ = ["NotifyUnit", "NotifyAsk"]
 
@@ -51,12 +50,7 @@ class NotifyUnit(wiring.Component):
         self._nvec = msix_vectors
         super().__init__({
             "ask":        In(stream.Signature(NotifyAsk)),
-            "tx":         Out(tlp_stream(data_width)),
-            "cpl":        In(tlp_stream(data_width)),
-            "xreq":       Out(stream.Signature(XlateReq)),
-            "xresp":      In(stream.Signature(XlateResp)),
-            "bus_num":    In(8),
-            "unexp":      Out(1),
+            **host_port_members(data_width),      # its own host port's link side
             "irq":        Out(IrqRequestSignature()),
             "isr_set":    Out(1),
             "isr_fidx":   Out(8),
@@ -68,12 +62,7 @@ class NotifyUnit(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         nf = self._nf
-        m.submodules.hport = hp = HostPort(self._w, HOST_TAGS["vqe"], max_dw=1, translate=True)
-        wiring.connect(m, hp.tx, wiring.flipped(self.tx))
-        wiring.connect(m, wiring.flipped(self.cpl), hp.cpl)
-        wiring.connect(m, hp.xreq, wiring.flipped(self.xreq))
-        wiring.connect(m, wiring.flipped(self.xresp), hp.xresp)
-        m.d.comb += [hp.bus_num.eq(self.bus_num), self.unexp.eq(hp.unexp)]
+        hp = embed_host_port(m, self, self._w, HOST_TAGS["vqe"], max_dw=1)
 
         # two asks: ``a`` (being served) and ``b`` (waiting)
         a = Signal(NotifyAsk)

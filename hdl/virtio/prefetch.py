@@ -29,9 +29,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from ..iface import XlateReq, XlateResp
-from ..pcie.host_port import HostPort, HOST_TAGS
-from ..pcie.tlp import tlp_stream
+from ..pcie.host_port import HOST_TAGS, embed_host_port, host_port_members
 
 __all__ = ["RxPrefetch", "PrefetchAsk", "PrefetchRecord"]
 
@@ -49,24 +47,14 @@ class RxPrefetch(wiring.Component):
             "rd":      Out(PrefetchRecord),
             "val":     Out(num_functions),
             "forget":  In(num_functions),
-            "tx":      Out(tlp_stream(data_width)),
-            "cpl":     In(tlp_stream(data_width)),
-            "xreq":    Out(stream.Signature(XlateReq)),
-            "xresp":   In(stream.Signature(XlateResp)),
-            "bus_num": In(8),
-            "unexp":   Out(1),
+            **host_port_members(data_width),      # its own host port's link side
             "holds":   Out(num_functions),    # the function whose descriptor is being read
         })
 
     def elaborate(self, platform):
         m = Module()
         nf = self._nf
-        m.submodules.hport = hp = HostPort(self._w, HOST_TAGS["vqp"], max_dw=4, translate=True)
-        wiring.connect(m, hp.tx, wiring.flipped(self.tx))
-        wiring.connect(m, wiring.flipped(self.cpl), hp.cpl)
-        wiring.connect(m, hp.xreq, wiring.flipped(self.xreq))
-        wiring.connect(m, wiring.flipped(self.xresp), hp.xresp)
-        m.d.comb += [hp.bus_num.eq(self.bus_num), self.unexp.eq(hp.unexp)]
+        hp = embed_host_port(m, self, self._w, HOST_TAGS["vqp"], max_dw=4)
 
         m.submodules.records = mem = Memory(shape=PrefetchRecord, depth=nf, init=[])
         wp = mem.write_port()

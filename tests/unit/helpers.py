@@ -176,16 +176,7 @@ def beat_dict(const):
 async def send_beats(ctx, stream, beats, timeout=200):
     """Drive beats on a ``tlp_stream`` sink (``stream.valid/ready/p``), one per transfer."""
     for b in beats:
-        ctx.set(stream.p, b)
-        ctx.set(stream.valid, 1)
-        for _ in range(timeout):
-            ready = ctx.get(stream.ready)
-            await ctx.tick()
-            if ready:
-                break
-        else:
-            raise AssertionError("sink never became ready")
-    ctx.set(stream.valid, 0)
+        await offer(ctx, stream, b, timeout)
 
 
 async def recv_tlp(ctx, stream, data_width, timeout=200, ready=True):
@@ -298,3 +289,16 @@ class ReadHost:
         if self._cur:
             ctx.set(dut.cpl.p, self._cur[0])
         self.cycle += 1
+
+
+async def offer(ctx, stream, payload, limit=200):
+    """Offer one ``payload`` on a stream sink until it is taken; returns the cycles it waited."""
+    ctx.set(stream.p, payload)
+    ctx.set(stream.valid, 1)
+    for n in range(limit):
+        ready = ctx.get(stream.ready)
+        await ctx.tick()
+        if ready:
+            ctx.set(stream.valid, 0)
+            return n
+    raise AssertionError("the sink never took the payload")

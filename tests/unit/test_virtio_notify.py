@@ -10,7 +10,7 @@ import pytest
 
 from hdl.pcie.host_port import HOST_TAGS
 from hdl.virtio.notify import NotifyUnit
-from helpers import run_sim, ReadHost
+from helpers import run_sim, ReadHost, offer
 
 W, NF, NVEC, BUS, LAT = 64, 4, 8, 0x21, 12
 TAG = HOST_TAGS["vqe"]
@@ -46,18 +46,6 @@ def ask(fidx, addr, new, added, ev_idx=1, vector=None):
             "addr": addr, "new": new, "added": added}
 
 
-async def push(ctx, dut, a, limit=200):
-    ctx.set(dut.ask.p, a)
-    ctx.set(dut.ask.valid, 1)
-    for n in range(limit):
-        ready = ctx.get(dut.ask.ready)
-        await ctx.tick()
-        if ready:
-            ctx.set(dut.ask.valid, 0)
-            return n
-    raise AssertionError("the unit never took the ask")
-
-
 def run(asks, fields, ur=(), cycles=300):
     dut = NotifyUnit(W, NF, NVEC)
     host = Host(fields, ur)
@@ -66,7 +54,7 @@ def run(asks, fields, ur=(), cycles=300):
     async def feeder(ctx):
         ctx.set(dut.bus_num, BUS)
         for a in asks:
-            waits.append(await push(ctx, dut, a))
+            waits.append(await offer(ctx, dut.ask, a))
 
     async def hostside(ctx):
         await host.run(ctx, dut, cycles)

@@ -7,7 +7,7 @@ still out (its answer is dropped), a failed read (no record)."""
 
 from hdl.pcie.host_port import HOST_TAGS
 from hdl.virtio.prefetch import RxPrefetch
-from helpers import run_sim, ReadHost
+from helpers import run_sim, ReadHost, offer
 
 W, NF, BUS, LAT = 64, 4, 0x17, 10
 TAG = HOST_TAGS["vqp"]
@@ -43,15 +43,13 @@ def run(script, ur=(), cycles=200):
 
 
 async def ask(ctx, dut, fidx, pos, head, addr):
-    ctx.set(dut.ask.p, {"fidx": fidx, "pos": pos, "head": head, "addr": addr})
-    ctx.set(dut.ask.valid, 1)
-    for n in range(100):
-        ready = ctx.get(dut.ask.ready)
-        await ctx.tick()
-        if ready:
-            ctx.set(dut.ask.valid, 0)
-            return n
-    raise AssertionError("the unit never took the ask")
+    return await offer(ctx, dut.ask, {"fidx": fidx, "pos": pos, "head": head, "addr": addr})
+
+
+async def forget(ctx, dut, mask):
+    ctx.set(dut.forget, mask)
+    await ctx.tick()
+    ctx.set(dut.forget, 0)
 
 
 async def record(ctx, dut, fidx):
@@ -87,23 +85,17 @@ def test_forget_a_record_and_a_read_still_out():
         await ask(ctx, dut, 1, pos=3, head=3, addr=0x4000_0030)
         await wait_idle(ctx, dut)
         assert ctx.get(dut.val) == 0b10
-        ctx.set(dut.forget, 0b10)
-        await ctx.tick()
-        ctx.set(dut.forget, 0)
+        await forget(ctx, dut, 0b10)
         assert ctx.get(dut.val) == 0
         # forgotten while its read is out: the answer is dropped
         await ask(ctx, dut, 1, pos=4, head=4, addr=0x4000_0040)
-        ctx.set(dut.forget, 0b10)
-        await ctx.tick()
-        ctx.set(dut.forget, 0)
+        await forget(ctx, dut, 0b10)
         await wait_idle(ctx, dut)
         await ctx.tick().repeat(2)
         assert ctx.get(dut.val) == 0
         # forgetting another function leaves this one's read alone
         await ask(ctx, dut, 1, pos=5, head=5, addr=0x4000_0050)
-        ctx.set(dut.forget, 0b1101)
-        await ctx.tick()
-        ctx.set(dut.forget, 0)
+        await forget(ctx, dut, 0b1101)
         await wait_idle(ctx, dut)
         await ctx.tick()
         val, rec = await record(ctx, dut, 1)
