@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     link = None
     try:
         link = UartLink(args.port, timeout=args.link_timeout)
+        link.sync()                          # (a dead process's last reply may be under way)
         fw = Firmware(Card(link), policy)
 
         def stop(signum, frame):            # finish the poll under way (a pop is logged)

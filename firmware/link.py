@@ -115,6 +115,30 @@ class UartLink:
                             f"{STATUS_NAMES.get(reply.status, hex(reply.status))}")
         raise AssertionError("unreachable")
 
+    def sync(self, attempts: int = 16) -> int:
+        """Make the line this process's before its first real request; returns the card's ID.
+
+        A new firmware process may start while the card still sends the reply to a request of
+        a process that died; the card holds one received byte while it replies, so a request
+        sent then may be lost (no reply, or only an error reply with another sequence number).
+        A ping has no side effect, so it is sent again at once whenever a reply to an earlier
+        request comes instead of its own; once the newest ping is answered the card has
+        nothing else under way (it answers in order)."""
+        for _ in range(attempts):
+            self._seq = (self._seq + 1) & 0xFF
+            seq = self._seq
+            self.port.reset_input_buffer()
+            self._rx.clear()
+            self.port.write(ping_request(seq))
+            self.port.flush()
+            reply = self._next_reply()
+            self.round_trips += 1
+            if reply.seq == seq and not reply.error and reply.status == P.OK:
+                return reply.value
+            self.stale += 1                # an earlier request's (or a broken frame's) reply
+        raise LinkError(f"{self.url}: the card never answered a ping of its own "
+                        f"in {attempts} tries")
+
     def ping(self) -> int:
         """The card's identification word (``MgmtRegs.CARD_ID``)."""
         return self._transact(ping_request, "ping").value

@@ -97,3 +97,36 @@ def test_a_damaged_reply_alone_is_no_reply():
     with pytest.raises(LinkError, match="no reply from the card"):
         link.read(0x408)
     assert link.retried == 0
+
+
+class BusyCard(FakePort):
+    """A card still sending a dead process's reply when the new process starts: the first
+    ``lost`` requests arrive while it replies and are lost (the late reply comes instead)."""
+
+    def __init__(self, lost, late_seq=28):
+        super().__init__()
+        self.lost, self.late_seq, self.pings = lost, late_seq, 0
+
+    def write(self, frame):
+        self.pings += 1
+        if self.lost:
+            self.lost -= 1
+            self.rx += reply(self.late_seq, 0xDEAD)
+            self.late_seq += 1
+            return
+        self.rx += reply(frame[3], 0x0FFC_CA4D, cmd=frame[2])
+
+
+@pytest.mark.parametrize("lost", [0, 1, 3])
+def test_sync_pings_until_its_own_ping_is_answered(lost):
+    port = BusyCard(lost)
+    link = UartLink("fake", port=port, timeout=0.01)
+    assert link.sync() == 0x0FFC_CA4D
+    assert port.pings == lost + 1 and link.stale == lost
+
+
+def test_sync_gives_up_in_one_line():
+    link = UartLink("fake", port=BusyCard(100), timeout=0.01)
+    with pytest.raises(LinkError, match="never answered a ping") as e:
+        link.sync(attempts=4)
+    assert "\n" not in str(e.value)
