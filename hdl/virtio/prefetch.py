@@ -5,8 +5,8 @@ trip to host memory on the engine's path, once the frame's destination is known.
 delivery ends and the queue's available-ring window holds the next entry (position ``pos``,
 head ``head``), the engine hands this unit an *ask*; the unit reads that descriptor through
 its own host port (tag :data:`hdl.pcie.host_port.HOST_TAGS` ``"vqp"``, the function's
-requester ID, translated in its domain) while the engine goes on, and keeps it per function in
-block RAM with the position and head it belongs to. The next delivery to the function, at that
+requester ID, translated in its domain) while the engine goes on, and keeps it in a RAM of one
+record per function, with the position and head it belongs to. The next delivery to the function, at that
 position, takes it from there (virtio 1.2, 2.7.13: an available chain's descriptors do not
 change until it is used), and forgets it.
 
