@@ -91,14 +91,18 @@ class UartLink:
                 raise LinkError(f"{self.url}: no reply from the card within {self.timeout} s")
             buf += got
 
+    def _send(self, build) -> int:
+        """Send ``build(seq)`` with the next sequence number on a fresh line; returns it."""
+        self._seq = (self._seq + 1) & 0xFF
+        self.port.reset_input_buffer()
+        self._rx.clear()
+        self.port.write(build(self._seq))
+        self.port.flush()
+        return self._seq
+
     def _transact(self, build, what):
         for attempt in range(self.retries + 1):
-            self._seq = (self._seq + 1) & 0xFF
-            seq = self._seq
-            self.port.reset_input_buffer()
-            self._rx.clear()
-            self.port.write(build(seq))
-            self.port.flush()
+            seq = self._send(build)
             while True:
                 reply = self._next_reply()
                 if reply.seq == seq:
@@ -125,12 +129,7 @@ class UartLink:
         request comes instead of its own; once the newest ping is answered the card has
         nothing else under way (it answers in order)."""
         for _ in range(attempts):
-            self._seq = (self._seq + 1) & 0xFF
-            seq = self._seq
-            self.port.reset_input_buffer()
-            self._rx.clear()
-            self.port.write(ping_request(seq))
-            self.port.flush()
+            seq = self._send(ping_request)
             reply = self._next_reply()
             self.round_trips += 1
             if reply.seq == seq and not reply.error and reply.status == P.OK:
