@@ -139,13 +139,6 @@ class VirtioNetEngine(wiring.Component):
         FRAME_OFF = HDR_OFF + P.NET_HDR
         PKT_MAX = P.SLOT - HDR_OFF                  # bytes a slot holds from the header on
 
-        # ---- per-queue indices ---------------------------------------------------------------
-        last_avail = Array(Signal(16, name=f"last_avail{i}") for i in range(nf * NQ))
-        used_idx = Array(Signal(16, name=f"used_idx{i}") for i in range(nf * NQ))
-        la = Signal(16)            # the current queue's last_avail and used index (working
-        ui = Signal(16)            # copies loaded at LOADQ0, written back with every change)
-        txpend = Signal(nf)
-
         # ---- the registers' block: counted events, migration controls ----------------------
         inc = {n.upper(): getattr(self.events, n) for n in NET_EVENTS}
         mg = self.mig
@@ -154,16 +147,62 @@ class VirtioNetEngine(wiring.Component):
         coal_time = mg.coal_time     # none) and clocks the oldest may wait (from its LOADQ1)
         mig_busy = mg.busy           # the engine holds work of function ``mig_sel``
         mt = self.mac
+
+        cf = Signal(8)                               # the function being served
+        cq = Signal(range(NQ))                       # ... and its queue
+        # ---- per-queue indices: a RAM of one word per function, a 16-bit lane per index
+        #      (queue q's last_avail in lane 2q, its used index in lane 2q + 1). A lane whose
+        #      ``qx_zero`` flag is set reads 0: a reset sets the flags of the function's lanes
+        #      at once (a RAM cannot clear several words in a cycle), a write clears the
+        #      flags of the lanes it writes. The engine reads the current function's word
+        #      (``cf``, a cycle of latency) and writes lanes of it back with every change; the
+        #      migration registers read the selected function's word through a port of their
+        #      own and restore a lane through the engine's write port in a cycle the engine
+        #      leaves it free.
+        m.submodules.indices = qx_mem = Memory(shape=NQ * 32, depth=nf, init=[])
+        qx_wr = qx_mem.write_port(granularity=16)
+        qx_rd = qx_mem.read_port(transparent_for=(qx_wr,))
+        qx_mg = qx_mem.read_port(transparent_for=(qx_wr,))
+        qx_zero = Signal(nf * NQ * 2, init=(1 << (nf * NQ * 2)) - 1)
+        qx_set = Signal(nf * NQ * 2)       # flags set / cleared this cycle
+        qx_clr = Signal(nf * NQ * 2)
+        m.d.sync += qx_zero.eq((qx_zero & ~qx_clr) | qx_set)
+
+        def lane_value(port, g, lane):
+            """Lane ``lane`` of function ``g``'s word as read by ``port`` (0 while its flag
+            says it was reset)."""
+            return Mux(qx_zero.bit_select(g * NQ * 2 + lane, 1), 0,
+                       port.data.word_select(lane, 16))
+
+        la = Signal(16)            # the current queue's last_avail and used index (working
+        ui = Signal(16)            # copies loaded at LOADQ1, written back with every change)
+        eng_we = Signal(2)         # the engine writes the current queue's lanes (la, ui)
+        eng_la = Signal(16)
+        eng_ui = Signal(16)
+        mw_pend = Signal()         # a migration restore waiting for the write port
+        mw_f = Signal(8)
+        mw_lane = Signal(range(NQ * 2))
+        mw_val = Signal(16)
+        m.d.comb += [qx_rd.addr.eq(cf), qx_mg.addr.eq(mig_sel)]
+        with m.If(eng_we != 0):
+            m.d.comb += [qx_wr.addr.eq(cf), qx_wr.data.eq(Cat(eng_la, eng_ui).replicate(NQ)),
+                         qx_wr.en.bit_select(cq * 2, 2).eq(eng_we),
+                         qx_clr.bit_select((cf * NQ + cq) * 2, 2).eq(eng_we)]
+        with m.Elif(mw_pend):
+            m.d.comb += [qx_wr.addr.eq(mw_f), qx_wr.data.eq(mw_val.replicate(NQ * 2)),
+                         qx_wr.en.bit_select(mw_lane, 1).eq(1),
+                         qx_clr.bit_select(mw_f * NQ * 2 + mw_lane, 1).eq(1)]
+            m.d.sync += mw_pend.eq(0)
+        txpend = Signal(nf)
         # the selected function's device-internal state, for the registers to read
-        m.d.comb += [mg.rx_avail.eq(last_avail[mig_sel * NQ + 0]),
-                     mg.rx_used.eq(used_idx[mig_sel * NQ + 0]),
-                     mg.tx_avail.eq(last_avail[mig_sel * NQ + 1]),
-                     mg.tx_used.eq(used_idx[mig_sel * NQ + 1]),
+        m.d.comb += [mg.rx_avail.eq(lane_value(qx_mg, mig_sel, RXQ * 2)),
+                     mg.rx_used.eq(lane_value(qx_mg, mig_sel, RXQ * 2 + 1)),
+                     mg.tx_avail.eq(lane_value(qx_mg, mig_sel, TXQ * 2)),
+                     mg.tx_used.eq(lane_value(qx_mg, mig_sel, TXQ * 2 + 1)),
                      mg.tx_pend.eq(txpend.bit_select(mig_sel, 1))]
 
         # ---- host port: the engine's own small reads and writes, translated in the function's
         #      domain (HOST_TAGS["vq"], the function's requester ID) ----------------------------
-        cf = Signal(8)                               # the function being served
         m.submodules.hport = hp = HostPort(W, HOST_TAGS["vq"], max_dw=4, translate=True)
         # ... and the notification unit's (tag HOST_TAGS["vqe"]): the interrupt decisions, off
         # the engine's path. Their TLPs share the engine's stream (the unit's read follows the
@@ -232,7 +271,6 @@ class VirtioNetEngine(wiring.Component):
             m.d.sync += mx_xerr.eq(0)
 
         # ---- current queue ---------------------------------------------------------------------
-        cq = Signal(range(NQ))
         qi = Signal(range(nf * NQ))
         m.d.comb += [qi.eq(cf * NQ + cq), self.transport.qr_fidx.eq(cf), self.transport.qr_q.eq(cq),
                      self.transport.qa_fidx.eq(cf), self.transport.qa_q.eq(cq)]
@@ -399,23 +437,26 @@ class VirtioNetEngine(wiring.Component):
             current function)."""
             with m.If(g == cf):
                 m.d.sync += [la.eq(0), ui.eq(0)]
-            return [s.eq(0) for q in range(NQ)
-                    for s in (last_avail[g * NQ + q], used_idx[g * NQ + q])]
+            with m.If(g == mw_f):
+                m.d.sync += mw_pend.eq(0)
+            m.d.comb += qx_set.word_select(g, NQ * 2).eq(Const(-1, NQ * 2))
 
         with m.If(self.transport.vreset):
             g = self.transport.vreset_fidx
-            m.d.sync += [txpend.bit_select(g, 1).eq(0), *clear_indices(g)]
+            m.d.sync += txpend.bit_select(g, 1).eq(0)
+            clear_indices(g)
             invalidate(g)
         with m.If(self.fn.vf_reset):
             m.d.sync += txpend.eq(txpend & 1)
             for g in range(1, nf):
-                m.d.sync += clear_indices(g)
+                clear_indices(g)
                 invalidate(g)
         # restoring a stopped, idle function's indices (the engine does not touch them then)
-        for name, arr, q in (("rx_avail", last_avail, 0), ("rx_used", used_idx, 0),
-                             ("tx_avail", last_avail, 1), ("tx_used", used_idx, 1)):
+        for name, lane in (("rx_avail", RXQ * 2), ("rx_used", RXQ * 2 + 1),
+                           ("tx_avail", TXQ * 2), ("tx_used", TXQ * 2 + 1)):
             with m.If(getattr(mg, f"set_{name}")):
-                m.d.sync += arr[mig_sel * NQ + q].eq(mg.wdata)
+                m.d.sync += [mw_pend.eq(1), mw_f.eq(mig_sel), mw_lane.eq(lane),
+                             mw_val.eq(mg.wdata)]
                 invalidate(mig_sel)
         with m.If(mg.set_tx_pend):
             m.d.sync += txpend.bit_select(mig_sel, 1).eq(mg.wdata[0])
@@ -442,8 +483,8 @@ class VirtioNetEngine(wiring.Component):
             tot = Signal(10, name="pub_tot")
             m.d.comb += tot.eq(cur.unpub + n)
             hwrite(dev_base, 1, Cat(C(0, 16), (ui + tot)[:16]), fbe=0xC)
-            m.d.sync += [used_idx[qi].eq(ui + tot), ui.eq(ui + tot),
-                         last_avail[qi].eq(la + n), la.eq(la + n), pub_n.eq(tot),
+            m.d.comb += [eng_we.eq(0b11), eng_la.eq(la + n), eng_ui.eq(ui + tot)]
+            m.d.sync += [ui.eq(ui + tot), la.eq(la + n), pub_n.eq(tot),
                          cur.unpub.eq(0), pend_pub.bit_select(qi, 1).eq(0), c_wb.eq(1)]
             m.next = "AVAIL_EVT"
 
@@ -458,7 +499,8 @@ class VirtioNetEngine(wiring.Component):
                     & ((cq == RXQ) | more))
             with m.If(hold):
                 m.d.comb += hold_new.eq(1)
-                m.d.sync += [last_avail[qi].eq(la + n), la.eq(la + n), cur.unpub.eq(cur.unpub + n),
+                m.d.comb += [eng_we.eq(0b01), eng_la.eq(la + n)]
+                m.d.sync += [la.eq(la + n), cur.unpub.eq(cur.unpub + n),
                              pend_pub.bit_select(qi, 1).eq(1), c_wb.eq(1)]
                 m.next = "QDONE"
             with m.Else():
@@ -551,17 +593,19 @@ class VirtioNetEngine(wiring.Component):
             with m.State("LOADQ0"):
                 m.d.comb += self.transport.qa_sel.eq(0)
                 m.d.sync += [qsize.eq(self.transport.qr_size), q_en.eq(self.transport.qr_en),
-                             q_vec.eq(self.transport.qr_vec), la.eq(last_avail[qi]),
-                             ui.eq(used_idx[qi])]
+                             q_vec.eq(self.transport.qr_vec)]
                 m.next = "LOADQ1"
             with m.State("LOADQ1"):
+                # the indices' word of ``cf`` (addressed since it was chosen)
+                la_q = lane_value(qx_rd, cf, cq * 2)
+                m.d.sync += [la.eq(la_q), ui.eq(lane_value(qx_rd, cf, cq * 2 + 1))]
                 m.d.comb += self.transport.qa_sel.eq(1)
                 with m.If(cq == TXQ):         # the queue's descriptor read ahead, if any
                     m.d.sync += [pd.eq(pd_rd.data.desc), pd_di.eq(pd_rd.data.di),
                                  pd_ind.eq(pd_rd.data.ind), pd_qi.eq(qi),
                                  pd_ok.eq(pd_val.bit_select(cf, 1) & ~inv_cur)]
                 with m.Else():                # the receive chain's head, when prefetched for
-                    pf_here = pf.val.bit_select(cf, 1) & (pf.rd.pos == la)   # this position
+                    pf_here = pf.val.bit_select(cf, 1) & (pf.rd.pos == la_q)   # this position
                     m.d.sync += [pd.eq(pf.rd.desc), pd_di.eq(pf.rd.head), pd_ind.eq(0),
                                  pd_qi.eq(qi), pd_ok.eq(pf_here & ~inv_cur)]
                     with m.If(pf.val.bit_select(cf, 1) & ~pf_here):
