@@ -277,7 +277,7 @@ class VirtioNetEngine(wiring.Component):
         desc_base = Signal(64)
         drv_base = Signal(64)
         dev_base = Signal(64)
-        qsize = Signal(9)          # the queue's size, enable and vector (registered at LOADQ0)
+        qsize = Signal(9)          # the queue's size, enable and vector (registered at LOADQ2)
         q_en = Signal()
         q_vec = Signal(16)
         qmask = Signal(9)
@@ -410,7 +410,7 @@ class VirtioNetEngine(wiring.Component):
             m.d.sync += pub_left.eq(coal_time)
         with m.Elif(pub_left != 0):
             m.d.sync += pub_left.eq(pub_left - 1)
-        cur = Signal(cache_rec)            # the current queue's record (loaded at LOADQ3)
+        cur = Signal(cache_rec)            # the current queue's record (loaded at LOADQ2)
         c_ok = Signal()                    # ... and it is good
         c_wb = Signal()                    # write ``cur`` back next cycle
         c_lost = Signal()                  # the current function's records were invalidated
@@ -589,11 +589,12 @@ class VirtioNetEngine(wiring.Component):
                             m.d.sync += txpend.bit_select(ptr, 1).eq(0)
                         m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
 
-            # -- load the current queue's addresses (qa port: a cycle of latency) --
+            # -- load the current queue's words (qa port: a cycle of latency), its indices,
+            #    available-ring record and descriptor read ahead (addressed by ``cf`` / ``qi``
+            #    since the queue was chosen) --
             with m.State("LOADQ0"):
                 m.d.comb += self.transport.qa_sel.eq(0)
-                m.d.sync += [qsize.eq(self.transport.qr_size), q_en.eq(self.transport.qr_en),
-                             q_vec.eq(self.transport.qr_vec)]
+                m.d.sync += q_en.eq(self.transport.qr_en)
                 m.next = "LOADQ1"
             with m.State("LOADQ1"):
                 # the indices' word of ``cf`` (addressed since it was chosen)
@@ -610,15 +611,14 @@ class VirtioNetEngine(wiring.Component):
                                  pd_qi.eq(qi), pd_ok.eq(pf_here & ~inv_cur)]
                     with m.If(pf.val.bit_select(cf, 1) & ~pf_here):
                         m.d.comb += pf.forget.bit_select(cf, 1).eq(1)       # a stale one
-                m.d.sync += desc_base.eq(self.transport.qa_data)
+                m.d.sync += [desc_base.eq(self.transport.qa_data.lo),
+                             drv_base.eq(self.transport.qa_data.hi)]
                 m.next = "LOADQ2"
             with m.State("LOADQ2"):
-                m.d.comb += self.transport.qa_sel.eq(2)
-                m.d.sync += drv_base.eq(self.transport.qa_data)
-                m.next = "LOADQ3"
-            with m.State("LOADQ3"):
                 good = cval.bit_select(qi, 1) & ~inv_cur
-                m.d.sync += [dev_base.eq(self.transport.qa_data), cur.eq(c_rd.data),
+                w1 = self.transport.qa_data.hi
+                m.d.sync += [dev_base.eq(self.transport.qa_data.lo), qsize.eq(w1[0:9]),
+                             q_vec.eq(w1[32:48]), cur.eq(c_rd.data),
                              c_ok.eq(good), c_lost.eq(inv_cur)]
                 with m.If(~good):
                     m.d.sync += [cur.cnt.eq(0), cur.idx.eq(la), cur.unpub.eq(0)]
@@ -626,7 +626,7 @@ class VirtioNetEngine(wiring.Component):
                     m.next = "USED_ELEM"
                 with m.Elif(ret_flush):
                     m.next = "FLUSH"
-                with m.Elif(~q_en | (qsize == 0)):
+                with m.Elif(~q_en | (w1[0:9] == 0)):
                     with m.If(ret_rx):
                         m.d.comb += inc["DROP_NOBUF"].eq(1)
                         m.next = "RX_DONE"

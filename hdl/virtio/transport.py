@@ -12,15 +12,20 @@ transmitq1) with size (power of two, at most 256), MSI-X vector (NO_VECTOR when 
 not exist), enable and the three ring addresses. Queue fields of a queue that does not exist
 read 0 and ignore writes.
 
-The queue engine reads the queue state through ``qr_*`` (combinational) and the ring addresses
-through ``qa_*`` (block RAM, data a cycle after the address); it sees notifications as
-``kick`` bits (one per function and queue) that it acknowledges, and it reports through
-``isr_set`` (a queue interrupt was sent) and ``nr_set`` (the device needs a reset).
-Register accesses honour byte enables, so 8-, 16- and 32-bit accesses all work.
+A queue's ring addresses, size and MSI-X vector live in block RAM (two words per queue,
+:data:`QueueWord`; a reset marks the size and vector of the function's queues as their reset
+values with one flag each, as a RAM cannot clear several words in a cycle), so what a queue
+costs in logic is its enable and notification bits. The queue engine reads the enable through
+``qr_*`` (combinational) and the words through ``qa_*`` (data a cycle after the address); it
+sees notifications as ``kick`` bits (one per function and queue) that it acknowledges, and it
+reports through ``isr_set`` (a queue interrupt was sent) and ``nr_set`` (the device needs a
+reset). Register accesses honour byte enables, so 8-, 16- and 32-bit accesses work; the
+16-bit queue fields kept in block RAM (size, vector) take 16- or 32-bit writes only, as the
+driver must make them (virtio 1.2, 4.1.3.1): a one-byte write of them is ignored.
 """
 
 from amaranth import *
-from amaranth.lib import wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
@@ -32,7 +37,7 @@ from ..iface import RegBusSignature, IrqRequestSignature, FunctionStateSignature
 from ..pcie.regfile import RegisterFile
 from .mac_table import MacShowSignature
 
-__all__ = ["VirtioPci", "NQ", "OFFERED", "VirtqSignature"]
+__all__ = ["VirtioPci", "NQ", "OFFERED", "VirtqSignature", "QueueWord"]
 
 NQ = V.NUM_QUEUES_VALUE
 # the feature bits the device offers; each function keeps one accepted-flag per offer
@@ -44,10 +49,20 @@ def _dw(off):
     return off // 4
 
 
+#: A queue's state in the transport's block RAM: two words per queue, each of four 32-bit
+#: lanes (so a register's DW is one lane). Word 0 holds the descriptor table's and the driver
+#: area's (available ring's) addresses, word 1 the device area's (used ring's) address, the
+#: queue's size and its MSI-X vector.
+QueueWord = data.StructLayout({"lo": 64, "hi": 64})     # word 0: desc, driver; 1: device, size | vec
+QW_SIZE_LANE, QW_VEC_LANE = 2, 3                          # lanes of word 1
+
+
 def VirtqSignature(num_functions):
     """What the virtqueue engine needs of the transport (the engine's side): the current
-    queue's state (``qr_*``, combinational) and ring addresses (``qa_*``, block RAM: data a
-    cycle after the address), what each function negotiated, the notifications (``kick``, one
+    queue's enable (``qr_*``, combinational) and its words (``qa_*``, block RAM: data a
+    cycle after the address; :data:`QueueWord`: ``qa_sel`` 0 gives the descriptor table and
+    driver area in ``lo`` / ``hi``, 1 the device area in ``lo`` and size (bits 64..72) and
+    MSI-X vector (bits 96..111) in ``hi``), what each function negotiated, the notifications (``kick``, one
     bit per function and queue, which the engine acknowledges), the engine's reports (a queue
     interrupt sent: ``isr_*``; the device needs a reset: ``nr_*``) and the transport's virtio
     reset of a function (``vreset``)."""
@@ -55,13 +70,11 @@ def VirtqSignature(num_functions):
     return wiring.Signature({
         "qr_fidx":  Out(8),
         "qr_q":     Out(range(NQ)),
-        "qr_size":  In(9),
-        "qr_vec":   In(16),
         "qr_en":    In(1),
         "qa_fidx":  Out(8),
         "qa_q":     Out(range(NQ)),
-        "qa_sel":   Out(2),         # 0 descriptor table, 1 driver (avail), 2 device (used)
-        "qa_data":  In(64),         # a cycle after the address
+        "qa_sel":   Out(1),         # the queue's word (QueueWord) ...
+        "qa_data":  In(QueueWord),  # ... a cycle after its address
         "live":     In(nf),         # DRIVER_OK and FEATURES_OK, no NEEDS_RESET / FAILED
         "ev_idx":   In(nf),         # VIRTIO_F_EVENT_IDX negotiated
         "indirect": In(nf),         # VIRTIO_F_INDIRECT_DESC negotiated
@@ -114,16 +127,23 @@ class VirtioPci(wiring.Component):
         # path decodes one bit per function instead of comparing a selected 16-bit value)
         qok = Signal(nf, init=(1 << nf) - 1)
         isr = Signal(nf * 2)         # bit 0 queue, bit 1 config change, per function
-        qsize = Array(Signal(9, name=f"qsize{i}", init=V.QUEUE_SIZE_MAX) for i in range(nqt))
-        qvec = Array(Signal(16, name=f"qvec{i}", init=V.NO_VECTOR) for i in range(nqt))
         qen = Signal(nqt)
         kick = Signal(nqt)
-
-        # ring addresses: entry (fidx * NQ + q) * 4 + {0 desc, 1 driver, 2 device}
-        m.submodules.addr = amem = Memory(shape=64, depth=nqt * 4, init=[])
+        # the queues' words (QueueWord): word (fidx * NQ + q) * 2 + {0, 1}, a register's DW
+        # per 32-bit lane. A queue's size and vector read as their reset values (QUEUE_SIZE_MAX,
+        # NO_VECTOR) while its ``q_dsz`` / ``q_dvec`` flag is set: a reset sets the flags of all
+        # the function's queues at once, a write of the field clears its flag
+        m.submodules.queues = amem = Memory(shape=128, depth=nqt * 2, init=[])
         aw = amem.write_port(granularity=32)
         ar_bus = amem.read_port()
         ar_eng = amem.read_port()
+        q_dsz = Signal(nqt, init=(1 << nqt) - 1)
+        q_dvec = Signal(nqt, init=(1 << nqt) - 1)
+
+        def size_vec(word, dsz, dvec):
+            """The size and vector in word 1 (``word``), as the driver reads them."""
+            return (Mux(dsz, V.QUEUE_SIZE_MAX, word.word_select(QW_SIZE_LANE, 32)[:9]),
+                    Mux(dvec, V.NO_VECTOR, word.word_select(QW_VEC_LANE, 32)[:16]))
 
         def offered_bit(sel, word):
             """The driver-feature word ``word`` under select ``sel`` as the vector of accepted
@@ -179,7 +199,7 @@ class VirtioPci(wiring.Component):
                    dfsel[g].eq(0), gfsel[g].eq(0),
                    isr.word_select(g, 2).eq(0)]
             for q in range(NQ):
-                stm += [qsize[g * NQ + q].eq(V.QUEUE_SIZE_MAX), qvec[g * NQ + q].eq(V.NO_VECTOR),
+                stm += [q_dsz.bit_select(g * NQ + q, 1).eq(1), q_dvec.bit_select(g * NQ + q, 1).eq(1),
                         qen.bit_select(g * NQ + q, 1).eq(0), kick.bit_select(g * NQ + q, 1).eq(0)]
             return stm
 
@@ -215,8 +235,15 @@ class VirtioPci(wiring.Component):
 
         acc, bad = offered_bit(gfsel[f], wd)
         aoff = Signal(3)             # DW index within the three 64-bit addresses
-        m.d.comb += [aoff.eq(a - base - _dw(V.Q_DESC)),
-                     aw.addr.eq(cur_q * 4 + aoff[1:]), aw.data.eq(Cat(wd, wd))]
+        is_sv = Signal()             # the DW of queue_size and queue_msix_vector
+        m.d.comb += [aoff.eq(a - base - _dw(V.Q_DESC)), is_sv.eq(a - base == _dw(V.Q_SIZE))]
+        # the written DW into its lane; the size and vector as the device keeps them (a
+        # vector that does not exist becomes NO_VECTOR)
+        wvec = Signal(16)
+        m.d.comb += wvec.eq(Mux(wd[16:32] < nvec, wd[16:32], V.NO_VECTOR))
+        m.d.comb += [aw.addr.eq(cur_q * 2 + Mux(is_sv, 1, aoff[2])),
+                     aw.data.eq(Mux(is_sv, Cat(wd, wd, wd[:16], C(0, 16), wvec, C(0, 16)),
+                                    wd.replicate(4)))]
         with m.If(b.we & fok & in_common):
             with m.Switch(a - base):
                 with m.Case(_dw(V.DFSELECT)):
@@ -250,14 +277,15 @@ class VirtioPci(wiring.Component):
                         v = lanes(qsel[f], 2, 2)
                         m.d.sync += [qsel[f].eq(v), qok.bit_select(f, 1).eq(v < NQ)]
                 with m.Case(_dw(V.Q_SIZE)):
-                    with m.If(q_ok & (be[0] | be[1])):
-                        v = lanes(qsize[cur_q], 0, 2)
-                        pow2 = size_ok(v)
-                        with m.If(pow2 & ~qen.bit_select(cur_q, 1)):
-                            m.d.sync += qsize[cur_q].eq(v)
-                    with m.If(q_ok & (be[2] | be[3])):
-                        v = lanes(qvec[cur_q], 2, 2)
-                        m.d.sync += qvec[cur_q].eq(Mux(v < nvec, v, V.NO_VECTOR))
+                    # 16-bit fields take 16-bit (or 32-bit) writes, as the driver must make
+                    # them (virtio 1.2, 4.1.3.1); a write of one byte of them is ignored
+                    with m.If(q_ok & be[0] & be[1] & size_ok(wd[:16])
+                              & ~qen.bit_select(cur_q, 1)):
+                        m.d.comb += aw.en[QW_SIZE_LANE].eq(1)
+                        m.d.sync += q_dsz.bit_select(cur_q, 1).eq(0)
+                    with m.If(q_ok & be[2] & be[3]):
+                        m.d.comb += aw.en[QW_VEC_LANE].eq(1)
+                        m.d.sync += q_dvec.bit_select(cur_q, 1).eq(0)
                 with m.Case(_dw(V.Q_ENABLE)):
                     with m.If(q_ok & be[0]):
                         with m.If(wd[0]):                  # only 1 may be written (spec 4.1.4.3)
@@ -265,14 +293,14 @@ class VirtioPci(wiring.Component):
                 for k in range(6):
                     with m.Case(_dw(V.Q_DESC) + k):
                         with m.If(q_ok & (be == 0xF) & ~qen.bit_select(cur_q, 1)):
-                            m.d.comb += aw.en.eq(Mux(aoff[0], 0b10, 0b01))
+                            m.d.comb += aw.en.bit_select(aoff[:2], 1).eq(1)
         with m.If(b.we & fok & in_notify):
             qn = a - _dw(V.NOTIFY)
             with m.If(qn < NQ):
                 m.d.sync += kick.bit_select(f * NQ + qn[:max(exact_log2(NQ), 1)], 1).eq(1)
 
         # ---- register reads -----------------------------------------------------------------
-        m.d.comb += [ar_bus.addr.eq(cur_q * 4 + aoff[1:]), ar_bus.en.eq(b.re)]
+        m.d.comb += [ar_bus.addr.eq(cur_q * 2 + Mux(is_sv, 1, aoff[2])), ar_bus.en.eq(b.re)]
         m.d.comb += self.mac.fidx.eq(f)
 
         def common(off, value):
@@ -284,15 +312,19 @@ class VirtioPci(wiring.Component):
         common(V.GF, feature_word(gfsel[f], gf[f]))
         common(V.MSIX_CONFIG, Cat(cfgvec[f], C(NQ, 16)))
         common(V.STATUS, Cat(status[f], C(0, 8), qsel[f]))
-        common(V.Q_SIZE, Mux(q_ok, Cat(qsize[cur_q], C(0, 7), qvec[cur_q]), 0))
         common(V.Q_ENABLE, Mux(q_ok, Cat(qen.bit_select(cur_q, 1), C(0, 15), qsel[f]), 0))
-        # the ring addresses come from their block RAM, a cycle later
+        # the ring addresses, size and vector come from their block RAM, a cycle later
         in_addr = fok & q_ok & in_common & (a - base >= _dw(V.Q_DESC)) \
             & (a - base < _dw(V.Q_DESC) + 6)
-        rsel_hi = Signal()
+        rlane = Signal(2)
+        rdsz = Signal()
+        rdvec = Signal()
         with m.If(b.re):
-            m.d.sync += rsel_hi.eq(aoff[0])
-        rf.read_late(in_addr, Mux(rsel_hi, ar_bus.data[32:], ar_bus.data[:32]))
+            m.d.sync += [rlane.eq(aoff[:2]), rdsz.eq(q_dsz.bit_select(cur_q, 1)),
+                         rdvec.eq(q_dvec.bit_select(cur_q, 1))]
+        rf.read_late(in_addr, ar_bus.data.word_select(rlane, 32))
+        rsize, rvec = size_vec(ar_bus.data, rdsz, rdvec)
+        rf.read_late(fok & q_ok & in_common & is_sv, Cat(rsize, C(0, 7), rvec))
         rf.read(fok & in_isr, isr.word_select(f, 2))
         rf.read(fok & rf.addressed(V.DEVICE + V.NET_MAC), self.mac.mac[:32])
         rf.read(fok & rf.addressed(V.DEVICE + 4), Cat(self.mac.mac[32:], C(1, 16)))    # link up
@@ -303,12 +335,22 @@ class VirtioPci(wiring.Component):
         eq_idx = Signal(range(nqt))
         m.d.comb += [
             eq_idx.eq(self.engine.qr_fidx * NQ + self.engine.qr_q),
-            self.engine.qr_size.eq(qsize[eq_idx]),
-            self.engine.qr_vec.eq(qvec[eq_idx]),
             self.engine.qr_en.eq(qen.bit_select(eq_idx, 1)),
-            ar_eng.addr.eq((self.engine.qa_fidx * NQ + self.engine.qa_q) * 4 + self.engine.qa_sel),
+            ar_eng.addr.eq((self.engine.qa_fidx * NQ + self.engine.qa_q) * 2 + self.engine.qa_sel),
             ar_eng.en.eq(1),
-            self.engine.qa_data.eq(ar_eng.data),
+        ]
+        # word 1's size and vector as the driver set them (the flags taken with the address)
+        ea_idx = Signal(range(nqt))
+        ea_dsz = Signal()
+        ea_dvec = Signal()
+        ea_w1 = Signal()
+        m.d.comb += ea_idx.eq(self.engine.qa_fidx * NQ + self.engine.qa_q)
+        m.d.sync += [ea_dsz.eq(q_dsz.bit_select(ea_idx, 1)), ea_dvec.eq(q_dvec.bit_select(ea_idx, 1)),
+                     ea_w1.eq(self.engine.qa_sel)]
+        esize, evec = size_vec(ar_eng.data, ea_dsz, ea_dvec)
+        m.d.comb += [
+            self.engine.qa_data.eq(Mux(ea_w1, Cat(ar_eng.data[:64], esize, C(0, 23), evec,
+                                                  C(0, 16)), ar_eng.data)),
             self.engine.kick.eq(kick),
         ]
         for g in range(nf):

@@ -6,7 +6,7 @@ did just before the edge (``ctx.tick().sample``) and answers for the next cycle:
 * host memory (a bytearray): MemRd on ``tx`` (tag VQ_TAG) answered with CplD on ``cpl`` a few
   cycles later, MemWr applied with their first/last byte enables; every request's requester ID
   is checked against the function that owns the addressed structure;
-* the transport: ``qr_*`` (combinational) and ``qa_data`` (a cycle after ``qa_*``) come from a
+* the transport: ``qr_en`` (combinational) and ``qa_data`` (a cycle after ``qa_*``) come from a
   small wrapper module; ``live`` / ``bme`` / ``ev_idx`` / ``indirect`` / ``kick`` are Python
   state (``kick`` bits cleared on ``kick_ack``, ``live`` cleared on ``nr_set`` as the transport
   sets NEEDS_RESET);
@@ -97,9 +97,7 @@ class Top(Elaboratable):
         ai = Signal(10)
         m.d.comb += [
             qi.eq(e.transport.qr_fidx * NQ + e.transport.qr_q),
-            ai.eq((e.transport.qa_fidx * NQ + e.transport.qa_q) * 4 + e.transport.qa_sel),
-            e.transport.qr_size.eq(Array(self.qsize)[qi]),
-            e.transport.qr_vec.eq(Array(self.qvec)[qi]),
+            ai.eq(e.transport.qa_fidx * NQ + e.transport.qa_q),
             e.transport.qr_en.eq(Array(self.qen)[qi]),
             # what the card's frame buffer write port sees: the engine's own writes while it
             # owns the buffers, else the DMA read channel's
@@ -107,7 +105,11 @@ class Top(Elaboratable):
             e.snoop.data.eq(Mux(e.pm_own, e.pm_wr.data, self.sn_data)),
             e.snoop.en.eq(Mux(e.pm_own, e.pm_wr.en, self.sn_en)),
         ]
-        m.d.sync += e.transport.qa_data.eq(Array(self.qaddr)[ai])      # block RAM: a cycle later
+        # the queue's words (block RAM: a cycle later): 0 desc | driver, 1 device | size | vector
+        words = [[Cat(self.qaddr[4 * i], self.qaddr[4 * i + 1]),
+                  Cat(self.qaddr[4 * i + 2], self.qsize[i], C(0, 23), self.qvec[i], C(0, 16))]
+                 for i in range(len(self.qsize))]
+        m.d.sync += e.transport.qa_data.eq(Array(Array(w) for w in words)[ai][e.transport.qa_sel])
         return m
 
 

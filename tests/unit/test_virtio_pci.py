@@ -128,19 +128,28 @@ class Virtio:
         ctx.set(sig, 0)
         return seen
 
-    async def qa(self, f, q, sel):
+    async def word(self, f, q, sel):
+        """The engine's read of queue word ``sel`` (a cycle after the address), as an int."""
         ctx, d = self.ctx, self.dut
         ctx.set(d.engine.qa_fidx, f)
         ctx.set(d.engine.qa_q, q)
         ctx.set(d.engine.qa_sel, sel)
         await ctx.tick()
-        return ctx.get(d.engine.qa_data)
+        w = ctx.get(d.engine.qa_data)
+        return w.lo | (w.hi << 64)
 
-    def qr(self, f, q):
+    async def qa(self, f, q, k):
+        """Ring address ``k`` (0 descriptor table, 1 driver area, 2 device area)."""
+        return (await self.word(f, q, k // 2) >> (64 * (k % 2))) & ((1 << 64) - 1)
+
+    async def qr(self, f, q):
+        """(size, vector, enable) of a queue, as the engine sees them."""
         ctx, d = self.ctx, self.dut
         ctx.set(d.engine.qr_fidx, f)
         ctx.set(d.engine.qr_q, q)
-        return ctx.get(d.engine.qr_size), ctx.get(d.engine.qr_vec), ctx.get(d.engine.qr_en)
+        en = ctx.get(d.engine.qr_en)
+        w1 = await self.word(f, q, 1)
+        return (w1 >> 64) & 0x1FF, (w1 >> 96) & 0xFFFF, en
 
 
 def run_v(tb):
@@ -185,7 +194,7 @@ async def expect_reset(v, f):
         assert await v.qsize(f) == V.QUEUE_SIZE_MAX
         assert await v.qvec(f) == NOV
         assert await v.qen(f) == 0
-        assert v.qr(f, q) == (V.QUEUE_SIZE_MAX, NOV, 0)
+        assert await v.qr(f, q) == (V.QUEUE_SIZE_MAX, NOV, 0)
     for name in ("live", "ev_idx", "indirect"):
         assert v.bit(getattr(v.dut.engine, name), f) == 0, f"{name} of function {f} not reset"
     assert await v.isr(f) == 0
@@ -390,7 +399,7 @@ def test_queue_size_rules():
                                  (3, 1), (256, 256), (128, 128), (0x180, 128)):
                 await v.set_qsize(f, size)
                 assert await v.qsize(f) == expect, f"q{q}: wrote {size}"
-                assert v.qr(f, q)[0] == expect
+                assert (await v.qr(f, q))[0] == expect
         await v.select(f, 0)
         await v.set_qsize(f, 32)
         await v.select(f, 2)                                     # no such queue
@@ -400,8 +409,8 @@ def test_queue_size_rules():
         assert await v.bus.rd(f, QSIZE) == 0
         await v.select(f, 0)
         assert await v.qsize(f) == 32 and await v.qvec(f) == NOV, "queue 2 write aliased"
-        assert v.qr(f, 0) == (32, NOV, 0)
-        assert v.qr(0, 0)[0] == 256 and v.qr(2, 0)[0] == 256
+        assert await v.qr(f, 0) == (32, NOV, 0)
+        assert (await v.qr(0, 0))[0] == 256 and (await v.qr(2, 0))[0] == 256
         await v.bus.wr(f, STATUS, 1 << 24, be=0b1000)           # select 0x100: high byte only
         assert await v.bus.rd(f, QSIZE) == 0
         await v.set_qsize(f, 16)
@@ -423,7 +432,7 @@ def test_queue_and_config_msix_vectors():
                                 (0x8001, NOV)):
                 await v.set_qvec(f, vec)
                 assert await v.qvec(f) == expect, f"q{q}: wrote {vec:#x}"
-                assert v.qr(f, q)[1] == expect
+                assert (await v.qr(f, q))[1] == expect
             assert await v.qsize(f) == 256, "vector write changed the size"
         for vec, expect in ((1, 1), (NVEC - 1, NVEC - 1), (NVEC, NOV), (0, 0), (NOV, NOV)):
             await v.set_cfg_vec(f, vec)
@@ -447,13 +456,13 @@ def test_queue_notify_off_and_enable():
         assert await v.qen(f) == 1
         await v.select(f, 0)
         assert await v.qen(f) == 0
-        assert [v.qr(f, q)[2] for q in range(NQ)] == [0, 1]
+        assert [(await v.qr(f, q))[2] for q in range(NQ)] == [0, 1]
         await v.select(f, 2)
         assert await v.bus.rd(f, QEN) == 0
         await v.enable(f)
         await v.select(f, 0)
         assert await v.qen(f) == 0, "enable of queue 2 aliased onto queue 0"
-        assert v.qr(1, 1)[2] == 0 and v.qr(2, 1)[2] == 0
+        assert (await v.qr(1, 1))[2] == 0 and (await v.qr(2, 1))[2] == 0
     run_v(tb)
 
 
@@ -500,7 +509,7 @@ def test_qr_port_reflects_each_queue():
                     await v.enable(f)
         for f in range(NF):
             for q in range(NQ):
-                assert v.qr(f, q) == (1 << (2 * f + q + 1), (f + q) % NVEC, (f + q) % 2), (f, q)
+                assert await v.qr(f, q) == (1 << (2 * f + q + 1), (f + q) % NVEC, (f + q) % 2), (f, q)
     run_v(tb)
 
 
