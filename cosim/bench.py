@@ -227,7 +227,7 @@ def main(argv=None):
               ["sim", "config", "tlp_path", "fault", "raise_clk", "host_clk", "resolve_clk", "total_clk"],
               fault_rows)
     add_table(console, md, "virtio-net guest to guest (VF1 -> VF2)",
-              ["sim", "config", "tlp_path", "mode", "host_read_ns", "frame_bytes", "frames",
+              ["sim", "config", "tlp_path", "mode", "tx_descs", "host_read_ns", "frame_bytes", "frames",
                "frames_per_wall_s", "payload_bytes_per_clk", "clocks_per_frame", "sim_us",
                "traps"], virtio_rows)
     add_table(console, md, "firmware: threshold crossing to control moved (card time; UART at "

@@ -794,26 +794,34 @@ class VirtioNetDriver:
             await self.notify(q)
 
     async def send(self, frame: bytes, indirect: bool = False,
-                   csum: tuple[int, int] | None = None) -> int:
+                   csum: tuple[int, int] | None = None, pushed: bool = False) -> int:
         """Queue ``frame`` for transmission behind a virtio-net header, in two device-readable
-        descriptors or (``indirect``) one indirect descriptor, and notify the device if it asks
-        for it. The header is all zero, or with ``csum = (csum_start, csum_offset)`` asks the
-        device to fill in the checksum (``NEEDS_CSUM``; the frame carries the pseudo-header sum
-        there). Waits up to ``tx_timeout_ns`` for room. Returns the head id."""
+        descriptors or (``indirect``) one indirect descriptor, or (``pushed``) with the header
+        pushed in front of the frame in one descriptor, as Linux's virtio_net does when the
+        packet has the headroom (any layout is the device's to take, VIRTIO_F_VERSION_1), and
+        notify the device if it asks for it. The header is all zero, or with
+        ``csum = (csum_start, csum_offset)`` asks the device to fill in the checksum
+        (``NEEDS_CSUM``; the frame carries the pseudo-header sum there). Waits up to
+        ``tx_timeout_ns`` for room. Returns the head id."""
         self._need_queues()
         if not 0 < len(frame) <= MAX_FRAME:
             raise ValueError(f"frame length must be 1..{MAX_FRAME}, got {len(frame)}")
         if indirect and not self.has_feature(V.F_RING_INDIRECT_DESC):
             raise VirtioError(f"{self.fn}: INDIRECT_DESC was not negotiated")
-        await self._wait_tx_room(1 if indirect else 2)
+        await self._wait_tx_room(1 if indirect or pushed else 2)
         slot = self._pool[TX_QUEUE].pop()
         hdr = bytes(NET_HDR_LEN)
         if csum is not None:
             hdr = NET_HDR.pack(NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum, 0)
-        await self.mem.write(slot, hdr)
-        await self.mem.write(slot + TX_FRAME_OFF, frame)
-        head = await self.tx.add_buffer([(slot, NET_HDR_LEN), (slot + TX_FRAME_OFF, len(frame))],
-                                        indirect=indirect)
+        if pushed:
+            at = slot + TX_FRAME_OFF - NET_HDR_LEN
+            await self.mem.write(at, hdr + frame)
+            parts = [(at, NET_HDR_LEN + len(frame))]
+        else:
+            await self.mem.write(slot, hdr)
+            await self.mem.write(slot + TX_FRAME_OFF, frame)
+            parts = [(slot, NET_HDR_LEN), (slot + TX_FRAME_OFF, len(frame))]
+        head = await self.tx.add_buffer(parts, indirect=indirect)
         self._owner[TX_QUEUE][head] = slot
         self.stats["sent"] += 1
         await self._kick(TX_QUEUE)
