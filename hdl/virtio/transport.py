@@ -115,14 +115,40 @@ class VirtioPci(wiring.Component):
         nqt = nf * NQ
 
         status = Array(Signal(8, name=f"vstatus{i}") for i in range(nf))
-        dfsel = Array(Signal(32, name=f"dfsel{i}") for i in range(nf))
-        gfsel = Array(Signal(32, name=f"gfsel{i}") for i in range(nf))
         gf = Array(Signal(len(OFFERED), name=f"gf{i}") for i in range(nf))   # accepted offers
         # the driver wrote a feature bit the device did not offer: per select 0 / 1 (a later
         # write of the same word can take it back) and sticky for the words above
         gf_bad = Signal(nf * 3)
-        cfgvec = Array(Signal(16, name=f"cfgvec{i}", init=V.NO_VECTOR) for i in range(nf))
-        qsel = Array(Signal(16, name=f"qsel{i}") for i in range(nf))
+        # config_msix_vector: a vector that exists, or NO_VECTOR (all a write can leave)
+        VB = max(1, (nvec - 1).bit_length())
+        cv_ok = Signal(nf)
+        cv_idx = Array(Signal(VB, name=f"cfgvec{i}") for i in range(nf))
+
+        def cfgvec(g):
+            return Mux(cv_ok.bit_select(g, 1), cv_idx[g], V.NO_VECTOR)
+
+        # The select registers (device_feature_select, driver_feature_select, queue_select)
+        # read back from a RAM of one word per function (bytes 0-3, 4-7 and 8-9, written
+        # with the bus's byte enables; ``sel_z``: the function was reset since, the word reads
+        # 0 and its next write fills the other bytes with 0). What the logic needs of them is
+        # kept beside in flip-flops: whether each feature select is 0 or 1 (byte 0's value,
+        # whether bytes 1-3 are zero) and queue_select's low byte and whether its high byte
+        # is zero.
+        m.submodules.selects = smem = Memory(shape=80, depth=nf, init=[])
+        s_wr = smem.write_port(granularity=8)
+        s_rd = smem.read_port()
+        sel_z = Signal(nf, init=(1 << nf) - 1)
+        FSEL = ("df", "gf")
+        fs_b0z = {k: Signal(nf, init=(1 << nf) - 1, name=f"{k}sel_b0z") for k in FSEL}
+        fs_b0o = {k: Signal(nf, name=f"{k}sel_b0o") for k in FSEL}
+        fs_hnz = {k: Signal(nf * 3, name=f"{k}sel_hnz") for k in FSEL}
+
+        def fsel_is(k, g, v):
+            """Feature select ``k`` of function ``g`` is ``v`` (0 or 1)."""
+            b0 = (fs_b0z if v == 0 else fs_b0o)[k].bit_select(g, 1)
+            return b0 & (fs_hnz[k].word_select(g, 3) == 0)
+
+        qsel_lo = Array(Signal(8, name=f"qsel{i}") for i in range(nf))
         # per function: queue_select names an existing queue (kept with qsel, so the write
         # path decodes one bit per function instead of comparing a selected 16-bit value)
         qok = Signal(nf, init=(1 << nf) - 1)
@@ -195,9 +221,11 @@ class VirtioPci(wiring.Component):
 
         def reset_function(g):
             stm = [status[g].eq(0), gf[g].eq(0), gf_bad.word_select(g, 3).eq(0),
-                   cfgvec[g].eq(V.NO_VECTOR), qsel[g].eq(0), qok.bit_select(g, 1).eq(1),
-                   dfsel[g].eq(0), gfsel[g].eq(0),
-                   isr.word_select(g, 2).eq(0)]
+                   cv_ok.bit_select(g, 1).eq(0), qsel_lo[g].eq(0), qok.bit_select(g, 1).eq(1),
+                   sel_z.bit_select(g, 1).eq(1), isr.word_select(g, 2).eq(0)]
+            for k in FSEL:
+                stm += [fs_b0z[k].bit_select(g, 1).eq(1), fs_b0o[k].bit_select(g, 1).eq(0),
+                        fs_hnz[k].word_select(g, 3).eq(0)]
             for q in range(NQ):
                 stm += [q_dsz.bit_select(g * NQ + q, 1).eq(1), q_dvec.bit_select(g * NQ + q, 1).eq(1),
                         qen.bit_select(g * NQ + q, 1).eq(0), kick.bit_select(g * NQ + q, 1).eq(0)]
@@ -213,7 +241,7 @@ class VirtioPci(wiring.Component):
         in_isr = rf.within("virtio_isr")
         fok = f < nf
         cur_q = Signal(range(nqt))
-        m.d.comb += cur_q.eq(f * NQ + qsel[f][:exact_log2(NQ)] if NQ > 1 else f)
+        m.d.comb += cur_q.eq(f * NQ + qsel_lo[f][:exact_log2(NQ)] if NQ > 1 else f)
         q_ok = qok.bit_select(f, 1)
         wd = b.wdata
         be = b.be
@@ -233,7 +261,29 @@ class VirtioPci(wiring.Component):
                 parts.append(Mux(be[lane], wd[8 * lane:8 * lane + 8], old[8 * k:8 * k + 8]))
             return Cat(*parts)
 
-        acc, bad = offered_bit(gfsel[f], wd)
+        gsel = Mux(fsel_is("gf", f, 0), 0, Mux(fsel_is("gf", f, 1), 1, 2))
+        acc, bad = offered_bit(gsel, wd)
+        # the select RAM's write: the bus's bytes into their place (all bytes, the others 0,
+        # after a reset)
+        s_en = Signal(10)
+        s_z = sel_z.bit_select(f, 1)
+        s_bytes = Cat(wd, wd, wd[16:32])
+        m.d.comb += [s_wr.addr.eq(f), s_rd.addr.eq(f), s_rd.en.eq(b.re),
+                     s_wr.en.eq(Mux(s_en.any() & s_z, (1 << 10) - 1, s_en)),
+                     s_wr.data.eq(Cat(*(Mux(s_en[i], s_bytes[8 * i:8 * i + 8], 0)
+                                        for i in range(10))))]
+        with m.If(s_en.any()):
+            m.d.sync += sel_z.bit_select(f, 1).eq(0)
+
+        def fsel_write(k):
+            m.d.comb += s_en.eq(be << (0 if k == "df" else 4))
+            with m.If(be[0]):
+                m.d.sync += [fs_b0z[k].bit_select(f, 1).eq(wd[0:8] == 0),
+                             fs_b0o[k].bit_select(f, 1).eq(wd[0:8] == 1)]
+            for i in range(1, 4):
+                with m.If(be[i]):
+                    m.d.sync += fs_hnz[k].bit_select(f * 3 + (i - 1), 1).eq(wd[8 * i:8 * i + 8] != 0)
+
         aoff = Signal(3)             # DW index within the three 64-bit addresses
         is_sv = Signal()             # the DW of queue_size and queue_msix_vector
         m.d.comb += [aoff.eq(a - base - _dw(V.Q_DESC)), is_sv.eq(a - base == _dw(V.Q_SIZE))]
@@ -247,22 +297,22 @@ class VirtioPci(wiring.Component):
         with m.If(b.we & fok & in_common):
             with m.Switch(a - base):
                 with m.Case(_dw(V.DFSELECT)):
-                    m.d.sync += dfsel[f].eq(lanes(dfsel[f], 0, 4))
+                    fsel_write("df")
                 with m.Case(_dw(V.GFSELECT)):
-                    m.d.sync += gfsel[f].eq(lanes(gfsel[f], 0, 4))
+                    fsel_write("gf")
                 with m.Case(_dw(V.GF)):
                     with m.If(~status[f][3] & (be == 0xF)):          # not after FEATURES_OK
                         for k, fbit in enumerate(OFFERED):
-                            with m.If(gfsel[f] == fbit // 32):
+                            with m.If(gsel == fbit // 32):
                                 m.d.sync += gf[f][k].eq(acc[k])
-                        with m.If(gfsel[f] < 2):
-                            m.d.sync += gf_bad.bit_select(f * 3 + gfsel[f][0], 1).eq(bad)
+                        with m.If(gsel < 2):
+                            m.d.sync += gf_bad.bit_select(f * 3 + gsel[0], 1).eq(bad)
                         with m.Elif(bad):
                             m.d.sync += gf_bad.bit_select(f * 3 + 2, 1).eq(1)
                 with m.Case(_dw(V.MSIX_CONFIG)):
                     with m.If(be[0] | be[1]):
-                        v = lanes(cfgvec[f], 0, 2)
-                        m.d.sync += cfgvec[f].eq(Mux(v < nvec, v, V.NO_VECTOR))
+                        v = lanes(cfgvec(f), 0, 2)
+                        m.d.sync += [cv_ok.bit_select(f, 1).eq(v < nvec), cv_idx[f].eq(v[:VB])]
                 with m.Case(_dw(V.STATUS)):
                     with m.If(be[0]):
                         with m.If(wd[:8] == 0):
@@ -274,8 +324,11 @@ class VirtioPci(wiring.Component):
                             m.d.sync += status[f].eq(Cat(wd[:3], fo, wd[4:6],
                                                          status[f][6] | wd[6], wd[7]))
                     with m.If(be[2] | be[3]):
-                        v = lanes(qsel[f], 2, 2)
-                        m.d.sync += [qsel[f].eq(v), qok.bit_select(f, 1).eq(v < NQ)]
+                        m.d.comb += s_en.eq(be[2:4] << 8)
+                        lo = Mux(be[2], wd[16:24], qsel_lo[f])
+                        hi_zero = Mux(be[3], wd[24:32] == 0, qok.bit_select(f, 1)
+                                      | (qsel_lo[f] >= NQ))
+                        m.d.sync += [qsel_lo[f].eq(lo), qok.bit_select(f, 1).eq((lo < NQ) & hi_zero)]
                 with m.Case(_dw(V.Q_SIZE)):
                     # 16-bit fields take 16-bit (or 32-bit) writes, as the driver must make
                     # them (virtio 1.2, 4.1.3.1); a write of one byte of them is ignored
@@ -306,13 +359,19 @@ class VirtioPci(wiring.Component):
         def common(off, value):
             rf.read(fok & rf.addressed(V.COMMON + off), value)
 
-        common(V.DFSELECT, dfsel[f])
-        common(V.DF, Mux(dfsel[f] == 0, offered_lo, Mux(dfsel[f] == 1, offered_hi, 0)))
-        common(V.GFSELECT, gfsel[f])
-        common(V.GF, feature_word(gfsel[f], gf[f]))
-        common(V.MSIX_CONFIG, Cat(cfgvec[f], C(NQ, 16)))
-        common(V.STATUS, Cat(status[f], C(0, 8), qsel[f]))
-        common(V.Q_ENABLE, Mux(q_ok, Cat(qen.bit_select(cur_q, 1), C(0, 15), qsel[f]), 0))
+        common(V.DF, Mux(fsel_is("df", f, 0), offered_lo, Mux(fsel_is("df", f, 1), offered_hi, 0)))
+        common(V.GF, feature_word(gsel, gf[f]))
+        common(V.MSIX_CONFIG, Cat(cfgvec(f), C(NQ, 16)))
+        common(V.STATUS, status[f])
+        common(V.Q_ENABLE, Mux(q_ok, Cat(qen.bit_select(cur_q, 1), C(0, 15), qsel_lo[f]), 0))
+        # the selects from their RAM, a cycle later
+        s_rz = Signal()
+        with m.If(b.re):
+            m.d.sync += s_rz.eq(sel_z.bit_select(f, 1))
+        s_val = Mux(s_rz, 0, s_rd.data)
+        rf.read_late(fok & rf.addressed(V.COMMON + V.DFSELECT), s_val[0:32])
+        rf.read_late(fok & rf.addressed(V.COMMON + V.GFSELECT), s_val[32:64])
+        rf.read_late(fok & rf.addressed(V.COMMON + V.STATUS), Cat(C(0, 16), s_val[64:80]))
         # the ring addresses, size and vector come from their block RAM, a cycle later
         in_addr = fok & q_ok & in_common & (a - base >= _dw(V.Q_DESC)) \
             & (a - base < _dw(V.Q_DESC) + 6)
@@ -376,8 +435,8 @@ class VirtioPci(wiring.Component):
             g = self.engine.nr_fidx
             m.d.sync += [status[g].eq(status[g] | V.S_NEEDS_RESET),
                          isr.bit_select(g * 2 + 1, 1).eq(1)]
-            m.d.comb += [self.irq.valid.eq(cfgvec[g] < nvec), self.irq.fidx.eq(g),
-                         self.irq.vector.eq(cfgvec[g][:5])]
+            m.d.comb += [self.irq.valid.eq(cv_ok.bit_select(g, 1)), self.irq.fidx.eq(g),
+                         self.irq.vector.eq(cv_idx[g])]
         with m.If(rst):
             m.d.sync += reset_function(rst_f)
         with m.If(self.fn.flr):

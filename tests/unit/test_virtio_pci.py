@@ -652,3 +652,59 @@ def test_vf_reset_resets_every_vf_not_the_pf():
         assert ctx.get(dut.engine.kick) == 0b01
         await expect_configured(v, 0, 0)
     run_v(tb)
+
+
+def test_select_registers_read_back_whole_per_byte_and_reset():
+    """The three select registers live in a RAM (read back a cycle late) with what the logic
+    needs of them in flip-flops: full 32- / 16-bit values read back, byte writes merge, a value
+    whose high bytes are not zero selects nothing, and a reset zeroes every byte (a byte
+    written after it leaves the others 0)."""
+    async def tb(ctx, dut, v):
+        await v.bus.wr(1, DFSEL, 0x0102_0301)
+        await v.bus.wr(1, GFSEL, 0xA5A5_0000)
+        await v.bus.wr(2, DFSEL, 1)
+        assert await v.bus.rd(1, DFSEL) == 0x0102_0301
+        assert await v.bus.rd(1, GFSEL) == 0xA5A5_0000
+        assert await v.bus.rd(1, DF) == 0                       # selects words far above 1
+        assert await v.bus.rd(2, DF) == V.FEATURES >> 32
+        # bytes 1..3 to zero, one at a time: the select becomes 1
+        for lane in (3, 2, 1):
+            assert await v.bus.rd(1, DF) == 0
+            await v.bus.wr(1, DFSEL, 0, be=1 << lane)
+        assert await v.bus.rd(1, DFSEL) == 1
+        assert await v.bus.rd(1, DF) == V.FEATURES >> 32
+        await v.bus.wr(1, DFSEL, 0, be=0b0001)
+        assert await v.bus.rd(1, DF) == V.FEATURES & 0xFFFF_FFFF
+        # driver_feature_select with a non-zero high half selects no word: writes ignored
+        await v.bus.wr(1, GF, F_V1 & 0xFFFF_FFFF)
+        await v.bus.wr(1, GFSEL, 0, be=0b1100)
+        assert await v.bus.rd(1, GFSEL) == 0
+        assert await v.drv_features(1) == 0
+        # queue_select: a value whose high byte is set names no queue
+        await v.bus.wr(1, STATUS, 0x0101 << 16, be=0b1100)
+        assert (await v.bus.rd(1, STATUS)) >> 16 == 0x0101
+        assert await v.bus.rd(1, QSIZE) == 0
+        await v.bus.wr(1, STATUS, 0, be=0b1000)               # high byte only: queue 1
+        assert (await v.bus.rd(1, STATUS)) >> 16 == 1
+        assert await v.qsize(1) == V.QUEUE_SIZE_MAX
+        # a reset: every byte reads 0; a byte written after it leaves the others 0
+        await v.bus.wr(1, DFSEL, 0x7777_7777)
+        await v.bus.wr(1, GFSEL, 0x6666_6666)
+        await v.strobe(dut.fn.flr, dut.fn.flr_fidx, 1)
+        for reg in (DFSEL, GFSEL):
+            assert await v.bus.rd(1, reg) == 0
+        assert (await v.bus.rd(1, STATUS)) >> 16 == 0
+        await v.bus.wr(1, GFSEL, 0x55 << 8, be=0b0010)
+        assert await v.bus.rd(1, GFSEL) == 0x5500
+        assert await v.bus.rd(1, DFSEL) == 0
+        assert await v.bus.rd(2, DFSEL) == 1                    # another function's kept
+        # config_msix_vector: byte writes merge with the vector kept (one that does not exist
+        # is kept as NO_VECTOR)
+        await v.bus.wr(1, MSIXCFG, 0x0003, be=0b0011)
+        await v.bus.wr(1, MSIXCFG, 0x0000, be=0b0010)
+        assert await v.cfg_vec(1) == 3
+        await v.bus.wr(1, MSIXCFG, 0x0002, be=0b0001)
+        assert await v.cfg_vec(1) == 2
+        await v.bus.wr(1, MSIXCFG, 0x0100, be=0b0010)
+        assert await v.cfg_vec(1) == NOV
+    run_v(tb)
