@@ -52,7 +52,7 @@ from cocotb.triggers import Timer
 from cocotb.utils import get_sim_time
 from cocotbext.axi.address_space import MemoryRegion as RcRegion
 
-from regmap import MigRegs as MG
+from regmap import MigRegs as MG, VirtioRegs as V
 from host_driver.dirty_log import DirtyLog
 from host_driver.iommu import Iommu
 from host_driver.vf_state import CardVfState
@@ -365,8 +365,8 @@ class VfBackend(VhostUserDevice):
                 for i, v in rings.items()}
         if any(v.base for v in rings.values()) or any(used.values()) or self.stopped:
             await st.quiesce(self.vf)
-            await st.write_indices(self.vf, rings[RX_QUEUE].base, used[RX_QUEUE],
-                                   rings[TX_QUEUE].base, used[TX_QUEUE])
+            await st.write_indices(self.vf, {q: (rings[q].base, used[q])
+                                             for q in (RX_QUEUE, TX_QUEUE)})
         await self.drv.driver_ok()
         if self.stopped or any(v.base for v in rings.values()) or any(used.values()):
             await st.resume(self.vf)
@@ -393,9 +393,7 @@ class VfBackend(VhostUserDevice):
             self.live = False
             if self.on_stopped is not None:
                 self.on_stopped()
-        await self.card.h.drv.mgmt_write(MG.SEL, self.fidx)
-        value = await self.card.h.drv.mgmt_read(MG.RX_AVAIL if index == RX_QUEUE
-                                                else MG.TX_AVAIL)
+        value, _ = await st.read_indices(self.vf, index)
         self.on_event(f"VF{self.fidx}: ring {index} stopped at avail index {value}")
         d.resolve(value)
 
@@ -460,7 +458,9 @@ class VhostCard:
         for vf in self._vfs:
             probe = VirtioNetDriver(DirectAccess(vf), vf, mem=None)
             await probe.probe()
-            features = await probe.device_features()
+            # (QEMU keeps the control queue; this back-end serves one queue pair, so the
+            # VF's control queue and multiqueue are not offered on)
+            features = await probe.device_features() & ~(1 << V.F_NET_CTRL_VQ | 1 << V.F_NET_MQ)
             be = VfBackend(self, vf, features, self.on_event)
             be.drv.structures = probe.structures
             if not vf.msix_vectors:

@@ -6,9 +6,9 @@ The card keeps the state a virtio-net function needs to resume in two places:
   sizes, enables and ring addresses, the MSI-X table): read through the function's own BAR0
   and written back by replaying the driver's bring-up in order (reset, ACKNOWLEDGE | DRIVER,
   features, FEATURES_OK, queues, then the saved status with DRIVER_OK);
-* what only the device knows (each queue's ``last_avail`` and ``used`` index, a pending
-  transmit notification): PF BAR2 :class:`regmap.MigRegs`, writable while the function is
-  stopped and idle;
+* what only the device knows (each queue's ``last_avail`` and ``used`` index, through
+  ``MigRegs.Q_SEL``, and the pending transmit notifications): PF BAR2 :class:`regmap.MigRegs`,
+  writable while the function is stopped and idle;
 * what the PF driver gave it: its MAC address in the card's switch (``MigRegs.MAC_LO/HI``)
   and each queue's own used-ring coalescing (``NetRegs.COAL_Q``), which move with the guest.
 
@@ -23,8 +23,10 @@ from regmap import MigRegs as MG, NetRegs, VirtioRegs as V, Bar0Map
 __all__ = ["CardVfState", "VfStateError", "STATE_VERSION"]
 
 MAGIC = b"VFST"
-STATE_VERSION = 3                           # 2: the MAC address joined the device fields;
-                                            # 3: each queue's coalescing (NetRegs.COAL_Q)
+STATE_VERSION = 4                           # 2: the MAC address joined the device fields;
+                                            # 3: each queue's coalescing (NetRegs.COAL_Q);
+                                            # 4: every queue of the function (NUM_QUEUES_VALUE:
+                                            # the pairs and the control queue), not two
 _HEAD = struct.Struct("<4sHH")              # magic, version, function index
 _DEV = struct.Struct("<BQH6s")              # device status, driver features, config vector,
                                             # MAC address
@@ -99,23 +101,36 @@ class CardVfState:
                 raise VfStateError(f"{fn}: not idle {self.idle_timeout_ns} ns {when}")
             await fn.t.sleep_ns(self.poll_ns)
 
-    async def write_indices(self, fn, rx_avail, rx_used, tx_avail, tx_used, tx_pending=None):
-        """The device's ring indices (and pending transmit notification) of the stopped
-        function ``fn``. The card takes them only while the function is idle and ignores them
-        otherwise, so each one is read back and written again until it holds."""
-        want = {MG.RX_AVAIL: rx_avail, MG.RX_USED: rx_used, MG.TX_AVAIL: tx_avail,
-                MG.TX_USED: tx_used}
-        if tx_pending is not None:
-            want[MG.TX_PEND] = tx_pending
+    async def read_indices(self, fn, q):
+        """Queue ``q``'s device indices (``last_avail``, ``used``) of function ``fn``."""
         await self._sel(fn)
+        await self.drv.mgmt_write(MG.Q_SEL, q)
+        return await self.drv.mgmt_read(MG.Q_AVAIL), await self.drv.mgmt_read(MG.Q_USED)
+
+    async def write_indices(self, fn, indices, tx_pending=None):
+        """The device's ring indices, ``{queue: (last_avail, used)}``, and pending transmit
+        notifications of the stopped function ``fn``. The card takes them only while the
+        function is idle and ignores them otherwise, so each one is read back and written
+        again until it holds."""
+        await self._sel(fn)
+        got = {}
         for attempt in range(8):
             await self._wait_idle(fn, "to take its indices")
-            for reg, value in want.items():
-                await self.drv.mgmt_write(reg, value)
-            got = {reg: await self.drv.mgmt_read(reg) for reg in want}
-            if all(got[reg] == value & 0xFFFF for reg, value in want.items()):
+            ok = True
+            for q, (avail, used) in indices.items():
+                await self.drv.mgmt_write(MG.Q_SEL, q)
+                await self.drv.mgmt_write(MG.Q_AVAIL, avail)
+                await self.drv.mgmt_write(MG.Q_USED, used)
+                got[q] = (await self.drv.mgmt_read(MG.Q_AVAIL), await self.drv.mgmt_read(MG.Q_USED))
+                ok &= got[q] == (avail & 0xFFFF, used & 0xFFFF)
+            if tx_pending is not None:
+                await self.drv.mgmt_write(MG.TX_PEND, tx_pending)
+                got["tx_pending"] = await self.drv.mgmt_read(MG.TX_PEND)
+                ok &= got["tx_pending"] == tx_pending & 1
+            if ok:
                 return
-        raise VfStateError(f"{fn}: the card kept ignoring its indices (wrote {want}, reads {got})")
+        raise VfStateError(f"{fn}: the card kept ignoring its indices (wrote {indices}, "
+                           f"pending {tx_pending}; reads {got})")
 
     async def resume(self, fn):
         """Let the function run again. Its transmit queue is looked at once first (a pending
@@ -139,14 +154,14 @@ class CardVfState:
         out = [_HEAD.pack(MAGIC, STATE_VERSION, fn.index),
                _DEV.pack(status, feats, await self._r(fn, c + V.MSIX_CONFIG, 2),
                          await self.mac(fn))]
-        for q, (avail, used) in enumerate(((MG.RX_AVAIL, MG.RX_USED), (MG.TX_AVAIL, MG.TX_USED))):
+        for q in range(V.NUM_QUEUES_VALUE):
             await self._w(fn, c + V.Q_SELECT, q, 2)
+            avail, used = await self.read_indices(fn, q)
             out.append(_QUEUE.pack(
                 await self._r(fn, c + V.Q_SIZE, 2), await self._r(fn, c + V.Q_MSIX, 2),
                 await self._r(fn, c + V.Q_ENABLE, 2), await self._r64(fn, c + V.Q_DESC),
                 await self._r64(fn, c + V.Q_DRIVER), await self._r64(fn, c + V.Q_DEVICE),
-                await self.drv.mgmt_read(avail), await self.drv.mgmt_read(used),
-                await self.drv.mgmt_read(NetRegs.COAL_Q + 4 * q)))
+                avail, used, await self.drv.mgmt_read(NetRegs.COAL_Q + 4 * q)))
         nvec = len(fn.msix_vectors)
         out.append(_TAIL.pack(await self.drv.mgmt_read(MG.TX_PEND), nvec))
         table = fn.bar0 + fn.msix_table_off if nvec else 0
@@ -158,7 +173,7 @@ class CardVfState:
     @staticmethod
     def parse(blob: bytes) -> dict:
         """Check and unpack a blob (no card access)."""
-        need = _HEAD.size + _DEV.size + 2 * _QUEUE.size + _TAIL.size
+        need = _HEAD.size + _DEV.size + V.NUM_QUEUES_VALUE * _QUEUE.size + _TAIL.size
         if len(blob) < need:
             raise VfStateError(f"state blob of {len(blob)} bytes, at least {need} expected")
         magic, version, fidx = _HEAD.unpack_from(blob, 0)
@@ -227,5 +242,5 @@ class CardVfState:
         await self._w(fn, c + V.STATUS, st["status"], 1)
         # the device's indices last: the engine clears a pending transmit notification of a
         # function that is not live, so they go in once the status is back (it stays stopped)
-        (*_, rx_avail, rx_used, _), (*_, tx_avail, tx_used, _) = st["queues"]
-        await self.write_indices(fn, rx_avail, rx_used, tx_avail, tx_used, st["tx_pending"])
+        await self.write_indices(fn, {q: (avail, used) for q, (*_, avail, used, _)
+                                      in enumerate(st["queues"])}, st["tx_pending"])

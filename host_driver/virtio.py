@@ -33,7 +33,8 @@ __all__ = ["VirtioError", "RegisterAccess", "DirectAccess", "TrappedAccess", "Dm
            "HostMemory", "DomainMemory", "Virtqueue", "VirtioNetDriver", "VirtioStructure",
            "vring_need_event", "FEATURE_NAMES", "DRIVER_FEATURES", "NET_HDR_LEN",
            "NET_HDR_F_NEEDS_CSUM", "NET_HDR_F_DATA_VALID",
-           "RX_QUEUE", "TX_QUEUE", "CONFIG_VECTOR", "RX_VECTOR", "TX_VECTOR"]
+           "RX_QUEUE", "TX_QUEUE", "CTRL_QUEUE", "CONFIG_VECTOR", "RX_VECTOR", "TX_VECTOR",
+           "MQ_FEATURES", "rx_queue", "tx_queue"]
 
 PAGE_SIZE = 1 << PAGE_SHIFT
 
@@ -62,9 +63,19 @@ NET_HDR_F_NEEDS_CSUM, NET_HDR_F_DATA_VALID = 1, 2
 BUF_SIZE = 2048                 # one receive buffer, one transmit slot
 TX_FRAME_OFF = 64               # the frame's place in a transmit slot (the header is at 0)
 MAX_FRAME = 1518
-RX_QUEUE, TX_QUEUE = 0, 1
+RX_QUEUE, TX_QUEUE = 0, 1      # pair 0; pair k: receiveq 2k, transmitq 2k + 1
+CTRL_QUEUE = 2 * V.MAX_PAIRS    # the control queue, with MQ negotiated
 CONFIG_VECTOR, RX_VECTOR, TX_VECTOR = 0, 1, 2
 QUEUE_VECTORS = {RX_QUEUE: RX_VECTOR, TX_QUEUE: TX_VECTOR}
+MQ_FEATURES = 1 << V.F_NET_CTRL_VQ | 1 << V.F_NET_MQ      # negotiated when ``pairs`` > 1
+
+
+def rx_queue(pair: int) -> int:
+    return 2 * pair
+
+
+def tx_queue(pair: int) -> int:
+    return 2 * pair + 1
 
 FEATURE_NAMES = {
     "CSUM": V.F_NET_CSUM,
@@ -465,7 +476,8 @@ class VirtioNetDriver:
     """A virtio-net driver for one card function: registers through ``access``, rings and
     buffers in ``mem``, MSI-X vectors and time through ``fn``.
 
-    Queue 0 is receiveq1 and queue 1 transmitq1, both of ``queue_size`` entries (fewer if the
+    Queue 0 is receiveq1 and queue 1 transmitq1 (and more pairs with ``pairs``), each of
+    ``queue_size`` entries (fewer if the
     device offers fewer). MSI-X vector 0 takes configuration changes, 1 the receive queue and
     2 the transmit queue; transmit interrupts are suppressed, :meth:`send` and :meth:`reap_tx`
     collect finished frames. Every buffer is a ``BUF_SIZE`` slot: a receive buffer holds the
@@ -474,20 +486,33 @@ class VirtioNetDriver:
     with; with MRG_RXBUF negotiated a frame may span several, as the header's num_buffers
     says (a buffer used with length 0 carried nothing: the device dropped that frame).
     ``poll_ns`` paces every wait; ``tx_timeout_ns`` bounds a wait for transmit room.
+
+    ``pairs`` > 1: VIRTIO_NET_F_MQ and CTRL_VQ are negotiated, queues 2k / 2k + 1 of each pair
+    k < ``pairs`` and the control queue (:data:`CTRL_QUEUE`, polled: no vector) are set up,
+    and VQ_PAIRS_SET enables the pairs after DRIVER_OK. Receive queues share the receive
+    vector, transmit queues the transmit one; :meth:`send` takes the pair to send on,
+    :meth:`receive` collects every receive queue and counts frames per queue in
+    ``rx_per_queue``.
     """
 
     def __init__(self, access: RegisterAccess, fn: OffcardFunction, mem: DmaMemory,
                  queue_size: int = 64, poll_ns: int = 1_000, tx_timeout_ns: int = 1_000_000,
-                 rx_buf_size: int = BUF_SIZE):
+                 rx_buf_size: int = BUF_SIZE, pairs: int = 1):
         if not _pow2(queue_size) or queue_size > MAX_QUEUE_SIZE:
             raise ValueError(f"queue_size must be a power of two up to {MAX_QUEUE_SIZE}, "
                              f"got {queue_size}")
         if not NET_HDR_LEN <= rx_buf_size <= BUF_SIZE:
             raise ValueError(f"rx_buf_size must be {NET_HDR_LEN}..{BUF_SIZE}, got {rx_buf_size}")
+        if not 1 <= pairs <= V.MAX_PAIRS:
+            raise ValueError(f"pairs must be 1..{V.MAX_PAIRS}, got {pairs}")
         self.rx_buf_size = rx_buf_size
-        self._partial: list[bytes] = []           # buffers of a merged frame so far
-        self._partial_want = 0
-        self._partial_flags = 0
+        self.pairs = pairs
+        # per receive queue: the buffers of a merged frame so far, how many it has, its flags
+        self._partial: dict[int, list[bytes]] = {}
+        self._partial_want: dict[int, int] = {}
+        self._partial_flags: dict[int, int] = {}
+        #: frames received per receive queue
+        self.rx_per_queue: dict[int, int] = {}
         #: the virtio_net_hdr flags of each frame received, in order (DATA_VALID = 2)
         self.rx_flags: list[int] = []
         self.access = access
@@ -512,6 +537,12 @@ class VirtioNetDriver:
 
     def __repr__(self):
         return f"<VirtioNetDriver {self.fn}>"
+
+    def _data_queues(self) -> list[int]:
+        return [q for k in range(self.pairs) for q in (rx_queue(k), tx_queue(k))]
+
+    def _rx_queues(self) -> list[int]:
+        return [rx_queue(k) for k in range(self.pairs)]
 
     @property
     def rx(self) -> Virtqueue:
@@ -618,6 +649,7 @@ class VirtioNetDriver:
         for q, slots in self._slots.items():
             self._pool[q] = list(slots)
             self._owner[q] = {}
+        self._partial.clear()
 
     async def bring_up(self, features: int | None = None, skip_features_ok: bool = False,
                        refuse: Iterable[str] = ()) -> int:
@@ -638,7 +670,12 @@ class VirtioNetDriver:
         status |= V.S_DRIVER
         await self._set_status(status)
         try:
-            want = await self.device_features() & DRIVER_FEATURES if features is None else features
+            offered = await self.device_features()
+            mine = DRIVER_FEATURES | (MQ_FEATURES if self.pairs > 1 else 0)
+            want = offered & mine if features is None else features
+            if self.pairs > 1 and want & MQ_FEATURES != MQ_FEATURES:
+                raise VirtioError(f"{self.fn}: {self.pairs} queue pairs asked, the device "
+                                  f"offers no multiqueue (features {offered:#x})")
             for name in refuse:
                 want &= ~(1 << FEATURE_NAMES[name])
             await self._write_driver_features(want)
@@ -650,13 +687,23 @@ class VirtioNetDriver:
                                       f"(FEATURES_OK did not stick)")
             self.features = want
             await self._setup_msix()
-            for q in (RX_QUEUE, TX_QUEUE):
+            if self.pairs > 1:
+                most = await self._dread(V.NET_MAX_PAIRS, 2)
+                if self.pairs > most:
+                    raise VirtioError(f"{self.fn}: {self.pairs} queue pairs asked, the device "
+                                      f"has {most}")
+            for q in self._data_queues():
                 await self._setup_queue(q)
-            await self.tx.disable_interrupts()
+                if q % 2:
+                    await self.queues[q].disable_interrupts()
+            if self.has_feature(V.F_NET_CTRL_VQ):
+                await self._setup_queue(CTRL_QUEUE if self.has_feature(V.F_NET_MQ) else 2)
             self.mac = await self._read_mac() if self.has_feature(V.F_NET_MAC) else None
             status |= V.S_DRIVER_OK
             await self._set_status(status)
             await self.check_status()
+            if self.pairs > 1:
+                await self.set_pairs(self.pairs)
         except VirtioError:
             await self._set_status(await self.read_status() | V.S_FAILED)
             raise
@@ -701,9 +748,19 @@ class VirtioNetDriver:
         await self._set_status(await self.read_status() | V.S_DRIVER_OK)
         await self.check_status()
 
+    def _queue_vector(self, q: int):
+        """Queue ``q``'s MSI-X vector number: receive queues share RX_VECTOR, transmit queues
+        TX_VECTOR; the control queue has none (its answers are polled)."""
+        if self.has_feature(V.F_NET_CTRL_VQ) and q == self._ctrl_q():
+            return None
+        return TX_VECTOR if q % 2 else RX_VECTOR
+
+    def _ctrl_q(self) -> int:
+        return CTRL_QUEUE if self.has_feature(V.F_NET_MQ) else 2
+
     def vector_of(self, q: int):
         """The MSI-X vector (a :class:`host_driver.transport.MsiVector`) of queue ``q``."""
-        return self.fn.msix_vectors[QUEUE_VECTORS[q]]
+        return self.fn.msix_vectors[QUEUE_VECTORS.get(q, TX_VECTOR if q % 2 else RX_VECTOR)]
 
     def rehome(self, fn: OffcardFunction, access: RegisterAccess | None = None) -> None:
         """Go on, with the same queues and buffers, on function ``fn``: a live migration moved
@@ -748,11 +805,12 @@ class VirtioNetDriver:
         """The selected queue ``q``: size, MSI-X vector ``QUEUE_VECTORS[q]`` (checked), its
         notify register, the three ring addresses, enable."""
         await self._cwrite(V.Q_SIZE, size, 2)
-        vector = QUEUE_VECTORS[q]
-        await self._cwrite(V.Q_MSIX, vector, 2)
-        if await self._cread(V.Q_MSIX, 2) == V.NO_VECTOR:
-            raise VirtioError(f"{self.fn}: queue {q}: device refused MSI-X vector {vector}")
-        await self._use_vector(vector)
+        vector = self._queue_vector(q)
+        await self._cwrite(V.Q_MSIX, V.NO_VECTOR if vector is None else vector, 2)
+        if vector is not None:
+            if await self._cread(V.Q_MSIX, 2) == V.NO_VECTOR:
+                raise VirtioError(f"{self.fn}: queue {q}: device refused MSI-X vector {vector}")
+            await self._use_vector(vector)
         notify = self.structures[VirtioCaps.CFG_TYPE_NOTIFY]
         off = await self._cread(V.Q_NOTIFY_OFF, 2) * notify.notify_mult
         if off + 2 > notify.length:
@@ -784,6 +842,44 @@ class VirtioNetDriver:
         if not self._up:
             raise VirtioError(f"{self.fn}: the device is not brought up")
 
+    # ---- the control queue ----
+    async def command(self, cls: int, cmd: int, data: bytes = b"",
+                      timeout_ns: int = 200_000) -> int:
+        """Send a control command (class, command, data) and wait for the device's ack byte
+        (:data:`regmap.VirtioRegs` CTRL_OK / CTRL_ERR), which it returns. The command, its
+        data and the ack are three buffers of one chain, as Linux sends them."""
+        if not self.has_feature(V.F_NET_CTRL_VQ):
+            raise VirtioError(f"{self.fn}: CTRL_VQ was not negotiated")
+        q = self._ctrl_q()
+        vq = self.queues[q]
+        slot = self._pool[q].pop()
+        await self.mem.write(slot, bytes([cls, cmd]))
+        await self.mem.write(slot + 16, data)
+        await self.mem.write(slot + 64, b"\xff")
+        out = [(slot, 2)] + ([(slot + 16, len(data))] if data else [])
+        head = await vq.add_buffer(out, [(slot + 64, 1)])
+        await self.notify(q)
+        waited = 0
+        while True:
+            done = await vq.get_used()
+            if done:
+                break
+            if waited >= timeout_ns:
+                await self.check_status()
+                raise VirtioError(f"{self.fn}: control command {cls}/{cmd} not answered in "
+                                  f"{timeout_ns} ns")
+            await self.t.sleep_ns(self.poll_ns)
+            waited += self.poll_ns
+        assert done == [(head, 1)], done
+        self._pool[q].append(slot)
+        return (await self.mem.read(slot + 64, 1))[0]
+
+    async def set_pairs(self, n: int) -> None:
+        """VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: use ``n`` queue pairs (raises if refused)."""
+        ack = await self.command(V.CTRL_MQ, V.CTRL_MQ_VQ_PAIRS_SET, n.to_bytes(2, "little"))
+        if ack != V.CTRL_OK:
+            raise VirtioError(f"{self.fn}: the device refused {n} queue pairs (ack {ack})")
+
     async def notify(self, q: int) -> None:
         """Ring queue ``q``'s doorbell (whether the device asked for it or not)."""
         await self.access.write(self._notify_reg[q], q, 2)
@@ -794,7 +890,8 @@ class VirtioNetDriver:
             await self.notify(q)
 
     async def send(self, frame: bytes, indirect: bool = False,
-                   csum: tuple[int, int] | None = None, pushed: bool = False) -> int:
+                   csum: tuple[int, int] | None = None, pushed: bool = False,
+                   pair: int = 0) -> int:
         """Queue ``frame`` for transmission behind a virtio-net header, in two device-readable
         descriptors or (``indirect``) one indirect descriptor, or (``pushed``) with the header
         pushed in front of the frame in one descriptor, as Linux's virtio_net does when the
@@ -802,14 +899,17 @@ class VirtioNetDriver:
         notify the device if it asks for it. The header is all zero, or with
         ``csum = (csum_start, csum_offset)`` asks the device to fill in the checksum
         (``NEEDS_CSUM``; the frame carries the pseudo-header sum there). Waits up to
-        ``tx_timeout_ns`` for room. Returns the head id."""
+        ``tx_timeout_ns`` for room. ``pair``: the queue pair to send on. Returns the head id."""
         self._need_queues()
+        if not 0 <= pair < self.pairs:
+            raise ValueError(f"pair must be 0..{self.pairs - 1}, got {pair}")
+        q = tx_queue(pair)
         if not 0 < len(frame) <= MAX_FRAME:
             raise ValueError(f"frame length must be 1..{MAX_FRAME}, got {len(frame)}")
         if indirect and not self.has_feature(V.F_RING_INDIRECT_DESC):
             raise VirtioError(f"{self.fn}: INDIRECT_DESC was not negotiated")
-        await self._wait_tx_room(1 if indirect or pushed else 2)
-        slot = self._pool[TX_QUEUE].pop()
+        await self._wait_tx_room(1 if indirect or pushed else 2, q)
+        slot = self._pool[q].pop()
         hdr = bytes(NET_HDR_LEN)
         if csum is not None:
             hdr = NET_HDR.pack(NET_HDR_F_NEEDS_CSUM, 0, 0, 0, *csum, 0)
@@ -821,17 +921,17 @@ class VirtioNetDriver:
             await self.mem.write(slot, hdr)
             await self.mem.write(slot + TX_FRAME_OFF, frame)
             parts = [(slot, NET_HDR_LEN), (slot + TX_FRAME_OFF, len(frame))]
-        head = await self.tx.add_buffer(parts, indirect=indirect)
-        self._owner[TX_QUEUE][head] = slot
+        head = await self.queues[q].add_buffer(parts, indirect=indirect)
+        self._owner[q][head] = slot
         self.stats["sent"] += 1
-        await self._kick(TX_QUEUE)
+        await self._kick(q)
         return head
 
-    async def _wait_tx_room(self, need: int) -> None:
+    async def _wait_tx_room(self, need: int, q: int = TX_QUEUE) -> None:
         waited = 0
-        while self.tx.num_free < need:
+        while self.queues[q].num_free < need:
             await self.reap_tx()
-            if self.tx.num_free >= need:
+            if self.queues[q].num_free >= need:
                 return
             if waited >= self.tx_timeout_ns:
                 await self.check_status()
@@ -843,58 +943,71 @@ class VirtioNetDriver:
     async def reap_tx(self) -> int:
         """Take back the transmit slots of frames the device has sent; returns how many."""
         self._need_queues()
-        done = await self.tx.get_used()
-        for head, _ in done:
-            self._pool[TX_QUEUE].append(self._owner[TX_QUEUE].pop(head))
-        return len(done)
+        n = 0
+        for k in range(self.pairs):
+            q = tx_queue(k)
+            done = await self.queues[q].get_used()
+            for head, _ in done:
+                self._pool[q].append(self._owner[q].pop(head))
+            n += len(done)
+        return n
 
-    async def _post_slot(self, slot: int) -> None:
-        head = await self.rx.add_buffer(in_bufs=[(slot, self.rx_buf_size)])
-        self._owner[RX_QUEUE][head] = slot
+    async def _post_slot(self, slot: int, q: int = RX_QUEUE) -> None:
+        head = await self.queues[q].add_buffer(in_bufs=[(slot, self.rx_buf_size)])
+        self._owner[q][head] = slot
 
     async def post_rx(self, n: int) -> None:
-        """Give the device ``n`` more receive buffers."""
+        """Give the device ``n`` more receive buffers (on each receive queue)."""
         self._need_queues()
-        room = min(len(self._pool[RX_QUEUE]), self.rx.num_free)
-        if not 0 <= n <= room:
-            raise VirtioError(f"{self.fn}: receive queue has room for {room} buffers, "
-                              f"{n} asked")
-        for _ in range(n):
-            await self._post_slot(self._pool[RX_QUEUE].pop())
-        await self._kick(RX_QUEUE)
+        for q in self._rx_queues():
+            room = min(len(self._pool[q]), self.queues[q].num_free)
+            if not 0 <= n <= room:
+                raise VirtioError(f"{self.fn}: receive queue {q} has room for {room} buffers, "
+                                  f"{n} asked")
+            for _ in range(n):
+                await self._post_slot(self._pool[q].pop(), q)
+            await self._kick(q)
 
     async def _harvest_rx(self) -> list[bytes]:
         frames = []
-        used = await self.rx.get_used()
+        for q in self._rx_queues():
+            frames += await self._harvest_queue(q)
+        return frames
+
+    async def _harvest_queue(self, q: int) -> list[bytes]:
+        frames = []
+        used = await self.queues[q].get_used()
         mrg = self.has_feature(V.F_NET_MRG_RXBUF)
+        part = self._partial.setdefault(q, [])
         for head, length in used:
-            slot = self._owner[RX_QUEUE].pop(head)
-            if length == 0 and not self._partial:
+            slot = self._owner[q].pop(head)
+            if length == 0 and not part:
                 self.stats["rx_empty"] += 1            # a frame the device dropped
-                await self._post_slot(slot)
+                await self._post_slot(slot, q)
                 continue
-            low = 0 if self._partial else NET_HDR_LEN
+            low = 0 if part else NET_HDR_LEN
             if not low <= length <= self.rx_buf_size:
                 raise VirtioError(f"{self.fn}: receive buffer {head} used with length {length}")
             data = await self.mem.read(slot, length)
-            await self._post_slot(slot)
-            if not self._partial:
+            await self._post_slot(slot, q)
+            if not part:
                 nbuf = int.from_bytes(data[10:12], "little")
                 if nbuf != 1 and not (mrg and nbuf > 1):
                     raise VirtioError(f"{self.fn}: receive buffer {head}: num_buffers {nbuf}")
-                self._partial_want = nbuf
-                self._partial_flags = data[0]
+                self._partial_want[q] = nbuf
+                self._partial_flags[q] = data[0]
                 data = data[NET_HDR_LEN:]
-            self._partial.append(data)
-            if len(self._partial) == self._partial_want:
-                frames.append(b"".join(self._partial))
-                self.rx_flags.append(self._partial_flags)
-                if self._partial_want > 1:
+            part.append(data)
+            if len(part) == self._partial_want[q]:
+                frames.append(b"".join(part))
+                self.rx_flags.append(self._partial_flags[q])
+                self.rx_per_queue[q] = self.rx_per_queue.get(q, 0) + 1
+                if self._partial_want[q] > 1:
                     self.stats["merged"] += 1
-                self._partial = []
+                part.clear()
         if used:
             self.stats["received"] += len(used)
-            await self._kick(RX_QUEUE)
+            await self._kick(q)
         return frames
 
     async def _note_interrupts(self) -> None:

@@ -82,15 +82,26 @@ class VirtioRegs:
     F_NET_MAC = 5
     F_NET_MRG_RXBUF = 15
     F_NET_STATUS = 16
+    F_NET_CTRL_VQ = 17       # a control queue (commands: VIRTIO_NET_CTRL_MQ only)
+    F_NET_MQ = 22            # up to MAX_PAIRS queue pairs, automatic receive steering
     F_RING_INDIRECT_DESC = 28
     F_RING_EVENT_IDX = 29
     F_VERSION_1 = 32
     FEATURES = ((1 << F_NET_CSUM) | (1 << F_NET_GUEST_CSUM) | (1 << F_NET_MAC) | (1 << F_NET_MRG_RXBUF) | (1 << F_NET_STATUS)
+                | (1 << F_NET_CTRL_VQ) | (1 << F_NET_MQ)
                 | (1 << F_RING_INDIRECT_DESC) | (1 << F_RING_EVENT_IDX) | (1 << F_VERSION_1))
-    NUM_QUEUES_VALUE = 2     # receiveq1, transmitq1 (the layout leaves room for more pairs)
+    MAX_PAIRS = 4            # queue pairs a function has (max_virtqueue_pairs)
+    # queues: receiveq(k) = 2k, transmitq(k) = 2k + 1, then the control queue: at 2 *
+    # MAX_PAIRS when MQ is negotiated, else at 2 (virtio 1.2, 5.1.2)
+    NUM_QUEUES_VALUE = 2 * MAX_PAIRS + 1
     QUEUE_SIZE_MAX = 256
     # virtio_net_config
     NET_MAC = 0x00           # 6 bytes: 02:0f:fc:00:00:<function index>
     NET_STATUS = 0x06        # u16: bit 0 link up
-    NET_MAX_PAIRS = 0x08     # u16: 1
+    NET_MAX_PAIRS = 0x08     # u16: MAX_PAIRS
+    # the control queue's commands (virtio 1.2, 5.1.6.5): class, command, data, then a
+    # device-writable ack byte
+    CTRL_MQ = 4
+    CTRL_MQ_VQ_PAIRS_SET = 0
+    CTRL_OK, CTRL_ERR = 0, 1
     MAC_PREFIX = bytes([0x02, 0x0F, 0xFC, 0x00, 0x00])

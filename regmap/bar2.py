@@ -110,8 +110,9 @@ class NetRegs:
                            # also published once the engine has nothing else to do, and a
                            # transmit queue's last known entry at once.
     COAL_RESET = 8 | 1024 << 16
-    COAL_Q       = 0x374   # + 4 * q: queue q of the function MigRegs.SEL selects (0 receiveq1,
-                           # 1 transmitq1): bits 7:0 and 31:16 as in COAL, bit 8 OWN: the
+    COAL_Q       = 0x374   # + 4 * q: queue q of the function MigRegs.SEL selects (2k
+                           # receiveq(k), 2k + 1 transmitq(k), then the control queue,
+                           # VirtioRegs.NUM_QUEUES_VALUE in all): bits 7:0 and 31:16 as in COAL, bit 8 OWN: the
                            # queue uses these rather than COAL. Cleared by the card's reset
                            # only: they are the PF's policy for the queue, not the function's
                            # state.
@@ -128,9 +129,12 @@ class MigRegs:
     delivers no frame into its receive queue (such a frame is dropped and counted in
     ``DROP_NOBUF``, or goes to the PF when ``NetRegs.CTRL`` DEFAULT_PF is set); what was under
     way finishes. ``MIG_STATUS``: bit 0 stopped, bit 1 idle
-    (stopped, and nothing of the function is in the engine). The index registers are the
-    device's ``last_avail`` and ``used`` indices of receiveq1 / transmitq1 and the pending
-    transmit notification; they are written only while the function is idle (else ignored).
+    (stopped, and nothing of the function is in the engine). ``Q_AVAIL`` / ``Q_USED`` are the
+    device's ``last_avail`` and ``used`` indices of queue ``Q_SEL`` (a virtio queue index) of
+    the selected function (a value that names no queue reads back all ones, its indices 0), ``TX_PEND`` its pending transmit notifications (bit 0: any; a
+    restore of 1 marks every transmit queue and the control queue as notified, which costs
+    at most a look at their rings); they are written only while the function is idle (else
+    ignored).
 
     ``MAC_LO`` / ``MAC_HI`` are the selected function's unicast address in the switch
     (:mod:`hdl.virtio.mac_table`): bytes 0..3 and 4..5, first byte lowest; writable at any time. A
@@ -139,10 +143,9 @@ class MigRegs:
     SEL = 0x340
     CTRL = 0x344
     STATUS = 0x348
-    RX_AVAIL = 0x350
-    RX_USED = 0x354
-    TX_AVAIL = 0x358
-    TX_USED = 0x35C
+    Q_SEL = 0x34C
+    Q_AVAIL = 0x350
+    Q_USED = 0x354
     TX_PEND = 0x360
     MAC_LO = 0x364
     MAC_HI = 0x368

@@ -6,7 +6,7 @@ from cocotb.triggers import ClockCycles
 from cocotbext.pcie.core.utils import PcieId
 
 from hdl.config import CardConfig
-from regmap import FuncRegs, MgmtRegs, DmaRegs, MigRegs as MG
+from regmap import FuncRegs, MgmtRegs, DmaRegs, MigRegs as MG, VirtioRegs as V
 from host_driver.pci import CAP_PCIE, CAP_MSIX, ECAP_ARI, ECAP_SRIOV
 from host_driver.transport import CplError
 from cosim.harness import CardHarness
@@ -174,7 +174,11 @@ async def test_vf_enable_off_resets_every_vf_engine_state(dut):
             break
     else:
         raise AssertionError("VF 2 never idle after the stop")
-    for reg, v in ((MG.RX_AVAIL, 7), (MG.TX_USED, 9), (MG.TX_PEND, 1)):
+    # (receiveq1's last_avail, the control queue's used index, the pending notifications)
+    idx = ((0, MG.Q_AVAIL, 7), (2 * V.MAX_PAIRS, MG.Q_USED, 9), (None, MG.TX_PEND, 1))
+    for q, reg, v in idx:
+        if q is not None:
+            await h.drv.mgmt_write(MG.Q_SEL, q)
         await h.drv.mgmt_write(reg, v)
         assert await h.drv.mgmt_read(reg) == v
     await h.drv.mgmt_write(MG.CTRL, 0)
@@ -183,7 +187,9 @@ async def test_vf_enable_off_resets_every_vf_engine_state(dut):
     assert await vfs[1].reg_read(DmaRegs.CTRL) & 1 == 0
     assert await vfs[1].reg_read(DmaRegs.PROD) == 0
     await h.drv.mgmt_write(MG.SEL, vfs[1].index)
-    for reg in (MG.RX_AVAIL, MG.TX_USED, MG.TX_PEND):
+    for q, reg, _ in idx:
+        if q is not None:
+            await h.drv.mgmt_write(MG.Q_SEL, q)
         assert await h.drv.mgmt_read(reg) == 0, f"VF 2's {hex(reg)} survived VF Enable off"
     # the PF's queue is untouched
     assert await pf.reg_read(DmaRegs.CTRL) & 1 == 1 and await pf.reg_read(DmaRegs.PROD) == 3

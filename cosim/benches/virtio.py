@@ -13,6 +13,7 @@ from cosim.netpeer import l4_frame, l4_checksum_ok, IPPROTO_TCP, IPPROTO_UDP
 from cosim.uplink import Uplink
 from cosim.scenarios.card import bring_up
 from cosim.scenarios.virtio import diff, mac_of, frame, net, counters, receive_n
+from hdl.virtio.engine import steering_bucket
 
 
 @cocotb.test()
@@ -503,7 +504,7 @@ async def test_queue_coalescing(dut):
     assert await burst(8) == 8 + 8
     await h.drv.default_coalescing(b.fn.index, RX_QUEUE)
     assert await burst(8) == 8 + 1
-    for bad in ((256, 0, None, None), (1, 1 << 16, None, None), (1, 1, 99, 0), (1, 1, 1, 7)):
+    for bad in ((256, 0, None, None), (1, 1 << 16, None, None), (1, 1, 99, 0), (1, 1, 1, V.NUM_QUEUES_VALUE)):
         try:
             await h.drv.set_coalescing(*bad)
             raise AssertionError(f"set_coalescing{bad} was accepted")
@@ -556,3 +557,98 @@ async def test_reset_while_a_frame_is_delivered(dut):
         await a.send(f)
     assert await receive_n(b, len(sent)) == sent
     await h.drv.set_coalescing(8, 1024)
+
+
+@cocotb.test()
+async def test_multiqueue(dut):
+    """VIRTIO_NET_F_MQ: two VFs with four queue pairs each, enabled through the control queue
+    (VQ_PAIRS_SET; bad counts and unknown classes get VIRTIO_NET_ERR). A flow's frames are
+    received on the pair its receiver last sent it from (automatic receive steering), byte
+    exact, in order; with fewer pairs in use a flow of a pair no longer in use comes in on
+    pair 0. A command without a buffer for its ack sets NEEDS_RESET on that function only."""
+    h, pf, vfs = await bring_up(dut, 2)
+    n = V.MAX_PAIRS
+    a, b = (VirtioNetDriver(DirectAccess(fn), fn, HostMemory(h.t), queue_size=16, pairs=n)
+            for fn in vfs)
+    for d in (a, b):
+        await d.probe()
+        await d.bring_up()
+        assert d.has_feature(V.F_NET_MQ) and d.has_feature(V.F_NET_CTRL_VQ)
+        await d.post_rx(8)
+    # the control queue: what it refuses
+    mq, pairs_set = V.CTRL_MQ, V.CTRL_MQ_VQ_PAIRS_SET
+    for cls, cmd, data in ((mq, pairs_set, 0), (mq, pairs_set, n + 1), (mq, 1, 1),
+                           (0, 0, 1)):
+        assert await a.command(cls, cmd, data.to_bytes(2, "little")) == V.CTRL_ERR, (cls, cmd)
+    assert await a.command(mq, pairs_set, n.to_bytes(2, "little")) == V.CTRL_OK
+    # one UDP flow per pair, each in a bucket of its own
+    flows, port = [], 4000
+    while len(flows) < n:
+        fr, _, _ = l4_frame(a.mac, b.mac, "10.0.0.1", "10.0.0.2", IPPROTO_UDP, b"x",
+                            sport=port, dport=7)
+        if steering_bucket(fr) not in {steering_bucket(f) for f in flows}:
+            flows.append(fr)
+        port += 1
+    rnd = random.Random(21)
+
+    def flow_frame(k, src, dst, size):
+        """A frame of flow ``k`` from ``src`` to ``dst`` (the reverse direction swaps the
+        MAC addresses, IP addresses and ports: the same bucket)."""
+        sport = int.from_bytes(flows[k][34:36], "big")
+        payload = bytes(rnd.getrandbits(8) for _ in range(size))
+        if src is a:
+            fr, _, _ = l4_frame(a.mac, b.mac, "10.0.0.1", "10.0.0.2", IPPROTO_UDP, payload,
+                                sport=sport, dport=7)
+        else:
+            fr, _, _ = l4_frame(b.mac, a.mac, "10.0.0.2", "10.0.0.1", IPPROTO_UDP, payload,
+                                sport=7, dport=sport)
+        assert steering_bucket(fr) == steering_bucket(flows[k])
+        return fr
+
+    # b sends flow k on pair k: a has no flow known yet, takes them all on pair 0
+    sent = [flow_frame(k, b, a, 40 + 30 * k) for k in range(n)]
+    for k, f in enumerate(sent):
+        await b.send(f, pair=k)
+    # (pairs are served round robin: in order within a pair, in any order between them)
+    assert sorted(await receive_n(a, n)) == sorted(sent)
+    assert a.rx_per_queue == {0: n}, a.rx_per_queue
+    # a answers each flow from pair n - 1 - k: b takes flow k on pair k
+    sent = [flow_frame(k, a, b, 100 + k) for k in range(n) for _ in range(3)]
+    for i, f in enumerate(sent):
+        await a.send(f, pair=n - 1 - i // 3)
+    got = await receive_n(b, len(sent))
+    assert sorted(got) == sorted(sent), diff(got, sent)
+    assert b.rx_per_queue == {2 * k: 3 for k in range(n)}, b.rx_per_queue
+    for k in range(n):                          # in order within each flow (one queue each)
+        mine = [f for f in got if f[34:38] == sent[3 * k][34:38]]
+        assert mine == sent[3 * k:3 * k + 3]
+    # and a learnt the flows from its sends: b's frames of flow k come in on a's pair n-1-k
+    a.rx_per_queue.clear()
+    sent = [flow_frame(k, b, a, 64) for k in range(n)]
+    for k, f in enumerate(sent):
+        await b.send(f, pair=k)
+    assert sorted(await receive_n(a, n)) == sorted(sent)
+    assert a.rx_per_queue == {2 * (n - 1 - k): 1 for k in range(n)}, a.rx_per_queue
+    # b goes down to two pairs: flows of pairs 2 and 3 come in on pair 0
+    await b.set_pairs(2)
+    b.rx_per_queue.clear()
+    sent = [flow_frame(k, a, b, 80) for k in range(n)]
+    for f in sent:
+        await a.send(f, pair=0)
+    assert sorted(await receive_n(b, n)) == sorted(sent)
+    assert b.rx_per_queue == {0: 3, 2: 1}, b.rx_per_queue
+    c = await counters(h)
+    assert c["DROP_BAD"] == 0 and c["DROP_NOBUF"] == 0, c
+    # a command with nothing to write its ack into: b needs a reset, a does not
+    q = 2 * n
+    slot = b._pool[q].pop()
+    await b.mem.write(slot, bytes([mq, pairs_set, 2, 0]))
+    await b.queues[q].add_buffer([(slot, 4)])
+    await b.notify(q)
+    for _ in range(100):
+        if await b.read_status() & V.S_NEEDS_RESET:
+            break
+        await ClockCycles(dut.clk, 100)
+    assert await b.read_status() & V.S_NEEDS_RESET
+    assert not await a.read_status() & V.S_NEEDS_RESET
+    assert (await counters(h))["DROP_BAD"] == 1

@@ -3,16 +3,30 @@
 One engine serves every function (PF and VFs), one frame at a time, visiting functions round
 robin (one transmitted frame per visit):
 
-* **transmit** (queue 1): on a notification, read the available index, the head, then walk the
+* **queues**: each function has ``MAX_PAIRS`` queue pairs (receiveq(k) = 2k, transmitq(k) =
+  2k + 1) and a control queue (2 * MAX_PAIRS with VIRTIO_NET_F_MQ, 2 with CTRL_VQ alone);
+  pairs beyond the first are used once the driver sent VQ_PAIRS_SET;
+* **transmit** (any transmit queue; a function's pending ones round robin, one frame per
+  visit of the function): on a notification, read the available index, the head, then walk the
   descriptor chain (chained and, when negotiated, indirect descriptors) and copy each
   device-readable buffer into frame buffer slot 0 through the DMA read channel;
+* **control** (the control queue, before the function's transmit queues): the chain's
+  device-readable buffers are gathered like a frame (their first four bytes caught on the way:
+  class, command, data), the first device-writable buffer takes the ack byte: VIRTIO_NET_OK
+  for VQ_PAIRS_SET of 1..MAX_PAIRS with MQ negotiated, VIRTIO_NET_ERR for anything else; a
+  command without room for its ack, or a readable buffer after a writable one, sets
+  NEEDS_RESET. Its used element (length 1) is published at once (the driver waits for it);
 * **switch**: the destination MAC (captured as the frame lands in the buffer) is looked up in
   the station table (:mod:`hdl.virtio.mac_table`, a programmable address per function, reset value
   ``02:0f:fc:00:00:<n>``): the frame goes to that function's receive queue; unknown
   destinations go to the uplink port (``uplink_tx``); broadcast and multicast ones go to the
   uplink and then to every other function that is up (live, bus master, not stopped), one
   after the other (a function that is down is passed over);
-* **receive** (queue 0): a fresh ``virtio_net_hdr`` goes into the frame buffer before the
+* **receive steering**: a frame for a function goes to the receive queue of the pair its flow
+  was last sent from by that function, while the pair is in use, else pair 0 (virtio 1.2,
+  5.1.6.5.6: automatic receive steering); the flow is a bucket of a symmetric hash
+  (:func:`steering_bucket`) kept per function in block RAM;
+* **receive**: a fresh ``virtio_net_hdr`` goes into the frame buffer before the
   frame, and header and frame, one byte string, into the function's next available chain
   through the DMA write channel (any byte address, any layout of the chain), then the used
   element and index. With ``VIRTIO_NET_F_MRG_RXBUF`` a frame that does not fit one buffer fills
@@ -72,6 +86,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
+from regmap import VirtioRegs as V
+
 from ..config import CardConfig
 from ..memmap import PacketBuf as P
 from ..iface import (IrqRequestSignature, XlateReq, XlateResp, EventSignature, PktReadPort,
@@ -88,10 +104,30 @@ from .notify import NotifyUnit
 from .prefetch import RxPrefetch
 from .transport import NQ, VirtqSignature
 
-__all__ = ["VirtioNetEngine", "AVAIL_WINDOW"]
-RXQ, TXQ = 0, 1
+__all__ = ["VirtioNetEngine", "AVAIL_WINDOW", "STEER_BUCKETS", "steering_bucket"]
+RXQ, TXQ = 0, 1                    # pair 0's queues; receiveq(k) = 2k, transmitq(k) = 2k + 1
+QP = V.MAX_PAIRS
+STEER_BUCKETS = 16                 # flows a function's receive steering tells apart
 DESC_NEXT, DESC_WRITE, DESC_INDIRECT = 1, 2, 4
 AVAIL_WINDOW = 8                   # available-ring entries one read fetches at most (4 DWs)
+
+
+def steering_bucket(frame: bytes) -> int:
+    """The receive-steering bucket the engine gives an Ethernet frame (a model of its hash, for
+    tests and tools): the 4-bit XOR fold of destination ^ source MAC and, for IPv4, of the
+    source ^ destination address ^ the two 16-bit words after a 20-byte header (TCP / UDP
+    ports). It is symmetric: a flow's frames both ways share a bucket."""
+    le = lambda b: int.from_bytes(b, "little")
+
+    def fold(v, bits):
+        x = 0
+        for i in range(0, bits, 4):
+            x ^= v >> i & 15
+        return x
+    h = fold(le(frame[0:6]) ^ le(frame[6:12]), 48)
+    if frame[12:14] == b"\x08\x00":
+        h ^= fold(le(frame[26:30]) ^ le(frame[30:34]) ^ le(frame[34:36]) ^ le(frame[36:38]), 32)
+    return h
 
 
 class VirtioNetEngine(wiring.Component):
@@ -150,16 +186,18 @@ class VirtioNetEngine(wiring.Component):
 
         cf = Signal(8)                               # the function being served
         cq = Signal(range(NQ))                       # ... and its queue
-        # ---- per-queue indices: a RAM of one word per function, a 16-bit lane per index
-        #      (queue q's last_avail in lane 2q, its used index in lane 2q + 1). A lane whose
+        qi = Signal(range(nf * NQ))
+        m.d.comb += qi.eq(cf * NQ + cq)
+        # ---- per-queue indices: a RAM of one word per queue (``fidx * NQ + q``), a 16-bit
+        #      lane per index (last_avail in lane 0, the used index in lane 1). A lane whose
         #      ``qx_zero`` flag is set reads 0: a reset sets the flags of the function's lanes
         #      at once (a RAM cannot clear several words in a cycle), a write clears the
-        #      flags of the lanes it writes. The engine reads the current function's word
-        #      (``cf``, a cycle of latency) and writes lanes of it back with every change; the
-        #      migration registers read the selected function's word through a port of their
+        #      flags of the lanes it writes. The engine reads the current queue's word (``qi``,
+        #      a cycle of latency) and writes lanes of it back with every change; the
+        #      migration registers read the selected queue's word through a port of their
         #      own and restore a lane through the engine's write port in a cycle the engine
         #      leaves it free.
-        m.submodules.indices = qx_mem = Memory(shape=NQ * 32, depth=nf, init=[])
+        m.submodules.indices = qx_mem = Memory(shape=32, depth=nf * NQ, init=[])
         qx_wr = qx_mem.write_port(granularity=16)
         qx_rd = qx_mem.read_port(transparent_for=(qx_wr,))
         qx_mg = qx_mem.read_port(transparent_for=(qx_wr,))
@@ -167,12 +205,14 @@ class VirtioNetEngine(wiring.Component):
         qx_set = Signal(nf * NQ * 2)       # flags set / cleared this cycle
         qx_clr = Signal(nf * NQ * 2)
         m.d.sync += qx_zero.eq((qx_zero & ~qx_clr) | qx_set)
+        mg_qi = Signal(range(nf * NQ))     # the queue the migration registers select
+        mg_qi_q = Signal.like(mg_qi)       # ... as the read port has it
+        m.d.sync += mg_qi_q.eq(mg_qi)
 
-        def lane_value(port, g, lane):
-            """Lane ``lane`` of function ``g``'s word as read by ``port`` (0 while its flag
-            says it was reset)."""
-            return Mux(qx_zero.bit_select(g * NQ * 2 + lane, 1), 0,
-                       port.data.word_select(lane, 16))
+        def lane_value(port, at, lane):
+            """Lane ``lane`` of queue word ``at`` as read by ``port`` (0 while its flag says it
+            was reset)."""
+            return Mux(qx_zero.bit_select(at * 2 + lane, 1), 0, port.data.word_select(lane, 16))
 
         la = Signal(16)            # the current queue's last_avail and used index (working
         ui = Signal(16)            # copies loaded at LOADQ1, written back with every change)
@@ -180,26 +220,52 @@ class VirtioNetEngine(wiring.Component):
         eng_la = Signal(16)
         eng_ui = Signal(16)
         mw_pend = Signal()         # a migration restore waiting for the write port
-        mw_f = Signal(8)
-        mw_lane = Signal(range(NQ * 2))
+        mw_qi = Signal(range(nf * NQ))
+        mw_lane = Signal()
         mw_val = Signal(16)
-        m.d.comb += [qx_rd.addr.eq(cf), qx_mg.addr.eq(mig_sel)]
+        m.d.comb += [qx_rd.addr.eq(qi), mg_qi.eq(mig_sel * NQ + mg.q), qx_mg.addr.eq(mg_qi)]
         with m.If(eng_we != 0):
-            m.d.comb += [qx_wr.addr.eq(cf), qx_wr.data.eq(Cat(eng_la, eng_ui).replicate(NQ)),
-                         qx_wr.en.bit_select(cq * 2, 2).eq(eng_we),
-                         qx_clr.bit_select((cf * NQ + cq) * 2, 2).eq(eng_we)]
+            m.d.comb += [qx_wr.addr.eq(qi), qx_wr.data.eq(Cat(eng_la, eng_ui)),
+                         qx_wr.en.eq(eng_we), qx_clr.bit_select(qi * 2, 2).eq(eng_we)]
         with m.Elif(mw_pend):
-            m.d.comb += [qx_wr.addr.eq(mw_f), qx_wr.data.eq(mw_val.replicate(NQ * 2)),
+            m.d.comb += [qx_wr.addr.eq(mw_qi), qx_wr.data.eq(mw_val.replicate(2)),
                          qx_wr.en.bit_select(mw_lane, 1).eq(1),
-                         qx_clr.bit_select(mw_f * NQ * 2 + mw_lane, 1).eq(1)]
+                         qx_clr.bit_select(mw_qi * 2 + mw_lane, 1).eq(1)]
             m.d.sync += mw_pend.eq(0)
-        txpend = Signal(nf)
-        # the selected function's device-internal state, for the registers to read
-        m.d.comb += [mg.rx_avail.eq(lane_value(qx_mg, mig_sel, RXQ * 2)),
-                     mg.rx_used.eq(lane_value(qx_mg, mig_sel, RXQ * 2 + 1)),
-                     mg.tx_avail.eq(lane_value(qx_mg, mig_sel, TXQ * 2)),
-                     mg.tx_used.eq(lane_value(qx_mg, mig_sel, TXQ * 2 + 1)),
-                     mg.tx_pend.eq(txpend.bit_select(mig_sel, 1))]
+        # transmit notifications not yet served: per function and pair, and the control queue
+        txq_pend = Signal(nf * QP)
+        ctl_pend = Signal(nf)
+        # the selected queue's device-internal state, for the registers to read
+        m.d.comb += [mg.q_avail.eq(lane_value(qx_mg, mg_qi_q, 0)),
+                     mg.q_used.eq(lane_value(qx_mg, mg_qi_q, 1)),
+                     mg.tx_pend.eq(txq_pend.word_select(mig_sel, QP).any()
+                                   | ctl_pend.bit_select(mig_sel, 1))]
+
+        # ---- multiqueue: per function the queue pairs in use (VIRTIO_NET_CTRL_MQ) and the
+        #      control queue's place; flags of the current queue's role
+        tp = self.transport
+        pairs_m1 = Array(Signal(range(QP), name=f"pairs_m1_{i}") for i in range(nf))
+
+        def ctl_q(g):
+            """Function ``g``'s control queue: after the last pair with MQ, else queue 2."""
+            return Mux(tp.mq.bit_select(g, 1), 2 * QP, 2)
+        q_ctl = Signal()
+        q_tx = Signal()
+        q_rx = Signal()
+        m.d.comb += [q_ctl.eq(tp.ctrl.bit_select(cf, 1) & (cq == ctl_q(cf))),
+                     q_tx.eq(cq[0]), q_rx.eq(~cq[0] & ~q_ctl)]
+
+        rr_pair = Array(Signal(range(QP), name=f"rr_pair{i}") for i in range(nf))   # last served
+
+        def no_more():
+            """The current transmit (or control) queue has nothing more to take."""
+            with m.If(q_tx):
+                m.d.sync += txq_pend.bit_select(cf * QP + (cq >> 1), 1).eq(0)
+            with m.Elif(q_ctl):
+                m.d.sync += ctl_pend.bit_select(cf, 1).eq(0)
+
+        def forget_pending(g):
+            m.d.sync += [txq_pend.word_select(g, QP).eq(0), ctl_pend.bit_select(g, 1).eq(0)]
 
         # ---- host port: the engine's own small reads and writes, translated in the function's
         #      domain (HOST_TAGS["vq"], the function's requester ID) ----------------------------
@@ -252,7 +318,7 @@ class VirtioNetEngine(wiring.Component):
         # a working copy of the current queue's; used once, by the walk that comes to it. An
         # available chain's descriptors do not change until it is used (virtio 1.2, 2.7.13);
         # a reset, a restore or NEEDS_RESET forgets it
-        pd_rec = data.StructLayout({"desc": 128, "di": 16, "ind": 1})
+        pd_rec = data.StructLayout({"desc": 128, "di": 16, "ind": 1, "qi": range(nf * NQ)})
         m.submodules.read_ahead = pd_mem = Memory(shape=pd_rec, depth=nf, init=[])
         pd_rd = pd_mem.read_port()
         pd_wr = pd_mem.write_port()
@@ -271,8 +337,7 @@ class VirtioNetEngine(wiring.Component):
             m.d.sync += mx_xerr.eq(0)
 
         # ---- current queue ---------------------------------------------------------------------
-        qi = Signal(range(nf * NQ))
-        m.d.comb += [qi.eq(cf * NQ + cq), self.transport.qr_fidx.eq(cf), self.transport.qr_q.eq(cq),
+        m.d.comb += [self.transport.qr_fidx.eq(cf), self.transport.qr_q.eq(cq),
                      self.transport.qa_fidx.eq(cf), self.transport.qa_q.eq(cq)]
         desc_base = Signal(64)
         drv_base = Signal(64)
@@ -317,6 +382,11 @@ class VirtioNetEngine(wiring.Component):
         slot = Signal()                    # frame buffer slot of the frame being delivered
         dst = Signal(48)
         tx_f = Signal(8)
+        tx_q = Signal(range(NQ))           # the transmit queue the frame came from
+        ack_seen = Signal()                # a command's device-writable buffer was seen:
+        ack_at = Signal(64)                # ... where its first byte is
+        ack_ok = Signal()                  # ... and it has room for the ack
+        ack_val = Signal(8)
         tx_head = Signal(16)
         phase = Signal(2)                  # 0 transmit, 1 receive for a transmitted frame, 2 uplink
         first = Signal()
@@ -347,6 +417,49 @@ class VirtioNetEngine(wiring.Component):
             for lane in range(6):
                 with m.If(sn.en[lane]):
                     m.d.sync += dst.word_select(lane, 8).eq(sn.data[8 * lane:8 * lane + 8])
+
+        def capture(reg, at, word_mask=None):
+            """Byte ``i`` of ``reg`` from slot byte ``at + i`` as it is written (the word
+            address compared under ``word_mask``: any slot)."""
+            addr = sn.addr if word_mask is None else sn.addr & word_mask
+            for i in range(len(reg) // 8):
+                word, lane = divmod(at + i, WB)
+                with m.If((addr == word) & sn.en[lane]):
+                    m.d.sync += reg.word_select(i, 8).eq(sn.data[8 * lane:8 * lane + 8])
+
+        # a control command's class, command and first two data bytes (slot 0, where a
+        # transmitted chain's first bytes land)
+        cmd_b = Signal(32)
+        capture(cmd_b, HDR_OFF)
+        # the fields a flow is told by, as a frame lands in either slot: source MAC,
+        # EtherType, IPv4 protocol, addresses and the first four bytes after a 20-byte IPv4
+        # header (TCP / UDP ports); its bucket is a symmetric hash (the same both ways)
+        in_slot = P.SLOT // WB - 1
+        f_src = Signal(48)
+        f_type = Signal(16)
+        f_ip = Signal(64)
+        f_ports = Signal(32)
+        capture(f_src, FRAME_OFF + 6, in_slot)
+        capture(f_type, FRAME_OFF + 12, in_slot)
+        capture(f_ip, FRAME_OFF + 26, in_slot)
+        capture(f_ports, FRAME_OFF + 34, in_slot)
+
+        def fold(v, n=4):
+            out = 0
+            for i in range(0, len(v), n):
+                out = out ^ v[i:i + n]
+            return out
+        flow_h = Signal(range(STEER_BUCKETS))
+        is_ip4 = f_type == 0x0008                  # 0x0800, bytes in wire order
+        m.d.comb += flow_h.eq(fold(dst ^ f_src)
+                              ^ Mux(is_ip4, fold(f_ip[:32] ^ f_ip[32:] ^ f_ports[:16]
+                                                 ^ f_ports[16:]), 0))
+        # per function, the pair each flow bucket was last sent from (block RAM)
+        m.submodules.steering = st_mem = Memory(shape=range(QP), depth=nf * STEER_BUCKETS,
+                                                init=[])
+        st_wr = st_mem.write_port()
+        st_rd = st_mem.read_port(transparent_for=(st_wr,))
+        m.d.comb += st_rd.addr.eq(cf * STEER_BUCKETS + flow_h)
 
         # the checksum unit sees every write into the frame buffers; it borrows their ports
         # for its pass
@@ -437,29 +550,33 @@ class VirtioNetEngine(wiring.Component):
             current function)."""
             with m.If(g == cf):
                 m.d.sync += [la.eq(0), ui.eq(0)]
-            with m.If(g == mw_f):
+            with m.If((mw_qi >= g * NQ) & (mw_qi < g * NQ + NQ)):
                 m.d.sync += mw_pend.eq(0)
             m.d.comb += qx_set.word_select(g, NQ * 2).eq(Const(-1, NQ * 2))
+            m.d.sync += pairs_m1[g].eq(0)
 
         with m.If(self.transport.vreset):
             g = self.transport.vreset_fidx
-            m.d.sync += txpend.bit_select(g, 1).eq(0)
+            forget_pending(g)
             clear_indices(g)
             invalidate(g)
         with m.If(self.fn.vf_reset):
-            m.d.sync += txpend.eq(txpend & 1)
+            m.d.sync += [txq_pend.eq(txq_pend & ((1 << QP) - 1)), ctl_pend.eq(ctl_pend & 1)]
             for g in range(1, nf):
                 clear_indices(g)
                 invalidate(g)
         # restoring a stopped, idle function's indices (the engine does not touch them then)
-        for name, lane in (("rx_avail", RXQ * 2), ("rx_used", RXQ * 2 + 1),
-                           ("tx_avail", TXQ * 2), ("tx_used", TXQ * 2 + 1)):
+        for name, lane in (("q_avail", 0), ("q_used", 1)):
             with m.If(getattr(mg, f"set_{name}")):
-                m.d.sync += [mw_pend.eq(1), mw_f.eq(mig_sel), mw_lane.eq(lane),
+                m.d.sync += [mw_pend.eq(1), mw_qi.eq(mg_qi), mw_lane.eq(lane),
                              mw_val.eq(mg.wdata)]
                 invalidate(mig_sel)
         with m.If(mg.set_tx_pend):
-            m.d.sync += txpend.bit_select(mig_sel, 1).eq(mg.wdata[0])
+            # (every transmit queue and the control queue: a look at a ring with nothing in
+            # it costs only the look)
+            m.d.sync += [txq_pend.word_select(mig_sel, QP).eq(Mux(mg.wdata[0], (1 << QP) - 1, 0)),
+                         ctl_pend.bit_select(mig_sel, 1).eq(mg.wdata[0]
+                                                            & tp.ctrl.bit_select(mig_sel, 1))]
 
         limit = Mux(ind, ind_n, qsize)
 
@@ -496,10 +613,10 @@ class VirtioNetEngine(wiring.Component):
             is published when the scan passes the function with nothing to transmit."""
             more = c_ok & ((cur.idx - la - n)[:16] != 0)
             hold = ((coal > 1) & ((cur.unpub + n) < coal) & ~mig_stop.bit_select(cf, 1)
-                    & ((cq == RXQ) | more))
+                    & ~q_ctl & (q_rx | more))      # (a driver waits on its control queue)
             with m.If(hold):
                 m.d.comb += hold_new.eq(1)
-                m.d.comb += [eng_we.eq(0b01), eng_la.eq(la + n)]
+                m.d.comb += [eng_we.eq(0b11), eng_la.eq(la + n), eng_ui.eq(ui)]
                 m.d.sync += [la.eq(la + n), cur.unpub.eq(cur.unpub + n),
                              pend_pub.bit_select(qi, 1).eq(1), c_wb.eq(1)]
                 m.next = "QDONE"
@@ -526,15 +643,20 @@ class VirtioNetEngine(wiring.Component):
         # buffers move through the piece mover: a transmit buffer into slot 0, a receive
         # buffer's share from the frame's slot
         mv = self.move
-        m.d.comb += [mv.cmd.p.fidx.eq(cf), mv.cmd.p.to_host.eq(cq == RXQ),
-                     mv.cmd.p.card.eq(Mux(cq == RXQ, card_addr(slot, total), card_addr(0, total))),
+        m.d.comb += [mv.cmd.p.fidx.eq(cf), mv.cmd.p.to_host.eq(q_rx),
+                     mv.cmd.p.card.eq(Mux(q_rx, card_addr(slot, total), card_addr(0, total))),
                      mv.cmd.p.length.eq(cur_len),
-                     mv.cmd.p.iova.eq(Mux(cq == RXQ, space_host, cur_addr))]
+                     mv.cmd.p.iova.eq(Mux(q_rx, space_host, cur_addr))]
 
         def flush(g):
-            """Publish what function ``g``'s queues held back (the receive queue first)."""
+            """Publish what function ``g``'s queues held back (the lowest queue first)."""
+            held = pend_pub.word_select(g, NQ)
+            first_q = Signal(range(NQ), name="flush_q")
+            for q in reversed(range(NQ)):
+                with m.If(held[q]):
+                    m.d.comb += first_q.eq(q)
             m.d.sync += [cf.eq(g), ret_rx.eq(0), ret_used.eq(0), ret_flush.eq(1), nb.eq(0),
-                         cq.eq(Mux(pend_pub.bit_select(g * NQ + RXQ, 1), RXQ, TXQ))]
+                         cq.eq(first_q)]
             m.next = "LOADQ0"
 
         with m.FSM(name="engine") as engine:
@@ -557,20 +679,42 @@ class VirtioNetEngine(wiring.Component):
                     m.d.comb += cu.clear.eq(1)
                     m.next = "UPIN"
                 with m.Else():
-                    # receive-queue notifications need no action: buffers are looked up when a
-                    # frame arrives
-                    with m.If(self.transport.kick.bit_select(ptr * NQ + RXQ, 1)):
-                        m.d.comb += [self.transport.kick_ack.eq(1), self.transport.kick_idx.eq(ptr * NQ + RXQ)]
-                    with m.Elif(self.transport.kick.bit_select(ptr * NQ + TXQ, 1)):
-                        m.d.comb += [self.transport.kick_ack.eq(1), self.transport.kick_idx.eq(ptr * NQ + TXQ)]
-                        m.d.sync += txpend.bit_select(ptr, 1).eq(1)
+                    # a notification (the function's lowest): a transmit queue's or the control
+                    # queue's is noted; a receive queue's needs no action (buffers are looked
+                    # up when a frame arrives)
+                    kf = self.transport.kick.word_select(ptr, NQ)
+                    kq = Signal(range(NQ))
+                    for q in reversed(range(NQ)):
+                        with m.If(kf[q]):
+                            m.d.comb += kq.eq(q)
+                    # the next transmit queue to serve: the first pending from the pair after
+                    # the one served last (round robin between the pairs of a function)
+                    tpend = txq_pend.word_select(ptr, QP)
+                    nxt_pair = Signal(range(QP))
+                    for step in reversed(range(QP)):
+                        for last in range(QP):
+                            cand = (last + 1 + step) % QP
+                            with m.If((rr_pair[ptr] == last) & tpend[cand]):
+                                m.d.comb += nxt_pair.eq(cand)
+                    up = (self.transport.live.bit_select(ptr, 1) & self.fn.bme.bit_select(ptr, 1)
+                          & ~mig_stop.bit_select(ptr, 1))
+                    with m.If(kf.any()):
+                        m.d.comb += [self.transport.kick_ack.eq(1),
+                                     self.transport.kick_idx.eq(ptr * NQ + kq)]
+                        with m.If(kq[0]):
+                            m.d.sync += txq_pend.bit_select(ptr * QP + (kq >> 1), 1).eq(1)
+                        with m.Elif(tp.ctrl.bit_select(ptr, 1) & (kq == ctl_q(ptr))):
+                            m.d.sync += ctl_pend.bit_select(ptr, 1).eq(1)
                     with m.Elif(pend_pub.word_select(ptr, NQ).any() & (pub_left == 0)):
                         flush(ptr)          # (before its transmit: it may wait no longer)
-                    with m.Elif(txpend.bit_select(ptr, 1) & self.transport.live.bit_select(ptr, 1)
-                                & self.fn.bme.bit_select(ptr, 1) & ~mig_stop.bit_select(ptr, 1)
-                                & self.tx_allow.bit_select(ptr, 1)):
-                        m.d.sync += [cf.eq(ptr), cq.eq(TXQ), ret_rx.eq(0), ret_used.eq(0),
+                    with m.Elif(ctl_pend.bit_select(ptr, 1) & tp.ctrl.bit_select(ptr, 1) & up):
+                        m.d.sync += [cf.eq(ptr), cq.eq(ctl_q(ptr)), ret_rx.eq(0), ret_used.eq(0),
                                      ret_flush.eq(0), nb.eq(0)]
+                        m.next = "LOADQ0"
+                    with m.Elif(tpend.any() & up & self.tx_allow.bit_select(ptr, 1)):
+                        m.d.sync += [cf.eq(ptr), cq.eq(Cat(C(1, 1), nxt_pair)), ret_rx.eq(0),
+                                     ret_used.eq(0), ret_flush.eq(0), nb.eq(0),
+                                     rr_pair[ptr].eq(nxt_pair)]
                         m.d.comb += cu.clear.eq(1)
                         m.next = "LOADQ0"
                     with m.Elif(pend_pub.word_select(ptr, NQ).any() & (idle_run == nf)):
@@ -578,15 +722,12 @@ class VirtioNetEngine(wiring.Component):
                     with m.Else():
                         m.d.sync += idle_run.eq(Mux(idle_run == nf, nf, idle_run + 1))
                         m.d.comb += [self.qos_wait.fidx.eq(ptr),
-                                     self.qos_wait.stb.eq(txpend.bit_select(ptr, 1)
-                                                          & self.transport.live.bit_select(ptr, 1)
-                                                          & self.fn.bme.bit_select(ptr, 1)
-                                                          & ~mig_stop.bit_select(ptr, 1))]
+                                     self.qos_wait.stb.eq(tpend.any() & up)]
                         # a notification of a function that is not live is dropped; a
                         # stopped function's state stays as it is (what a restore wrote)
                         with m.If(~self.transport.live.bit_select(ptr, 1)
                                   & ~mig_stop.bit_select(ptr, 1)):
-                            m.d.sync += txpend.bit_select(ptr, 1).eq(0)
+                            forget_pending(ptr)
                         m.d.sync += ptr.eq(Mux(ptr == nf - 1, 0, ptr + 1))
 
             # -- load the current queue's words (qa port: a cycle of latency), its indices,
@@ -597,16 +738,19 @@ class VirtioNetEngine(wiring.Component):
                 m.d.sync += q_en.eq(self.transport.qr_en)
                 m.next = "LOADQ1"
             with m.State("LOADQ1"):
-                # the indices' word of ``cf`` (addressed since it was chosen)
-                la_q = lane_value(qx_rd, cf, cq * 2)
-                m.d.sync += [la.eq(la_q), ui.eq(lane_value(qx_rd, cf, cq * 2 + 1))]
+                # the indices of ``qi`` (addressed since it was chosen)
+                la_q = lane_value(qx_rd, qi, 0)
+                m.d.sync += [la.eq(la_q), ui.eq(lane_value(qx_rd, qi, 1))]
                 m.d.comb += self.transport.qa_sel.eq(1)
-                with m.If(cq == TXQ):         # the queue's descriptor read ahead, if any
+                with m.If(q_tx):              # the queue's descriptor read ahead, if any
                     m.d.sync += [pd.eq(pd_rd.data.desc), pd_di.eq(pd_rd.data.di),
-                                 pd_ind.eq(pd_rd.data.ind), pd_qi.eq(qi),
+                                 pd_ind.eq(pd_rd.data.ind), pd_qi.eq(pd_rd.data.qi),
                                  pd_ok.eq(pd_val.bit_select(cf, 1) & ~inv_cur)]
+                with m.Elif(~q_rx):
+                    m.d.sync += pd_ok.eq(0)
                 with m.Else():                # the receive chain's head, when prefetched for
-                    pf_here = pf.val.bit_select(cf, 1) & (pf.rd.pos == la_q)   # this position
+                    pf_here = (pf.val.bit_select(cf, 1) & (pf.rd.pos == la_q)  # this position
+                               & (pf.rd.q == cq))
                     m.d.sync += [pd.eq(pf.rd.desc), pd_di.eq(pf.rd.head), pd_ind.eq(0),
                                  pd_qi.eq(qi), pd_ok.eq(pf_here & ~inv_cur)]
                     with m.If(pf.val.bit_select(cf, 1) & ~pf_here):
@@ -631,7 +775,7 @@ class VirtioNetEngine(wiring.Component):
                         m.d.comb += inc["DROP_NOBUF"].eq(1)
                         m.next = "RX_DONE"
                     with m.Else():
-                        m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                        no_more()
                         m.next = "NEXT"
                 with m.Else():
                     m.next = "AVAIL_CHECK"
@@ -656,8 +800,8 @@ class VirtioNetEngine(wiring.Component):
                     with m.If(h_err | (ahead > qsize) | (ahead < nb)):
                         m.next = "BAD"
                     with m.Elif(ahead == nb):
-                        with m.If(cq == TXQ):
-                            m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                        with m.If(~q_rx):
+                            no_more()
                             m.next = "NEXT"
                         with m.Elif(nb == 0):
                             m.d.comb += inc["DROP_NOBUF"].eq(1)
@@ -720,9 +864,9 @@ class VirtioNetEngine(wiring.Component):
                 with m.Else():
                     # (a receive buffer after the first goes on where the frame stands)
                     m.d.sync += [head.eq(hd), di.eq(hd), ind.eq(0), count.eq(0),
-                                 total.eq(Mux(cq == TXQ, 0, total)),
-                                 buf_start.eq(Mux(cq == TXQ, 0, total)),
-                                 first.eq(1), used_len.eq(0)]
+                                 total.eq(Mux(q_rx, total, 0)),
+                                 buf_start.eq(Mux(q_rx, total, 0)),
+                                 first.eq(1), used_len.eq(0), ack_seen.eq(0)]
                     m.next = "DESC"
 
             # -- walk the chain --
@@ -730,7 +874,7 @@ class VirtioNetEngine(wiring.Component):
                 # (from ``pd`` when it was read ahead)
                 with m.If(pd_ok & (pd_qi == qi) & (pd_ind == ind) & (pd_di == di)):
                     m.d.sync += [use_pd.eq(1), pd_ok.eq(0)]
-                    with m.If(cq == TXQ):
+                    with m.If(q_tx):
                         m.d.sync += pd_val.bit_select(cf, 1).eq(0)
                     with m.Else():
                         m.d.comb += pf.forget.bit_select(cf, 1).eq(1)
@@ -754,9 +898,21 @@ class VirtioNetEngine(wiring.Component):
                             m.next = "DESC"
                         with m.Else():
                             m.next = "BAD"
-                    with m.Elif((d_flags & DESC_WRITE).bool() != (cq == RXQ)):
+                    with m.Elif(q_ctl):
+                        # a command: device-readable buffers (class, command, data), then a
+                        # device-writable one for the ack
+                        with m.If(d_flags & DESC_WRITE):
+                            with m.If(~ack_seen):
+                                m.d.sync += [ack_seen.eq(1), ack_at.eq(d_addr),
+                                             ack_ok.eq(d_len != 0)]
+                            m.next = "CHAIN_NEXT"
+                        with m.Elif(ack_seen):
+                            m.next = "BAD"                # readable after writable
+                        with m.Else():
+                            m.next = "TX_DATA"
+                    with m.Elif((d_flags & DESC_WRITE).bool() != q_rx):
                         m.next = "BAD"                    # wrong direction
-                    with m.Elif(cq == TXQ):
+                    with m.Elif(q_tx):
                         m.next = "TX_DATA"
                     with m.Else():
                         m.next = "RX_DATA"
@@ -767,8 +923,10 @@ class VirtioNetEngine(wiring.Component):
                     with m.Else():
                         m.d.sync += di.eq(cur_next)
                         m.next = "DESC"
-                with m.Elif(cq == TXQ):
+                with m.Elif(q_tx):
                     m.next = "TX_END"
+                with m.Elif(q_ctl):
+                    m.next = "CTRL_END"
                 with m.Else():
                     m.next = "RX_END"
 
@@ -786,13 +944,38 @@ class VirtioNetEngine(wiring.Component):
             with m.State("TX_END"):
                 m.d.comb += [inc["TX_FRAMES"].eq(1), self.tx_ev.stb.eq(1), self.tx_ev.fidx.eq(cf),
                              self.tx_ev.amount.eq(total - P.NET_HDR)]
-                m.d.sync += [tx_f.eq(cf), tx_head.eq(head), frame_len.eq(total - P.NET_HDR),
-                             slot.eq(0), used_len.eq(0)]
+                m.d.sync += [tx_f.eq(cf), tx_q.eq(cq), tx_head.eq(head),
+                             frame_len.eq(total - P.NET_HDR), slot.eq(0), used_len.eq(0)]
+                # the flow's receive steering: its frames back come to this pair
+                m.d.comb += [st_wr.addr.eq(cf * STEER_BUCKETS + flow_h), st_wr.data.eq(cq >> 1),
+                             st_wr.en.eq(tp.mq.bit_select(cf, 1))]
                 with m.If(drop | (total < P.NET_HDR + P.MIN_FRAME)):
                     m.d.comb += inc["DROP_SIZE"].eq(1)
                     m.next = "TX_USED"
                 with m.Else():
                     m.next = "TX_CSUM"
+            # -- the control queue: a command gathered into slot 0 (its first bytes caught in
+            #    ``cmd_b``), answered in its ack byte --
+            with m.State("CTRL_END"):
+                cls, cmd, val = cmd_b[0:8], cmd_b[8:16], cmd_b[16:32]
+                ok = (~drop & (total == 4) & tp.mq.bit_select(cf, 1) & (cls == V.CTRL_MQ)
+                      & (cmd == V.CTRL_MQ_VQ_PAIRS_SET) & (val >= 1) & (val <= QP))
+                with m.If(~ack_seen | ~ack_ok):
+                    m.next = "BAD"                        # no room for the ack
+                with m.Else():
+                    m.d.sync += ack_val.eq(Mux(ok, V.CTRL_OK, V.CTRL_ERR))
+                    with m.If(ok):
+                        m.d.sync += pairs_m1[cf].eq(val - 1)
+                    m.next = "CTRL_ACK"
+            with m.State("CTRL_ACK"):
+                nb_byte(ack_at, ack_val)
+                m.next = "CTRL_ACKED"
+            with m.State("CTRL_ACKED"):
+                with m.If(h_done & h_err):
+                    m.next = "BAD"
+                with m.Elif(h_done):
+                    m.d.sync += [used_len.eq(1), nb.eq(0), more.eq(0)]
+                    m.next = "USED_ELEM"
             with m.State("TX_CSUM"):
                 # fill in the sender's checksum; check it for a receiver that wants DATA_VALID
                 # (a flood: for any function that might)
@@ -898,6 +1081,7 @@ class VirtioNetEngine(wiring.Component):
                         & ~mig_stop.bit_select(g, 1))
 
             def deliver_to(g):
+                # (the receive queue is pair 0's until RX_STEER looks the flow up)
                 m.d.sync += [cf.eq(g), cq.eq(RXQ), ret_rx.eq(1), ret_used.eq(0), ret_flush.eq(0),
                              drop.eq(0),
                              nb.eq(0), total.eq(0), k.eq(0)]
@@ -945,7 +1129,15 @@ class VirtioNetEngine(wiring.Component):
                                 m.d.comb += inc["CSUM_VALID"].eq(valid)
                 m.d.sync += k.eq(k + 1)
                 with m.If(k == len(hdr_words) - 1):
-                    m.next = "LOADQ0"
+                    m.next = "RX_STEER"
+            with m.State("RX_STEER"):
+                # automatic receive steering (virtio 1.2, 5.1.6.5.6): the pair the flow was
+                # last sent from by this function, while that pair is in use (the table is
+                # read since ``cf`` was set)
+                pair = st_rd.data
+                with m.If(tp.mq.bit_select(cf, 1) & (pair <= pairs_m1[cf])):
+                    m.d.sync += cq.eq(Cat(C(0, 1), pair))
+                m.next = "LOADQ0"
             with m.State("RX_DATA"):
                 # the chain's buffers take header and frame in any layout
                 with m.If(past_top):
@@ -984,7 +1176,7 @@ class VirtioNetEngine(wiring.Component):
                 in_chain = chain_on & (cur_next < limit)
                 next_chain = ~chain_on & c_ok & (nxt_off < cur.cnt) & (nxt_head < qsize)
                 with m.If(mv.cmd.ready):
-                    ahead = (cq == TXQ) & (in_chain | next_chain)
+                    ahead = q_tx & (in_chain | next_chain)
                     with m.If(ahead):
                         at = Mux(in_chain, Mux(ind, ind_base, desc_base) + (cur_next << 4),
                                  desc_base + (nxt_head << 4))
@@ -1003,7 +1195,8 @@ class VirtioNetEngine(wiring.Component):
                     m.d.sync += [ra_wait.eq(0), pd.eq(h_rdata[:128]), pd_ok.eq(good),
                                  pd_val.bit_select(cf, 1).eq(good)]
                     m.d.comb += [pd_wr.en.eq(1), pd_wr.data.desc.eq(h_rdata[:128]),
-                                 pd_wr.data.di.eq(pd_di), pd_wr.data.ind.eq(pd_ind)]
+                                 pd_wr.data.di.eq(pd_di), pd_wr.data.ind.eq(pd_ind),
+                                 pd_wr.data.qi.eq(pd_qi)]
                 with m.If(mv.done.valid & ~mv_seen):
                     m.d.sync += [mv_seen.eq(1), mv_status.eq(mv.done.p.status)]
                 st = Mux(mv_seen, mv_status, mv.done.p.status)
@@ -1012,7 +1205,7 @@ class VirtioNetEngine(wiring.Component):
                         m.d.sync += [mx_xerr.eq(st == MoveStatus.XLATE), pd_ok.eq(0),
                                      pd_val.bit_select(cf, 1).eq(0)]
                         m.next = "BAD"
-                    with m.Elif(cq == TXQ):
+                    with m.Elif(~q_rx):
                         m.d.sync += total.eq(total + cur_len)
                         m.next = "CHAIN_NEXT"
                     with m.Else():
@@ -1073,7 +1266,7 @@ class VirtioNetEngine(wiring.Component):
                     m.d.sync += [nb.eq(nb + 1), nbuf_q.eq(nb + 1)]
                     with m.If(more):
                         m.next = "RX_MORE"
-                    with m.Elif((cq == RXQ) & (nb != 0)):
+                    with m.Elif(q_rx & (nb != 0)):
                         # the frame spans nb + 1 buffers: its header says so (a byte at a time:
                         # the two bytes may lie in different DWs, descriptors or pages)
                         nb_byte(nb_lo_at, (nb + 1)[:8])
@@ -1125,14 +1318,14 @@ class VirtioNetEngine(wiring.Component):
                 with m.If(nt.ask.ready):
                     m.next = "QDONE"
             with m.State("QDONE"):
-                with m.If(cq == RXQ):
+                with m.If(q_rx):
                     # the function's next receive chain, when the window holds its head: its
                     # descriptor is read ahead for the next frame (when the unit is free)
                     nxt = Signal(16)
                     nxt_hd = Signal(16)
                     m.d.comb += [nxt.eq(la - cur.base),
                                  nxt_hd.eq(cur.heads[nxt[:exact_log2(AVAIL_WINDOW)]]),
-                                 pf.ask.p.fidx.eq(cf), pf.ask.p.pos.eq(la),
+                                 pf.ask.p.fidx.eq(cf), pf.ask.p.q.eq(cq), pf.ask.p.pos.eq(la),
                                  pf.ask.p.head.eq(nxt_hd),
                                  pf.ask.p.addr.eq(desc_base + (nxt_hd << 4)),
                                  pf.ask.valid.eq(c_ok & ~c_lost & ~inv_cur & (nxt < cur.cnt)
@@ -1151,7 +1344,7 @@ class VirtioNetEngine(wiring.Component):
                 with m.Else():
                     m.next = "NEXT"
             with m.State("TX_USED"):
-                m.d.sync += [cf.eq(tx_f), cq.eq(TXQ), head.eq(tx_head), used_len.eq(0),
+                m.d.sync += [cf.eq(tx_f), cq.eq(tx_q), head.eq(tx_head), used_len.eq(0),
                              nb.eq(0), more.eq(0),
                              ret_used.eq(1), ret_rx.eq(0), ret_flush.eq(0), phase.eq(0)]
                 m.next = "LOADQ0"
@@ -1160,7 +1353,7 @@ class VirtioNetEngine(wiring.Component):
                 invalidate(cf)
                 m.d.comb += [self.transport.nr_set.eq(1), self.transport.nr_fidx.eq(cf), inc["DROP_BAD"].eq(1),
                              inc["XLATE_ERRORS"].eq(hp.xerr | mx_xerr)]
-                m.d.sync += txpend.bit_select(cf, 1).eq(0)
+                forget_pending(cf)
                 with m.If(flood):
                     m.next = "FLOOD"              # a receiver of a flood broke: the others next
                 with m.Elif(phase == 1):

@@ -8,9 +8,9 @@ and the per-function migration controls (:class:`regmap.MigRegs`).
   without its own setting uses ``COAL``);
 * **migration**: ``MIG_SEL`` selects a function; ``MIG_CTRL`` bit 0 stops it (the engine starts
   no transmit for it and delivers nothing into it); ``MIG_STATUS`` reads stopped and idle
-  (stopped, and the engine holds none of its work); the device-internal queue indices and the
-  pending transmit notification of the selected function read through, and are written back
-  only while it is idle (a write otherwise is ignored); ``MAC_LO`` / ``MAC_HI`` are its entry in
+  (stopped, and the engine holds none of its work); the device-internal indices of queue
+  ``Q_SEL`` and the pending transmit notifications of the selected function read through, and
+  are written back only while it is idle (a write otherwise is ignored); ``MAC_LO`` / ``MAC_HI`` are its entry in
   the station table (:mod:`hdl.virtio.mac_table`).
 
 The engine (:mod:`hdl.virtio.engine`) owns the indices and acts on the controls; this block
@@ -37,9 +37,8 @@ NET_EVENTS = ("tx_frames", "rx_frames", "uplink_out", "uplink_in", "drop_nobuf",
               "drop_unknown", "drop_size", "queue_irqs", "irq_suppressed", "xlate_errors",
               "csum_filled", "csum_valid", "csum_bad", "drop_csum")
 
-#: The index registers the migration window reads through and restores.
-MIG_INDICES = {"rx_avail": MG.RX_AVAIL, "rx_used": MG.RX_USED, "tx_avail": MG.TX_AVAIL,
-               "tx_used": MG.TX_USED}
+#: The index registers the migration window reads through and restores (of queue Q_SEL).
+MIG_INDICES = {"q_avail": MG.Q_AVAIL, "q_used": MG.Q_USED}
 
 
 def NetEventsSignature():
@@ -49,12 +48,14 @@ def NetEventsSignature():
 
 def MigrationSignature(num_functions):
     """The migration controls (the registers' side): the stopped functions, DEFAULT_PF, the
-    selected function and what the engine knows of it, and restore strobes for its indices
-    (one per index, ``wdata`` the value), given only while it is idle."""
+    selected function and queue and what the engine knows of them (the queue's indices a cycle
+    after ``sel`` / ``q`` change), and restore strobes for its indices (one per index,
+    ``wdata`` the value), given only while it is idle."""
     members = {
         "stop":       Out(num_functions),
         "default_pf": Out(1),
         "sel":        Out(8),
+        "q":          Out(range(NQ)),
         "busy":       In(1),              # the engine holds work of function ``sel``
         "tx_pend":    In(1),
         "set_tx_pend": Out(1),
@@ -102,6 +103,10 @@ class NetRegisters(wiring.Component):
         idle = stopped & ~mg.busy
         with m.If(rf.we(MG.SEL)):
             m.d.sync += mg.sel.eq(rf.wdata[:8])
+        q_ok = Signal(init=1)
+        with m.If(rf.we(MG.Q_SEL)):
+            m.d.sync += [mg.q.eq(rf.wdata[:len(mg.q)]), q_ok.eq(rf.wdata < NQ)]
+        rf.read(MG.Q_SEL, Mux(q_ok, mg.q, 0xFFFF_FFFF))         # none: all ones
         with m.If(rf.we(MG.CTRL) & sel_ok):
             m.d.sync += mg.stop.bit_select(mg.sel, 1).eq(rf.wdata[0])
         rf.read(MG.SEL, mg.sel)
@@ -110,8 +115,8 @@ class NetRegisters(wiring.Component):
         restore = idle & sel_ok
         m.d.comb += mg.wdata.eq(rf.wdata[:16])
         for name, off in MIG_INDICES.items():
-            m.d.comb += getattr(mg, f"set_{name}").eq(rf.we(off) & restore)
-            rf.read(off, getattr(mg, name))
+            m.d.comb += getattr(mg, f"set_{name}").eq(rf.we(off) & restore & q_ok)
+            rf.read(off, Mux(q_ok, getattr(mg, name), 0))
         m.d.comb += mg.set_tx_pend.eq(rf.we(MG.TX_PEND) & restore)
         rf.read(MG.TX_PEND, mg.tx_pend)
 

@@ -4,11 +4,11 @@ A frame for a function needs the head descriptor of the function's next receive 
 trip to host memory on the engine's path, once the frame's destination is known. When a
 delivery ends and the queue's available-ring window holds the next entry (position ``pos``,
 head ``head``), the engine hands this unit an *ask*; the unit reads that descriptor through
-its own host port (tag :data:`hdl.pcie.host_port.HOST_TAGS` ``"vqp"``, the function's
-requester ID, translated in its domain) while the engine goes on, and keeps it in a RAM of one
-record per function, with the position and head it belongs to. The next delivery to the function, at that
-position, takes it from there (virtio 1.2, 2.7.13: an available chain's descriptors do not
-change until it is used), and forgets it.
+its own host port (tag :data:`hdl.pcie.host_port.HOST_TAGS` ``"vqp"``, the function's requester
+ID, translated in its domain) while the engine goes on, and keeps it in a RAM of one record per
+function, with the receive queue, position and head it belongs to. The next delivery to the
+function, at that queue and position, takes it from there (virtio 1.2, 2.7.13: an available
+chain's descriptors do not change until it is used), and forgets it.
 
 The record is tied to its ring position, so it is never taken for a later chain that happens to
 reuse the head index; the engine forgets a record that does not match the position it stands
@@ -33,8 +33,8 @@ from ..pcie.host_port import HOST_TAGS, embed_host_port, host_port_members
 
 __all__ = ["RxPrefetch", "PrefetchAsk", "PrefetchRecord"]
 
-PrefetchAsk = data.StructLayout({"fidx": 8, "pos": 16, "head": 16, "addr": 64})
-PrefetchRecord = data.StructLayout({"desc": 128, "pos": 16, "head": 16})
+PrefetchAsk = data.StructLayout({"fidx": 8, "q": 4, "pos": 16, "head": 16, "addr": 64})
+PrefetchRecord = data.StructLayout({"desc": 128, "q": 4, "pos": 16, "head": 16})
 
 
 class RxPrefetch(wiring.Component):
@@ -86,6 +86,7 @@ class RxPrefetch(wiring.Component):
                     keep = live & ~hp.err & ~self.forget.bit_select(a.fidx, 1)
                     m.d.comb += [wp.addr.eq(a.fidx), wp.en.eq(keep),
                                  wp.data.desc.eq(hp.rdata[:128]), wp.data.pos.eq(a.pos),
+                                 wp.data.q.eq(a.q),
                                  wp.data.head.eq(a.head)]
                     m.d.sync += busy.eq(0)
                     m.next = "IDLE"

@@ -7,8 +7,9 @@ Per function: feature negotiation (the device offers ``VirtioRegs.FEATURES``; FE
 sticks when the driver's features are a subset that includes VERSION_1), the device status
 handshake (writing 0 resets the function's virtio state, once the queue engine holds no frame
 of the function: until then status reads as before and the function is not live; NEEDS_RESET
-is set by the device and raises a configuration-change interrupt), and two queues (receiveq1,
-transmitq1) with size (power of two, at most 256), MSI-X vector (NO_VECTOR when the vector does
+is set by the device and raises a configuration-change interrupt), and nine queues
+(receiveq(k) = 2k and transmitq(k) = 2k + 1 of MAX_PAIRS = 4 pairs, then the control queue)
+with size (power of two, at most 256), MSI-X vector (NO_VECTOR when the vector does
 not exist), enable and the three ring addresses. Queue fields of a queue that does not exist
 read 0 and ignore writes.
 
@@ -42,7 +43,9 @@ __all__ = ["VirtioPci", "NQ", "OFFERED", "VirtqSignature", "QueueWord"]
 NQ = V.NUM_QUEUES_VALUE
 # the feature bits the device offers; each function keeps one accepted-flag per offer
 OFFERED = (V.F_NET_CSUM, V.F_NET_GUEST_CSUM, V.F_NET_MAC, V.F_NET_MRG_RXBUF, V.F_NET_STATUS,
-           V.F_RING_INDIRECT_DESC, V.F_RING_EVENT_IDX, V.F_VERSION_1)
+           V.F_NET_CTRL_VQ, V.F_NET_MQ, V.F_RING_INDIRECT_DESC, V.F_RING_EVENT_IDX,
+           V.F_VERSION_1)
+QB = (NQ - 1).bit_length()         # bits of a queue index
 
 
 def _dw(off):
@@ -81,6 +84,8 @@ def VirtqSignature(num_functions):
         "mrg":      In(nf),         # VIRTIO_NET_F_MRG_RXBUF negotiated
         "csum":     In(nf),         # VIRTIO_NET_F_CSUM negotiated (the device fills checksums)
         "gcsum":    In(nf),         # VIRTIO_NET_F_GUEST_CSUM negotiated (DATA_VALID given)
+        "ctrl":     In(nf),         # VIRTIO_NET_F_CTRL_VQ negotiated (a control queue)
+        "mq":       In(nf),         # VIRTIO_NET_F_MQ negotiated (up to MAX_PAIRS pairs)
         "kick":     In(nf * NQ),    # notified, not yet acknowledged; bit = fidx * NQ + q
         "kick_ack": Out(1),
         "kick_idx": Out(range(nf * NQ)),
@@ -241,7 +246,7 @@ class VirtioPci(wiring.Component):
         in_isr = rf.within("virtio_isr")
         fok = f < nf
         cur_q = Signal(range(nqt))
-        m.d.comb += cur_q.eq(f * NQ + qsel_lo[f][:exact_log2(NQ)] if NQ > 1 else f)
+        m.d.comb += cur_q.eq(f * NQ + qsel_lo[f][:QB] if NQ > 1 else f)
         q_ok = qok.bit_select(f, 1)
         wd = b.wdata
         be = b.be
@@ -319,7 +324,11 @@ class VirtioPci(wiring.Component):
                             m.d.comb += wr_rst.eq(1)
                         with m.Else():
                             # FEATURES_OK sticks only for a valid feature set
-                            ok = (gf_bad.word_select(f, 3) == 0) & gf[f][OFFERED.index(V.F_VERSION_1)]
+                            # (and MQ only with the control queue it needs, 5.1.3.1)
+                            mq_alone = (gf[f][OFFERED.index(V.F_NET_MQ)]
+                                        & ~gf[f][OFFERED.index(V.F_NET_CTRL_VQ)])
+                            ok = ((gf_bad.word_select(f, 3) == 0) & ~mq_alone
+                                  & gf[f][OFFERED.index(V.F_VERSION_1)])
                             fo = wd[3] & (ok | status[f][3])
                             m.d.sync += status[f].eq(Cat(wd[:3], fo, wd[4:6],
                                                          status[f][6] | wd[6], wd[7]))
@@ -350,7 +359,7 @@ class VirtioPci(wiring.Component):
         with m.If(b.we & fok & in_notify):
             qn = a - _dw(V.NOTIFY)
             with m.If(qn < NQ):
-                m.d.sync += kick.bit_select(f * NQ + qn[:max(exact_log2(NQ), 1)], 1).eq(1)
+                m.d.sync += kick.bit_select(f * NQ + qn[:max(QB, 1)], 1).eq(1)
 
         # ---- register reads -----------------------------------------------------------------
         m.d.comb += [ar_bus.addr.eq(cur_q * 2 + Mux(is_sv, 1, aoff[2])), ar_bus.en.eq(b.re)]
@@ -387,7 +396,7 @@ class VirtioPci(wiring.Component):
         rf.read(fok & in_isr, isr.word_select(f, 2))
         rf.read(fok & rf.addressed(V.DEVICE + V.NET_MAC), self.mac.mac[:32])
         rf.read(fok & rf.addressed(V.DEVICE + 4), Cat(self.mac.mac[32:], C(1, 16)))    # link up
-        rf.read(fok & rf.addressed(V.DEVICE + V.NET_MAX_PAIRS), 1)                  # 1 pair
+        rf.read(fok & rf.addressed(V.DEVICE + V.NET_MAX_PAIRS), V.MAX_PAIRS)
         rf.finish()
 
         # ---- engine side --------------------------------------------------------------------
@@ -422,6 +431,8 @@ class VirtioPci(wiring.Component):
                 self.engine.mrg[g].eq(gf[g][OFFERED.index(V.F_NET_MRG_RXBUF)]),
                 self.engine.csum[g].eq(gf[g][OFFERED.index(V.F_NET_CSUM)]),
                 self.engine.gcsum[g].eq(gf[g][OFFERED.index(V.F_NET_GUEST_CSUM)]),
+                self.engine.ctrl[g].eq(gf[g][OFFERED.index(V.F_NET_CTRL_VQ)]),
+                self.engine.mq[g].eq(gf[g][OFFERED.index(V.F_NET_MQ)]),
             ]
         with m.If(self.engine.kick_ack):
             m.d.sync += kick.bit_select(self.engine.kick_idx, 1).eq(0)

@@ -10,7 +10,7 @@ import pytest
 from regmap import MigRegs as MG
 from host_driver.vf_state import CardVfState, VfStateError
 
-INDEX_REGS = (MG.RX_AVAIL, MG.RX_USED, MG.TX_AVAIL, MG.TX_USED, MG.TX_PEND)
+NQ = 3                      # queues the tests restore
 
 
 class FakeT:
@@ -32,24 +32,38 @@ class FakeMig:
     def __init__(self, busy_reads=0, busy_writes=0, stopped=True):
         self.busy_reads, self.busy_writes = busy_reads, busy_writes
         self.stopped = stopped
-        self.regs = dict.fromkeys(INDEX_REGS, 0)
+        self.q = 0
+        self.idx = {q: [0, 0] for q in range(NQ)}       # queue -> [avail, used]
+        self.pend = 0
         self.ignored = 0
         self.t = FakeT()
+
+    def indices(self):
+        return [tuple(self.idx[q]) for q in range(NQ)]
 
     async def mgmt_read(self, reg):
         if reg == MG.STATUS:
             busy = self.busy_reads > 0
             self.busy_reads -= busy
             return int(self.stopped) | (int(self.stopped and not busy) << 1)
-        return self.regs[reg]
+        if reg == MG.Q_AVAIL:
+            return self.idx[self.q][0]
+        if reg == MG.Q_USED:
+            return self.idx[self.q][1]
+        return {MG.TX_PEND: self.pend, MG.Q_SEL: self.q}[reg]
 
     async def mgmt_write(self, reg, value):
-        if reg in INDEX_REGS:
+        if reg in (MG.Q_AVAIL, MG.Q_USED, MG.TX_PEND):
             if self.busy_writes > 0:                 # not idle: the card ignores it
                 self.busy_writes -= 1
                 self.ignored += 1
                 return
-            self.regs[reg] = value & (1 if reg == MG.TX_PEND else 0xFFFF)
+            if reg == MG.TX_PEND:
+                self.pend = value & 1
+            else:
+                self.idx[self.q][reg == MG.Q_USED] = value & 0xFFFF
+        elif reg == MG.Q_SEL:
+            self.q = value
         elif reg == MG.CTRL:
             self.stopped = bool(value & 1)
 
@@ -71,28 +85,28 @@ def run(coro):
 def test_indices_written_again_when_the_card_ignored_them():
     mig = FakeMig(busy_writes=3)
     st = CardVfState(mig)
-    run(st.write_indices(Fn(mig.t), 7, 5, 300, 299, 1))
+    run(st.write_indices(Fn(mig.t), {0: (7, 5), 1: (300, 299), 2: (0x1_0002, 9)}, 1))
     assert mig.ignored == 3
-    assert [mig.regs[r] for r in INDEX_REGS] == [7, 5, 300, 299, 1]
+    assert mig.indices() == [(7, 5), (300, 299), (2, 9)] and mig.pend == 1
 
 
 def test_indices_wait_for_idle_first():
     mig = FakeMig(busy_reads=4)
     st = CardVfState(mig, poll_ns=100)
-    run(st.write_indices(Fn(mig.t), 1, 2, 3, 4))
-    assert mig.t.ns == 400 and [mig.regs[r] for r in INDEX_REGS[:4]] == [1, 2, 3, 4]
+    run(st.write_indices(Fn(mig.t), {0: (1, 2), 1: (3, 4)}))
+    assert mig.t.ns == 400 and mig.indices()[:2] == [(1, 2), (3, 4)]
 
 
 def test_indices_of_a_running_function_are_refused():
     mig = FakeMig(stopped=False)
     with pytest.raises(VfStateError, match="not stopped"):
-        run(CardVfState(mig).write_indices(Fn(mig.t), 1, 2, 3, 4))
+        run(CardVfState(mig).write_indices(Fn(mig.t), {0: (1, 2), 1: (3, 4)}))
 
 
 def test_a_card_that_never_takes_them_is_an_error_not_a_hang():
     mig = FakeMig(busy_writes=10**6)
     with pytest.raises(VfStateError, match="kept ignoring"):
-        run(CardVfState(mig).write_indices(Fn(mig.t), 1, 2, 3, 4))
+        run(CardVfState(mig).write_indices(Fn(mig.t), {0: (1, 2), 1: (3, 4)}))
 
 
 def test_quiesce_waits_out_a_busy_moment_and_times_out_on_a_stuck_one():

@@ -30,6 +30,7 @@ from hdl.pcie.tlp import TlpBeat
 from hdl.pcie.host_port import HOST_TAGS
 from hdl.virtio.net import VirtioNet
 from hdl.virtio.transport import NQ
+from hdl.virtio.engine import steering_bucket
 from helpers import CLK, cpl_hdr, hdr_dws, pack_beats, unpack_dws, RegBus
 
 from regmap import MigRegs, NetRegs, VirtioRegs as V
@@ -170,7 +171,7 @@ class Vq:
 
 class World:
     def __init__(self, W=64, ev_idx=0, indirect=0, xlate_limit=None, xoff=0, mrg=0, coal=1,
-                 cpl_lat=CPL_LAT):
+                 cpl_lat=CPL_LAT, mq=0):
         self.cfg = CardConfig(total_vfs=2, data_width=W)
         self.cpl_lat = cpl_lat
         assert self.cfg.num_functions == NF
@@ -182,6 +183,7 @@ class World:
         self.brk = 0x1000
         self.live = self.bme = (1 << NF) - 1
         self.ev_idx, self.indirect, self.mrg = ev_idx, indirect, mrg
+        self.mq = mq              # functions with MQ and CTRL_VQ negotiated (a bit each)
         self.kick = 0
         self.vresets = deque()    # functions to give a virtio reset strobe, one per cycle
         self.coal = coal          # NetRegs.COAL (1: every used element published at once)
@@ -489,6 +491,8 @@ class World:
             drive(e.transport.ev_idx, self.ev_idx)
             drive(e.transport.indirect, self.indirect)
             drive(e.transport.mrg, self.mrg)
+            drive(e.transport.mq, self.mq)
+            drive(e.transport.ctrl, self.mq)
 
     def _host_tlp(self, hdr, dws, cpl_q):
         d0, d1, d2, d3 = hdr_dws(hdr)
@@ -1403,7 +1407,8 @@ def test_receive_read_ahead_forgotten_at_restore():
         new_at = w.alloc(2048, 16, 2)
         w.put(new_at, bytes([RX_FILL]) * 2048)
         w.vq[2, RXQ].write_desc(1, new_at, 2048, D_WRITE)
-        await bus.wr(0, MigRegs.RX_AVAIL, 1, bar=2)
+        await bus.wr(0, MigRegs.Q_SEL, RXQ, bar=2)
+        await bus.wr(0, MigRegs.Q_AVAIL, 1, bar=2)
         await bus.wr(0, MigRegs.CTRL, 0, bar=2)
         w.send(1, frames[1], single=True)
         w.notify(1, TXQ)
@@ -1574,3 +1579,71 @@ def test_uplink_out_a_word_per_clock_and_back_pressure(W):
                 n = (len(frame) + w.WB - 1) // w.WB
                 assert len(valid_clocks) == n and valid_clocks[-1] - valid_clocks[0] == n - 1
         w.run(body)
+
+
+# ---- multiqueue ---------------------------------------------------------------------------
+
+CTLQ = 2 * V.MAX_PAIRS
+
+
+def ctrl_cmd(w, f, cls, cmd, data, ack=True):
+    """A control command on function ``f``'s control queue (class, command and data in one
+    buffer, the ack byte in another: two descriptors of the small test queue); returns the
+    ack buffer's address."""
+    h = w.buffer(bytes([cls, cmd]) + data, f)
+    chain = [(h, 2 + len(data), 0)]
+    a = None
+    if ack:
+        a = w.buffer(b"\xee", f)
+        chain.append((a, 1, D_WRITE))
+    w.vq[f, CTLQ].chain(chain)
+    w.notify(f, CTLQ)
+    return a
+
+
+def test_control_queue_pairs_and_receive_steering():
+    """VQ_PAIRS_SET is answered in the ack byte (OK for 1..MAX_PAIRS with MQ, ERR otherwise),
+    its used element has length 1 and is published at once (no coalescing); a frame goes back
+    to the pair its flow was last sent from by the receiver, while that pair is in use; a
+    transmit queue of any pair is served; a command with no ack buffer sets NEEDS_RESET."""
+    w = World(mq=0b110, coal=8)
+    two = (2).to_bytes(2, "little")
+
+    async def body(ctx):
+        acks = [ctrl_cmd(w, 1, V.CTRL_MQ, V.CTRL_MQ_VQ_PAIRS_SET, v.to_bytes(2, "little"))
+                for v in (0, V.MAX_PAIRS + 1, 3)]
+        await w.settle(ctx)
+        assert [w.mem[a] for a in acks] == [V.CTRL_ERR, V.CTRL_ERR, V.CTRL_OK]
+        cq = w.vq[1, CTLQ]
+        assert cq.used_idx == 3 and [cq.used_elem(i)[1] for i in range(3)] == [1, 1, 1]
+        # function 2 sends a frame of a flow on pair 2: frames of that flow for it come
+        # back on its pair 2; another flow (never sent) on pair 0
+        fl = make_frame(mac(1), mac(2), 80, seed=3)
+        ack = ctrl_cmd(w, 2, V.CTRL_MQ, V.CTRL_MQ_VQ_PAIRS_SET, (V.MAX_PAIRS).to_bytes(2, "little"))
+        await w.settle(ctx)
+        assert w.mem[ack] == V.CTRL_OK
+        vq = w.vq[2, 5]
+        a = w.buffer(bytes(P.NET_HDR) + fl, 2)
+        vq.chain([(a, P.NET_HDR + len(fl), 0)])
+        rx1 = w.post_rx(1)
+        w.notify(2, 5)
+        await w.settle(ctx)
+        w.check_rx(1, rx1[1], fl, 0, rx1[0])          # function 1 knew no flow: pair 0
+        assert vq.used_idx == 1
+        back = fl[6:12] + fl[0:6] + fl[12:]            # the same flow the other way
+        assert steering_bucket(back) == steering_bucket(fl)
+        other = next(f for f in (make_frame(mac(2), mac(1), 80, seed=k) for k in range(4, 40))
+                     if steering_bucket(f) != steering_bucket(fl))
+        got = {}
+        for q in (0, 4):
+            got[q] = w.vq[2, q].chain([(w.alloc(2048, 16, 2), 2048, D_WRITE)])
+        for f in (back, other):
+            w.send(1, f, single=True)
+        w.notify(1, TXQ)
+        await w.settle(ctx)
+        assert w.vq[2, 4].used_idx == 1 and w.vq[2, 0].used_idx == 1
+        # a command without an ack buffer: NEEDS_RESET on that function only
+        ctrl_cmd(w, 1, V.CTRL_MQ, V.CTRL_MQ_VQ_PAIRS_SET, two, ack=False)
+        await w.settle(ctx)
+        assert w.nrs == [1]
+    w.run(body)

@@ -12,7 +12,17 @@ from regmap import VirtioRegs as V
 CFG = CardConfig(total_vfs=2)
 NF = CFG.num_functions          # PF + 2 VFs
 NVEC = CFG.msix_vectors         # 4
-NQ = V.NUM_QUEUES_VALUE         # 2
+NQ = V.NUM_QUEUES_VALUE         # 9: four pairs and the control queue
+
+
+def kbit(f, q):
+    """The engine's notification bit of queue ``q`` of function ``f``."""
+    return 1 << (f * NQ + q)
+
+
+def qsize_of(q):
+    """A queue size distinct per queue (a power of two up to 256)."""
+    return 1 << (q % 8 + 1)
 NOV = V.NO_VECTOR
 
 C = V.COMMON
@@ -166,7 +176,7 @@ async def configure(v, f, seed):
     await v.set_cfg_vec(f, seed % NVEC)
     for q in range(NQ):
         await v.select(f, q)
-        await v.set_qsize(f, 16 << q)
+        await v.set_qsize(f, qsize_of(q))
         await v.set_qvec(f, (seed + q + 1) % NVEC)
         await v.set_addr(f, "desc", 0x1000_0000 * (seed + 1) + 0x100 * q)
         await v.enable(f)
@@ -178,7 +188,7 @@ async def expect_configured(v, f, seed):
     assert await v.cfg_vec(f) == seed % NVEC
     for q in range(NQ):
         await v.select(f, q)
-        assert await v.qsize(f) == 16 << q
+        assert await v.qsize(f) == qsize_of(q)
         assert await v.qvec(f) == (seed + q + 1) % NVEC
         assert await v.qen(f) == 1
     for name in ("live", "ev_idx", "indirect"):
@@ -238,7 +248,7 @@ def test_device_config_mac_link_pairs():
             mac = raw[V.NET_MAC:V.NET_MAC + 6]
             assert mac == table(f), mac.hex(":")
             assert int.from_bytes(raw[V.NET_STATUS:V.NET_STATUS + 2], "little") == 1
-            assert int.from_bytes(raw[V.NET_MAX_PAIRS:V.NET_MAX_PAIRS + 2], "little") == 1
+            assert int.from_bytes(raw[V.NET_MAX_PAIRS:V.NET_MAX_PAIRS + 2], "little") == V.MAX_PAIRS
             macs.add(mac)
         assert len(macs) == NF
     run_v(tb)
@@ -336,7 +346,8 @@ def test_status_zero_resets_only_that_function():
         ctx.set(b.we, 0)
         assert ctx.get(dut.engine.vreset) == 0, "reset strobe longer than the write"
         await expect_reset(v, 1)
-        assert ctx.get(dut.engine.kick) == 0b01_00_01, "kicks of the reset function not cleared"
+        assert ctx.get(dut.engine.kick) == kbit(0, 0) | kbit(2, 0), \
+            "kicks of the reset function not cleared"
         for f in (0, 2):
             await expect_configured(v, f, f)
     run_v(tb)
@@ -366,7 +377,7 @@ def test_reset_waits_while_the_engine_holds_the_function():
         assert await v.status(1) == 15
         for q in range(NQ):                       # everything as it was, but live
             await v.select(1, q)
-            assert (await v.qsize(1), await v.qen(1)) == (16 << q, 1)
+            assert (await v.qsize(1), await v.qen(1)) == (qsize_of(q), 1)
         await v.set_status(2, 0)                  # not held: at once
         await expect_reset(v, 2)
         ctx.set(dut.engine.holds, 0)
@@ -402,13 +413,13 @@ def test_queue_size_rules():
                 assert (await v.qr(f, q))[0] == expect
         await v.select(f, 0)
         await v.set_qsize(f, 32)
-        await v.select(f, 2)                                     # no such queue
+        await v.select(f, NQ)                                    # no such queue
         assert await v.bus.rd(f, QSIZE) == 0
         await v.set_qsize(f, 8)
         await v.set_qvec(f, 1)
         assert await v.bus.rd(f, QSIZE) == 0
         await v.select(f, 0)
-        assert await v.qsize(f) == 32 and await v.qvec(f) == NOV, "queue 2 write aliased"
+        assert await v.qsize(f) == 32 and await v.qvec(f) == NOV, f"queue {NQ} write aliased"
         assert await v.qr(f, 0) == (32, NOV, 0)
         assert (await v.qr(0, 0))[0] == 256 and (await v.qr(2, 0))[0] == 256
         await v.bus.wr(f, STATUS, 1 << 24, be=0b1000)           # select 0x100: high byte only
@@ -456,12 +467,12 @@ def test_queue_notify_off_and_enable():
         assert await v.qen(f) == 1
         await v.select(f, 0)
         assert await v.qen(f) == 0
-        assert [(await v.qr(f, q))[2] for q in range(NQ)] == [0, 1]
-        await v.select(f, 2)
+        assert [(await v.qr(f, q))[2] for q in range(NQ)] == [int(q == 1) for q in range(NQ)]
+        await v.select(f, NQ)
         assert await v.bus.rd(f, QEN) == 0
         await v.enable(f)
         await v.select(f, 0)
-        assert await v.qen(f) == 0, "enable of queue 2 aliased onto queue 0"
+        assert await v.qen(f) == 0, f"enable of queue {NQ} aliased onto queue 0"
         assert (await v.qr(1, 1))[2] == 0 and (await v.qr(2, 1))[2] == 0
     run_v(tb)
 
@@ -487,7 +498,7 @@ def test_queue_addresses_bus_and_engine_port():
         await v.addr(1, "desc")
         assert await v.notify_off(1) == 1
         # queue 2 reads 0 and its writes do not land anywhere
-        await v.select(1, 2)
+        await v.select(1, NQ)
         for n in names:
             assert await v.addr(1, n) == 0
             await v.set_addr(1, n, 0xDEAD_BEEF_0000_0000)
@@ -503,13 +514,14 @@ def test_qr_port_reflects_each_queue():
         for f in range(NF):
             for q in range(NQ):
                 await v.select(f, q)
-                await v.set_qsize(f, 1 << (2 * f + q + 1))
+                await v.set_qsize(f, 1 << ((2 * f + q) % 8 + 1))
                 await v.set_qvec(f, (f + q) % NVEC)
                 if (f + q) % 2:
                     await v.enable(f)
         for f in range(NF):
             for q in range(NQ):
-                assert await v.qr(f, q) == (1 << (2 * f + q + 1), (f + q) % NVEC, (f + q) % 2), (f, q)
+                assert await v.qr(f, q) == (1 << ((2 * f + q) % 8 + 1), (f + q) % NVEC,
+                                            (f + q) % 2), (f, q)
     run_v(tb)
 
 
@@ -519,22 +531,24 @@ def test_notify_sets_kick_and_ack_clears():
     async def tb(ctx, dut, v):
         assert ctx.get(dut.engine.kick) == 0
         await v.notify(1, 1)
-        assert ctx.get(dut.engine.kick) == 1 << (1 * NQ + 1)
+        assert ctx.get(dut.engine.kick) == kbit(1, 1)
         await v.notify(2, 0)
         await v.notify(0, 0)
-        assert ctx.get(dut.engine.kick) == (1 << 3) | (1 << 4) | (1 << 0)
-        await v.notify(0, 2)                                     # no queue 2
+        await v.notify(0, NQ - 1)                                # the last queue
+        three = kbit(1, 1) | kbit(2, 0) | kbit(0, 0) | kbit(0, NQ - 1)
+        assert ctx.get(dut.engine.kick) == three
+        await v.notify(0, NQ)                                    # no such queue
         await v.bus.wr(0, V.NOTIFY + 4 * 63, 0)
         await v.bus.wr(0, V.NOTIFY + 4, 1, bar=2)                # wrong BAR
-        assert ctx.get(dut.engine.kick) == 0b11001
+        assert ctx.get(dut.engine.kick) == three
         await v.bus.rd(0, V.NOTIFY + 4)                          # reads don't kick
-        assert ctx.get(dut.engine.kick) == 0b11001
-        await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 3)
-        assert ctx.get(dut.engine.kick) == 0b10001
+        assert ctx.get(dut.engine.kick) == three
+        await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 1 * NQ + 1)
+        assert ctx.get(dut.engine.kick) == three & ~kbit(1, 1)
         await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 5)            # not pending: no effect
-        assert ctx.get(dut.engine.kick) == 0b10001
-        await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 0)
-        await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, 4)
+        assert ctx.get(dut.engine.kick) == three & ~kbit(1, 1)
+        for idx in (0, NQ - 1, 2 * NQ):
+            await v.strobe(dut.engine.kick_ack, dut.engine.kick_idx, idx)
         assert ctx.get(dut.engine.kick) == 0
         ctx.set(dut.engine.kick_idx, 1)                                 # kick_idx without kick_ack
         await v.notify(0, 1)
@@ -635,7 +649,7 @@ def test_flr_of_a_vf_resets_only_that_vf():
         assert seen[:2] == (1, 2), "no reset strobe for the FLR"
         assert ctx.get(dut.engine.vreset) == 0
         await expect_reset(v, 2)
-        assert ctx.get(dut.engine.kick) == 0b00_10_10
+        assert ctx.get(dut.engine.kick) == kbit(0, 1) | kbit(1, 1)
         for f in (0, 1):
             await expect_configured(v, f, f + 1)
     run_v(tb)
@@ -707,4 +721,23 @@ def test_select_registers_read_back_whole_per_byte_and_reset():
         assert await v.cfg_vec(1) == 2
         await v.bus.wr(1, MSIXCFG, 0x0100, be=0b0010)
         assert await v.cfg_vec(1) == NOV
+    run_v(tb)
+
+
+def test_multiqueue_needs_the_control_queue():
+    """MQ without CTRL_VQ is not a valid feature set (FEATURES_OK does not stick); with both
+    the engine sees each negotiated, per function."""
+    F_CTRL, F_MQ = 1 << V.F_NET_CTRL_VQ, 1 << V.F_NET_MQ
+
+    async def tb(ctx, dut, v):
+        await v.negotiate(1, F_V1 | F_MQ, final=None)
+        assert await v.status(1) & V.S_FEATURES_OK == 0
+        await v.set_status(1, 0)
+        await v.negotiate(1, F_V1 | F_CTRL, final=None)
+        assert await v.status(1) & V.S_FEATURES_OK
+        assert (v.bit(dut.engine.ctrl, 1), v.bit(dut.engine.mq, 1)) == (1, 0)
+        await v.negotiate(2, F_V1 | F_CTRL | F_MQ)
+        assert await v.status(2) == 15
+        assert (v.bit(dut.engine.ctrl, 2), v.bit(dut.engine.mq, 2)) == (1, 1)
+        assert v.bit(dut.engine.mq, 1) == 0 and v.bit(dut.engine.mq, 0) == 0
     run_v(tb)
