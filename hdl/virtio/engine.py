@@ -102,7 +102,7 @@ from .mac_table import MacLookupSignature
 from .net_regs import NET_EVENTS, NetEventsSignature, MigrationSignature
 from .notify import NotifyUnit
 from .prefetch import RxPrefetch
-from .transport import NQ, VirtqSignature
+from .transport import NQ, VirtqSignature, times_nq
 
 __all__ = ["VirtioNetEngine", "AVAIL_WINDOW", "STEER_BUCKETS", "steering_bucket"]
 RXQ, TXQ = 0, 1                    # pair 0's queues; receiveq(k) = 2k, transmitq(k) = 2k + 1
@@ -187,7 +187,7 @@ class VirtioNetEngine(wiring.Component):
         cf = Signal(8)                               # the function being served
         cq = Signal(range(NQ))                       # ... and its queue
         qi = Signal(range(nf * NQ))
-        m.d.comb += qi.eq(cf * NQ + cq)
+        m.d.comb += qi.eq(times_nq(cf) + cq)
         # ---- per-queue indices: a RAM of one word per queue (``fidx * NQ + q``), a 16-bit
         #      lane per index (last_avail in lane 0, the used index in lane 1). A lane whose
         #      ``qx_zero`` flag is set reads 0: a reset sets the flags of the function's lanes
@@ -212,7 +212,7 @@ class VirtioNetEngine(wiring.Component):
         def lane_value(port, at, lane):
             """Lane ``lane`` of queue word ``at`` as read by ``port`` (0 while its flag says it
             was reset)."""
-            return Mux(qx_zero.bit_select(at * 2 + lane, 1), 0, port.data.word_select(lane, 16))
+            return Mux(qx_zero.bit_select(Cat(C(lane, 1), at), 1), 0, port.data.word_select(lane, 16))
 
         la = Signal(16)            # the current queue's last_avail and used index (working
         ui = Signal(16)            # copies loaded at LOADQ1, written back with every change)
@@ -223,14 +223,14 @@ class VirtioNetEngine(wiring.Component):
         mw_qi = Signal(range(nf * NQ))
         mw_lane = Signal()
         mw_val = Signal(16)
-        m.d.comb += [qx_rd.addr.eq(qi), mg_qi.eq(mig_sel * NQ + mg.q), qx_mg.addr.eq(mg_qi)]
+        m.d.comb += [qx_rd.addr.eq(qi), mg_qi.eq(times_nq(mig_sel) + mg.q), qx_mg.addr.eq(mg_qi)]
         with m.If(eng_we != 0):
             m.d.comb += [qx_wr.addr.eq(qi), qx_wr.data.eq(Cat(eng_la, eng_ui)),
-                         qx_wr.en.eq(eng_we), qx_clr.bit_select(qi * 2, 2).eq(eng_we)]
+                         qx_wr.en.eq(eng_we), qx_clr.bit_select(Cat(C(0, 1), qi), 2).eq(eng_we)]
         with m.Elif(mw_pend):
             m.d.comb += [qx_wr.addr.eq(mw_qi), qx_wr.data.eq(mw_val.replicate(2)),
                          qx_wr.en.bit_select(mw_lane, 1).eq(1),
-                         qx_clr.bit_select(mw_qi * 2 + mw_lane, 1).eq(1)]
+                         qx_clr.bit_select(Cat(mw_lane, mw_qi), 1).eq(1)]
             m.d.sync += mw_pend.eq(0)
         # transmit notifications not yet served: per function and pair, and the control queue
         txq_pend = Signal(nf * QP)
@@ -538,7 +538,8 @@ class VirtioNetEngine(wiring.Component):
         def invalidate(g):
             """Function ``g``'s records are no good any more (nor the descriptor read
             ahead, whoever's it is)."""
-            m.d.sync += [cval.word_select(g, NQ).eq(0), pend_pub.word_select(g, NQ).eq(0)]
+            m.d.sync += [cval.bit_select(times_nq(g), NQ).eq(0),
+                         pend_pub.bit_select(times_nq(g), NQ).eq(0)]
             m.d.comb += [pd_kill.eq(1), pf.forget.bit_select(g, 1).eq(1)]
             m.d.sync += pd_val.bit_select(g, 1).eq(0)
             with m.If(g == cf):
@@ -550,9 +551,9 @@ class VirtioNetEngine(wiring.Component):
             current function)."""
             with m.If(g == cf):
                 m.d.sync += [la.eq(0), ui.eq(0)]
-            with m.If((mw_qi >= g * NQ) & (mw_qi < g * NQ + NQ)):
+            with m.If((mw_qi >= times_nq(g)) & (mw_qi < times_nq(g) + NQ)):
                 m.d.sync += mw_pend.eq(0)
-            m.d.comb += qx_set.word_select(g, NQ * 2).eq(Const(-1, NQ * 2))
+            m.d.comb += qx_set.bit_select(times_nq(g) << 1, NQ * 2).eq(Const(-1, NQ * 2))
             m.d.sync += pairs_m1[g].eq(0)
 
         with m.If(self.transport.vreset):
@@ -650,7 +651,7 @@ class VirtioNetEngine(wiring.Component):
 
         def flush(g):
             """Publish what function ``g``'s queues held back (the lowest queue first)."""
-            held = pend_pub.word_select(g, NQ)
+            held = pend_pub.bit_select(times_nq(g), NQ)
             first_q = Signal(range(NQ), name="flush_q")
             for q in reversed(range(NQ)):
                 with m.If(held[q]):
@@ -662,7 +663,7 @@ class VirtioNetEngine(wiring.Component):
         with m.FSM(name="engine") as engine:
             m.d.comb += mig_busy.eq((~engine.ongoing("SCAN")
                                      & ((cf == mig_sel) | ((phase == 1) & (tx_f == mig_sel))))
-                                    | (pend_pub.word_select(mig_sel, NQ) != 0)
+                                    | (pend_pub.bit_select(times_nq(mig_sel), NQ) != 0)
                                     | nt.holds.bit_select(mig_sel, 1))
             # the functions whose frame is under way (the transport holds back their virtio
             # reset until they are let go: nothing is written for a function after its reset)
@@ -682,7 +683,7 @@ class VirtioNetEngine(wiring.Component):
                     # a notification (the function's lowest): a transmit queue's or the control
                     # queue's is noted; a receive queue's needs no action (buffers are looked
                     # up when a frame arrives)
-                    kf = self.transport.kick.word_select(ptr, NQ)
+                    kf = self.transport.kick.bit_select(times_nq(ptr), NQ)
                     kq = Signal(range(NQ))
                     for q in reversed(range(NQ)):
                         with m.If(kf[q]):
@@ -700,12 +701,12 @@ class VirtioNetEngine(wiring.Component):
                           & ~mig_stop.bit_select(ptr, 1))
                     with m.If(kf.any()):
                         m.d.comb += [self.transport.kick_ack.eq(1),
-                                     self.transport.kick_idx.eq(ptr * NQ + kq)]
+                                     self.transport.kick_idx.eq(times_nq(ptr) + kq)]
                         with m.If(kq[0]):
                             m.d.sync += txq_pend.bit_select(ptr * QP + (kq >> 1), 1).eq(1)
                         with m.Elif(tp.ctrl.bit_select(ptr, 1) & (kq == ctl_q(ptr))):
                             m.d.sync += ctl_pend.bit_select(ptr, 1).eq(1)
-                    with m.Elif(pend_pub.word_select(ptr, NQ).any() & (pub_left == 0)):
+                    with m.Elif(pend_pub.bit_select(times_nq(ptr), NQ).any() & (pub_left == 0)):
                         flush(ptr)          # (before its transmit: it may wait no longer)
                     with m.Elif(ctl_pend.bit_select(ptr, 1) & tp.ctrl.bit_select(ptr, 1) & up):
                         m.d.sync += [cf.eq(ptr), cq.eq(ctl_q(ptr)), ret_rx.eq(0), ret_used.eq(0),
@@ -717,7 +718,7 @@ class VirtioNetEngine(wiring.Component):
                                      rr_pair[ptr].eq(nxt_pair)]
                         m.d.comb += cu.clear.eq(1)
                         m.next = "LOADQ0"
-                    with m.Elif(pend_pub.word_select(ptr, NQ).any() & (idle_run == nf)):
+                    with m.Elif(pend_pub.bit_select(times_nq(ptr), NQ).any() & (idle_run == nf)):
                         flush(ptr)          # the engine has nothing else to do
                     with m.Else():
                         m.d.sync += idle_run.eq(Mux(idle_run == nf, nf, idle_run + 1))

@@ -28,7 +28,7 @@ from ..config import CardConfig
 from ..iface import RegBusSignature
 from ..pcie.regfile import RegisterFile
 from .mac_table import MacProgramSignature
-from .transport import NQ
+from .transport import NQ, times_nq
 
 __all__ = ["NetRegisters", "NET_EVENTS", "NetEventsSignature", "MigrationSignature"]
 
@@ -148,7 +148,7 @@ class NetRegisters(wiring.Component):
         qn = Signal(range(NQ))                 # the queue the bus names in the window
         m.d.comb += qn.eq(rf.bus.addr - NetRegs.COAL_Q // 4)
         at = Signal(range(nf * NQ))
-        m.d.comb += at.eq(mg.sel * NQ + qn)
+        m.d.comb += at.eq(times_nq(mg.sel) + qn)
         in_q = rf.within("net_coal") & (rf.bus.addr >= NetRegs.COAL_Q // 4)
         with m.If(in_q & rf.bus.we & (rf.bus.be == 0xF) & sel_ok):
             m.d.comb += [wr.en.eq(1), wr.addr.eq(at),

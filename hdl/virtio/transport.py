@@ -38,7 +38,7 @@ from ..iface import RegBusSignature, IrqRequestSignature, FunctionStateSignature
 from ..pcie.regfile import RegisterFile
 from .mac_table import MacShowSignature
 
-__all__ = ["VirtioPci", "NQ", "OFFERED", "VirtqSignature", "QueueWord"]
+__all__ = ["VirtioPci", "NQ", "OFFERED", "VirtqSignature", "QueueWord", "times_nq"]
 
 NQ = V.NUM_QUEUES_VALUE
 # the feature bits the device offers; each function keeps one accepted-flag per offer
@@ -46,6 +46,14 @@ OFFERED = (V.F_NET_CSUM, V.F_NET_GUEST_CSUM, V.F_NET_MAC, V.F_NET_MRG_RXBUF, V.F
            V.F_NET_CTRL_VQ, V.F_NET_MQ, V.F_RING_INDIRECT_DESC, V.F_RING_EVENT_IDX,
            V.F_VERSION_1)
 QB = (NQ - 1).bit_length()         # bits of a queue index
+
+
+def times_nq(x):
+    """``x * NQ`` as shifts and adds: NQ is not a power of two, and a multiplier (a DSP block
+    on the FPGA) on every queue address costs both the block and its delay."""
+    if isinstance(x, int):
+        return x * NQ
+    return sum(x << i for i in range(NQ.bit_length()) if NQ >> i & 1)
 
 
 def _dw(off):
@@ -232,8 +240,9 @@ class VirtioPci(wiring.Component):
                 stm += [fs_b0z[k].bit_select(g, 1).eq(1), fs_b0o[k].bit_select(g, 1).eq(0),
                         fs_hnz[k].word_select(g, 3).eq(0)]
             for q in range(NQ):
-                stm += [q_dsz.bit_select(g * NQ + q, 1).eq(1), q_dvec.bit_select(g * NQ + q, 1).eq(1),
-                        qen.bit_select(g * NQ + q, 1).eq(0), kick.bit_select(g * NQ + q, 1).eq(0)]
+                at = times_nq(g) + q
+                stm += [q_dsz.bit_select(at, 1).eq(1), q_dvec.bit_select(at, 1).eq(1),
+                        qen.bit_select(at, 1).eq(0), kick.bit_select(at, 1).eq(0)]
             return stm
 
         # ---- register writes ----------------------------------------------------------------
@@ -246,7 +255,7 @@ class VirtioPci(wiring.Component):
         in_isr = rf.within("virtio_isr")
         fok = f < nf
         cur_q = Signal(range(nqt))
-        m.d.comb += cur_q.eq(f * NQ + qsel_lo[f][:QB] if NQ > 1 else f)
+        m.d.comb += cur_q.eq(times_nq(f) + qsel_lo[f][:QB] if NQ > 1 else f)
         q_ok = qok.bit_select(f, 1)
         wd = b.wdata
         be = b.be
@@ -296,7 +305,7 @@ class VirtioPci(wiring.Component):
         # vector that does not exist becomes NO_VECTOR)
         wvec = Signal(16)
         m.d.comb += wvec.eq(Mux(wd[16:32] < nvec, wd[16:32], V.NO_VECTOR))
-        m.d.comb += [aw.addr.eq(cur_q * 2 + Mux(is_sv, 1, aoff[2])),
+        m.d.comb += [aw.addr.eq(Cat(Mux(is_sv, 1, aoff[2]), cur_q)),
                      aw.data.eq(Mux(is_sv, Cat(wd, wd, wd[:16], C(0, 16), wvec, C(0, 16)),
                                     wd.replicate(4)))]
         with m.If(b.we & fok & in_common):
@@ -359,10 +368,10 @@ class VirtioPci(wiring.Component):
         with m.If(b.we & fok & in_notify):
             qn = a - _dw(V.NOTIFY)
             with m.If(qn < NQ):
-                m.d.sync += kick.bit_select(f * NQ + qn[:max(QB, 1)], 1).eq(1)
+                m.d.sync += kick.bit_select(times_nq(f) + qn[:max(QB, 1)], 1).eq(1)
 
         # ---- register reads -----------------------------------------------------------------
-        m.d.comb += [ar_bus.addr.eq(cur_q * 2 + Mux(is_sv, 1, aoff[2])), ar_bus.en.eq(b.re)]
+        m.d.comb += [ar_bus.addr.eq(Cat(Mux(is_sv, 1, aoff[2]), cur_q)), ar_bus.en.eq(b.re)]
         m.d.comb += self.mac.fidx.eq(f)
 
         def common(off, value):
@@ -402,9 +411,9 @@ class VirtioPci(wiring.Component):
         # ---- engine side --------------------------------------------------------------------
         eq_idx = Signal(range(nqt))
         m.d.comb += [
-            eq_idx.eq(self.engine.qr_fidx * NQ + self.engine.qr_q),
+            eq_idx.eq(times_nq(self.engine.qr_fidx) + self.engine.qr_q),
             self.engine.qr_en.eq(qen.bit_select(eq_idx, 1)),
-            ar_eng.addr.eq((self.engine.qa_fidx * NQ + self.engine.qa_q) * 2 + self.engine.qa_sel),
+            ar_eng.addr.eq(Cat(self.engine.qa_sel, times_nq(self.engine.qa_fidx) + self.engine.qa_q)),
             ar_eng.en.eq(1),
         ]
         # word 1's size and vector as the driver set them (the flags taken with the address)
@@ -412,7 +421,7 @@ class VirtioPci(wiring.Component):
         ea_dsz = Signal()
         ea_dvec = Signal()
         ea_w1 = Signal()
-        m.d.comb += ea_idx.eq(self.engine.qa_fidx * NQ + self.engine.qa_q)
+        m.d.comb += ea_idx.eq(times_nq(self.engine.qa_fidx) + self.engine.qa_q)
         m.d.sync += [ea_dsz.eq(q_dsz.bit_select(ea_idx, 1)), ea_dvec.eq(q_dvec.bit_select(ea_idx, 1)),
                      ea_w1.eq(self.engine.qa_sel)]
         esize, evec = size_vec(ar_eng.data, ea_dsz, ea_dvec)
