@@ -12,7 +12,8 @@ from host_driver.virtio import (VirtioNetDriver, VirtioError, DirectAccess, Host
 from cosim.netpeer import l4_frame, l4_checksum_ok, IPPROTO_TCP, IPPROTO_UDP
 from cosim.uplink import Uplink
 from cosim.scenarios.card import bring_up
-from cosim.scenarios.virtio import diff, mac_of, frame, net, counters, receive_n
+from cosim.scenarios.virtio import (diff, mac_of, frame, net, counters, receive_n,
+                                    wait_needs_reset)
 from hdl.virtio.engine import steering_bucket
 
 
@@ -140,11 +141,7 @@ async def test_bad_queues_and_isolation(dut):
     await a.mem.write(q.avail + 4 + 2 * (q.avail_idx % q.size), (0).to_bytes(2, "little"))
     await a.mem.write(q.avail + 2, ((q.avail_idx + 1) & 0xFFFF).to_bytes(2, "little"))
     await a.notify(TX_QUEUE)
-    for _ in range(100):
-        if await a.read_status() & V.S_NEEDS_RESET:
-            break
-        await ClockCycles(dut.clk, 100)
-    assert await a.read_status() & V.S_NEEDS_RESET
+    await wait_needs_reset(dut, a)
     # b's traffic from c is not disturbed
     fs = [frame(b.mac, c.mac, n, rnd) for n in (64, 600, 1514)]
     for f in fs:
@@ -645,10 +642,6 @@ async def test_multiqueue(dut):
     await b.mem.write(slot, bytes([mq, pairs_set, 2, 0]))
     await b.queues[q].add_buffer([(slot, 4)])
     await b.notify(q)
-    for _ in range(100):
-        if await b.read_status() & V.S_NEEDS_RESET:
-            break
-        await ClockCycles(dut.clk, 100)
-    assert await b.read_status() & V.S_NEEDS_RESET
+    await wait_needs_reset(dut, b)
     assert not await a.read_status() & V.S_NEEDS_RESET
     assert (await counters(h))["DROP_BAD"] == 1

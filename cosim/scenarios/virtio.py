@@ -1,6 +1,8 @@
 """virtio-net through the host driver's front-end: a driver on a function, frames, the
 card's switch counters, receiving a number of frames."""
 
+from cocotb.triggers import ClockCycles
+
 from regmap import VirtioRegs as V, NetRegs
 from host_driver.virtio import VirtioNetDriver, DirectAccess, TrappedAccess, HostMemory
 
@@ -48,3 +50,13 @@ async def receive_n(d, n, timeout_ns=400_000):
             break
         got += more
     return got
+
+
+async def wait_needs_reset(dut, d, tries=100, clocks=100):
+    """Until driver ``d``'s device sets NEEDS_RESET (checked every ``clocks``; fails after
+    ``tries``)."""
+    for _ in range(tries):
+        if await d.read_status() & V.S_NEEDS_RESET:
+            return
+        await ClockCycles(dut.clk, clocks)
+    raise AssertionError(f"{d.fn}: no NEEDS_RESET after {tries * clocks} clocks")
