@@ -66,7 +66,6 @@ MAX_FRAME = 1518
 RX_QUEUE, TX_QUEUE = 0, 1      # pair 0; pair k: receiveq 2k, transmitq 2k + 1
 CTRL_QUEUE = 2 * V.MAX_PAIRS    # the control queue, with MQ negotiated
 CONFIG_VECTOR, RX_VECTOR, TX_VECTOR = 0, 1, 2
-QUEUE_VECTORS = {RX_QUEUE: RX_VECTOR, TX_QUEUE: TX_VECTOR}
 MQ_FEATURES = 1 << V.F_NET_CTRL_VQ | 1 << V.F_NET_MQ      # negotiated when ``pairs`` > 1
 
 
@@ -735,7 +734,7 @@ class VirtioNetDriver:
 
     async def attach_ring(self, q: int, size: int, desc: int, avail: int, used: int) -> None:
         """Queue ``q`` on rings the caller laid out (device addresses of the descriptor table,
-        available and used rings), ``size`` entries, MSI-X vector ``QUEUE_VECTORS[q]``."""
+        available and used rings), ``size`` entries, its MSI-X vector (:meth:`vector_of`)."""
         await self._cwrite(V.Q_SELECT, q, 2)
         max_size = await self._cread(V.Q_SIZE, 2)
         if not _pow2(size) or not 0 < size <= max_size:
@@ -753,6 +752,10 @@ class VirtioNetDriver:
         TX_VECTOR; the control queue has none (its answers are polled)."""
         if self.has_feature(V.F_NET_CTRL_VQ) and q == self._ctrl_q():
             return None
+        return self._data_vector(q)
+
+    @staticmethod
+    def _data_vector(q: int) -> int:
         return TX_VECTOR if q % 2 else RX_VECTOR
 
     def _ctrl_q(self) -> int:
@@ -760,7 +763,7 @@ class VirtioNetDriver:
 
     def vector_of(self, q: int):
         """The MSI-X vector (a :class:`host_driver.transport.MsiVector`) of queue ``q``."""
-        return self.fn.msix_vectors[QUEUE_VECTORS.get(q, TX_VECTOR if q % 2 else RX_VECTOR)]
+        return self.fn.msix_vectors[self._data_vector(q)]
 
     def rehome(self, fn: OffcardFunction, access: RegisterAccess | None = None) -> None:
         """Go on, with the same queues and buffers, on function ``fn``: a live migration moved
@@ -802,7 +805,7 @@ class VirtioNetDriver:
         await self._program_queue(q, size, vq.desc, vq.avail, vq.used)
 
     async def _program_queue(self, q: int, size: int, desc: int, avail: int, used: int) -> None:
-        """The selected queue ``q``: size, MSI-X vector ``QUEUE_VECTORS[q]`` (checked), its
+        """The selected queue ``q``: size, MSI-X vector (checked; none for the control queue), its
         notify register, the three ring addresses, enable."""
         await self._cwrite(V.Q_SIZE, size, 2)
         vector = self._queue_vector(q)

@@ -410,13 +410,8 @@ class VirtioNetEngine(wiring.Component):
         k = Signal(range(P.SLOT // WB + 2))
         nwords = Signal(range(P.SLOT // WB + 2))
 
-        frame_word0 = FRAME_OFF // WB                # word of slot 0 where the frame starts
-        # the destination MAC, captured as the read channel writes slot 0
+        # fields of a frame caught as it is written into the frame buffers
         sn = self.snoop
-        with m.If(sn.addr == frame_word0):
-            for lane in range(6):
-                with m.If(sn.en[lane]):
-                    m.d.sync += dst.word_select(lane, 8).eq(sn.data[8 * lane:8 * lane + 8])
 
         def capture(reg, at, word_mask=None):
             """Byte ``i`` of ``reg`` from slot byte ``at + i`` as it is written (the word
@@ -427,6 +422,7 @@ class VirtioNetEngine(wiring.Component):
                 with m.If((addr == word) & sn.en[lane]):
                     m.d.sync += reg.word_select(i, 8).eq(sn.data[8 * lane:8 * lane + 8])
 
+        capture(dst, FRAME_OFF)          # the destination MAC, as a transmitted frame lands in slot 0
         # a control command's class, command and first two data bytes (slot 0, where a
         # transmitted chain's first bytes land)
         cmd_b = Signal(32)
